@@ -1,0 +1,93 @@
+"""Backend selection for every op in :mod:`minipt.ops`.
+
+An op accepts ``backend="auto" | "torch" | "triton" | "native"``:
+
+* ``auto`` is Triton for CUDA tensors and torch for CPU tensors; the environment
+  variable ``MINIPT_BACKEND`` replaces ``auto`` with a named backend.
+* ``torch`` is the PyTorch reference that lives beside each kernel.
+* ``triton`` needs a CUDA tensor, or ``TRITON_INTERPRET=1`` for CPU tensors.
+* ``native`` is the pybind11 extension ``minipt._C``.
+
+A backend that cannot serve a call raises :class:`BackendUnavailableError`; no op
+ever swaps in another kernel behind the caller's back.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "native")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call (names the backend and why)."""
+
+
+def triton_interpreting() -> bool:
+    # Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, so what
+    # counts is the value at import time; the conftest sets it before any import.
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+_TRITON_ERROR: str | None = None
+
+
+def triton_available() -> bool:
+    global _TRITON_ERROR
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install on an odd platform
+        _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+        return False
+    return True
+
+
+def native_module():
+    """The compiled extension, or a BackendUnavailableError saying why it is missing."""
+    try:
+        from minipt import _C
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "backend='native' needs the compiled extension minipt._C, which failed to import "
+            f"({exc}); reinstall with `pip install -e .`"
+        ) from exc
+    return _C
+
+
+def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+    """Turn ``backend`` into the concrete backend that will run ``op`` on ``device``."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        override = os.environ.get("MINIPT_BACKEND", "").strip()
+        if override:
+            if override not in BACKENDS:
+                raise ValueError(
+                    f"{op}: environment variable MINIPT_BACKEND must be one of {BACKENDS}, got {override!r}"
+                )
+            backend = override
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+
+    if backend == "triton":
+        if not triton_available():
+            raise BackendUnavailableError(f"{op}: backend='triton' but triton cannot be imported ({_TRITON_ERROR})")
+        if device.type != "cuda" and not triton_interpreting():
+            raise BackendUnavailableError(
+                f"{op}: backend='triton' runs on CUDA tensors; got a tensor on {device}. "
+                "Set TRITON_INTERPRET=1 before importing minipt to run the kernels on the CPU."
+            )
+    elif backend == "native":
+        _C = native_module()
+        if device.type == "cuda" and not _C.has_cuda:
+            raise BackendUnavailableError(
+                f"{op}: backend='native' got a CUDA tensor, but minipt._C was built without CUDA "
+                "(no nvcc at build time, or MINIPT_CUDA=OFF)"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise BackendUnavailableError(f"{op}: backend='native' supports CPU and CUDA tensors, got {device}")
+    elif backend == "torch":
+        pass
+    return backend

@@ -1,0 +1,53 @@
+"""Argument checks shared by the ops. Each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_tensor(op: str, name: str, x, *, ndim: int | None = None, dtypes=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+
+
+def check_same(op: str, reference: tuple[str, torch.Tensor], *others: tuple[str, torch.Tensor], dtype: bool = True) -> None:
+    """All tensors on the device of the first; with ``dtype``, also of its dtype."""
+    ref_name, ref = reference
+    for name, x in others:
+        if x.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}; expected one device")
+        if dtype and x.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; expected one dtype")
+
+
+def check_reduction(op: str, reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_label_smoothing(op: str, label_smoothing) -> None:
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+
+
+def check_targets(op: str, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every target is in [0, num_classes) or equals ignore_index.
+
+    On CUDA this costs one host sync; an out-of-range id would otherwise read out
+    of bounds in a kernel, which is worse than any sync.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        first = target[bad][0].item()
+        raise ValueError(
+            f"{op}: target values must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}"
+        )

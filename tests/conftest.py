@@ -1,0 +1,47 @@
+"""Test set-up shared by every test file.
+
+On a machine without CUDA the Triton kernels run in the interpreter. Triton reads
+TRITON_INTERPRET when a kernel is decorated, so it is set here, before any test
+module imports minipt.ops (and with it triton).
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before the conftest could set TRITON_INTERPRET"
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+# The device the Triton kernels run on: the GPU when there is one, else the interpreter.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def poisoned_empty():
+    """Make every torch.empty* return NaN (floats) or the dtype's max (integers).
+
+    Kernels allocate their outputs with torch.empty, so an element a kernel forgets
+    to write shows up as NaN or a huge id instead of passing by luck on zeroed memory.
+    """
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+    torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
