@@ -1,0 +1,1 @@
+"""minipt's benchmarks: ``python -m bench`` for tables and plots, ``pytest bench/ --benchmark-only`` for pytest-benchmark."""
