@@ -6,9 +6,10 @@ The mask combines key padding (``attention_mask[b, j] == 0`` hides key j from
 every query of sequence b) and, when ``is_causal``, hides keys j > i from query i.
 A query row with no visible key returns zeros, and its gradients are zero.
 
-Memory traffic of the reference: read 3·BHTD, write and re-read the (B, H, T, T)
-scores and probabilities, write BHTD. The (T, T) matrices dominate once T > D,
-which is why the Triton kernel never materialises them.
+Memory traffic of a materialising attention (SDPA's math path, taken whenever a
+mask is given): read 3·BHTD, write and re-read the (B, H, T, T) scores and
+probabilities, write BHTD. The (T, T) matrices dominate once T > D, which is why
+the Triton kernel never materialises them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from minipt._backend import BackendUnavailableError, resolve_backend
 from minipt.ops._checks import FLOAT_DTYPES, check_same, check_tensor
@@ -36,25 +38,27 @@ def visible_keys(T: int, attention_mask: torch.Tensor | None, is_causal: bool, d
 
 
 def attention_ref(q, k, v, *, is_causal=False, attention_mask=None, scale=None, upcast=True):
-    """PyTorch reference. With ``upcast`` it computes in at least float32 and casts back."""
+    """PyTorch reference on ``F.scaled_dot_product_attention``.
+
+    With ``upcast`` it computes in at least float32 and casts back; without, it is
+    what PyTorch itself does in the input dtype (the baseline of the low-precision
+    tolerance rule, and ``backend="torch"``).
+    """
     out_dtype = q.dtype
     if upcast:
         dtype = torch.promote_types(q.dtype, torch.float32)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    T, D = q.shape[-2], q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, T)
-    visible = visible_keys(T, attention_mask, is_causal, q.device)
-    if visible is not None:
-        # Rows with no visible key get all-zero scores before the softmax and are
-        # zeroed after it, so neither the output nor the gradient sees a NaN.
-        any_visible = visible.any(dim=-1, keepdim=True)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        scores = torch.where(any_visible, scores, torch.zeros_like(scores))
-        p = torch.softmax(scores, dim=-1) * visible
-    else:
-        p = torch.softmax(scores, dim=-1)
-    return torch.matmul(p, v).to(out_dtype)  # (B, H, T, D)
+    T = q.shape[-2]
+    if attention_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+        return out.to(out_dtype)
+    visible = visible_keys(T, attention_mask, is_causal, q.device)  # (B, 1, T, T)
+    # A row with no visible key would be softmax(all -inf) = NaN, in the output and
+    # in every gradient. Let such rows see every key, then zero their output: the
+    # zeroed output sends no gradient back, so q, k and v get none from them.
+    any_visible = visible.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~any_visible, scale=scale)
+    return (out * any_visible).to(out_dtype)  # (B, H, T, D)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -92,7 +96,7 @@ def attention(q, k, v, *, is_causal=False, attention_mask=None, scale=None, back
     _check_inputs(q, k, v, attention_mask, scale)
     backend = resolve_backend(backend, q.device, OP)
     if backend == "torch":
-        return attention_ref(q, k, v, is_causal=is_causal, attention_mask=attention_mask, scale=scale)
+        return attention_ref(q, k, v, is_causal=is_causal, attention_mask=attention_mask, scale=scale, upcast=False)
     if backend == "triton":
         return _attention_triton(q, k, v, is_causal, attention_mask, scale)
     from minipt.ops import native

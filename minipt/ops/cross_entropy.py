@@ -14,6 +14,7 @@ the backward.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from minipt._backend import BackendUnavailableError, resolve_backend
 from minipt.ops._checks import (
@@ -40,17 +41,17 @@ def reduce_loss(loss: torch.Tensor, counted: torch.Tensor, reduction: str) -> to
 
 
 def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, upcast=True):
-    """PyTorch reference. With ``upcast`` it computes in at least float32 and casts back."""
+    """PyTorch reference on ``F.cross_entropy``, with minipt's mean over zero rows = 0.
+
+    With ``upcast`` it computes in at least float32 and casts back; without, it is
+    what PyTorch itself does in the input dtype (``backend="torch"``).
+    """
     out_dtype = logits.dtype
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) if upcast else logits
-    logp = torch.log_softmax(x, dim=-1)  # (N, V)
-    counted = target != ignore_index
-    safe_target = torch.where(counted, target, torch.zeros_like(target)).long()
-    nll = -logp.gather(1, safe_target[:, None]).squeeze(1)  # (N,)
-    if label_smoothing > 0:
-        nll = (1.0 - label_smoothing) * nll - (label_smoothing / x.shape[-1]) * logp.sum(dim=-1)
-    loss = torch.where(counted, nll, torch.zeros_like(nll))
-    return reduce_loss(loss, counted, reduction).to(out_dtype)
+    loss = F.cross_entropy(
+        x, target.long(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )  # (N,), 0 on ignored rows
+    return reduce_loss(loss, target != ignore_index, reduction).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- backends
@@ -80,7 +81,8 @@ def cross_entropy(logits, target, *, ignore_index=-100, reduction="mean", label_
     backend = resolve_backend(backend, logits.device, OP)
     if backend == "torch":
         return cross_entropy_ref(
-            logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+            logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            upcast=False,
         )
     if backend == "triton":
         return _cross_entropy_triton(logits, target, ignore_index, reduction, float(label_smoothing))

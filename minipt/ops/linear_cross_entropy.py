@@ -71,7 +71,7 @@ def linear_cross_entropy(
     if backend == "torch":
         return linear_cross_entropy_ref(
             hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing,
+            label_smoothing=label_smoothing, upcast=False,
         )
     if backend == "triton":
         return _linear_cross_entropy_triton(
