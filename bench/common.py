@@ -41,6 +41,25 @@ def time_ms(fn, device, *, warmup: int = 3, rep: int = 10, min_seconds: float = 
     return statistics.median(times)
 
 
+def time_steps_ms(fn, device, *, steps: int, warmup: int = 0) -> list[float]:
+    """Wall time of each of ``steps`` calls of ``fn()``, after ``warmup`` untimed calls, in milliseconds.
+
+    For work long enough to time call by call, such as a training step: the device is
+    synchronised around every call, so a step counts all its kernels and its host-side
+    overhead, as a training loop pays them.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def peak_memory_bytes(fn, device) -> int | None:
     """Peak CUDA memory allocated during ``fn()`` above what was allocated before; None on the CPU."""
     if torch.device(device).type != "cuda":
@@ -100,8 +119,74 @@ def write_json(name: str, rows: list[dict], device, results_dir: Path | None = N
     return path
 
 
+# Row fields that are measurements rather than what was measured, in the order tables show them.
+METRIC_FIELDS = (
+    "median_ms", "tflops", "gbps", "tokens_per_s", "real_tokens_per_s", "mfu", "peak_mem_mb", "ratio",
+)
+# Row fields that are neither: what the row is, and why it holds no measurement.
+LABEL_FIELDS = ("name", "provider")
+NOTE_FIELDS = ("skipped", "error")
+
+
+def config_fields(rows: list[dict]) -> list[str]:
+    """The fields that say what was measured (shape, dtype, backend): every field holding an
+    int, str or bool, other than the name, the provider and the notes, in order of first appearance."""
+    fields: dict[str, None] = {}
+    for r in rows:
+        for key, value in r.items():
+            if key in LABEL_FIELDS or key in NOTE_FIELDS or key in METRIC_FIELDS:
+                continue
+            if value is None or isinstance(value, float):
+                continue
+            fields.setdefault(key)
+    return list(fields)
+
+
+def table_columns(rows: list[dict]) -> list[str]:
+    """Columns for ``print_table``: name, provider, what was measured, then the measurements
+    (the usual ones first, then any others a benchmark adds), then the notes."""
+    present = {key for r in rows for key in r}
+    extra: dict[str, None] = {}
+    for r in rows:
+        for key, value in r.items():
+            if isinstance(value, float) and key not in METRIC_FIELDS:
+                extra.setdefault(key)
+    return [
+        *(f for f in LABEL_FIELDS if f in present),
+        *config_fields(rows),
+        *(f for f in METRIC_FIELDS if f in present),
+        *extra,
+        *(f for f in NOTE_FIELDS if f in present),
+    ]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cli(name: str, run, argv=None) -> Path:
+    """The ``python -m bench.<name> [--quick] [--device cpu|cuda] [--out DIR]`` entry of a benchmark module."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=f"Run the {name} benchmark.")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(), help="default: cuda if present")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS_DIR})")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    rows = run(args.device, args.quick)
+    print_table(f"{name} on {machine()['device']}", rows, table_columns(rows))
+    path = write_json(name, rows, args.device, args.out)
+    print(f"\nwrote {path}")
+    return path
+
+
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
     print(f"\n## {title}")
+    if not rows:
+        print("(no rows)")
+        return
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for r in rows:
