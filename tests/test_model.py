@@ -1,0 +1,382 @@
+"""GPT and BERT: shapes, losses against F.cross_entropy on the full logits, gradients,
+masking, sampling, configs, and the same tiny models on every backend."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import HAS_CUDA, TRITON_DEVICE
+from minipt.model import BERT, BERT_PRESETS, GPT, GPT_PRESETS, BertConfig, GPTConfig, ModelOutput
+
+# Odd sizes, so that a transposed or mis-split dimension shows up as a shape error or a wrong value.
+GPT_TINY = dict(vocab_size=61, block_size=16, n_layer=2, n_head=3, n_embd=24, backend="torch")
+BERT_TINY = dict(
+    vocab_size=53, block_size=16, n_layer=2, n_head=3, n_embd=24, n_inner=40, dropout=0.0, backend="torch"
+)
+
+
+def tiny_gpt(**overrides) -> GPT:
+    return GPT(GPTConfig(**{**GPT_TINY, **overrides}))
+
+
+def tiny_bert(**overrides) -> BERT:
+    return BERT(BertConfig(**{**BERT_TINY, **overrides}))
+
+
+def bert_batch(B=3, T=11, vocab=53, device="cpu"):
+    """Right-padded rows of different lengths, both token types, ~30% of real tokens masked."""
+    lengths = torch.tensor([T, T - 4, 3])[:B]
+    mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
+    input_ids = torch.randint(1, vocab, (B, T)).masked_fill(~mask, 0)
+    token_type_ids = (torch.arange(T)[None, :] >= (lengths[:, None] // 2)).long() * mask
+    labels = torch.where(mask & (torch.rand(B, T) < 0.3), torch.randint(0, vocab, (B, T)), -100)
+    labels[0, 1] = 7  # at least one masked position
+    nsp = torch.tensor([0, 1, 1])[:B]
+    batch = dict(
+        input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=mask.long(), labels=labels,
+        next_sentence_label=nsp,
+    )
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def grads(model) -> dict:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- configs and presets
+@pytest.mark.parametrize("name", sorted(GPT_PRESETS))
+def test_gpt_presets_build_valid_configs(name):
+    cfg = GPTConfig.preset(name, dropout=0.1)
+    assert cfg.dropout == 0.1 and cfg.n_embd % cfg.n_head == 0
+    for field, value in GPT_PRESETS[name].items():
+        assert getattr(cfg, field) == value
+
+
+@pytest.mark.parametrize("name", sorted(BERT_PRESETS))
+def test_bert_presets_build_valid_configs(name):
+    cfg = BertConfig.preset(name, vocab_size=1000)
+    assert cfg.vocab_size == 1000 and cfg.inner_size == 4 * cfg.n_embd
+    for field, value in BERT_PRESETS[name].items():
+        assert getattr(cfg, field) == value
+
+
+def test_published_parameter_counts():
+    # Built on the meta device: the counts need shapes, not memory.
+    with torch.device("meta"):
+        gpt2 = GPT(GPTConfig.preset("gpt2", vocab_size=50257))
+        bert_base = BERT(BertConfig.preset("bert-base"))
+        bert_large = BERT(BertConfig.preset("bert-large"))
+    assert gpt2.num_params(non_embedding=False) == 124_439_808  # GPT2LMHeadModel "gpt2", tied head
+    assert gpt2.num_params() == 124_439_808 - 1024 * 768
+    assert bert_base.num_params(non_embedding=False) == 110_106_428  # BertForPreTraining "bert-base-uncased"
+    assert bert_base.num_params() == 110_106_428 - 512 * 768 - 2 * 768
+    assert 335e6 < bert_large.num_params(non_embedding=False) < 337e6
+
+
+def test_unknown_preset_and_field_are_named():
+    with pytest.raises(ValueError, match="gpt-tiny"):
+        GPTConfig.preset("gpt3")
+    with pytest.raises(ValueError, match="bert-base"):
+        BertConfig.preset("roberta")
+    with pytest.raises(ValueError, match="n_heads"):
+        GPTConfig.preset("gpt-tiny", n_heads=4)
+
+
+@pytest.mark.parametrize(
+    "cls, overrides, exc, pattern",
+    [
+        (GPTConfig, dict(n_embd=30, n_head=4), ValueError, r"n_embd \(30\).*n_head \(4\)"),
+        (BertConfig, dict(n_embd=30, n_head=4), ValueError, r"n_embd \(30\).*n_head \(4\)"),
+        (GPTConfig, dict(n_layer=0), ValueError, "n_layer must be a positive int"),
+        (GPTConfig, dict(vocab_size=-3), ValueError, "vocab_size must be a positive int"),
+        (GPTConfig, dict(block_size=8.0), TypeError, "block_size must be an int"),
+        (GPTConfig, dict(n_head=True), TypeError, "n_head must be an int"),
+        (GPTConfig, dict(dropout=1.0), ValueError, r"dropout must be a float in \[0, 1\)"),
+        (BertConfig, dict(dropout=-0.1), ValueError, r"dropout must be a float in \[0, 1\)"),
+        (GPTConfig, dict(layer_norm_eps=0.0), ValueError, "layer_norm_eps"),
+        (GPTConfig, dict(backend="cuda"), ValueError, "backend must be one of"),
+        (GPTConfig, dict(bias=1), TypeError, "bias must be a bool"),
+        (BertConfig, dict(n_inner=0), ValueError, "n_inner must be a positive int"),
+        (BertConfig, dict(type_vocab_size=0), ValueError, "type_vocab_size must be a positive int"),
+        (BertConfig, dict(pad_token_id=30522), ValueError, r"pad_token_id must be in \[0, vocab_size=30522\)"),
+    ],
+)
+def test_config_errors_name_the_field(cls, overrides, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        cls(**overrides)
+
+
+def test_models_take_only_their_config():
+    with pytest.raises(TypeError, match="GPTConfig"):
+        GPT(BertConfig(**BERT_TINY))
+    with pytest.raises(TypeError, match="BertConfig"):
+        BERT(dict(BERT_TINY))
+
+
+# ----------------------------------------------------------------------------- GPT
+def test_gpt_shapes_and_tied_head():
+    model = tiny_gpt()
+    x = torch.randint(0, 61, (2, 13))
+    out = model(x)
+    assert isinstance(out, ModelOutput) and out.loss is None
+    assert out.logits.shape == (2, 13, 61)
+    wte = model.transformer.wte.weight
+    torch.testing.assert_close(out.logits, model.hidden_states(x) @ wte.T, rtol=1e-6, atol=1e-6)
+    # The head is the embedding itself: no other (V, C) parameter exists.
+    assert [n for n, p in model.named_parameters() if p.shape == wte.shape] == ["transformer.wte.weight"]
+
+
+def test_gpt_init_follows_gpt2():
+    model = GPT(GPTConfig(vocab_size=300, block_size=64, n_layer=4, n_head=4, n_embd=128, backend="torch"))
+    residual_std = 0.02 / math.sqrt(2 * 4)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert abs(p.std().item() / residual_std - 1) < 0.05, name
+        elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+            assert torch.all(p == 1), name
+        elif name.endswith(".bias"):
+            assert torch.all(p == 0), name
+        else:
+            assert abs(p.std().item() / 0.02 - 1) < 0.05, name
+
+
+def test_gpt_loss_equals_cross_entropy_of_full_logits():
+    model = tiny_gpt()
+    x = torch.randint(0, 61, (3, 16))
+    labels = torch.randint(0, 61, (3, 16))
+    labels[1, 4:9] = -100
+    out = model(x, labels)
+    assert out.logits is None  # return_logits=None: no logits when labels are given
+    out.loss.backward()
+    fused = grads(model)
+    model.zero_grad()
+
+    out_full = model(x, labels, return_logits=True)
+    ref = F.cross_entropy(out_full.logits.reshape(-1, 61), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=1e-6)
+    ref.backward()
+    for name, g in grads(model).items():
+        torch.testing.assert_close(fused[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gpt_is_causal():
+    model = tiny_gpt().eval()
+    x = torch.randint(0, 61, (2, 12))
+    y = x.clone()
+    y[:, 7:] = torch.randint(0, 61, (2, 5))
+    a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_dropout_acts_in_training_only():
+    model = tiny_gpt(dropout=0.5)
+    x = torch.randint(0, 61, (2, 9))
+    assert not torch.equal(model(x).logits, model(x).logits)
+    model.eval()
+    assert torch.equal(model(x).logits, model(x).logits)
+
+
+def test_gpt_bad_inputs_are_named():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="block_size is 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(TypeError, match="input_ids must hold integer ids"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(B, T\)"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must have the shape of input_ids"):
+        model(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- generate
+def test_generate_shape_prefix_and_determinism():
+    model = tiny_gpt().eval()
+    x = torch.randint(0, 61, (2, 5))
+    a = model.generate(x, 20, generator=torch.Generator().manual_seed(1))  # runs past block_size: cropped
+    b = model.generate(x, 20, generator=torch.Generator().manual_seed(1))
+    c = model.generate(x, 20, generator=torch.Generator().manual_seed(2))
+    assert a.shape == (2, 25) and a.dtype == x.dtype
+    assert torch.equal(a[:, :5], x) and torch.equal(a, b) and not torch.equal(a, c)
+    assert int(a.min()) >= 0 and int(a.max()) < 61
+    assert model.generate(x, 0).shape == (2, 5)
+
+
+def test_generate_greedy_and_top_k_follow_the_logits():
+    model = tiny_gpt().eval()
+    x = torch.randint(0, 61, (2, 16))  # a full block: the next step must crop to the last 16
+    greedy = model.generate(x, 2, temperature=0)
+    assert torch.equal(greedy[:, 16], model(x).logits[:, -1].argmax(-1))
+    assert torch.equal(greedy[:, 17], model(greedy[:, 1:17]).logits[:, -1].argmax(-1))
+    assert torch.equal(model.generate(x, 2, top_k=1, generator=torch.Generator().manual_seed(0)), greedy)
+    top3 = model(x).logits[:, -1].topk(3).indices  # (B, 3)
+    for seed in range(10):
+        step = model.generate(x, 1, top_k=3, temperature=2.0, generator=torch.Generator().manual_seed(seed))
+        assert torch.all((step[:, -1:] == top3).any(dim=1))
+
+
+def test_generate_bad_arguments_are_named():
+    model = tiny_gpt()
+    x = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(x, -1)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(x, 1, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(x, 1, top_k=0)
+
+
+# ----------------------------------------------------------------------------- BERT
+def test_bert_shapes_tied_decoder_and_init():
+    model = tiny_bert()
+    batch = bert_batch()
+    out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    assert out.loss is None and out.logits.shape == (3, 11, 53) and out.nsp_logits.shape == (3, 2)
+    wte = model.embeddings.word_embeddings.weight
+    assert [n for n, p in model.named_parameters() if p.shape == wte.shape] == ["embeddings.word_embeddings.weight"]
+    assert torch.all(wte[model.config.pad_token_id] == 0)
+    for name, p in model.named_parameters():
+        if ".ln" in name and name.endswith("weight"):
+            assert torch.all(p == 1), name
+        elif name.endswith("bias"):
+            assert torch.all(p == 0), name
+
+
+def test_bert_loss_equals_mlm_plus_nsp_cross_entropy_of_full_logits():
+    model = tiny_bert()
+    batch = bert_batch()
+    out = model(**batch, return_logits=True)
+    V = model.config.vocab_size
+    mlm = F.cross_entropy(out.logits.reshape(-1, V), batch["labels"].reshape(-1), ignore_index=-100)
+    nsp = F.cross_entropy(out.nsp_logits, batch["next_sentence_label"])
+    torch.testing.assert_close(out.mlm_loss, mlm, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.nsp_loss, nsp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.loss, mlm + nsp, rtol=1e-6, atol=1e-6)
+
+    out.loss.backward(retain_graph=True)  # the full logits share the encoder's graph
+    fused = grads(model)
+    model.zero_grad()
+    (mlm + nsp).backward()
+    for name, g in grads(model).items():
+        torch.testing.assert_close(fused[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+    only_mlm = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], labels=batch["labels"])
+    assert only_mlm.logits is None and only_mlm.nsp_loss is None
+    torch.testing.assert_close(only_mlm.loss, mlm, rtol=1e-6, atol=1e-6)
+    only_nsp = model(batch["input_ids"], next_sentence_label=batch["next_sentence_label"], return_logits=False)
+    assert only_nsp.mlm_loss is None and only_nsp.loss is only_nsp.nsp_loss
+
+
+def test_bert_with_no_masked_position_has_zero_mlm_loss():
+    model = tiny_bert()
+    batch = bert_batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    out = model(**batch)
+    assert out.mlm_loss.item() == 0.0
+    torch.testing.assert_close(out.loss, out.nsp_loss, rtol=0, atol=0)
+    out.loss.backward()
+    assert torch.all(model.mlm_head.decoder_bias.grad == 0)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_bert_padding_is_invisible_to_real_tokens():
+    model = tiny_bert().eval()
+    batch = bert_batch()
+    real = batch["attention_mask"].bool()
+    a = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits
+    changed = torch.where(real, batch["input_ids"], torch.randint(1, 53, real.shape))
+    b = model(changed, batch["token_type_ids"], batch["attention_mask"]).logits
+    torch.testing.assert_close(a[real], b[real], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(a[~real], b[~real])
+    unmasked = model(changed, batch["token_type_ids"]).logits  # without the mask, padding is attended to
+    assert not torch.allclose(a[real], unmasked[real])
+
+
+def test_bert_bad_inputs_are_named():
+    model = tiny_bert()
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="block_size is 16"):
+        model(torch.ones(2, 17, dtype=torch.long))
+    with pytest.raises(TypeError, match="attention_mask must be a bool or integer"):
+        model(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="attention_mask must have the shape of input_ids"):
+        model(ids, attention_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_type_ids must have the shape of input_ids"):
+        model(ids, token_type_ids=torch.zeros(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"next_sentence_label must be a tensor of shape \(B,\)"):
+        model(ids, next_sentence_label=torch.zeros(3, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- both models
+def gpt_loss(model, device):
+    x = torch.randint(0, 61, (2, 11), device=device)
+    labels = torch.cat([x[:, 1:], torch.full((2, 1), -100, device=device)], dim=1)
+    return model(x, labels).loss
+
+
+def bert_loss(model, device):
+    return model(**bert_batch(device=device)).loss
+
+
+@pytest.mark.parametrize("build, loss_fn", [(tiny_gpt, gpt_loss), (tiny_bert, bert_loss)], ids=["gpt", "bert"])
+def test_gradients_reach_every_parameter(build, loss_fn):
+    model = build()
+    loss_fn(model, "cpu").backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_flops_per_token_matches_a_count_of_the_matmuls():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.preset("gpt2"))
+    L, C, T, V = 12, 768, 1024, 50304
+    # Per token and layer: q,k,v (3C²), output (C²), MLP (8C²) weights, two FLOPs per
+    # multiply-add, three passes; scores and weighted sum over T keys; the tied head.
+    matmuls = 6 * (12 * C * C * L + V * C) + 12 * L * C * T
+    assert 0 < model.flops_per_token() - matmuls < 1e-3 * matmuls  # the rest: biases and LayerNorm gains
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("build, loss_fn", [(tiny_gpt, gpt_loss), (tiny_bert, bert_loss)], ids=["gpt", "bert"])
+def test_models_run_on_every_backend(backend, build, loss_fn, poisoned_empty):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    reference = build().to(device)
+    model = build(backend=backend).to(device)
+    model.load_state_dict(reference.state_dict())
+    torch.manual_seed(1)
+    ref_loss = loss_fn(reference, device)
+    torch.manual_seed(1)
+    loss = loss_fn(model, device)
+    ref_loss.backward()
+    loss.backward()
+    # fp32 throughout; on a GPU the kernels' dots may run in tf32 (NOTES.md), hence the wider bound there.
+    tol = dict(rtol=1e-3, atol=1e-5) if HAS_CUDA else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    ref_grads = grads(reference)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, ref_grads[name], **tol, msg=name)
+
+
+@pytest.mark.parametrize("build, loss_fn", [(tiny_gpt, gpt_loss), (tiny_bert, bert_loss)], ids=["gpt", "bert"])
+def test_config_backend_reaches_every_op_call(build, loss_fn, monkeypatch):
+    import minipt.model as model_module
+
+    seen = []
+
+    def recording(op):
+        def call(*args, backend, **kwargs):
+            seen.append((op.__name__, backend))
+            return op(*args, backend="torch", **kwargs)
+
+        return call
+
+    for name in ("attention", "cross_entropy", "linear_cross_entropy"):
+        monkeypatch.setattr(model_module, name, recording(getattr(model_module, name)))
+    loss_fn(build(backend="native"), "cpu")
+    assert {backend for _, backend in seen} == {"native"}
+    expected = {"attention", "linear_cross_entropy"} | ({"cross_entropy"} if build is tiny_bert else set())
+    assert {op for op, _ in seen} == expected
+    assert sum(op == "attention" for op, _ in seen) == 2  # one per layer
