@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from conftest import HAS_CUDA, TRITON_DEVICE
 from minipt.model import BERT, BERT_PRESETS, GPT, GPT_PRESETS, BertConfig, GPTConfig, ModelOutput
 
-# Odd sizes, so that a transposed or mis-split dimension shows up as a shape error or a wrong value.
-GPT_TINY = dict(vocab_size=61, block_size=16, n_layer=2, n_head=3, n_embd=24, backend="torch")
+# Odd sizes, so that a transposed or mis-split dimension shows up as a shape error or a wrong value;
+# head dim 16, the smallest the Triton attention kernel takes.
+GPT_TINY = dict(vocab_size=61, block_size=16, n_layer=2, n_head=3, n_embd=48, backend="torch")
 BERT_TINY = dict(
-    vocab_size=53, block_size=16, n_layer=2, n_head=3, n_embd=24, n_inner=40, dropout=0.0, backend="torch"
+    vocab_size=53, block_size=16, n_layer=2, n_head=3, n_embd=48, n_inner=40, dropout=0.0, backend="torch"
 )
 
 
