@@ -4,9 +4,98 @@
 // integers. The Python side (minipt/ops/native.py) validates tensors and passes
 // data_ptr(); this keeps the extension free of libtorch, so it builds in seconds
 // and in an isolated build environment that has no torch.
+//
+// Every binding checks what it can see (sizes, dtype codes, null or misaligned
+// addresses, option ranges) before touching memory, and raises ValueError with the
+// argument's name; a CUDA launch failure raises RuntimeError with CUDA's message.
+// The CPU kernels run without the GIL.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "ops.h"
+#include "philox.h"
+
 namespace py = pybind11;
+using namespace minipt;
+
+namespace {
+
+constexpr int MAX_THREADS = 4096;
+
+int64_t float_size(FloatType t) { return t == FloatType::f32 ? 4 : 2; }
+
+void check_aligned(uintptr_t ptr, int64_t size, const char* op, const char* arg) {
+  check(ptr % static_cast<uintptr_t>(size) == 0, op,
+        std::string(arg) + " address is not aligned to its " + std::to_string(size) + "-byte elements");
+}
+
+void check_tensor(uintptr_t ptr, int64_t numel, int64_t elem_size, const char* op, const char* arg) {
+  check_ptr(ptr, numel, op, arg);
+  check_aligned(ptr, elem_size, op, arg);
+}
+
+// n_rows·n_classes and friends must fit int64 for the kernels' offsets.
+void check_product(int64_t a, int64_t b, const char* op, const char* what) {
+  check(b == 0 || a <= std::numeric_limits<int64_t>::max() / b, op, std::string(what) + " overflows int64");
+}
+
+void check_threads(int num_threads, const char* op) {
+  check(num_threads >= 1 && num_threads <= MAX_THREADS, op,
+        "num_threads must be in [1, " + std::to_string(MAX_THREADS) + "], got " + std::to_string(num_threads));
+}
+
+CrossEntropyArgs ce_args(uintptr_t logits, uintptr_t target, uintptr_t lse, int64_t n_rows, int64_t n_classes,
+                         int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing) {
+  const char* op = "cross_entropy";
+  check(n_rows >= 0, op, "n_rows must be >= 0, got " + std::to_string(n_rows));
+  check(n_classes >= 1, op, "n_classes must be >= 1, got " + std::to_string(n_classes));
+  check_product(n_rows, n_classes, op, "n_rows * n_classes");
+  check(std::isfinite(label_smoothing) && label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+        "label_smoothing must be in [0, 1], got " + std::to_string(label_smoothing));
+  const FloatType t = float_type(dtype, op, "logits");
+  check_int_size(target_size, op, "target", false);
+  check_tensor(logits, n_rows * n_classes, float_size(t), op, "logits");
+  check_tensor(target, n_rows, target_size, op, "target");
+  check_tensor(lse, n_rows, 4, op, "lse");
+  return CrossEntropyArgs{logits, target, lse, n_rows, n_classes, t, target_size, ignore_index,
+                          static_cast<float>(label_smoothing)};
+}
+
+void ce_forward_cpu(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n_rows,
+                    int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing,
+                    int num_threads) {
+  const CrossEntropyArgs a =
+      ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
+  check_tensor(loss, n_rows, 4, "cross_entropy", "loss");
+  check_threads(num_threads, "cross_entropy");
+  int64_t first_bad = -1, n_bad = 0;
+  {
+    py::gil_scoped_release release;
+    n_bad = cross_entropy_forward_cpu(a, loss, num_threads, &first_bad);
+  }
+  if (n_bad > 0) {
+    throw std::invalid_argument("cross_entropy: " + std::to_string(n_bad) + " target(s) outside [0, " +
+                                std::to_string(n_classes) + ") and not ignore_index=" +
+                                std::to_string(ignore_index) + ", first at row " + std::to_string(first_bad));
+  }
+}
+
+void ce_backward_cpu(uintptr_t logits, uintptr_t target, uintptr_t lse, uintptr_t grad_rows, uintptr_t grad_logits,
+                     int64_t n_rows, int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index,
+                     double label_smoothing, int num_threads) {
+  const CrossEntropyArgs a =
+      ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
+  check_tensor(grad_rows, n_rows, 4, "cross_entropy", "grad_rows");
+  check_tensor(grad_logits, n_rows * n_classes, float_size(a.dtype), "cross_entropy", "grad_logits");
+  check_threads(num_threads, "cross_entropy");
+  py::gil_scoped_release release;
+  cross_entropy_backward_cpu(a, grad_rows, grad_logits, num_threads);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "minipt native kernels (C++ for the CPU, CUDA when built with it)";
@@ -15,4 +104,13 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("has_cuda") = false;
 #endif
+
+  m.def("cross_entropy_forward_cpu", &ce_forward_cpu, "Per-row loss and lse of (N, V) logits",
+        py::arg("logits"), py::arg("target"), py::arg("loss"), py::arg("lse"), py::arg("n_rows"),
+        py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"), py::arg("ignore_index"),
+        py::arg("label_smoothing"), py::arg("num_threads"));
+  m.def("cross_entropy_backward_cpu", &ce_backward_cpu, "Gradient of the per-row losses wrt the logits",
+        py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("grad_rows"), py::arg("grad_logits"),
+        py::arg("n_rows"), py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"),
+        py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("num_threads"));
 }

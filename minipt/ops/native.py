@@ -2,12 +2,162 @@
 
 The extension takes raw pointers, shapes and the CUDA stream; this module checks
 tensors, makes them contiguous, allocates outputs and wraps forward and backward
-in autograd Functions.
+in autograd.
+
+Each kernel is a ``torch.library`` custom op (``minipt::<name>``) with a fake
+implementation that only describes its outputs, and the differentiable ones carry
+their backward, so ``torch.compile`` keeps each kernel as one opaque node of its
+graph instead of breaking the graph at an unknown call.
+
+What runs where:
+
+=======================  ==========================  ==============================
+op                       CPU tensors                 CUDA tensors
+=======================  ==========================  ==============================
+cross_entropy            C++ (OpenMP, SIMD)          CUDA, one block per row
+linear_cross_entropy     torch GEMM + C++ CE         cuBLAS GEMM + CUDA CE
+mlm_mask                 C++ (OpenMP), Philox        CUDA, Philox: same bits as CPU
+attention                BackendUnavailableError     CUDA, flash-style tiles
+=======================  ==========================  ==============================
+
+Floating inputs must be float32, float16 or bfloat16 (maths is float32); float64
+raises :class:`BackendUnavailableError`, as does an attention head dim other than
+64 or 128.
 """
 
-from __future__ import annotations
+import math
+from typing import Optional
 
-from minipt._backend import BackendUnavailableError
+import torch
+import torch.nn.functional as F
+
+from minipt._backend import BackendUnavailableError, native_module
+from minipt.ops.cross_entropy import reduce_loss
+
+# dtype codes of the extension (kernels/common.h, FloatType)
+FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ATTENTION_HEAD_DIMS = (64, 128)
+# linear_cross_entropy materialises at most this many logits at once (64 MiB in float32)
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------- checks
+def _float_code(op: str, name: str, x: torch.Tensor) -> int:
+    code = FLOAT_CODES.get(x.dtype)
+    if code is None:
+        raise BackendUnavailableError(
+            f"{op}: backend='native' supports float32, float16 and bfloat16 {name}, got {x.dtype}"
+        )
+    return code
+
+
+def _check_device(op: str, *named: tuple[str, torch.Tensor]) -> None:
+    device = named[0][1].device
+    for name, x in named:
+        if x.device.type not in ("cpu", "cuda"):
+            raise BackendUnavailableError(f"{op}: backend='native' runs on CPU and CUDA tensors; {name} is on {x.device}")
+        if x.device != device:
+            raise ValueError(f"{op}: {name} is on {x.device} but {named[0][0]} is on {device}; expected one device")
+
+
+def _check_contiguous(op: str, *named: tuple[str, torch.Tensor]) -> None:
+    # The kernels index raw memory as dense row-major arrays. The public functions
+    # below make inputs contiguous; this guards direct calls of the custom ops.
+    for name, x in named:
+        if not x.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous, got strides {x.stride()} for shape {tuple(x.shape)}")
+
+
+def _run(kernel: str, device: torch.device, **args) -> None:
+    """Call ``_C.<kernel>_cpu`` with the torch thread count, or ``_C.<kernel>_cuda`` on the current stream."""
+    _C = native_module()
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            getattr(_C, f"{kernel}_cuda")(**args, stream=torch.cuda.current_stream().cuda_stream)
+    else:
+        getattr(_C, f"{kernel}_cpu")(**args, num_threads=torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+def _ce_args(logits, target, ignore_index, label_smoothing) -> dict:
+    op = "cross_entropy"
+    _check_device(op, ("logits", logits), ("target", target))
+    _check_contiguous(op, ("logits", logits), ("target", target))
+    if logits.dim() != 2 or target.shape != (logits.shape[0],):
+        raise ValueError(f"{op}: expected logits (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
+    if target.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: target must be int32 or int64, got {target.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{op}: backend='native' needs at least one class, got logits of shape {tuple(logits.shape)}")
+    return dict(
+        logits=logits.data_ptr(), target=target.data_ptr(), n_rows=logits.shape[0], n_classes=logits.shape[1],
+        dtype=_float_code(op, "logits", logits), target_size=target.element_size(), ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
+
+
+@torch.library.custom_op("minipt::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses (N,) and log-sum-exps (N,), both float32; ignored rows have loss 0."""
+    args = _ce_args(logits, target, ignore_index, label_smoothing)
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    _run("cross_entropy_forward", logits.device, loss=loss.data_ptr(), lse=lse.data_ptr(), **args)
+    return loss, lse
+
+
+@cross_entropy_forward.register_fake
+def _(logits, target, ignore_index, label_smoothing):
+    loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.custom_op("minipt::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(
+    logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """Gradient wrt the logits of Σ_i grad_rows[i]·loss[i]; grad_rows and lse are float32 (N,)."""
+    args = _ce_args(logits, target, ignore_index, label_smoothing)
+    for name, x in (("lse", lse), ("grad_rows", grad_rows)):
+        if x.dtype != torch.float32 or x.shape != target.shape:
+            raise ValueError(f"cross_entropy: {name} must be float32 of shape {tuple(target.shape)}, got {x.dtype} {tuple(x.shape)}")
+    _check_device("cross_entropy", ("logits", logits), ("lse", lse), ("grad_rows", grad_rows))
+    _check_contiguous("cross_entropy", ("lse", lse), ("grad_rows", grad_rows))
+    grad = torch.empty_like(logits)
+    _run("cross_entropy_backward", logits.device, lse=lse.data_ptr(), grad_rows=grad_rows.data_ptr(),
+         grad_logits=grad.data_ptr(), **args)
+    return grad
+
+
+@cross_entropy_backward.register_fake
+def _(logits, target, lse, grad_rows, ignore_index, label_smoothing):
+    return torch.empty_like(logits)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, ctx.ignore_index, ctx.label_smoothing = inputs
+    ctx.save_for_backward(logits, target, output[1])
+
+
+def _ce_backward(ctx, grad_loss, grad_lse):
+    # lse is an internal by-product for the backward; nothing differentiates through it.
+    logits, target, lse = ctx.saved_tensors
+    grad_rows = grad_loss.float().contiguous()
+    grad = cross_entropy_backward(logits, target, lse, grad_rows, ctx.ignore_index, ctx.label_smoothing)
+    return grad, None, None, None
+
+
+cross_entropy_forward.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+def cross_entropy(logits, target, *, ignore_index, reduction, label_smoothing):
+    _float_code("cross_entropy", "logits", logits)
+    logits, target = logits.contiguous(), target.contiguous()
+    loss, _ = cross_entropy_forward(logits, target, ignore_index, float(label_smoothing))
+    return reduce_loss(loss, target != ignore_index, reduction).to(logits.dtype)
 
 
 def _missing(op: str):
@@ -20,10 +170,6 @@ def attention(q, k, v, *, is_causal, attention_mask, scale):
 
 def mlm_mask(input_ids, *, mask_token_id, vocab_size, special_tokens_mask, mlm_probability, seed):
     _missing("mlm_mask")
-
-
-def cross_entropy(logits, target, *, ignore_index, reduction, label_smoothing):
-    _missing("cross_entropy")
 
 
 def linear_cross_entropy(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing):

@@ -1,0 +1,61 @@
+// Helpers of the C++ CPU kernels: threading, SIMD dispatch and a vectorisable exp.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// The wheel must run on any x86-64, but the row loops are 2-4x faster with
+// AVX2/AVX-512: GCC compiles each marked function three times and picks the
+// best one for the CPU when the library loads.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MINIPT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MINIPT_CPU_CLONES
+#endif
+
+namespace minipt {
+
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t PARALLEL_MIN_ELEMENTS = int64_t{1} << 15;
+
+// exp(x) in float32 within 2 ulp, written so that a loop over it vectorises (no
+// libm call, no float->int conversion). Cody-Waite reduction x = n·ln2 + r with
+// |r| <= ln2/2, Cephes' degree-6 polynomial for e^r, and 2^n built in the exponent
+// bits. Inputs are clamped to [-87, 88], where 2^n stays a normal float: e^-87 is
+// 1.6e-38, which is zero for every sum it enters. NaN passes through the clamp.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // Adding 1.5·2^23 rounds x·log2(e) to an integer held in the low mantissa bits.
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, 4);
+  bits = (bits - 0x4B400000 + 127) << 23;  // (n + 127) in the exponent field
+  float two_n;
+  std::memcpy(&two_n, &bits, 4);
+  return p * two_n;
+}
+
+}  // namespace minipt

@@ -1,0 +1,174 @@
+// Cross-entropy on the CPU: rows in parallel (OpenMP), each row in SIMD.
+//
+// Forward, per row: one pass over the logits for max, Σ exp(x - max) and Σ x
+// (online log-sum-exp, chunk by chunk: the chunk's max is taken first, and its exp
+// pass re-reads it from L1, so memory sees one read of the row), then
+//   loss = lse - (1 - ε)·x[t] - (ε / V)·Σ x.
+// Backward, per row, from the saved lse: grad = (exp(x - lse) - ε/V)·g, then
+// grad[t] -= (1 - ε)·g; one read and one write of the row.
+//
+// Memory traffic: forward reads NV, backward reads NV and writes NV, against about
+// three reads and two writes of NV for log_softmax + nll_loss and their backward.
+// float16/bfloat16 rows are widened to float32 into a per-thread buffer (all maths
+// is float32) and gradients narrowed back on the way out.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu_common.h"
+#include "ops.h"
+
+namespace minipt {
+namespace {
+
+// 4 KiB of float32: the chunk's max pass and exp pass both hit L1.
+constexpr int64_t CHUNK = 1024;
+
+MINIPT_CPU_CLONES void row_stats(const float* x, int64_t V, float* lse, float* sum_x) {
+  float m = -std::numeric_limits<float>::infinity();
+  float s = 0.0f, sx = 0.0f;
+  for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
+    const float* xc = x + c0;
+    const int64_t len = std::min(CHUNK, V - c0);
+    float cm = -std::numeric_limits<float>::infinity(), csx = 0.0f;
+#pragma omp simd reduction(max : cm) reduction(+ : csx)
+    for (int64_t j = 0; j < len; ++j) {
+      cm = std::max(cm, xc[j]);
+      csx += xc[j];
+    }
+    sx += csx;
+    // A chunk of -inf logits adds nothing; skipping it avoids exp(-inf - -inf) = NaN.
+    if (cm == -std::numeric_limits<float>::infinity()) continue;
+    if (cm > m) {
+      s *= exp_approx(m - cm);
+      m = cm;
+    }
+    float cs = 0.0f;
+#pragma omp simd reduction(+ : cs)
+    for (int64_t j = 0; j < len; ++j) cs += exp_approx(xc[j] - m);
+    s += cs;
+  }
+  // The max ignores NaN, so a NaN logit is caught through Σ x, as torch would give NaN.
+  *lse = std::isnan(sx) ? std::numeric_limits<float>::quiet_NaN() : m + std::log(s);
+  *sum_x = sx;
+}
+
+// out may alias x: each element is read before it is written, at the same index.
+MINIPT_CPU_CLONES void row_grad(const float* x, int64_t V, float lse, float smooth_per_class, float g, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) out[j] = (exp_approx(x[j] - lse) - smooth_per_class) * g;
+}
+
+MINIPT_CPU_CLONES void widen_row(const uint16_t* src, FloatType dtype, int64_t V, float* dst) {
+  if (dtype == FloatType::bf16) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) dst[j] = bf16_to_float(src[j]);
+  } else {
+    for (int64_t j = 0; j < V; ++j) dst[j] = f16_to_float(src[j]);
+  }
+}
+
+MINIPT_CPU_CLONES void narrow_row(const float* src, FloatType dtype, int64_t V, uint16_t* dst) {
+  if (dtype == FloatType::bf16) {
+    for (int64_t j = 0; j < V; ++j) dst[j] = float_to_bf16(src[j]);
+  } else {
+    for (int64_t j = 0; j < V; ++j) dst[j] = float_to_f16(src[j]);
+  }
+}
+
+// Row i of the logits as float32: in place for float32, else widened into buf.
+inline const float* row_as_float(const CrossEntropyArgs& a, int64_t i, float* buf) {
+  const int64_t offset = i * a.n_classes;  // int64: N·V exceeds 2^31 for a real LM batch
+  if (a.dtype == FloatType::f32) return reinterpret_cast<const float*>(a.logits) + offset;
+  widen_row(reinterpret_cast<const uint16_t*>(a.logits) + offset, a.dtype, a.n_classes, buf);
+  return buf;
+}
+
+template <typename Target>
+int64_t forward(const CrossEntropyArgs& a, float* loss, int num_threads, int64_t* first_bad) {
+  const Target* target = reinterpret_cast<const Target*>(a.target);
+  float* lse = reinterpret_cast<float*>(a.lse);
+  const int64_t N = a.n_rows, V = a.n_classes;
+  const float eps = a.label_smoothing;
+  const bool parallel = num_threads > 1 && N > 1 && N * V >= PARALLEL_MIN_ELEMENTS;
+  // Allocated here, not in the parallel region, so that bad_alloc reaches Python.
+  std::vector<float> buffers(a.dtype == FloatType::f32 ? 0 : static_cast<size_t>(num_threads) * V);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  int64_t n_bad = 0, first = -1;
+
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel) reduction(+ : n_bad)
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    if (t == a.ignore_index) {
+      loss[i] = 0.0f;
+      lse[i] = 0.0f;
+      continue;
+    }
+    if (t < 0 || t >= V) {
+      loss[i] = nan;
+      lse[i] = nan;
+      ++n_bad;
+#pragma omp critical(minipt_ce_first_bad)
+      if (first < 0 || i < first) first = i;
+      continue;
+    }
+    float* buf = buffers.empty() ? nullptr : buffers.data() + static_cast<size_t>(thread_index()) * V;
+    const float* x = row_as_float(a, i, buf);
+    float row_lse, sum_x;
+    row_stats(x, V, &row_lse, &sum_x);
+    lse[i] = row_lse;
+    // With ε = 0 the smoothing term is skipped, not multiplied by 0: Σ x may be -inf.
+    const float smooth = eps > 0.0f ? eps / static_cast<float>(V) * sum_x : 0.0f;
+    loss[i] = row_lse - (1.0f - eps) * x[t] - smooth;
+  }
+  *first_bad = first;
+  return n_bad;
+}
+
+template <typename Target>
+void backward(const CrossEntropyArgs& a, const float* grad_rows, uintptr_t grad_logits, int num_threads) {
+  const Target* target = reinterpret_cast<const Target*>(a.target);
+  const float* lse = reinterpret_cast<const float*>(a.lse);
+  const int64_t N = a.n_rows, V = a.n_classes;
+  const float eps = a.label_smoothing;
+  const float smooth_per_class = eps / static_cast<float>(V);
+  const bool parallel = num_threads > 1 && N > 1 && N * V >= PARALLEL_MIN_ELEMENTS;
+  const bool wide = a.dtype == FloatType::f32;
+  std::vector<float> buffers(wide ? 0 : static_cast<size_t>(num_threads) * V);
+
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    const int64_t offset = i * V;
+    float* buf = wide ? reinterpret_cast<float*>(grad_logits) + offset
+                      : buffers.data() + static_cast<size_t>(thread_index()) * V;
+    if (t == a.ignore_index || t < 0 || t >= V) {
+      std::fill(buf, buf + V, 0.0f);
+    } else {
+      const float g = grad_rows[i];
+      row_grad(row_as_float(a, i, buf), V, lse[i], smooth_per_class, g, buf);
+      buf[t] -= (1.0f - eps) * g;
+    }
+    if (!wide) narrow_row(buf, a.dtype, V, reinterpret_cast<uint16_t*>(grad_logits) + offset);
+  }
+}
+
+}  // namespace
+
+int64_t cross_entropy_forward_cpu(const CrossEntropyArgs& a, uintptr_t loss, int num_threads, int64_t* first_bad) {
+  float* out = reinterpret_cast<float*>(loss);
+  return a.target_size == 8 ? forward<int64_t>(a, out, num_threads, first_bad)
+                            : forward<int32_t>(a, out, num_threads, first_bad);
+}
+
+void cross_entropy_backward_cpu(const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits,
+                                int num_threads) {
+  const float* g = reinterpret_cast<const float*>(grad_rows);
+  if (a.target_size == 8) {
+    backward<int64_t>(a, g, grad_logits, num_threads);
+  } else {
+    backward<int32_t>(a, g, grad_logits, num_threads);
+  }
+}
+
+}  // namespace minipt

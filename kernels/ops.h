@@ -1,0 +1,87 @@
+// Entry points of the kernels, called by bindings.cpp once it has checked the
+// arguments. Addresses are uintptr_t, streams are cudaStream_t passed as uintptr_t,
+// so this header needs neither pybind11 nor the CUDA headers.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace minipt {
+
+// ---------------------------------------------------------------- cross-entropy
+// Per row i of the (N, V) logits: lse[i] = logsumexp(x_i) and
+//   loss[i] = lse - (1 - ε)·x_i[t_i] - (ε / V)·Σ_j x_ij,   0 where t_i == ignore_index.
+// Forward writes loss (N,) and lse (N,) in float32.
+struct CrossEntropyArgs {
+  uintptr_t logits;       // (N, V), FloatType
+  uintptr_t target;       // (N,), int32 or int64
+  uintptr_t lse;          // (N,) float32: written by the forward, read by the backward
+  int64_t n_rows;
+  int64_t n_classes;
+  FloatType dtype;
+  int64_t target_size;  // 4 or 8 bytes
+  int64_t ignore_index;
+  float label_smoothing;
+};
+
+// Returns the number of rows whose target is outside [0, V) and not ignore_index
+// (their loss is NaN and their gradient zero); `first_bad` receives one of them.
+int64_t cross_entropy_forward_cpu(const CrossEntropyArgs& a, uintptr_t loss, int num_threads, int64_t* first_bad);
+
+// grad_logits[i, j] = (softmax(x_i)_j - (1 - ε)·[j == t_i] - ε / V) · grad_rows[i],
+// zero on ignored rows. grad_rows (N,) is float32, grad_logits has the logits' dtype.
+void cross_entropy_backward_cpu(const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits,
+                                int num_threads);
+
+#ifdef MINIPT_WITH_CUDA
+// Out-of-range targets cannot raise from a kernel: their row's loss is NaN.
+void cross_entropy_forward_cuda(const CrossEntropyArgs& a, uintptr_t loss, uintptr_t stream);
+void cross_entropy_backward_cuda(const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits,
+                                 uintptr_t stream);
+#endif
+
+// ---------------------------------------------------------------- MLM masking
+struct MlmMaskArgs {
+  uintptr_t input_ids;  // (n,), int32 or int64
+  uintptr_t special;    // (n,) or 0; nonzero marks a special token
+  uintptr_t masked;     // (n,), dtype of input_ids
+  uintptr_t labels;     // (n,), dtype of input_ids
+  int64_t numel;
+  int64_t id_size;       // 4 or 8 bytes
+  int64_t special_size;  // 1, 4 or 8 bytes
+  int64_t mask_token_id;
+  int64_t vocab_size;
+  float mlm_probability;
+  uint64_t seed;
+};
+
+void mlm_mask_cpu(const MlmMaskArgs& a, int num_threads);
+#ifdef MINIPT_WITH_CUDA
+void mlm_mask_cuda(const MlmMaskArgs& a, uintptr_t stream);
+#endif
+
+// ---------------------------------------------------------------- attention (CUDA only)
+struct AttentionArgs {
+  uintptr_t q, k, v;   // (B, H, T, D), FloatType, contiguous
+  uintptr_t out;       // (B, H, T, D), FloatType
+  uintptr_t lse;       // (B, H, T) float32, base-2 log-sum-exp of the scaled scores; +inf for a row with no key
+  uintptr_t key_mask;  // (B, T) uint8, nonzero = real token, or 0 for no padding
+  int64_t batch, heads, seq_len, head_dim;
+  FloatType dtype;
+  bool is_causal;
+  float scale;
+};
+
+struct AttentionGrads {
+  uintptr_t grad_out;          // (B, H, T, D), FloatType
+  uintptr_t delta;             // (B, H, T) float32 scratch: rowsum(dO · O)
+  uintptr_t grad_q, grad_k, grad_v;  // (B, H, T, D), FloatType
+};
+
+#ifdef MINIPT_WITH_CUDA
+void attention_forward_cuda(const AttentionArgs& a, uintptr_t stream);
+void attention_backward_cuda(const AttentionArgs& a, const AttentionGrads& g, uintptr_t stream);
+#endif
+
+}  // namespace minipt
