@@ -41,6 +41,16 @@ def hf_bert(attn="eager", **overrides):
     return scramble(transformers.BertForPreTraining(config)).eval()
 
 
+def build_with(build, attn):
+    """``build(attn)``; a transformers release without SDPA for this model skips the "sdpa" case, saying so."""
+    try:
+        return build(attn)
+    except ValueError as exc:
+        if attn == "sdpa" and "scaled_dot_product_attention" in str(exc):
+            pytest.skip(f"transformers {transformers.__version__} has no SDPA path for this model: {exc}")
+        raise
+
+
 def padded_batch(B=3, T=17):
     """Right padding with three different lengths, and both token types in every row."""
     lengths = torch.tensor([T, 11, 4])[:B]
@@ -60,7 +70,7 @@ def assert_same_state(a, b):
 # ----------------------------------------------------------------------------- GPT-2
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_gpt2_logits_match(attn):
-    hf = hf_gpt2(attn)
+    hf = build_with(hf_gpt2, attn)
     model = from_hf(hf, backend="torch").eval()
     cfg = model.config
     assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd) == (V, T_MAX, L, H, C)
@@ -126,7 +136,7 @@ def test_dtype_and_device_are_kept_without_rounding():
 # ----------------------------------------------------------------------------- BERT
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_bert_logits_match_at_real_positions(attn):
-    hf = hf_bert(attn)
+    hf = build_with(hf_bert, attn)
     model = from_hf(hf, backend="torch").eval()
     cfg = model.config
     assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.inner_size) == (
