@@ -59,7 +59,8 @@ def _load_into_hf(hf_model, weights) -> None:
     buffers = {name for name, _ in hf_model.named_buffers()}
     sd = {key: weights(key) for key in hf_model.state_dict() if key not in buffers}
     missing, unexpected = hf_model.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= buffers, (missing, unexpected)
+    if unexpected or not set(missing) <= buffers:
+        raise RuntimeError(f"to_hf: state dict mismatch, missing {missing}, unexpected {unexpected}")
 
 
 def _require(ok: bool, what: str, why: str) -> None:
@@ -154,7 +155,7 @@ def _gpt_to_hf(model: GPT):
         bos_token_id=special, eos_token_id=special, tie_word_embeddings=True,
     )
     hf_model = _place_like(transformers.GPT2LMHeadModel(hf_config), model)
-    ours = model.state_dict()
+    ours, theirs = model.state_dict(), hf_model.state_dict()
 
     def weights(key):
         if key == "lm_head.weight":
@@ -162,7 +163,7 @@ def _gpt_to_hf(model: GPT):
         if key in ours:
             return ours[key].t() if key.split(".", 3)[-1] in _GPT2_CONV1D else ours[key]
         if key.endswith(".bias") and not cfg.bias:
-            return torch.zeros_like(hf_model.state_dict()[key])  # a model without biases is GPT-2 with zero biases
+            return torch.zeros_like(theirs[key])  # a model without biases is GPT-2 with zero biases
         raise KeyError(f"to_hf: no minipt parameter for GPT2LMHeadModel's {key}")
 
     _load_into_hf(hf_model, weights)
