@@ -10,7 +10,9 @@
 // argument's name; a CUDA launch failure raises RuntimeError with CUDA's message.
 // The CPU kernels run without the GIL.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -95,6 +97,46 @@ void ce_backward_cpu(uintptr_t logits, uintptr_t target, uintptr_t lse, uintptr_
   cross_entropy_backward_cpu(a, grad_rows, grad_logits, num_threads);
 }
 
+MlmMaskArgs mlm_args(uintptr_t input_ids, uintptr_t special, uintptr_t masked, uintptr_t labels, int64_t numel,
+                     int64_t id_size, int64_t special_size, int64_t mask_token_id, int64_t vocab_size,
+                     double mlm_probability, uint64_t seed) {
+  const char* op = "mlm_mask";
+  check(numel >= 0, op, "numel must be >= 0, got " + std::to_string(numel));
+  check_int_size(id_size, op, "input_ids", false);
+  const int64_t max_vocab = id_size == 4 ? int64_t{1} << 31 : std::numeric_limits<int64_t>::max();
+  check(vocab_size >= 1 && vocab_size <= max_vocab, op,
+        "vocab_size must be in [1, " + std::to_string(max_vocab) + "] for " + std::to_string(id_size) +
+            "-byte ids, got " + std::to_string(vocab_size));
+  check(mask_token_id >= 0 && mask_token_id < vocab_size, op,
+        "mask_token_id must be in [0, vocab_size), got " + std::to_string(mask_token_id));
+  check(std::isfinite(mlm_probability) && mlm_probability >= 0.0 && mlm_probability <= 1.0, op,
+        "mlm_probability must be in [0, 1], got " + std::to_string(mlm_probability));
+  check_tensor(input_ids, numel, id_size, op, "input_ids");
+  check_tensor(masked, numel, id_size, op, "masked");
+  check_tensor(labels, numel, id_size, op, "labels");
+  if (special != 0) {
+    check_int_size(special_size, op, "special_tokens_mask", true);
+    check_tensor(special, numel, special_size, op, "special_tokens_mask");
+  }
+  return MlmMaskArgs{input_ids, special, masked, labels, numel, id_size, special_size, mask_token_id,
+                     vocab_size, static_cast<float>(mlm_probability), seed};
+}
+
+void mlm_mask_cpu_binding(uintptr_t input_ids, uintptr_t special, uintptr_t masked, uintptr_t labels, int64_t numel,
+                          int64_t id_size, int64_t special_size, int64_t mask_token_id, int64_t vocab_size,
+                          double mlm_probability, uint64_t seed, int num_threads) {
+  const MlmMaskArgs a = mlm_args(input_ids, special, masked, labels, numel, id_size, special_size, mask_token_id,
+                                 vocab_size, mlm_probability, seed);
+  check_threads(num_threads, "mlm_mask");
+  py::gil_scoped_release release;
+  mlm_mask_cpu(a, num_threads);
+}
+
+py::tuple philox_binding(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
+  const Philox4 r = philox4x32_10(Philox4{{counter[0], counter[1], counter[2], counter[3]}}, key[0], key[1]);
+  return py::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -113,4 +155,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("grad_rows"), py::arg("grad_logits"),
         py::arg("n_rows"), py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"),
         py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("num_threads"));
+
+  m.def("mlm_mask_cpu", &mlm_mask_cpu_binding, "BERT's MLM masking of n ids (special: 0 for none)",
+        py::arg("input_ids"), py::arg("special"), py::arg("masked"), py::arg("labels"), py::arg("numel"),
+        py::arg("id_size"), py::arg("special_size"), py::arg("mask_token_id"), py::arg("vocab_size"),
+        py::arg("mlm_probability"), py::arg("seed"), py::arg("num_threads"));
+  m.def("philox4x32_10", &philox_binding, "Philox4x32-10 of a counter under a key (for known-answer tests)",
+        py::arg("counter"), py::arg("key"));
 }

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from minipt._backend import BackendUnavailableError, native_module
-from minipt.ops import cross_entropy, cross_entropy_ref, native
+from minipt.ops import (
+    cross_entropy,
+    cross_entropy_ref,
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+    mlm_mask,
+    native,
+)
 from conftest import HAS_CUDA, requires_cuda
 
 _C = native_module()
@@ -242,3 +249,295 @@ class TestCrossEntropyBindings:
             native.cross_entropy_forward(logits.contiguous(), torch.zeros(5, dtype=torch.long), -100, 0.0)
         with pytest.raises(TypeError, match="target must be int32 or int64"):
             native.cross_entropy_forward(logits.contiguous(), target.float(), -100, 0.0)
+
+
+# ----------------------------------------------------------------------------- linear cross-entropy
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force several logit chunks on small inputs, so the chunk loop and its accumulation are tested."""
+    monkeypatch.setattr(native, "LOGITS_CHUNK_ELEMENTS", 4000)
+
+
+def lce_inputs(N, D, V, device, dtype=torch.float32, bias=True):
+    hidden = torch.randn(N, D, device=device).to(dtype)
+    weight = (torch.randn(V, D, device=device) / math.sqrt(D)).to(dtype)
+    b = torch.randn(V, device=device).to(dtype) if bias else None
+    target = torch.randint(0, V, (N,), device=device)
+    target[torch.rand(N, device=device) < 0.25] = -100
+    return hidden, weight, b, target
+
+
+def lce_grads(fn, hidden, weight, bias, target, weight_out):
+    inputs = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias) if x is not None]
+    loss = fn(inputs[0], inputs[1], inputs[2] if bias is not None else None, target)
+    grads = torch.autograd.grad((loss.double() * weight_out).sum(), inputs)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N,D,V", [(1, 8, 3), (37, 24, 501), (130, 16, 1000)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_fp32_matches_float64(
+    device, N, D, V, reduction, label_smoothing, bias, small_chunks, poisoned_empty
+):
+    hidden, weight, b, target = lce_inputs(N, D, V, device, bias=bias)
+    w = torch.randn(N if reduction == "none" else (), dtype=torch.float64, device=device)
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    got, got_grads = lce_grads(
+        lambda h, W, b, t: linear_cross_entropy(h, W, t, bias=b, backend="native", **kwargs), hidden, weight, b, target, w
+    )
+    want, want_grads = lce_grads(
+        lambda h, W, b, t: linear_cross_entropy_ref(h, W, t, bias=b, **kwargs),
+        hidden.double(), weight.double(), None if b is None else b.double(), target, w,
+    )
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for name, g, ref in zip(("hidden", "weight", "bias"), got_grads, want_grads):
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_low_precision(device, dtype, reduction, small_chunks, poisoned_empty):
+    hidden, weight, b, target = lce_inputs(45, 32, 700, device, dtype=dtype)
+    w = torch.randn(45 if reduction == "none" else (), dtype=torch.float64, device=device)
+    kwargs = dict(reduction=reduction, label_smoothing=0.1)
+
+    def run(backend, *inputs):
+        return lce_grads(
+            lambda h, W, b, t: linear_cross_entropy(h, W, t, bias=b, backend=backend, **kwargs), *inputs, target, w
+        )
+
+    got, got_grads = run("native", hidden, weight, b)
+    low, low_grads = run("torch", hidden, weight, b)
+    ref, ref_grads = run("torch", hidden.float(), weight.float(), b.float())
+    assert got.dtype == dtype
+    assert_lowp_close(got, ref, low, what="loss")
+    for name, g, r, lo in zip(("hidden", "weight", "bias"), got_grads, ref_grads, low_grads):
+        assert g.dtype == dtype, name
+        assert_lowp_close(g, r, lo, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_all_ignored_and_frozen_weight(device, small_chunks):
+    hidden, weight, b, target = lce_inputs(20, 8, 600, device)
+    hidden.requires_grad_()
+    b.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, torch.full_like(target, -100), bias=b, backend="native")
+    loss.backward()
+    assert loss.item() == 0.0 and (hidden.grad == 0).all() and (b.grad == 0).all()
+    assert weight.grad is None
+
+
+def test_linear_cross_entropy_under_torch_compile(small_chunks):
+    hidden, weight, b, target = lce_inputs(30, 16, 500, "cpu")
+
+    def loss_fn(h, W, b, t):
+        return native.linear_cross_entropy(h, W, t, bias=b, ignore_index=-100, reduction="mean", label_smoothing=0.0)
+
+    one = torch.tensor(1.0, dtype=torch.float64)
+    got, got_grads = lce_grads(torch.compile(loss_fn), hidden, weight, b, target, one)
+    want, want_grads = lce_grads(loss_fn, hidden, weight, b, target, one)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for g, ref in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-6, atol=1e-6)
+
+
+@requires_cuda
+def test_linear_cross_entropy_cuda_never_holds_the_full_logits():
+    N, D, V = 4096, 256, 32768
+    hidden, weight, b, target = lce_inputs(N, D, V, "cuda", dtype=torch.bfloat16)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_cross_entropy(hidden, weight, target, bias=b, backend="native").backward()
+    torch.cuda.synchronize()
+    full_logits = N * V * 2
+    assert torch.cuda.max_memory_allocated() - base < full_logits, "peak memory reached the size of the full logits"
+
+
+# ----------------------------------------------------------------------------- MLM masking
+def mlm_inputs(shape, device, vocab=1000, id_dtype=torch.int64, special_dtype=torch.bool):
+    ids = torch.randint(0, vocab, shape, device=device, dtype=id_dtype)
+    special = (torch.rand(shape, device=device) < 0.2).to(special_dtype)
+    return ids, special
+
+
+def run_mlm(ids, special, vocab=1000, p=0.15, seed=0, mask_id=3):
+    return mlm_mask(
+        ids, mask_token_id=mask_id, vocab_size=vocab, special_tokens_mask=special, mlm_probability=p, seed=seed,
+        backend="native",
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 7), (64, 129)])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("special_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, None])
+def test_mlm_mask_contract(device, shape, id_dtype, special_dtype, poisoned_empty):
+    ids, special = mlm_inputs(shape, device, id_dtype=id_dtype, special_dtype=special_dtype or torch.bool)
+    special = special if special_dtype is not None else None
+    before = ids.clone()
+    masked, labels = run_mlm(ids, special, p=0.5, seed=11)
+    assert torch.equal(ids, before), "input_ids was modified"
+    assert masked.shape == ids.shape and labels.shape == ids.shape
+    assert masked.dtype == id_dtype and labels.dtype == id_dtype
+    selected = labels != -100
+    assert torch.equal(labels[selected], ids[selected])
+    assert torch.equal(masked[~selected], ids[~selected])
+    assert ((masked >= 0) & (masked < 1000)).all()
+    if special is not None:
+        assert not selected[special.bool()].any(), "a special token was selected"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlm_mask_statistics(device):
+    # Deterministic for the seed; each bound is 5 standard deviations wide.
+    n, vocab, p = 400_000, 10, 0.15
+    ids = torch.full((n,), 7, device=device)  # 7 is neither the mask id nor rare among random ids
+    special = torch.zeros(n, dtype=torch.bool, device=device)
+    special[::10] = True
+    masked, labels = run_mlm(ids, special, vocab=vocab, p=p, seed=123)
+    selected = labels != -100
+    candidates = n - int(special.sum())
+    k = int(selected.sum())
+    assert abs(k - p * candidates) < 5 * math.sqrt(candidates * p * (1 - p))
+    # 80% become [MASK] (3), 10% a uniform random id (which is 3 one time in vocab), 10% stay 7.
+    to_mask = 0.8 + 0.1 / vocab
+    became_mask = int((masked[selected] == 3).sum())
+    assert abs(became_mask - to_mask * k) < 5 * math.sqrt(k * to_mask * (1 - to_mask))
+    counts = torch.bincount(masked[selected & (masked != 3)], minlength=vocab).double()
+    for token in range(vocab):
+        want = 0.0 if token == 3 else 0.1 * k / vocab + (0.1 * k if token == 7 else 0.0)
+        assert abs(counts[token].item() - want) < 5 * math.sqrt(max(want, 1)), f"token {token}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlm_mask_probability_edges(device):
+    ids, special = mlm_inputs((50, 40), device)
+    _, labels = run_mlm(ids, special, p=0.0)
+    assert (labels == -100).all()
+    _, labels = run_mlm(ids, special, p=1.0)
+    assert torch.equal(labels != -100, ~special)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlm_mask_is_a_function_of_seed_and_index(device):
+    ids, special = mlm_inputs((1000,), device)
+    masked, labels = run_mlm(ids, special, seed=5)
+    again = run_mlm(ids, special, seed=5)
+    assert torch.equal(masked, again[0]) and torch.equal(labels, again[1])
+    other = run_mlm(ids, special, seed=6)
+    assert not torch.equal(labels, other[1])
+    # Element i depends only on (seed, i): a prefix masks as the prefix of the whole.
+    head = run_mlm(ids[:333], special[:333], seed=5)
+    assert torch.equal(head[0], masked[:333]) and torch.equal(head[1], labels[:333])
+
+
+def test_mlm_mask_cpu_is_identical_for_any_thread_count():
+    ids, special = mlm_inputs((128, 512), "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_mlm(ids, special, seed=9)
+        torch.set_num_threads(max(2, threads))
+        many = run_mlm(ids, special, seed=9)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+@requires_cuda
+def test_mlm_mask_cuda_gives_the_cpu_bits():
+    ids, special = mlm_inputs((37, 515), "cpu", vocab=30522)
+    cpu = run_mlm(ids, special, vocab=30522, seed=2**40 + 3)
+    gpu = run_mlm(ids.cuda(), special.cuda(), vocab=30522, seed=2**40 + 3)
+    assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlm_mask_vocab_beyond_32_bits(device):
+    vocab = 2**40
+    ids = torch.zeros(20000, dtype=torch.int64, device=device)
+    masked, labels = run_mlm(ids, None, vocab=vocab, p=1.0)
+    random_ids = masked[(masked != 3) & (masked != 0)]
+    assert random_ids.numel() > 1000
+    assert random_ids.max().item() >= 2**32 and random_ids.max().item() < vocab
+
+
+def test_philox_known_answers():
+    # Random123's known-answer vectors for Philox4x32-10.
+    assert _C.philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    ones = 0xFFFFFFFF
+    assert _C.philox4x32_10((ones,) * 4, (ones, ones)) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+    assert _C.philox4x32_10((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == (
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1,
+    )
+
+
+def test_mlm_mask_noncontiguous_input():
+    ids, special = mlm_inputs((40, 60), "cpu")
+    got = run_mlm(ids.t(), special.t(), seed=4)
+    want = run_mlm(ids.t().contiguous(), special.t().contiguous(), seed=4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_mlm_mask_custom_op_passes_opcheck_and_compiles():
+    ids, special = mlm_inputs((8, 33), "cpu")
+    torch.library.opcheck(native.mlm_mask_op, (ids, special, 3, 1000, 0.15, 7))
+
+    def mask_fn(ids, special):
+        return native.mlm_mask(ids, mask_token_id=3, vocab_size=1000, special_tokens_mask=special, mlm_probability=0.15, seed=7)
+
+    got = torch.compile(mask_fn, fullgraph=True)(ids, special)
+    want = mask_fn(ids, special)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+class TestMlmMaskBindings:
+    def call(self, **overrides):
+        ids = torch.randint(0, 100, (10,))
+        masked, labels = torch.empty_like(ids), torch.empty_like(ids)
+        args = dict(
+            input_ids=ids.data_ptr(), special=0, masked=masked.data_ptr(), labels=labels.data_ptr(), numel=10,
+            id_size=8, special_size=0, mask_token_id=3, vocab_size=100, mlm_probability=0.15, seed=0, num_threads=1,
+        )
+        args.update(overrides)
+        _C.mlm_mask_cpu(**args)
+        return labels
+
+    def test_valid_call_runs(self):
+        assert ((self.call() == -100) | (self.call() >= 0)).all()
+
+    @pytest.mark.parametrize(
+        "overrides,message",
+        [
+            (dict(numel=-1), "numel must be >= 0"),
+            (dict(id_size=2), "input_ids element size must be 4 or 8"),
+            (dict(vocab_size=0), "vocab_size must be in"),
+            (dict(id_size=4, vocab_size=2**31 + 1), "vocab_size must be in"),
+            (dict(mask_token_id=100), "mask_token_id must be in"),
+            (dict(mask_token_id=-1), "mask_token_id must be in"),
+            (dict(mlm_probability=1.01), "mlm_probability must be in"),
+            (dict(special=64, special_size=3), "special_tokens_mask element size must be 1, 4 or 8"),
+            (dict(masked=0), "masked is a null pointer"),
+            (dict(num_threads=0), "num_threads must be in"),
+        ],
+    )
+    def test_bad_arguments_raise_value_error(self, overrides, message):
+        with pytest.raises(ValueError, match=message):
+            self.call(**overrides)
+
+    def test_custom_op_refuses_bad_tensors(self):
+        ids = torch.zeros(4, 6, dtype=torch.int64)
+        with pytest.raises(ValueError, match="input_ids must be contiguous"):
+            native.mlm_mask_op(ids.t(), None, 3, 10, 0.15, 0)
+        with pytest.raises(TypeError, match="input_ids must be int32 or int64"):
+            native.mlm_mask_op(ids.float(), None, 3, 10, 0.15, 0)
+        with pytest.raises(ValueError, match="special_tokens_mask must have shape"):
+            native.mlm_mask_op(ids, torch.zeros(4, dtype=torch.bool), 3, 10, 0.15, 0)

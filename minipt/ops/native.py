@@ -168,9 +168,141 @@ def attention(q, k, v, *, is_causal, attention_mask, scale):
     _missing("attention")
 
 
-def mlm_mask(input_ids, *, mask_token_id, vocab_size, special_tokens_mask, mlm_probability, seed):
-    _missing("mlm_mask")
+
+
+# ----------------------------------------------------------------------------- linear cross-entropy
+class _LinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(hidden @ weight.T + bias) over row chunks: only one chunk's logits exist at a time.
+
+    Each chunk runs a torch GEMM (cuBLAS / the CPU BLAS) for its logits, then the
+    native cross-entropy kernels on them. For a scalar loss the gradients depend on
+    grad_output only through one factor, so the forward produces them chunk by
+    chunk right away (three GEMMs in all, as unfused) and the backward scales them.
+    With ``reduction="none"`` every row has its own factor, which the forward
+    cannot know: the backward recomputes each chunk's logits (a fourth GEMM).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, label_smoothing):
+        N, V = hidden.shape[0], weight.shape[0]
+        counted = target != ignore_index
+        losses = hidden.new_empty(N, dtype=torch.float32)
+        lse = torch.empty_like(losses)
+        needs = ctx.needs_input_grad[:3]
+        eager = any(needs) and reduction != "none"
+        grads = _LinearCrossEntropy._new_grads(hidden, weight, bias, needs) if eager else None
+        if eager:  # d(loss)/d(loss_i): 1 for sum, 1/count for mean; ignored rows are zeroed by the kernel
+            row_scale = counted.float() / (counted.sum().clamp(min=1) if reduction == "mean" else 1)
+        for rows in _row_chunks(N, V):
+            logits = F.linear(hidden[rows], weight, bias)  # (chunk, V), the only logits alive
+            losses[rows], lse[rows] = cross_entropy_forward(logits, target[rows], ignore_index, label_smoothing)
+            if eager:
+                grad_logits = cross_entropy_backward(
+                    logits, target[rows], lse[rows], row_scale[rows].contiguous(), ignore_index, label_smoothing
+                )
+                _LinearCrossEntropy._accumulate(grads, rows, grad_logits, hidden, weight)
+        ctx.eager = eager
+        ctx.options = (ignore_index, label_smoothing)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if eager:
+            ctx.save_for_backward(*grads)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, target, lse)
+        return reduce_loss(losses, counted, reduction).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        ignore_index, label_smoothing = ctx.options
+        if ctx.eager:
+            scale = grad_loss.float()
+            grads = [None if g is None else (g * scale) for g in ctx.saved_tensors]
+        else:
+            hidden, weight, bias, target, lse = ctx.saved_tensors
+            grads = _LinearCrossEntropy._new_grads(hidden, weight, bias, ctx.needs_input_grad[:3])
+            grad_rows = grad_loss.float().contiguous()
+            for rows in _row_chunks(hidden.shape[0], weight.shape[0]):
+                logits = F.linear(hidden[rows], weight, bias)
+                grad_logits = cross_entropy_backward(
+                    logits, target[rows], lse[rows], grad_rows[rows], ignore_index, label_smoothing
+                )
+                _LinearCrossEntropy._accumulate(grads, rows, grad_logits, hidden, weight)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def _new_grads(hidden, weight, bias, needs):
+        """Gradient buffers: hidden's in its dtype (each row is written once), weight's and bias's in
+        float32 because they sum over every chunk."""
+        return [
+            torch.empty_like(hidden) if needs[0] else None,
+            torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs[2] and bias is not None else None,
+        ]
+
+    @staticmethod
+    def _accumulate(grads, rows, grad_logits, hidden, weight):
+        grad_hidden, grad_weight, grad_bias = grads
+        if grad_hidden is not None:
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        if grad_weight is not None:
+            if grad_logits.dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.t(), hidden[rows])
+            else:  # the GEMM accumulates in float32 inside; the sum over chunks does so here
+                grad_weight += torch.mm(grad_logits.t(), hidden[rows])
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+
+
+def _row_chunks(N: int, V: int):
+    rows = max(1, min(N, LOGITS_CHUNK_ELEMENTS // max(V, 1)))
+    return [slice(start, min(start + rows, N)) for start in range(0, N, rows)]
 
 
 def linear_cross_entropy(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing):
-    _missing("linear_cross_entropy")
+    op = "linear_cross_entropy"
+    _float_code(op, "hidden", hidden)
+    named = [("hidden", hidden), ("weight", weight), ("target", target)] + ([("bias", bias)] if bias is not None else [])
+    _check_device(op, *named)
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    return _LinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, float(label_smoothing))
+
+
+# ----------------------------------------------------------------------------- MLM masking
+@torch.library.custom_op("minipt::mlm_mask", mutates_args=())
+def mlm_mask_op(
+    input_ids: torch.Tensor, special_tokens_mask: Optional[torch.Tensor], mask_token_id: int, vocab_size: int,
+    mlm_probability: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked ids, labels), both shaped and typed like input_ids; see minipt.ops.mlm_mask."""
+    op = "mlm_mask"
+    named = [("input_ids", input_ids)] + ([("special_tokens_mask", special_tokens_mask)] if special_tokens_mask is not None else [])
+    _check_device(op, *named)
+    _check_contiguous(op, *named)
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: input_ids must be int32 or int64, got {input_ids.dtype}")
+    if special_tokens_mask is not None:
+        if special_tokens_mask.shape != input_ids.shape:
+            raise ValueError(f"{op}: special_tokens_mask must have shape {tuple(input_ids.shape)}, got {tuple(special_tokens_mask.shape)}")
+        if special_tokens_mask.dtype not in (torch.bool, torch.uint8, torch.int32, torch.int64):
+            raise TypeError(f"{op}: special_tokens_mask must be bool, uint8, int32 or int64, got {special_tokens_mask.dtype}")
+    masked, labels = torch.empty_like(input_ids), torch.empty_like(input_ids)
+    _run(
+        "mlm_mask", input_ids.device, input_ids=input_ids.data_ptr(),
+        special=0 if special_tokens_mask is None else special_tokens_mask.data_ptr(),
+        special_size=0 if special_tokens_mask is None else special_tokens_mask.element_size(),
+        masked=masked.data_ptr(), labels=labels.data_ptr(), numel=input_ids.numel(), id_size=input_ids.element_size(),
+        mask_token_id=mask_token_id, vocab_size=vocab_size, mlm_probability=mlm_probability, seed=seed,
+    )
+    return masked, labels
+
+
+@mlm_mask_op.register_fake
+def _(input_ids, special_tokens_mask, mask_token_id, vocab_size, mlm_probability, seed):
+    return torch.empty_like(input_ids), torch.empty_like(input_ids)
+
+
+def mlm_mask(input_ids, *, mask_token_id, vocab_size, special_tokens_mask, mlm_probability, seed):
+    if special_tokens_mask is not None:
+        special_tokens_mask = special_tokens_mask.contiguous()
+    return mlm_mask_op(input_ids.contiguous(), special_tokens_mask, mask_token_id, vocab_size, float(mlm_probability), seed)

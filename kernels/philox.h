@@ -1,0 +1,102 @@
+// Philox4x32-10, the counter-based generator of Salmon et al. (SC'11, "Parallel
+// random numbers: as easy as 1, 2, 3"), for host and device code alike.
+//
+// A draw is a pure function of (key, counter): no state, so every element of a
+// tensor gets its own stream from its index, in any order, on any number of
+// threads, and the CPU and CUDA kernels produce the same bits.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MINIPT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MINIPT_HOST_DEVICE inline
+#endif
+
+namespace minipt {
+
+struct Philox4 {
+  uint32_t v[4];
+};
+
+MINIPT_HOST_DEVICE uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+}
+
+// Ten rounds of the Philox4x32 bijection on counter c under key (k0, k1); the
+// constants are the ones of the paper and of Random123.
+MINIPT_HOST_DEVICE Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
+  constexpr uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(M0, c.v[0], &hi0);
+    const uint32_t lo1 = mulhilo32(M1, c.v[2], &hi1);
+    c = Philox4{{hi1 ^ c.v[1] ^ k0, lo1, hi0 ^ c.v[3] ^ k1, lo0}};
+    k0 += W0;
+    k1 += W1;
+  }
+  return c;
+}
+
+// Uniform float in [0, 1) from the top 24 bits: every value is exact in float32,
+// so `u < p` selects with probability p rounded to 2^-24.
+MINIPT_HOST_DEVICE float uniform_float(uint32_t bits) { return static_cast<float>(bits >> 8) * 5.9604644775390625e-8f; }
+
+// Uniform integer in [0, n) from 64 random bits by Lemire's multiply-shift; the
+// bias is below n / 2^64, far beneath anything a test could see.
+MINIPT_HOST_DEVICE uint64_t uniform_below(uint32_t hi, uint32_t lo, uint64_t n) {
+  const uint64_t r = (static_cast<uint64_t>(hi) << 32) | lo;
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(r, n);
+#else
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(r) * n) >> 64);
+#endif
+}
+
+// The MLM draw layout, shared by the CPU and CUDA kernels so both give the same
+// bits: elements go in groups of four; counter (group, 0, 0, 0) draws the four
+// selection uniforms of a group, and counter (index, 1, 0, 0) draws the action
+// (word 0) and the random id (words 1, 2) of a selected element. Only ~15% of the
+// elements need the second draw, so a kernel runs 0.4 Philox calls per element.
+constexpr int MLM_GROUP = 4;
+
+MINIPT_HOST_DEVICE Philox4 mlm_select_draw(uint64_t group, uint64_t seed) {
+  return philox4x32_10(Philox4{{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), 0u, 0u}},
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+MINIPT_HOST_DEVICE Philox4 mlm_action_draw(uint64_t index, uint64_t seed) {
+  return philox4x32_10(Philox4{{static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 1u, 0u}},
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// What a selected element becomes: 80% [MASK], 10% a random id, 10% unchanged.
+constexpr float MLM_MASK_BELOW = 0.8f;    // action < 0.8: [MASK]
+constexpr float MLM_RANDOM_BELOW = 0.9f;  // 0.8 <= action < 0.9: random id; else unchanged
+
+// Apply the MLM rule to one element. `selected` comes from the group draw.
+template <typename Id>
+MINIPT_HOST_DEVICE void mlm_apply(Id id, bool selected, uint64_t index, uint64_t seed, Id mask_token_id,
+                                  uint64_t vocab_size, Id* masked, Id* label) {
+  if (!selected) {
+    *masked = id;
+    *label = static_cast<Id>(-100);
+    return;
+  }
+  const Philox4 r = mlm_action_draw(index, seed);
+  const float action = uniform_float(r.v[0]);
+  *label = id;
+  if (action < MLM_MASK_BELOW) {
+    *masked = mask_token_id;
+  } else if (action < MLM_RANDOM_BELOW) {
+    *masked = static_cast<Id>(uniform_below(r.v[1], r.v[2], vocab_size));
+  } else {
+    *masked = id;
+  }
+}
+
+}  // namespace minipt
