@@ -1,6 +1,8 @@
 """Cross-entropy over (N, V) logits, with the semantics of ``F.cross_entropy``.
 
     loss_i = -(1 - ε) · log p_i[t_i] - (ε / V) · Σ_j log p_i[j],   log p_i = x_i - lse(x_i)
+           = lse_i - (1 - ε) · x_i[t_i] - (ε / V) · Σ_j x_i[j]
+    ∂loss_i / ∂x_i[j] = softmax(x_i)[j] - (1 - ε) · [j = t_i] - ε / V
 
 Rows whose target is ``ignore_index`` contribute 0 and do not count towards the
 mean. Unlike torch, a mean over zero counted rows is 0.0, not NaN.
@@ -9,14 +11,34 @@ Memory traffic of the reference: read NV (logits), write NV (log-probs), read NV
 again for the gather and the smoothing sum; the backward reads and writes NV once
 more. A fused kernel needs one read for the forward and one read + one write for
 the backward.
+
+The Triton forward gives each row one program that walks V in blocks with an
+online log-sum-exp (running max and rescaled sum, in float32 for half inputs and
+float64 for float64), picking up x[t] and Σx on the way: one read of the logits,
+and it keeps only the per-row lse. The backward recomputes softmax from the saved
+lse: one read and one write of NV and never a float32 copy of the logits, so the
+extra peak memory is the gradient itself. Row offsets are int64 because N·V
+passes 2**31 at LM sizes (16k tokens × 128k vocabulary).
+
+The same forward kernel can instead write the scaled gradient straight after the
+loss, in place over the logits (``_cross_entropy_forward(..., grad=logits)``):
+a second read and a write in the forward, nothing in the backward. Only
+``linear_cross_entropy`` uses it, on a chunk buffer nothing else can see; the
+public op never overwrites a caller's logits.
+
+Both kernels run behind ``torch.library.custom_op``s, so ``torch.compile`` treats
+them as opaque calls (``fullgraph=True`` works); the target range check, which
+needs a host sync, runs inside the op for the same reason.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from minipt._backend import BackendUnavailableError, resolve_backend
+from minipt._backend import resolve_backend
 from minipt.ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -54,9 +76,176 @@ def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", la
     return reduce_loss(loss, target != ignore_index, reduction).to(out_dtype)
 
 
-# ----------------------------------------------------------------------------- backends
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _grad_block(X_ptr, stride_xv, G_ptr, cols, V, target, lse, scale, label_smoothing, ACC: tl.constexpr):
+    """Store scale · (softmax - (1 - ε)·onehot(target) - ε/V) for the columns ``cols`` of one row."""
+    in_row = cols < V
+    x = tl.load(X_ptr + cols * stride_xv, mask=in_row, other=0.0).to(ACC)
+    grad = tl.exp(x - lse) - label_smoothing / V
+    grad = tl.where(cols == target, grad - (1.0 - label_smoothing), grad)
+    tl.store(G_ptr + cols, (grad * scale).to(G_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    X_ptr, stride_xn, stride_xv, T_ptr, stride_t, Loss_ptr, Lse_ptr,
+    G_ptr, stride_gn, Scale_ptr, stride_scale,
+    V, ignore_index, label_smoothing,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    X_ptr += row * stride_xn
+    target = tl.load(T_ptr + row * stride_t).to(tl.int64)
+    ignored = target == ignore_index
+
+    # Online log-sum-exp: m is the running max, s the sum of exp(x - m).
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    sum_x = tl.zeros((), ACC)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        x = tl.load(X_ptr + cols * stride_xv, mask=in_row, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        sum_x += tl.sum(tl.where(in_row, x, 0.0), axis=0)
+    lse = m + tl.log(s)
+
+    x_target = tl.load(X_ptr + tl.where(ignored, 0, target) * stride_xv).to(ACC)
+    loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing / V * sum_x
+    tl.store(Loss_ptr + row, tl.where(ignored, 0.0, loss))
+    tl.store(Lse_ptr + row, lse)
+
+    if WRITE_GRAD:
+        scale = tl.load(Scale_ptr + row * stride_scale).to(ACC)
+        scale = tl.where(ignored, 0.0, scale)
+        # When G aliases X, each block is read before it is overwritten, by this
+        # program alone, so the in-place write is safe.
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            _grad_block(X_ptr, stride_xv, G_ptr + row * stride_gn, cols, V, target, lse, scale, label_smoothing, ACC)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    X_ptr, stride_xn, stride_xv, T_ptr, stride_t, Lse_ptr, G_ptr, stride_gn, Scale_ptr, stride_scale,
+    V, ignore_index, label_smoothing,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    # Grid (rows, column blocks): rows go on axis 0, whose limit is 2**31 - 1,
+    # because N can pass the 65535 of the other axes.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    target = tl.load(T_ptr + row * stride_t).to(tl.int64)
+    scale = tl.load(Scale_ptr + row * stride_scale).to(ACC)
+    scale = tl.where(target == ignore_index, 0.0, scale)
+    lse = tl.load(Lse_ptr + row)
+    _grad_block(
+        X_ptr + row * stride_xn, stride_xv, G_ptr + row * stride_gn, cols, V, target, lse, scale, label_smoothing, ACC
+    )
+
+
+# ----------------------------------------------------------------------------- launchers
+def _block_v(V: int) -> tuple[int, int]:
+    """Columns per block and warps: 4096 columns keep 16 values per thread at 8 warps."""
+    block = min(4096, triton.next_power_of_2(V))
+    return block, 8 if block >= 2048 else 4
+
+
+def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _cross_entropy_forward(logits, target, ignore_index, label_smoothing, grad=None, grad_scale=None):
+    """Per-row losses and lse of (N, V) ``logits``, both float32 (float64 for float64 logits).
+
+    With ``grad`` (an (N, V) buffer, which may be ``logits`` itself) the kernel also
+    writes ∂loss_i/∂x_i · grad_scale[i] there; ``grad_scale`` is a 0-dim or (N,) tensor.
+    """
+    N, V = logits.shape
+    acc_torch, acc_tl = _acc_dtype(logits.dtype)
+    loss = torch.empty(N, device=logits.device, dtype=acc_torch)
+    lse = torch.empty(N, device=logits.device, dtype=acc_torch)
+    if N == 0:
+        return loss, lse
+    write_grad = grad is not None
+    if write_grad:
+        assert grad.stride(1) == 1 and grad_scale is not None
+    scale_stride = grad_scale.stride(0) if write_grad and grad_scale.dim() == 1 else 0
+    block, warps = _block_v(V)
+    _cross_entropy_fwd_kernel[(N,)](
+        logits, logits.stride(0), logits.stride(1), target, target.stride(0), loss, lse,
+        grad if write_grad else logits, grad.stride(0) if write_grad else 0,
+        grad_scale if write_grad else lse, scale_stride,
+        V, ignore_index, label_smoothing,
+        WRITE_GRAD=write_grad, BLOCK_V=block, ACC=acc_tl, num_warps=warps,
+    )
+    return loss, lse
+
+
+def _cross_entropy_backward(grad_rows, logits, target, lse, ignore_index, label_smoothing):
+    N, V = logits.shape
+    grad = torch.empty((N, V), device=logits.device, dtype=logits.dtype)
+    if N == 0:
+        return grad
+    block, warps = _block_v(V)
+    _cross_entropy_bwd_kernel[(N, triton.cdiv(V, block))](
+        logits, logits.stride(0), logits.stride(1), target, target.stride(0), lse, grad, grad.stride(0),
+        grad_rows, grad_rows.stride(0),
+        V, ignore_index, label_smoothing,
+        BLOCK_V=block, ACC=_acc_dtype(logits.dtype)[1], num_warps=warps,
+    )
+    return grad
+
+
+# ----------------------------------------------------------------------------- torch ops and autograd
+@torch.library.custom_op("minipt::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_targets(OP, target, logits.shape[1], ignore_index)
+    return _cross_entropy_forward(logits, target, ignore_index, label_smoothing)
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(logits, target, ignore_index, label_smoothing):
+    acc = _acc_dtype(logits.dtype)[0]
+    return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("minipt::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd_op(
+    grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
+    ignore_index: int, label_smoothing: float,
+) -> torch.Tensor:
+    return _cross_entropy_backward(grad_rows, logits, target, lse, ignore_index, label_smoothing)
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(grad_rows, logits, target, lse, ignore_index, label_smoothing):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, ignore_index, label_smoothing = inputs
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.ignore_index, ctx.label_smoothing = ignore_index, label_smoothing
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    logits, target, lse = ctx.saved_tensors
+    grad = _cross_entropy_bwd_op(grad_loss, logits, target, lse, ctx.ignore_index, ctx.label_smoothing)
+    return grad, None, None, None
+
+
+_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _cross_entropy_triton(logits, target, ignore_index, reduction, label_smoothing):
-    raise BackendUnavailableError(f"{OP}: backend='triton' is not implemented yet")
+    loss, _ = _cross_entropy_fwd_op(logits, target, ignore_index, label_smoothing)  # (N,), 0 on ignored rows
+    return reduce_loss(loss, target != ignore_index, reduction).to(logits.dtype)
 
 
 # ----------------------------------------------------------------------------- public op
@@ -68,7 +257,7 @@ def check_ce_args(op, logits, target, ignore_index, reduction, label_smoothing, 
         raise ValueError(
             f"{op}: target must have shape (N,) = ({logits.shape[0]},) to match {logits_name}, got {tuple(target.shape)}"
         )
-    if not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
     check_reduction(op, reduction)
     check_label_smoothing(op, label_smoothing)
@@ -77,15 +266,17 @@ def check_ce_args(op, logits, target, ignore_index, reduction, label_smoothing, 
 def cross_entropy(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, backend="auto"):
     """Cross-entropy of (N, V) ``logits`` against (N,) class ids ``target``."""
     check_ce_args(OP, logits, target, ignore_index, reduction, label_smoothing)
-    check_targets(OP, target, logits.shape[1], ignore_index)
+    if logits.shape[1] == 0:
+        raise ValueError(f"{OP}: logits must have at least one class, got shape {tuple(logits.shape)}")
     backend = resolve_backend(backend, logits.device, OP)
+    if backend == "triton":
+        return _cross_entropy_triton(logits, target, ignore_index, reduction, float(label_smoothing))
+    check_targets(OP, target, logits.shape[1], ignore_index)
     if backend == "torch":
         return cross_entropy_ref(
             logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             upcast=False,
         )
-    if backend == "triton":
-        return _cross_entropy_triton(logits, target, ignore_index, reduction, float(label_smoothing))
     from minipt.ops import native
 
     return native.cross_entropy(

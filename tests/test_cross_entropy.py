@@ -1,0 +1,243 @@
+"""cross_entropy kernels against a float64 reference: losses, gradients, dtypes, layouts, compile, errors."""
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
+from minipt._backend import BackendUnavailableError
+from minipt.ops import cross_entropy, cross_entropy_ref
+
+BACKENDS = ["triton", "native"]
+DEVICE = TRITON_DEVICE
+
+
+def make_target(N, V, ignored, ignore_index=-100, dtype=torch.int64):
+    target = torch.randint(0, V, (N,), device=DEVICE, dtype=dtype)
+    if ignored == "some":
+        target[::3] = ignore_index
+    elif ignored == "all":
+        target[:] = ignore_index
+    return target
+
+
+def loss_and_grad(fn, logits, target, reduction, **kw):
+    """The loss, and the gradient of a non-trivial function of it: 3·loss, or Σ w_i·loss_i for 'none'."""
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, target, reduction=reduction, **kw)
+    if reduction == "none":
+        weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
+        (grad,) = torch.autograd.grad(loss, x, weights)
+    else:
+        (grad,) = torch.autograd.grad(loss * 3, x)
+    return loss.detach(), grad
+
+
+def reference(logits, target, reduction, **kw):
+    return loss_and_grad(cross_entropy_ref, logits.double(), target, reduction, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N, V", [(1, 41), (7, 1000), (33, 4099)])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("ignored, label_smoothing", [("none", 0.0), ("some", 0.0), ("some", 0.1), ("all", 0.1)])
+def test_matches_float64_reference(backend, N, V, reduction, ignored, label_smoothing, poisoned_empty):
+    logits = torch.randn(N, V, device=DEVICE) * 4
+    target = make_target(N, V, ignored)
+    kw = dict(label_smoothing=label_smoothing)
+    loss, grad = loss_and_grad(cross_entropy, logits, target, reduction, backend=backend, **kw)
+    want_loss, want_grad = reference(logits, target, reduction, **kw)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    if ignored == "all":
+        assert (loss == 0).all() and (grad == 0).all()
+    elif ignored == "some":
+        assert (grad[target == -100] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_online_lse_when_the_max_arrives_late(backend, poisoned_empty):
+    """Logits rising along V put each row's max in a later block, so the running sum must be rescaled."""
+    N, V = 3, 3 * 4096 + 5
+    logits = torch.randn(N, V, device=DEVICE) + torch.linspace(0, 30, V, device=DEVICE)
+    logits[1, -1] += 20  # a spike in the ragged last block
+    target = make_target(N, V, "none")
+    loss, grad = loss_and_grad(cross_entropy, logits, target, "none", backend=backend, label_smoothing=0.1)
+    want_loss, want_grad = reference(logits, target, "none", label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_low_precision_three_way(backend, dtype, reduction, poisoned_empty):
+    """|kernel - ref_fp32| <= 2·|torch in dtype - ref_fp32| + atol, for the loss and the gradient."""
+    N, V = 33, 4099
+    logits = (torch.randn(N, V, device=DEVICE) * 4).to(dtype)
+    target = make_target(N, V, "some")
+    kw = dict(label_smoothing=0.1)
+    loss, grad = loss_and_grad(cross_entropy, logits, target, reduction, backend=backend, **kw)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    ref_loss, ref_grad = loss_and_grad(cross_entropy_ref, logits.float(), target, reduction, **kw)
+    low_loss, low_grad = loss_and_grad(cross_entropy_ref, logits, target, reduction, upcast=False, **kw)
+    eps = torch.finfo(dtype).eps
+    for got, low, ref in ((loss, low_loss, ref_loss), (grad, low_grad, ref_grad)):
+        # atol: the final rounding of the output to dtype, which the rule cannot see.
+        bound = 2 * (low.float() - ref).abs() + eps * ref.abs() + 1e-6
+        err = (got.float() - ref).abs()
+        assert (err <= bound).all(), f"worst excess {(err - bound).max().item():.3g}"
+
+
+def test_float64_logits_stay_float64():
+    """Triton keeps float64 in float64 (native supports the three training dtypes only)."""
+    backend = "triton"
+    logits = torch.randn(9, 300, device=DEVICE, dtype=torch.float64) * 4
+    target = make_target(9, 300, "some")
+    loss, grad = loss_and_grad(cross_entropy, logits, target, "none", backend=backend)
+    want_loss, want_grad = reference(logits, target, "none")
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["row_slice", "transposed"])
+def test_non_contiguous_logits_and_target(backend, layout, poisoned_empty):
+    N, V = 13, 1000
+    if layout == "row_slice":
+        logits = (torch.randn(N, V + 37, device=DEVICE) * 4)[:, 5 : V + 5]
+    else:
+        logits = (torch.randn(V, N, device=DEVICE) * 4).t()
+    target = make_target(2 * N, V, "some")[::2]
+    assert not logits.is_contiguous() and not target.is_contiguous()
+    before = logits.clone()
+    loss, grad = loss_and_grad(cross_entropy, logits, target, "sum", backend=backend, label_smoothing=0.1)
+    want_loss, want_grad = reference(logits, target, "sum", label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    assert torch.equal(logits, before), "the public op must not write over its input"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_targets_and_custom_ignore_index(backend):
+    N, V = 17, 257
+    logits = torch.randn(N, V, device=DEVICE) * 4
+    target = make_target(N, V, "none", dtype=torch.int32)
+    target[[1, 4, 9]] = 7
+    loss, grad = loss_and_grad(cross_entropy, logits, target, "mean", backend=backend, ignore_index=7)
+    want_loss, want_grad = reference(logits, target.long(), "mean", ignore_index=7)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    assert (grad[target == 7] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    logits = torch.randn(0, 11, device=DEVICE, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    assert cross_entropy(logits, target, reduction="none", backend=backend).shape == (0,)
+    loss = cross_entropy(logits, target, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad.shape == (0, 11)
+
+
+def test_in_place_gradient_option_writes_the_scaled_gradient_over_the_logits(poisoned_empty):
+    from minipt.ops.cross_entropy import _cross_entropy_forward
+
+    N, V = 9, 4099
+    logits = torch.randn(N, V, device=DEVICE) * 4
+    target = make_target(N, V, "some")
+    scale = torch.rand(N, device=DEVICE)
+    want_loss, want_grad = reference(logits, target, "none", label_smoothing=0.1)
+    weights = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(scale)
+    buffer = logits.clone()
+    loss, lse = _cross_entropy_forward(buffer, target, -100, 0.1, grad=buffer, grad_scale=scale)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), 1), rtol=1e-6, atol=1e-6)
+    # The reference gradient carries the test's random row weights; undo them, apply scale.
+    expected = want_grad / weights.double()[:, None] * scale.double()[:, None]
+    expected[target == -100] = 0
+    torch.testing.assert_close(buffer.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    def fn(x, t):
+        return cross_entropy(torch.tanh(x) * 5, t, label_smoothing=0.1, backend="triton") * 2
+
+    N, V = 7, 300
+    x = torch.randn(N, V, device=DEVICE, requires_grad=True)
+    t = make_target(N, V, "some")
+    compiled = torch.compile(fn, fullgraph=True)
+    loss = compiled(x, t)
+    (grad,) = torch.autograd.grad(loss, x)
+    want = fn(x, t)
+    (want_grad,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, want_grad)
+    bad = t.clone()
+    bad[1] = V  # the range check still runs inside the compiled graph
+    with pytest.raises(ValueError, match=r"target values must be in \[0, 300\)"):
+        compiled(x, bad)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_than_2_31_elements(backend):
+    """Row offsets past 2**31 (a bug there would read the wrong rows). GPU only: 4.4 GB of bf16 logits."""
+    N, V = 17_000, 128_256
+    logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
+    assert logits.numel() > 2**31
+    target = torch.randint(0, V, (N,), device="cuda")
+    loss = cross_entropy(logits, target, reduction="none", backend=backend)
+    rows = torch.tensor([0, 1, N // 2, N - 2, N - 1], device="cuda")
+    want = cross_entropy_ref(logits[rows].float(), target[rows], reduction="none")
+    torch.testing.assert_close(loss[rows].float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "make, exc, pattern",
+    [
+        (lambda: (torch.randn(3, 5), torch.tensor([0, 5, 1])), ValueError, r"target values must be in \[0, 5\)"),
+        (lambda: (torch.randn(3, 5), torch.tensor([0, -1, 1])), ValueError, "target values"),
+        (lambda: (torch.randn(3, 5), torch.tensor([0, 1])), ValueError, "target must have shape"),
+        (lambda: (torch.randn(3, 5), torch.tensor([0.0, 1.0, 2.0])), TypeError, "target must have dtype"),
+        (lambda: (torch.randn(3, 5), torch.tensor([[0, 1, 2]])), ValueError, "target must have 1 dimensions"),
+        (lambda: (torch.randn(3, 5, 2), torch.tensor([0, 1, 2])), ValueError, "logits must have 2"),
+        (lambda: (torch.randint(0, 5, (3, 5)), torch.tensor([0, 1, 2])), TypeError, "logits must have dtype"),
+        (lambda: (torch.randn(3, 0), torch.tensor([0, 1, 2])), ValueError, "at least one class"),
+    ],
+)
+def test_bad_input_is_named(backend, make, exc, pattern):
+    logits, target = make()
+    with pytest.raises(exc, match=pattern):
+        cross_entropy(logits.to(DEVICE), target.to(DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(reduction="avg"), ValueError, "reduction must be"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (dict(ignore_index=1.0), TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_options_are_named(backend, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        cross_entropy(torch.randn(3, 5, device=DEVICE), torch.tensor([0, 1, 2], device=DEVICE), backend=backend, **kwargs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device to put the target on another device")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_on_another_device_is_named(backend):
+    with pytest.raises(ValueError, match="target is on"):
+        cross_entropy(torch.randn(3, 5, device="cuda"), torch.tensor([0, 1, 2]), backend=backend)
+
+
+def test_triton_outside_interpreter_on_cpu_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="backend='triton'"):
+        cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), backend="triton")
