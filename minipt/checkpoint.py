@@ -1,0 +1,154 @@
+"""Run folders: atomic writes, the weights in safetensors, the training state beside them.
+
+A run folder (``out_dir``) holds
+
+* ``config.json``: the resolved training config, the model config, the tokenizer kind;
+* ``tokenizer.json``: the tokenizer, as Hugging Face ``tokenizers`` saves it;
+* ``model.safetensors``: the weights. Tied weights (the LM head and the word
+  embedding) are one tensor in the module; ``safetensors.torch.save_model``
+  stores it once and ``load_model`` restores the tie;
+* ``state.pt``: optimizer, iteration, data sampler and RNG states (``torch.save``
+  of a dict of tensors and plain values, read back with ``weights_only=True``);
+* ``metrics.jsonl`` and ``loss.png``.
+
+Every file is written under a temporary name in the same folder, flushed and
+fsync'd, then ``os.replace``'d over the old one, and the folder is fsync'd. A
+checkpoint is two files, model and state: both are written completely under
+temporary names before either is renamed, so a crash while writing (the slow
+part) leaves the previous checkpoint whole. Both record their iteration, and
+loading refuses a pair that disagrees, which is what a crash in the instant
+between the two renames would leave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+
+CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT = (
+    "config.json", "tokenizer.json", "model.safetensors", "state.pt", "metrics.jsonl", "loss.png",
+)
+RUN_FILES = (CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT)
+
+
+class CheckpointError(RuntimeError):
+    """A run folder that cannot be resumed or loaded: files missing, corrupt or mismatched."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temporary(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` a temporary sibling of ``path`` and fsync it; return its name."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _commit(pairs: list[tuple[Path, Path]]) -> None:
+    for tmp, path in pairs:
+        os.replace(tmp, path)
+    _fsync_dir(pairs[0][1].parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    _commit([(_write_temporary(path, lambda p: p.write_text(text, encoding="utf-8")), path)])
+
+
+def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, state: dict) -> None:
+    """Write ``model.safetensors`` and ``state.pt`` (which must hold ``"iter"``) as one checkpoint."""
+    out = Path(out_dir)
+    metadata = {"format": "pt", "iter": str(state["iter"])}
+    written: list[tuple[Path, Path]] = []
+    try:
+        written.append((_write_temporary(out / MODEL, lambda p: save_model(model, str(p), metadata=metadata)), out / MODEL))
+        written.append((_write_temporary(out / STATE, lambda p: torch.save(state, p)), out / STATE))
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    _commit(written)
+
+
+def load_weights(out_dir: str | Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> int:
+    """Load ``model.safetensors`` into ``model``; return the iteration it was saved at."""
+    path = Path(out_dir) / MODEL
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint in {out_dir}: {MODEL} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved_iter = int((f.metadata() or {}).get("iter", -1))
+        missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for a truncated or garbled file
+        raise CheckpointError(f"{path} is corrupt or does not fit this model: {exc}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return saved_iter
+
+
+def load_state(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / STATE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint in {out_dir}: {STATE} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip or pickle raises one of several types
+        raise CheckpointError(f"{path} is corrupt: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or "iter" not in state:
+        raise CheckpointError(f"{path} is not a minipt training state (no 'iter' entry)")
+    return state
+
+
+def load_checkpoint(out_dir: str | Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict:
+    """Weights into ``model``, and the training state, checked to be one checkpoint."""
+    state = load_state(out_dir)
+    saved_iter = load_weights(out_dir, model, device)
+    if saved_iter != state["iter"]:
+        raise CheckpointError(
+            f"{out_dir}: {MODEL} is from iteration {saved_iter} but {STATE} from {state['iter']}; "
+            "the last save was cut short between the two files"
+        )
+    return state
+
+
+def read_config(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"no run in {out_dir}: {CONFIG} is missing")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from None
+    if not isinstance(config, dict) or not {"train", "model"} <= set(config):
+        raise CheckpointError(f"{path} is not a minipt run config (expected 'train' and 'model' entries)")
+    return config
+
+
+def has_run(out_dir: str | Path) -> bool:
+    return any((Path(out_dir) / name).exists() for name in (CONFIG, MODEL, STATE))
+
+
+def clear_run(out_dir: str | Path) -> None:
+    """Delete the files of a previous run (and nothing else) from ``out_dir``."""
+    for name in RUN_FILES:
+        (Path(out_dir) / name).unlink(missing_ok=True)

@@ -1,0 +1,278 @@
+"""The training config, and command lines built from config dataclasses.
+
+Every field of :class:`TrainConfig` is a command-line option (``--key=value`` or
+``--key value``) and a key of a TOML or JSON ``--config`` file; later sources win:
+defaults, then the file, then the command line. The comment after each field is
+its ``--help`` text, so the dataclass is the one place a setting is described.
+Names follow nanoGPT's ``train.py`` where the two overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import inspect
+import json
+import re
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from minipt._backend import BACKENDS
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used: unknown key, wrong type or a value out of range."""
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train
+    model: str = "gpt"  # gpt (causal LM) or bert (masked LM + next sentence prediction)
+    preset: str = ""  # start from a named size: gpt2, gpt2-medium, gpt-mini, gpt-tiny, bert-base, bert-large, bert-mini, bert-tiny; empty: the CPU-sized default
+    objective: str = "mlm+nsp"  # BERT: mlm+nsp, or mlm alone (the NSP head is then not trained)
+    n_layer: int | None = None  # transformer blocks; none: the preset's, else 4
+    n_head: int | None = None  # attention heads per block; none: the preset's, else 4
+    n_embd: int | None = None  # width of the residual stream; none: the preset's, else 128
+    block_size: int | None = None  # context length in tokens (BERT: longest [CLS] A [SEP] B [SEP]); none: the preset's, else 128
+    dropout: float | None = None  # dropout rate; none: the model's default (GPT 0.0, BERT 0.1)
+    bias: bool | None = None  # GPT: biases in Linear and LayerNorm layers; none: the preset's (true)
+    backend: str = "auto"  # minipt.ops backend: auto (triton on CUDA, torch on CPU), torch, triton or native
+    # ---- data
+    data: str = ""  # corpus: a .txt file, a folder of .txt files, or a .jsonl file with a "text" field; empty: the bundled Shakespeare plays
+    strip_markup: bool = True  # bundled plays: plain "SPEAKER:" text without headings or stage directions; false keeps the markdown
+    tokenizer: str = "auto"  # bpe, wordpiece, char or PATH/tokenizer.json; auto: bpe for GPT, wordpiece for BERT
+    vocab_size: int = 8192  # vocabulary size of a trained bpe or wordpiece tokenizer
+    split: str = "doc"  # doc: the last val_fraction of every document is validation; stream: the last val_fraction of the whole text (nanoGPT)
+    val_fraction: float = 0.1  # share of the text held out for validation; tokenizers never see it
+    cache_dir: str = ""  # cache of tokenizers and tokenized corpora; empty: $MINIPT_CACHE, else ~/.cache/minipt
+    mlm_probability: float = 0.15  # BERT: share of tokens selected for the MLM loss (80% [MASK], 10% random, 10% kept)
+    short_seq_prob: float = 0.1  # BERT: share of pairs built to a random shorter length
+    # ---- optimization
+    batch_size: int = 16  # sequences per micro-batch and process
+    gradient_accumulation_steps: int = 1  # micro-batches per step; the global batch is batch_size x this x processes
+    max_iters: int = 800  # optimizer steps in the run
+    learning_rate: float = 1e-3  # peak learning rate, reached after the warm-up
+    min_lr: float | None = None  # learning rate at the end of the cosine decay; none: learning_rate / 10
+    warmup_iters: int = 50  # steps of linear warm-up
+    lr_decay_iters: int | None = None  # step at which the cosine decay reaches min_lr; none: max_iters
+    decay_lr: bool = True  # warm up and decay the learning rate; false: constant learning_rate
+    weight_decay: float = 0.1  # AdamW weight decay, on matrices and embeddings only (not biases or LayerNorm)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    # ---- evaluation and logging
+    eval_interval: int = 100  # steps between evaluations (and checkpoints)
+    eval_iters: int = 20  # validation batches per evaluation
+    log_interval: int = 10  # steps between progress updates and train-loss rows of metrics.jsonl
+    always_save_checkpoint: bool = True  # save at every evaluation; false: only when the validation loss improves
+    sample_tokens: int = 200  # GPT: tokens sampled at the end of the run; 0: no sample
+    progress: bool = True  # show a progress bar
+    # ---- system
+    device: str = "auto"  # auto, cpu, cuda or cuda:N; auto: this process's GPU if there is one, else the CPU
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on a GPU, else float32), float32 or bfloat16
+    compile: bool = False  # run the model through torch.compile
+    seed: int = 1337  # seeds the initialisation, the data order and the MLM masks
+    out_dir: str = "out"  # run folder: config, tokenizer, checkpoint, metrics and loss plot
+    resume: bool = False  # continue the run in out_dir from its last checkpoint
+    overwrite: bool = False  # start afresh in an out_dir that already holds a run, deleting that run's files
+
+    def __post_init__(self):
+        check_types(self)
+        _choice("model", self.model, ("gpt", "bert"))
+        _choice("objective", self.objective, ("mlm+nsp", "mlm"))
+        _choice("split", self.split, ("doc", "stream"))
+        _choice("backend", self.backend, BACKENDS)
+        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
+                     "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value}")
+        for name in ("warmup_iters", "sample_tokens", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < self.warmup_iters:
+            raise ConfigError(f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters ({self.warmup_iters})")
+        _interval("val_fraction", self.val_fraction, 0.0, 1.0, closed=False)
+        _interval("mlm_probability", self.mlm_probability, 0.0, 1.0, closed=False)
+        _interval("short_seq_prob", self.short_seq_prob, 0.0, 1.0)
+        _interval("beta1", self.beta1, 0.0, 1.0, upper_open=True)
+        _interval("beta2", self.beta2, 0.0, 1.0, upper_open=True)
+        if self.dropout is not None:
+            _interval("dropout", self.dropout, 0.0, 1.0, upper_open=True)
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigError(f"min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.model == "bert" and self.bias is not None:
+            raise ConfigError("bias applies to --model gpt only; BERT always has biases")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite contradict each other: pick one")
+
+    @property
+    def final_min_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def final_lr_decay_iters(self) -> int:
+        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _interval(name, value, lo, hi, *, closed=True, upper_open=False) -> None:
+    ok = (lo < value < hi) if not closed else (lo <= value < hi if upper_open else lo <= value <= hi)
+    if not ok:
+        left, right = ("[" if closed else "("), ("]" if closed and not upper_open else ")")
+        raise ConfigError(f"{name} must be in {left}{lo}, {hi}{right}, got {value}")
+
+
+# ----------------------------------------------------------------------------- field types and help
+def field_types(cls) -> dict[str, tuple[type, bool]]:
+    """``{name: (base type, accepts None)}`` for each field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[f.name] = (args[0], True) if args else (hint, False)
+    return out
+
+
+def check_types(config) -> None:
+    """Raise ConfigError for a field whose value is not of its declared type."""
+    for name, (kind, optional) in field_types(type(config)).items():
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, name, float(value))
+            ok = True
+        if not ok:
+            expected = kind.__name__ + (" or none" if optional else "")
+            raise ConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def field_help(cls) -> tuple[dict[str, str], dict[str, str]]:
+    """The comment after each field (its help) and the section comment above it."""
+    helps, sections, section = {}, {}, ""
+    for line in inspect.getsource(cls).splitlines():
+        heading = re.match(r"\s+# -+ (.+)$", line)
+        if heading:
+            section = heading.group(1)
+        m = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+        if m:
+            helps[m.group(1)], sections[m.group(1)] = m.group(2), section
+    return helps, sections
+
+
+# ----------------------------------------------------------------------------- command line
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _parse_value(kind: type, optional: bool, text: str):
+    if optional and text.lower() in ("none", "null"):
+        return None
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an' if kind is int else 'a'} {kind.__name__}{' or none' if optional else ''}, got {text!r}"
+        ) from None
+
+
+def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    helps, sections = field_help(cls)
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON file of settings; the command line overrides it")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    defaults = cls()
+    for name, (kind, optional) in field_types(cls).items():
+        section = sections.get(name, "")
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section or None))
+        default = getattr(defaults, name)
+        shown = "none" if default is None else json.dumps(default) if isinstance(default, (str, bool)) else default
+        group.add_argument(
+            f"--{name}", type=lambda s, k=kind, o=optional: _parse_value(k, o, s), default=argparse.SUPPRESS,
+            nargs="?" if kind is bool else None, const=True if kind is bool else None,
+            metavar=kind.__name__.upper(),
+            help=f"{helps.get(name, '')} (default: {shown})".replace("%", "%%"),  # argparse %-formats help
+        )
+    return parser
+
+
+def _unknown_key(cls, key: str, where: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    near = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join('--' + n for n in near)}?" if near else "; see --help for the list"
+    return ConfigError(f"unknown setting {key!r}{where}{hint}")
+
+
+def read_config_file(cls, path: str) -> dict:
+    """Settings from a TOML or JSON file, checked against the fields of ``cls``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            values = tomllib.loads(p.read_text(encoding="utf-8"))
+        elif p.suffix == ".json":
+            values = json.loads(p.read_text(encoding="utf-8"))
+        else:
+            raise ConfigError(f"config file must end in .toml or .json, got {path!r}")
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise _unknown_key(cls, key, f" in {path}")
+    return values
+
+
+def parse_overrides(cls, argv: list[str] | None, prog: str, description: str) -> dict:
+    """The settings given explicitly, by ``--config`` file and command line, as a dict."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(cls, prog, description)
+    args, rest = parser.parse_known_args(argv)
+    for token in rest:
+        if token.startswith("-"):
+            raise _unknown_key(cls, token.lstrip("-").split("=", 1)[0], "")
+        raise ConfigError(f"unexpected argument {token!r}: settings are given as --key=value")
+    given = vars(args)
+    path = given.pop("config", None)
+    values = read_config_file(cls, path) if path else {}
+    values.update(given)
+    return values
+
+
+def make_config(cls, values: dict):
+    try:
+        return cls(**values)
+    except TypeError as exc:  # only reachable from code, not the command line, which checks keys first
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,148 @@
+"""Tokenizers for pretraining, all backed by Hugging Face ``tokenizers``.
+
+Three kinds are trained on the training split of the corpus (never on validation
+text), plus any ``tokenizer.json`` the user brings:
+
+* ``bpe``: GPT-2's byte-level BPE. Every byte sequence encodes, so there is no
+  unknown token, and decoding restores the text exactly.
+* ``wordpiece``: BERT's lowercased WordPiece, with the BERT pre-tokenizer
+  (whitespace and punctuation splits) and ``##`` continuations.
+* ``char``: one token per character seen in training, for a like-for-like
+  comparison with character-level baselines (nanoGPT's ``shakespeare_char``).
+  It is a BPE model with no merges: the fastest way through ``tokenizers``
+  to a character vocabulary (about 5M characters a second here), and decoding
+  joins the characters back without spaces.
+
+Special tokens depend on the model: GPT gets ``<|endoftext|>``, placed between
+documents; BERT gets ``[PAD] [UNK] [CLS] [SEP] [MASK]``. WordPiece and char
+also carry ``[UNK]`` for GPT, since text outside their vocabulary can occur.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+KINDS = ("bpe", "wordpiece", "char")
+EOT = "<|endoftext|>"
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+BERT_SPECIALS = (PAD, UNK, CLS, SEP, MASK)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot serve this model (missing special tokens, bad file)."""
+
+
+def special_tokens(kind: str, model: str) -> list[str]:
+    if model == "bert":
+        return list(BERT_SPECIALS)
+    return [EOT] if kind == "bpe" else [EOT, UNK]
+
+
+def train_tokenizer(kind: str, texts: list[str], vocab_size: int, model: str) -> Tokenizer:
+    """Train a ``kind`` tokenizer for ``model`` ("gpt" or "bert") on ``texts``."""
+    if kind not in KINDS:
+        raise TokenizerError(f"tokenizer must be one of {KINDS} or a path to a tokenizer.json, got {kind!r}")
+    specials = special_tokens(kind, model)
+    if kind == "char":
+        chars = sorted(set().union(*map(set, texts)))
+        vocab = {tok: i for i, tok in enumerate(specials + chars)}
+        # BPE without merges is a character vocabulary; unk covers characters that
+        # occur only in validation text (or in a prompt).
+        unk = UNK if UNK in specials else None
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens(specials)
+        return tok
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+@dataclass
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` plus the ids of the special tokens minipt uses."""
+
+    tokenizer: Tokenizer
+    eot_id: int | None  # GPT's document separator, when the vocabulary has one
+    pad_id: int | None
+    cls_id: int | None
+    sep_id: int | None
+    mask_id: int | None
+
+    @classmethod
+    def wrap(cls, tokenizer: Tokenizer, model: str, source: str = "tokenizer") -> "TextTokenizer":
+        ids = {name: tokenizer.token_to_id(name) for name in (EOT, *BERT_SPECIALS)}
+        if model == "bert":
+            missing = [name for name in (PAD, CLS, SEP, MASK) if ids[name] is None]
+            if missing:
+                raise TokenizerError(
+                    f"{source} lacks the special tokens BERT needs: {' '.join(missing)} "
+                    f"(expected {' '.join(BERT_SPECIALS)})"
+                )
+        return cls(tokenizer, ids[EOT], ids[PAD], ids[CLS], ids[SEP], ids[MASK])
+
+    @classmethod
+    def from_file(cls, path: str | Path, model: str) -> "TextTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file {path} does not exist")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+            raise TokenizerError(f"cannot read tokenizer file {path}: {exc}") from exc
+        return cls.wrap(tok, model, source=str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> list[int]:
+        return [i for i in (self.eot_id, self.pad_id, self.cls_id, self.sep_id, self.mask_id) if i is not None]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        # Ids past the tokenizer's vocabulary exist only as padding rows of the
+        # model's embedding (rounded up for speed); they carry no text.
+        return self.tokenizer.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=False)
+
+    def id_to_token(self, i: int) -> str:
+        return self.tokenizer.id_to_token(i) or f"<{i}>"
+
+    def to_str(self) -> str:
+        return self.tokenizer.to_str()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_str(), encoding="utf-8")
+
+    @classmethod
+    def from_str(cls, text: str, model: str) -> "TextTokenizer":
+        return cls.wrap(Tokenizer.from_str(text), model)
+
+
+def describe(tok: TextTokenizer) -> dict:
+    """What a run records about its tokenizer in ``config.json``."""
+    model = json.loads(tok.to_str()).get("model", {})
+    return {"type": model.get("type"), "vocab_size": tok.vocab_size}
