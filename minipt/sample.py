@@ -1,0 +1,178 @@
+"""``python -m minipt.sample --out_dir DIR``: use a trained run.
+
+* GPT continues ``--prompt`` (an empty prompt starts a new document) with
+  ``--temperature``, ``--top_k``, ``--max_new_tokens`` and ``--seed``.
+* BERT fills every ``[MASK]`` of ``--text`` and prints the top candidates with
+  their probabilities; with ``--text_a`` and ``--text_b`` it prints the NSP
+  probability that B follows A.
+
+Examples::
+
+    python -m minipt.sample --out_dir out --prompt "ROMEO:" --max_new_tokens 100
+    python -m minipt.sample --out_dir out-bert --text "The cat sits on the [MASK]."
+    python -m minipt.sample --out_dir out-bert --text_a "I like cats." --text_b "They are cute."
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minipt import checkpoint as ckpt
+from minipt import runtime
+from minipt.config import ConfigError, make_config, parse_overrides
+from minipt.tokenizer import TextTokenizer, TokenizerError
+
+PROG = "python -m minipt.sample"
+
+
+@dataclass
+class SampleConfig:
+    # ---- run
+    out_dir: str = "out"  # run folder holding config.json, tokenizer.json and model.safetensors
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on a GPU, else float32), float32 or bfloat16
+    seed: int = 1337  # seeds the sampling
+    # ---- GPT
+    prompt: str = ""  # text to continue; empty: start a new document
+    max_new_tokens: int = 200  # tokens to generate per sample
+    temperature: float = 0.8  # softmax temperature; 0: always the most likely token
+    top_k: int | None = 200  # sample among the k most likely tokens; none: among all
+    num_samples: int = 1  # samples to draw
+    # ---- BERT
+    text: str = ""  # text with [MASK] tokens to fill in
+    candidates: int = 5  # candidates shown for each [MASK]
+    text_a: str = ""  # first segment for next sentence prediction
+    text_b: str = ""  # second segment: prints the probability that it follows text_a
+
+    def __post_init__(self):
+        from minipt.config import check_types
+
+        check_types(self)
+        for name in ("max_new_tokens", "num_samples", "candidates"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be a positive integer or none, got {self.top_k}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if bool(self.text_a) != bool(self.text_b):
+            raise ConfigError("next sentence prediction needs both --text_a and --text_b")
+
+
+def load_run(out_dir: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, TextTokenizer, dict]:
+    """The model (in eval mode, on ``device``), tokenizer and config.json of a saved run."""
+    from minipt.train import build_model
+
+    config = ckpt.read_config(out_dir)
+    kind = config["model_type"]
+    tok = TextTokenizer.from_file(Path(out_dir) / ckpt.TOKENIZER, kind)
+    model = build_model(kind, config["model"])
+    ckpt.load_weights(out_dir, model, device)
+    return model.to(device).eval(), tok, config
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_text(
+    model, tok: TextTokenizer, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+    top_k: int | None = 200, seed: int = 1337, num_samples: int = 1, dtype: torch.dtype = torch.float32,
+) -> list[str] | str:
+    """GPT: ``prompt`` and its continuation; a list when ``num_samples > 1``."""
+    ids = ([tok.eot_id] if tok.eot_id is not None else []) + tok.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty and the tokenizer has no <|endoftext|> to start from; give a prompt")
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    context = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with runtime.autocast(device, dtype):
+        out = model.generate(context, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    model.train(was_training)
+    texts = [prompt + tok.decode(row[len(ids):].tolist()) for row in out]
+    return texts if num_samples > 1 else texts[0]
+
+
+def _encode_pair(tok: TextTokenizer, a: str, b: str | None, block_size: int) -> tuple[list[int], list[int]]:
+    ids = [tok.cls_id, *tok.encode(a), tok.sep_id]
+    types = [0] * len(ids)
+    if b is not None:
+        tail = [*tok.encode(b), tok.sep_id]
+        ids, types = ids + tail, types + [1] * len(tail)
+    if len(ids) > block_size:
+        raise ValueError(f"the input is {len(ids)} tokens with [CLS] and [SEP], more than the model's block_size {block_size}")
+    return ids, types
+
+
+def _bert_forward(model, ids: list[int], types: list[int], dtype: torch.dtype):
+    device = _device(model)
+    input_ids = torch.tensor([ids], device=device)
+    was_training = model.training
+    model.eval()
+    with runtime.autocast(device, dtype):
+        out = model(input_ids, token_type_ids=torch.tensor([types], device=device),
+                    attention_mask=torch.ones_like(input_ids), return_logits=True)
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def fill_mask(model, tok: TextTokenizer, text: str, *, top_k: int = 5, dtype: torch.dtype = torch.float32):
+    """BERT: for each [MASK] of ``text``, the ``top_k`` (token, probability) candidates."""
+    ids, types = _encode_pair(tok, text, None, model.config.block_size)
+    positions = [i for i, t in enumerate(ids) if t == tok.mask_id]
+    if not positions:
+        raise ValueError(f"the text holds no [MASK] token to fill: {text!r}")
+    logits = _bert_forward(model, ids, types, dtype).logits[0, positions, : tok.vocab_size].float()  # (M, V)
+    probs, best = logits.softmax(-1).topk(min(top_k, tok.vocab_size), dim=-1)
+    return [
+        [(tok.id_to_token(i), p) for i, p in zip(row_ids.tolist(), row_p.tolist())]
+        for row_ids, row_p in zip(best, probs)
+    ]
+
+
+@torch.no_grad()
+def next_sentence_probability(model, tok: TextTokenizer, text_a: str, text_b: str, *, dtype=torch.float32) -> float:
+    """BERT: the probability that ``text_b`` follows ``text_a`` (NSP label 0)."""
+    ids, types = _encode_pair(tok, text_a, text_b, model.config.block_size)
+    return float(_bert_forward(model, ids, types, dtype).nsp_logits[0].float().softmax(-1)[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = make_config(SampleConfig, parse_overrides(SampleConfig, argv, PROG, __doc__.split("\n\n")[0]))
+        rt = runtime.setup(cfg.device, cfg.dtype)
+        model, tok, config = load_run(cfg.out_dir, rt.device)
+        if config["model_type"] == "gpt":
+            texts = generate_text(
+                model, tok, cfg.prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                top_k=cfg.top_k, seed=cfg.seed, num_samples=cfg.num_samples, dtype=rt.dtype,
+            )
+            for text in [texts] if isinstance(texts, str) else texts:
+                print(text)
+                print("-" * 40)
+            return 0
+        if not cfg.text and not cfg.text_a:
+            raise ConfigError("a BERT run needs --text with [MASK] tokens, or --text_a and --text_b")
+        if cfg.text:
+            print(cfg.text)
+            for n, candidates in enumerate(fill_mask(model, tok, cfg.text, top_k=cfg.candidates, dtype=rt.dtype), 1):
+                print(f"  [MASK] {n}: " + ", ".join(f"{t} {p:.3f}" for t, p in candidates))
+        if cfg.text_a:
+            p = next_sentence_probability(model, tok, cfg.text_a, cfg.text_b, dtype=rt.dtype)
+            print(f"P(B follows A) = {p:.3f}   A: {cfg.text_a!r}   B: {cfg.text_b!r}")
+        return 0
+    except (ConfigError, ckpt.CheckpointError, TokenizerError, ValueError) as exc:
+        print(f"minipt.sample: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

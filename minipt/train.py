@@ -1,0 +1,503 @@
+"""``python -m minipt.train``: pretrain GPT (causal LM) or BERT (MLM + NSP).
+
+With no arguments it trains a small GPT on the CPU on the bundled Shakespeare
+plays (plain text, see :mod:`minipt.data`), evaluates as it goes, saves the run
+to ``out/`` and ends with a sample; ``--model bert`` does the same for MLM + NSP.
+Every field of :class:`minipt.config.TrainConfig` is an option; ``--help`` lists
+them. Under ``torchrun --nproc_per_node=N -m minipt.train ...`` it runs DDP:
+each rank reads its own slice of every global batch, and only rank 0 writes.
+
+The loop is nanoGPT's: AdamW (fused where torch has it) with weight decay on
+2-D parameters only, linear warm-up then cosine decay to ``min_lr``, gradient
+clipping and accumulation, bf16 autocast on a GPU. It avoids host syncs: the
+loss stays on the device and is read only every ``log_interval`` steps, which is
+also when a non-finite loss is caught (before any checkpoint is written, so the
+last checkpoint on disk is always a good one). Ctrl-C or SIGTERM finishes the
+current step, saves and exits with status 130; ``--resume`` continues exactly
+where the run stopped, data order and MLM masks included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minipt import checkpoint as ckpt
+from minipt import runtime
+from minipt.config import ConfigError, TrainConfig, make_config, parse_overrides
+from minipt.data import DataError, PairSampler, WindowSampler, fixed_pairs, fixed_windows, prepare_data, to_device
+from minipt.model import BERT, GPT, BertConfig, GPTConfig
+from minipt.ops import mlm_mask
+from minipt.tokenizer import TextTokenizer, TokenizerError
+
+PROG = "python -m minipt.train"
+# The CPU-sized model when no --preset is given: trains in minutes on two cores.
+DEFAULT_SIZES = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss); the last checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """A stop request was honoured: the run saved its state at step ``args[0]``."""
+
+
+# ----------------------------------------------------------------------------- model and optimizer
+def model_config(cfg: TrainConfig, tok: TextTokenizer) -> GPTConfig | BertConfig:
+    """The model config: preset (or the CPU-sized default), then the fields given explicitly."""
+    cls = GPTConfig if cfg.model == "gpt" else BertConfig
+    fields = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"} & {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) is not None}
+    # Round the vocabulary up to a multiple of 64, as nanoGPT does with 50257 -> 50304: the
+    # extra rows are never targets, and the LM-head matmul gets friendlier shapes.
+    overrides.update(vocab_size=-(-tok.vocab_size // 64) * 64, backend=cfg.backend)
+    if cfg.model == "bert":
+        overrides["pad_token_id"] = tok.pad_id
+    try:
+        if cfg.preset:
+            return cls.preset(cfg.preset, **overrides)
+        return cls(**{**DEFAULT_SIZES, **overrides})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_model(kind: str, config: dict) -> torch.nn.Module:
+    """A GPT or BERT from the model config saved in a run's ``config.json``."""
+    return GPT(GPTConfig(**config)) if kind == "gpt" else BERT(BertConfig(**config))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings, none on biases and LayerNorm (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # fused AdamW runs on CPU and CUDA tensors since torch 2.4, one kernel for all parameters.
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda")
+    )
+
+
+def learning_rate(it: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to learning_rate, cosine decay to min_lr at lr_decay_iters, then flat (nanoGPT)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    decay_iters, min_lr = cfg.final_lr_decay_iters, cfg.final_min_lr
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - cfg.warmup_iters) / max(decay_iters - cfg.warmup_iters, 1)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - min_lr)
+
+
+def mask_seed(*parts: int) -> int:
+    """A 63-bit seed for ``mlm_mask`` from (seed, step, micro-step, rank): reproducible on resume."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+# ----------------------------------------------------------------------------- one run
+class Run:
+    """Everything a training run holds: config, data, model, optimizer and progress."""
+
+    def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, log):
+        self.cfg, self.rt, self.log = cfg, rt, log
+        self.out = Path(cfg.out_dir)
+        self.data = self._prepare_data()
+        self.tok = self.data.tokenizer
+        torch.manual_seed(cfg.seed + rt.rank)
+        self.model_config = model_config(cfg, self.tok)
+        self.model = (GPT if cfg.model == "gpt" else BERT)(self.model_config).to(rt.device)
+        self.block_size = self.model_config.block_size
+        self.optimizer = make_optimizer(self.model, cfg, rt.device)
+        if cfg.model == "gpt":
+            self.sampler = WindowSampler(self.data.train, self.block_size, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+            self.val_batches = [
+                self.sampler.windows(offsets)
+                for offsets in fixed_windows(self.data.val, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.seed + 1)
+            ]
+        else:
+            self.sampler = PairSampler(
+                self.data.train, self.tok, self.block_size, cfg.batch_size, cfg.short_seq_prob, cfg.seed,
+                rt.rank, rt.world_size,
+            )
+            self.val_batches = fixed_pairs(
+                self.data.val, self.tok, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.short_seq_prob, cfg.seed + 1
+            )
+        self.iter, self.best_val = 0, float("inf")
+        self.train_model = self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.model)
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # With the NSP loss off, the pooler and NSP head get no gradient.
+            self.train_model = DDP(
+                self.train_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                find_unused_parameters=cfg.model == "bert" and cfg.objective == "mlm",
+            )
+
+    def _prepare_data(self):
+        cfg = self.cfg
+        # A resumed run reads its own tokenizer, never a retrained one.
+        tokenizer = str(self.out / ckpt.TOKENIZER) if cfg.resume else cfg.tokenizer
+        kwargs = dict(
+            model=cfg.model, data=cfg.data, strip_markup=cfg.strip_markup, tokenizer=tokenizer,
+            vocab_size=cfg.vocab_size, split=cfg.split, val_fraction=cfg.val_fraction, cache_dir=cfg.cache_dir,
+        )
+        if self.rt.is_main:  # rank 0 fills the cache; the others then read it
+            data = prepare_data(**kwargs, log=self.log)
+        self.rt.barrier()
+        if not self.rt.is_main:
+            data = prepare_data(**kwargs, log=lambda msg: None)
+        return data
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.block_size * self.cfg.gradient_accumulation_steps * self.rt.world_size
+
+    # ---- state
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.rt.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        return {
+            "iter": self.iter, "best_val": self.best_val, "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(), "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iter, self.best_val = state["iter"], state["best_val"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
+
+    def save(self) -> None:
+        if self.rt.is_main:
+            ckpt.save_checkpoint(self.out, self.model, self.state_dict())
+        self.rt.barrier()
+
+    # ---- steps
+    def loss(self, arrays: dict, seed: int, *, model=None, return_logits: bool = False):
+        """Forward one batch; BERT's masks are drawn here, on the device, from ``seed``."""
+        model = model or self.train_model
+        batch = to_device(arrays, self.rt.device)
+        if self.cfg.model == "gpt":
+            with self.rt.autocast():
+                return model(batch["x"], labels=batch["y"], return_logits=return_logits), None
+        masked, labels = mlm_mask(
+            batch["input_ids"], mask_token_id=self.tok.mask_id, vocab_size=self.tok.vocab_size,
+            special_tokens_mask=batch["special_tokens_mask"], mlm_probability=self.cfg.mlm_probability, seed=seed,
+            backend=self.cfg.backend,
+        )
+        nsp = batch["next_sentence_label"] if self.cfg.objective == "mlm+nsp" else None
+        with self.rt.autocast():
+            out = model(
+                masked, token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
+                labels=labels, next_sentence_label=nsp, return_logits=return_logits,
+            )
+        return out, (labels, batch["next_sentence_label"])
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step over the accumulated micro-batches; returns the mean loss, on the device."""
+        cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.iter, cfg)
+        total = torch.zeros((), device=self.rt.device)
+        for micro, arrays in enumerate(self.sampler.next_step(accum)):
+            # DDP all-reduces the gradients on the last micro-batch only.
+            no_sync = self.rt.distributed and micro < accum - 1
+            with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
+                out, _ = self.loss(arrays, mask_seed(cfg.seed, self.iter, micro, self.rt.rank))
+                (out.loss / accum).backward()
+            total += out.loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter += 1
+        return total / accum
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation metrics over the fixed validation batches, split across ranks."""
+        self.model.eval()
+        # Sums: loss, batches; BERT also MLM loss, NSP loss, MLM hits, masked tokens, NSP hits, pairs.
+        sums = torch.zeros(8, dtype=torch.float64, device=self.rt.device)
+        for i in range(self.rt.rank, len(self.val_batches), self.rt.world_size):
+            bert = self.cfg.model == "bert"
+            out, labels = self.loss(self.val_batches[i], mask_seed(self.cfg.seed, 2**32, i), model=self.model, return_logits=bert)
+            sums[0] += out.loss.double()
+            sums[1] += 1
+            if bert:
+                mlm_labels, nsp_labels = labels
+                picked = mlm_labels != -100
+                sums[2] += out.mlm_loss.double()
+                sums[3] += (out.nsp_loss.double() if out.nsp_loss is not None else 0.0)
+                sums[4] += (out.logits[picked].argmax(-1) == mlm_labels[picked]).sum()
+                sums[5] += picked.sum()
+                sums[6] += (out.nsp_logits.argmax(-1) == nsp_labels).sum()
+                sums[7] += nsp_labels.numel()
+        self.model.train()
+        s = self.rt.all_reduce_sum(sums).tolist()
+        metrics = {"val_loss": s[0] / s[1]}
+        if self.cfg.model == "gpt":
+            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        else:
+            metrics.update(mlm_loss=s[2] / s[1], mlm_acc=s[4] / max(s[5], 1), nsp_acc=s[6] / max(s[7], 1))
+            if self.cfg.objective == "mlm+nsp":
+                metrics["nsp_loss"] = s[3] / s[1]
+        return metrics
+
+
+# ----------------------------------------------------------------------------- metrics and plot
+def append_metrics(out: Path, row: dict) -> None:
+    with open(out / ckpt.METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / ckpt.METRICS
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a run killed mid-write
+                continue
+    return rows
+
+
+def plot_losses(out: Path) -> None:
+    """``loss.png``: the train and validation loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(r["iter"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
+    ax.set(xlabel="step", ylabel="loss", title=f"{out.name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = out / f".{ckpt.PLOT}.tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(out / ckpt.PLOT)
+
+
+# ----------------------------------------------------------------------------- the command
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop reads between steps; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def resolve_config(argv) -> TrainConfig:
+    overrides = parse_overrides(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
+    cfg = make_config(TrainConfig, overrides)
+    if not cfg.resume:
+        return cfg
+    saved = ckpt.read_config(cfg.out_dir)["train"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return make_config(TrainConfig, {**{k: v for k, v in saved.items() if k in known}, **overrides})
+
+
+def _prepare_out_dir(cfg: TrainConfig) -> None:
+    out = Path(cfg.out_dir)
+    if cfg.resume:
+        for name in (ckpt.TOKENIZER, ckpt.MODEL, ckpt.STATE):
+            if not (out / name).is_file():
+                raise ckpt.CheckpointError(f"cannot resume: {out / name} is missing")
+        return
+    if ckpt.has_run(out):
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"out_dir {str(out)!r} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
+        ckpt.clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
+    if rt.is_main:
+        _prepare_out_dir(cfg)
+    rt.barrier()
+    run = Run(cfg, rt, log)
+    if cfg.resume:
+        run.load_state_dict(ckpt.load_checkpoint(run.out, run.model, rt.device))
+        if rt.is_main:  # rows logged after the checkpoint belong to the part being redone
+            kept = [r for r in read_metrics(run.out) if r["iter"] <= run.iter]
+            ckpt.atomic_write_text(run.out / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        log(f"resuming {run.out} at step {run.iter}")
+    elif rt.is_main:
+        config = {
+            "model_type": cfg.model, "train": dataclasses.asdict(cfg),
+            "model": dataclasses.asdict(run.model_config), "tokenizer_vocab_size": run.tok.vocab_size,
+        }
+        ckpt.atomic_write_text(run.out / ckpt.CONFIG, json.dumps(config, indent=2))
+        ckpt.atomic_write_text(run.out / ckpt.TOKENIZER, run.tok.to_str())
+    return run
+
+
+def _final_sample(run: Run, log) -> None:
+    from minipt import sample
+
+    if run.cfg.model == "gpt":
+        if run.cfg.sample_tokens:
+            text = sample.generate_text(
+                run.model, run.tok, "", max_new_tokens=run.cfg.sample_tokens, temperature=0.8, top_k=200,
+                seed=run.cfg.seed,
+            )
+            log(f"\nsample:\n{text}\n")
+        return
+    text = "to be, or not to be, that is the [MASK]."
+    log(f"\nfill-mask: {text}")
+    for candidates in sample.fill_mask(run.model, run.tok, text, top_k=5):
+        log("  " + ", ".join(f"{tok} {p:.2f}" for tok, p in candidates))
+
+
+def train(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
+    """Train to ``cfg.max_iters`` (or a stop request); raises TrainingError on a non-finite loss."""
+    log = print if rt.is_main else (lambda *a, **k: None)
+    run = _start(cfg, rt, log)
+    log(
+        f"{cfg.model.upper()} {run.model.num_params() / 1e6:.2f}M parameters, vocab {run.tok.vocab_size}, "
+        f"block {run.block_size}, {run.tokens_per_step:,} tokens per step, "
+        f"{rt.device} {str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es)"
+    )
+    bar = tqdm(total=cfg.max_iters, initial=run.iter, disable=not (cfg.progress and rt.is_main), unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    echo = bar.write if not bar.disable else log
+    window_loss, window_steps, window_start = torch.zeros((), device=rt.device), 0, time.perf_counter()
+    last_good = run.iter
+    start_iter = run.iter
+
+    def flush_window() -> None:
+        """Log the mean train loss of the steps since the last log; stop on a non-finite one."""
+        nonlocal window_loss, window_steps, window_start, last_good
+        if window_steps == 0:
+            return
+        loss = float(rt.all_reduce_sum(window_loss.clone()).item()) / (window_steps * rt.world_size)
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the training loss became {loss} between steps {last_good} and {run.iter}; stopping. "
+                f"The last checkpoint in {run.out} is kept; try a lower --learning_rate or --grad_clip"
+            )
+        elapsed = time.perf_counter() - window_start
+        row = {"iter": run.iter, "train_loss": loss, "lr": learning_rate(run.iter - 1, cfg),
+               "tokens_per_s": window_steps * run.tokens_per_step / elapsed}
+        if rt.is_main:
+            append_metrics(run.out, row)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
+        window_loss, window_steps, window_start, last_good = torch.zeros((), device=rt.device), 0, time.perf_counter(), run.iter
+
+    with _StopRequest() as stop, contextlib.closing(bar):
+        while True:
+            if (run.iter % cfg.eval_interval == 0 or run.iter == cfg.max_iters) and not (
+                cfg.resume and run.iter == start_iter
+            ):
+                flush_window()
+                metrics = run.evaluate()
+                if rt.is_main:
+                    append_metrics(run.out, {"iter": run.iter, **metrics})
+                echo(f"step {run.iter}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                improved = metrics["val_loss"] < run.best_val
+                run.best_val = min(run.best_val, metrics["val_loss"])
+                if run.iter > start_iter and (cfg.always_save_checkpoint or improved or run.iter == cfg.max_iters):
+                    run.save()
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if run.iter >= cfg.max_iters:
+                break
+            window_loss += run.step()
+            window_steps += 1
+            bar.update(1)
+            if run.iter % cfg.log_interval == 0:
+                flush_window()
+            # Ranks agree on stopping at log steps only, where they meet anyway.
+            if rt.distributed and run.iter % cfg.log_interval == 0:
+                stopping = bool(rt.all_reduce_sum(torch.tensor(float(stop.requested), device=rt.device)).item() > 0)
+            else:
+                stopping = stop.requested and not rt.distributed
+            if stopping:
+                flush_window()
+                run.save()
+                raise Interrupted(run.iter)
+    if rt.is_main:
+        plot_losses(run.out)
+    return run
+
+
+def fail(message: str, code: int) -> int:
+    print(f"minipt.train: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = resolve_config(argv)
+        rt = runtime.setup(cfg.device, cfg.dtype)
+    except (ConfigError, ckpt.CheckpointError) as exc:
+        return fail(f"{exc}\n(see {PROG} --help)" if isinstance(exc, ConfigError) else str(exc), EXIT_USAGE)
+    except ValueError as exc:  # a device or dtype this machine cannot give
+        return fail(str(exc), EXIT_USAGE)
+    try:
+        run = train(cfg, rt)
+        if rt.is_main:
+            _final_sample(run, print)
+            print(f"done: run saved in {run.out} (metrics.jsonl, loss.png); sample with: "
+                  f"python -m minipt.sample --out_dir {run.out}")
+        return 0
+    except (ConfigError, DataError, TokenizerError, ckpt.CheckpointError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except TrainingError as exc:
+        return fail(str(exc), EXIT_FAILED)
+    except Interrupted as exc:
+        if rt.is_main:
+            print(f"\ninterrupted: saved step {exc.args[0]} in {cfg.out_dir}; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if rt.is_main:
+            print(f"\ninterrupted: nothing saved since the last checkpoint in {cfg.out_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        runtime.shutdown(rt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
