@@ -38,6 +38,7 @@ import torch
 from bench.common import cli, peak_memory_bytes, sync, time_ms, time_steps_ms
 from minipt.model import BERT, GPT, BertConfig, GPTConfig
 from minipt.ops import mlm_mask
+from minipt.runtime import autocast, resolve_dtype
 
 PROVIDERS = ("torch", "minipt", "hf", "torch-compile")  # the baseline first; compilation, the slowest, last
 BASELINE = "torch"
@@ -212,8 +213,10 @@ def make_step(case: Case, provider: str, device: str, batch: dict):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=dev.type == "cuda")
     forward = torch.compile(model) if provider == "torch-compile" else model
 
+    dtype = resolve_dtype("bfloat16" if dev.type == "cuda" else "float32", dev)
+
     def step() -> torch.Tensor:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with autocast(dev, dtype):
             loss = loss_of(forward, batch, hf=provider == "hf")
         loss.backward()
         optimizer.step()
