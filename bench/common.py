@@ -99,8 +99,19 @@ def machine() -> dict:
         except (OSError, subprocess.CalledProcessError):
             info["driver"] = None
     else:
-        info["device"] = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        info["device"] = f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads"
     return info
+
+
+def _cpu_model() -> str:
+    # platform.processor() is empty on most Linux systems; the kernel's cpuinfo names the part.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_slug(device) -> str:
