@@ -14,7 +14,11 @@ compilation). Each case runs the same batch four ways:
   size (nothing is downloaded). ``ratio_vs_hf`` is its time over each row's time.
 
 On CUDA the models keep fp32 weights and run under bf16 autocast; on the CPU they
-run in fp32 at small sizes, and those figures say nothing about a GPU.
+run in fp32 at small sizes, and those figures say nothing about a GPU. ``--quick``
+takes fewer steps and leaves out ``torch-compile``, whose compilation alone takes
+20 s to a minute a model. The environment variable ``BENCH_E2E_BUDGET_S`` bounds
+the run: a measurement not started within that many seconds is reported skipped,
+and as providers run in the order above, the compiled runs are the first to go.
 
 MFU divides the achieved model FLOP/s by a peak MEASURED at the start of the run:
 an 8192³ bf16 GEMM on CUDA (an fp32 GEMM on the CPU), reported as its own row.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -42,6 +47,7 @@ from minipt.runtime import autocast, resolve_dtype
 
 PROVIDERS = ("torch", "minipt", "hf", "torch-compile")  # the baseline first; compilation, the slowest, last
 BASELINE = "torch"
+BUDGET_ENV = "BENCH_E2E_BUDGET_S"  # seconds after which the runs not yet started are skipped
 
 # bert-base-uncased's ids for the special tokens; every preset's vocabulary holds them.
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
@@ -267,38 +273,51 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def _measure_row(case: Case, provider: str, device: str, quick: bool, batch: dict, flops: float, deadline: float):
+    dev = torch.device(device)
+    row = {
+        "name": case.name, "provider": provider, "backend": backend_for(provider, device),
+        "batch": case.batch, "seq_len": case.seq_len, "dtype": "bf16-autocast" if dev.type == "cuda" else "fp32",
+    }
+    if provider == "torch-compile" and quick:
+        row["skipped"] = "not in --quick: compiling takes 20 s to a minute a model"
+    elif time.monotonic() > deadline:
+        row["skipped"] = f"the {BUDGET_ENV} time budget was spent"
+    else:
+        try:
+            row.update(measure(case, provider, device, quick, batch, flops))
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = f"out of memory at batch {case.batch} x {case.seq_len}"
+        except Exception as exc:  # one provider's failure must not hide the others' figures
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        _release(device)
+    outcome = row.get("error") or row.get("skipped")
+    if outcome is None:
+        outcome = f"{row['median_ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s"
+    print(f"  {case.name:16s} {provider:14s} {outcome}", flush=True)
+    return row
+
+
 def run(device: str, quick: bool) -> list[dict]:
+    deadline = time.monotonic() + float(os.environ.get(BUDGET_ENV, "inf"))
     dev = torch.device(device)
     peak = matmul_peak(device)
     print(f"measured matmul peak: {peak['tflops']:.3g} TFLOP/s ({peak['dtype']}, {peak['shape']})", flush=True)
-    rows = [peak]
     cases = GPU_CASES if dev.type == "cuda" else CPU_CASES
+    inputs = {}
     for case in cases:
         cfg = minipt_config(case, "torch")
         batch = make_batch(case, cfg, device)
         mlm_fraction = float((batch["labels"] != -100).float().mean()) if case.family == "bert" else 1.0
-        flops_per_token = train_flops_per_token(cfg, case.seq_len, mlm_fraction)
-        case_rows = []
-        for provider in PROVIDERS:
-            row = {
-                "name": case.name, "provider": provider, "backend": backend_for(provider, device),
-                "batch": case.batch, "seq_len": case.seq_len, "dtype": "bf16-autocast" if dev.type == "cuda" else "fp32",
-            }
-            if provider == "torch-compile" and quick and dev.type == "cpu":
-                row["skipped"] = "not in --quick on the CPU: compiling takes ~20 s a model there"
-            else:
-                try:
-                    row.update(measure(case, provider, device, quick, batch, flops_per_token))
-                except torch.cuda.OutOfMemoryError:
-                    row["error"] = f"out of memory at batch {case.batch} x {case.seq_len}"
-                except Exception as exc:  # one provider's failure must not hide the others' figures
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-                _release(device)
-            print(f"  {case.name:16s} {provider:14s} " + (
-                f"{row['median_ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s" if "median_ms" in row
-                else row.get("error") or row.get("skipped")
-            ), flush=True)
-            case_rows.append(row)
+        inputs[case] = batch, train_flops_per_token(cfg, case.seq_len, mlm_fraction)
+    # Provider by provider, so that a time budget running out drops the compiled runs, which come last.
+    measured = {
+        (case, provider): _measure_row(case, provider, device, quick, *inputs[case], deadline)
+        for provider in PROVIDERS for case in cases
+    }
+    rows = [peak]
+    for case in cases:
+        case_rows = [measured[case, provider] for provider in PROVIDERS]
         by_provider = {r["provider"]: r["median_ms"] for r in case_rows if "median_ms" in r}
         for row in case_rows:
             if "median_ms" not in row:

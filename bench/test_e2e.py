@@ -163,6 +163,14 @@ def test_a_failing_provider_becomes_a_row(tiny_run, monkeypatch, error, expected
     assert all(r["ratio"] == 1.0 and "ratio_vs_hf" not in r for r in torch_rows)
 
 
+def test_a_spent_time_budget_skips_the_runs_not_started(tiny_run, monkeypatch):
+    monkeypatch.setenv(e2e.BUDGET_ENV, "0")
+    rows = tiny_run()
+    assert rows[0]["name"] == "matmul_peak" and rows[0]["tflops"] > 0
+    assert len(rows) == 1 + 2 * len(PROVIDERS)
+    assert all("median_ms" not in r and ("budget" in r["skipped"] or "compil" in r["skipped"]) for r in rows[1:])
+
+
 # ----------------------------------------------------------------------------- python -m bench
 def _fake_benchmark(monkeypatch, name, run):
     module = types.ModuleType(f"bench.{name}")
@@ -250,3 +258,4 @@ def test_report_check_fails_when_the_file_is_stale(tmp_path):
     assert report.main(["--results", str(tmp_path), "--output", str(out), "--check"]) == 0
     _results(tmp_path / "cpu", "e2e", "CPU: x, 1 threads", [{"name": "gpt", "provider": "torch", "median_ms": 2.0}])
     assert report.main(["--results", str(tmp_path), "--output", str(out), "--check"]) == 1
+
