@@ -12,8 +12,8 @@ document each, in sorted order), or a ``.jsonl`` file (one document per record's
 ``"text"``). Text must be UTF-8.
 
 Split. ``split="doc"`` holds out the last ``val_fraction`` of every document,
-moved forward to the next line start so no line is cut, so every play is seen in
-both splits. ``split="stream"`` holds out the last ``val_fraction`` of the
+from the start of the line where that tail begins (so no line is cut), so every
+play is seen in both splits. ``split="stream"`` holds out the last ``val_fraction`` of the
 documents' concatenated characters, exactly as nanoGPT's ``shakespeare_char``
 ``prepare.py`` does. Tokenizers are trained on the training split only.
 
@@ -162,8 +162,7 @@ def split_documents(docs: list[Document], val_fraction: float, mode: str) -> tup
         return train, val
     for d in docs:
         cut = int(len(d.text) * (1.0 - val_fraction))
-        newline = d.text.find("\n", cut)
-        cut = newline + 1 if newline != -1 else cut
+        cut = d.text.rfind("\n", 0, cut) + 1 or cut  # back to the start of its line, if it has one
         if d.text[:cut].strip():
             train.append(Document(d.name, d.text[:cut]))
         if d.text[cut:].strip():

@@ -334,7 +334,7 @@ def resolve_config(argv) -> TrainConfig:
     if not cfg.resume:
         return cfg
     saved = ckpt.read_config(cfg.out_dir)["train"]
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume", "overwrite"}
     return make_config(TrainConfig, {**{k: v for k, v in saved.items() if k in known}, **overrides})
 
 

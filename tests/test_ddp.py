@@ -1,0 +1,59 @@
+"""DDP through torchrun: two CPU processes on gloo follow the single-process trajectory.
+
+Two ranks with batch_size 2 and 2 accumulation steps read, between them, exactly
+the 8 windows that one process with batch_size 8 reads at every step, so the two
+runs must agree up to the order of floating-point sums.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from minipt import checkpoint as ckpt
+from minipt import train as T
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+
+
+def write_corpus(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(3):
+        lines = [f"Line {i} of part {d}: a horse, a horse, my kingdom for a horse!" for i in range(30)]
+        (folder / f"part{d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def losses(out: Path, key: str) -> list[tuple[int, float]]:
+    return [(r["iter"], r[key]) for r in T.read_metrics(out) if key in r]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_single_process_trajectory(tmp_path):
+    common = [
+        f"--data={write_corpus(tmp_path / 'corpus')}", f"--cache_dir={tmp_path / 'cache'}", "--tokenizer=char",
+        "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--max_iters=6", "--eval_interval=3",
+        "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--progress=false", "--sample_tokens=0",
+    ]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert T.main(common + [f"--out_dir={single}", "--batch_size=8", "--eval_iters=1"]) == 0
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minipt.train",
+           *common, f"--out_dir={ddp}", "--batch_size=2", "--gradient_accumulation_steps=2", "--eval_iters=4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("done: run saved") == 1  # only rank 0 speaks
+
+    for key in ("train_loss", "val_loss"):
+        a, b = losses(single, key), losses(ddp, key)
+        assert [it for it, _ in a] == [it for it, _ in b]  # one row per step: rank 0 alone writes
+        assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5, abs=1e-6)
+    assert losses(single, "train_loss")[-1][1] < losses(single, "train_loss")[0][1]
+    assert {p.name for p in ddp.iterdir()} == set(ckpt.RUN_FILES)
+    assert ckpt.load_state(ddp)["iter"] == 6

@@ -1,0 +1,212 @@
+"""The training loop: schedule, optimizer groups, model config, end-to-end runs, exact
+resume, atomic checkpoints, non-finite losses and Ctrl-C."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minipt import checkpoint as ckpt
+from minipt import train as T
+from minipt.config import ConfigError, TrainConfig
+from minipt.model import GPT, GPTConfig
+from minipt.tokenizer import TextTokenizer, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+VERSES = [
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "Rough winds do shake the darling buds of May. And summer's lease hath all too short a date.",
+    "Sometime too hot the eye of heaven shines! And often is his gold complexion dimm'd.",
+    "So long as men can breathe or eyes can see, so long lives this, and this gives life to thee.",
+]
+
+
+def write_corpus(folder: Path, n_docs: int = 4, repeats: int = 6) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        paras = [f"SPEAKER{d}:\n" + VERSES[(d + i) % 4] for i in range(repeats)]
+        (folder / f"play{d}.txt").write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    return folder
+
+
+def tiny_args(tmp_path: Path, out: str = "run", **overrides) -> list[str]:
+    settings = dict(
+        data=write_corpus(tmp_path / "corpus"), cache_dir=tmp_path / "cache", out_dir=tmp_path / out,
+        tokenizer="char", n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=6,
+        eval_interval=3, eval_iters=2, log_interval=1, warmup_iters=2, learning_rate=3e-3, progress="false",
+        sample_tokens=8,
+    )
+    settings.update(overrides)
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def rows(out: Path, key: str) -> list[tuple[int, float]]:
+    return [(r["iter"], r[key]) for r in T.read_metrics(out) if key in r]
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_learning_rate_warms_up_then_follows_the_cosine_to_min_lr():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert T.learning_rate(0, cfg) == pytest.approx(1 / 11)
+    assert T.learning_rate(9, cfg) == pytest.approx(10 / 11)
+    assert T.learning_rate(10, cfg) == pytest.approx(1.0)
+    assert T.learning_rate(60, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert T.learning_rate(110, cfg) == T.learning_rate(500, cfg) == pytest.approx(0.1)
+    assert TrainConfig(learning_rate=2.0).final_min_lr == pytest.approx(0.2)
+    assert T.learning_rate(3, TrainConfig(learning_rate=0.5, decay_lr=False)) == 0.5
+
+
+def test_weight_decay_reaches_matrices_and_embeddings_only():
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    opt = T.make_optimizer(model, TrainConfig(weight_decay=0.3), torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.3 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert any(p is model.transformer.wte.weight for p in decayed["params"])
+
+
+def test_model_config_from_defaults_preset_and_overrides():
+    tok = TextTokenizer.wrap(train_tokenizer("char", ["abc"], 0, "gpt"), "gpt")
+    cfg = T.model_config(TrainConfig(), tok)
+    assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (4, 128, 128, 64)
+    cfg = T.model_config(TrainConfig(preset="gpt2", n_layer=2, dropout=0.2), tok)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.block_size) == (2, 12, 768, 0.2, 1024)
+    with pytest.raises(ConfigError, match=r"n_embd \(100\) must be divisible by n_head \(3\)"):
+        T.model_config(TrainConfig(n_embd=100, n_head=3), tok)
+    with pytest.raises(ConfigError, match="unknown preset 'gpt5'"):
+        T.model_config(TrainConfig(preset="gpt5"), tok)
+
+
+def test_mlm_mask_seeds_differ_per_step_microstep_and_rank():
+    seeds = {T.mask_seed(1337, it, m, r) for it in range(50) for m in range(3) for r in range(2)}
+    assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)
+    assert T.mask_seed(1, 2, 3) == T.mask_seed(1, 2, 3)
+
+
+# ----------------------------------------------------------------------------- runs
+def test_gpt_run_learns_and_saves_a_complete_run_folder(tmp_path, capsys):
+    assert T.main(tiny_args(tmp_path, max_iters=40, eval_interval=20, learning_rate=1e-2, n_embd=48)) == 0
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} == set(ckpt.RUN_FILES)
+    val = rows(out, "val_loss")
+    assert [it for it, _ in val] == [0, 20, 40]
+    assert val[-1][1] < val[0][1] - 1.0  # the verses repeat: a tiny model learns them fast
+    assert len(rows(out, "train_loss")) == 40
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt" and config["train"]["max_iters"] == 40 and config["model"]["n_embd"] == 48
+    state = ckpt.load_state(out)
+    assert state["iter"] == 40 and state["best_val"] == pytest.approx(val[-1][1])
+    assert "sample:" in capsys.readouterr().out
+
+
+def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
+    args = tiny_args(tmp_path, model="bert", tokenizer="wordpiece", vocab_size=200, block_size=32, max_iters=4, eval_interval=2)
+    assert T.main(args) == 0
+    last = [r for r in T.read_metrics(tmp_path / "run") if "val_loss" in r][-1]
+    assert set(last) == {"iter", "val_loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc"}
+    assert last["val_loss"] == pytest.approx(last["mlm_loss"] + last["nsp_loss"])
+    assert 0 <= last["mlm_acc"] <= 1 and 0 <= last["nsp_acc"] <= 1
+
+    assert T.main(args + ["--objective=mlm", "--overwrite"]) == 0
+    last = [r for r in T.read_metrics(tmp_path / "run") if "val_loss" in r][-1]
+    assert "nsp_loss" not in last and last["val_loss"] == pytest.approx(last["mlm_loss"])
+
+
+@pytest.mark.parametrize("model, extra", [("gpt", ["--dropout=0.1"]), ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32"])])
+def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, extra):
+    common = [f"--model={model}", "--lr_decay_iters=8", *extra]
+    assert T.main(tiny_args(tmp_path, out="straight", max_iters=8, eval_interval=4) + common) == 0
+    assert T.main(tiny_args(tmp_path, out="halves", max_iters=4, eval_interval=4) + common) == 0
+    assert T.main([f"--out_dir={tmp_path / 'halves'}", "--resume", "--max_iters=8"]) == 0
+    for key in ("train_loss", "val_loss"):
+        assert rows(tmp_path / "halves", key) == rows(tmp_path / "straight", key)
+    assert len(rows(tmp_path / "straight", "train_loss")) == 8
+    a = ckpt.load_state(tmp_path / "straight")
+    b = ckpt.load_state(tmp_path / "halves")
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"])
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    args = tiny_args(tmp_path, max_iters=6, eval_interval=2)
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:  # the second checkpoint: the weights are written, then the disk "fills"
+            Path(f).write_bytes(b"partial")
+            raise OSError("No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        T.main(args)
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    model = T.build_model("gpt", ckpt.read_config(out)["model"])
+    assert ckpt.load_checkpoint(out, model)["iter"] == 2
+    assert T.main([f"--out_dir={out}", "--resume"]) == 0
+    assert ckpt.load_state(out)["iter"] == 6
+
+
+def test_checkpoint_pair_from_different_saves_is_refused(tmp_path):
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    ckpt.save_checkpoint(tmp_path, model, {"iter": 3})
+    torch.save({"iter": 5}, tmp_path / ckpt.STATE)
+    with pytest.raises(ckpt.CheckpointError, match="from iteration 3 but state.pt from 5"):
+        ckpt.load_checkpoint(tmp_path, model)
+
+
+def test_tied_weights_survive_the_safetensors_round_trip(tmp_path):
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    ckpt.save_checkpoint(tmp_path, model, {"iter": 0})
+    fresh = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    ckpt.load_weights(tmp_path, fresh)
+    for (name, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_step = T.Run.step
+
+    def step(self):
+        loss = real_step(self)
+        return loss * float("nan") if self.iter == 5 else loss
+
+    monkeypatch.setattr(T.Run, "step", step)
+    assert T.main(tiny_args(tmp_path, max_iters=10, eval_interval=2)) == T.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "training loss became nan between steps 4 and 5" in err and "Traceback" not in err
+    assert ckpt.load_state(tmp_path / "run")["iter"] == 4
+    assert rows(tmp_path / "run", "train_loss")[-1][0] == 4
+
+
+def test_sigint_saves_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tmp_path, max_iters=100_000, eval_interval=100_000, sample_tokens=0)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "minipt.train", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not rows(out, "train_loss"):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == T.EXIT_INTERRUPTED, err
+    assert "interrupted: saved step" in err and "Traceback" not in err
+    saved = ckpt.load_state(out)["iter"]
+    assert saved >= 1 and f"saved step {saved} " in err
+    assert T.main([f"--out_dir={out}", "--resume", f"--max_iters={saved + 2}"]) == 0
+    assert ckpt.load_state(out)["iter"] == saved + 2
+    assert [it for it, _ in rows(out, "train_loss")][-3:] == [saved, saved + 1, saved + 2]
+    assert math.isfinite(rows(out, "val_loss")[-1][1])
