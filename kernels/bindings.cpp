@@ -16,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 
 #include "ops.h"
 #include "philox.h"
@@ -137,6 +138,81 @@ py::tuple philox_binding(std::array<uint32_t, 4> counter, std::array<uint32_t, 2
   return py::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
 }
 
+#ifdef MINIPT_WITH_CUDA
+// The CUDA entry points also check that every pointer is memory of the current
+// device (cuda_common.cuh) before a kernel can touch it.
+void ce_forward_cuda(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n_rows,
+                     int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing,
+                     uintptr_t stream) {
+  const CrossEntropyArgs a =
+      ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
+  check_tensor(loss, n_rows, 4, "cross_entropy", "loss");
+  cross_entropy_forward_cuda(a, loss, stream);
+}
+
+void ce_backward_cuda(uintptr_t logits, uintptr_t target, uintptr_t lse, uintptr_t grad_rows, uintptr_t grad_logits,
+                      int64_t n_rows, int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index,
+                      double label_smoothing, uintptr_t stream) {
+  const CrossEntropyArgs a =
+      ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
+  check_tensor(grad_rows, n_rows, 4, "cross_entropy", "grad_rows");
+  check_tensor(grad_logits, n_rows * n_classes, float_size(a.dtype), "cross_entropy", "grad_logits");
+  cross_entropy_backward_cuda(a, grad_rows, grad_logits, stream);
+}
+
+void mlm_mask_cuda_binding(uintptr_t input_ids, uintptr_t special, uintptr_t masked, uintptr_t labels, int64_t numel,
+                           int64_t id_size, int64_t special_size, int64_t mask_token_id, int64_t vocab_size,
+                           double mlm_probability, uint64_t seed, uintptr_t stream) {
+  mlm_mask_cuda(mlm_args(input_ids, special, masked, labels, numel, id_size, special_size, mask_token_id, vocab_size,
+                         mlm_probability, seed),
+                stream);
+}
+
+AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t key_mask,
+                             int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim, int dtype,
+                             bool is_causal, double scale) {
+  const char* op = "attention";
+  check(batch >= 0 && heads >= 0 && seq_len >= 0, op,
+        "batch, heads and seq_len must be >= 0, got " + std::to_string(batch) + ", " + std::to_string(heads) + ", " +
+            std::to_string(seq_len));
+  check(head_dim == 64 || head_dim == 128, op, "head_dim must be 64 or 128, got " + std::to_string(head_dim));
+  check(std::isfinite(scale), op, "scale must be finite, got " + std::to_string(scale));
+  check_product(batch, heads, op, "batch * heads");
+  check_product(batch * heads, seq_len, op, "batch * heads * seq_len");
+  check_product(batch * heads * seq_len, head_dim, op, "batch * heads * seq_len * head_dim");
+  const FloatType t = float_type(dtype, op, "q, k, v");
+  const int64_t n = batch * heads * seq_len * head_dim;
+  for (const auto& [ptr, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{out, "out"}}) {
+    check_tensor(ptr, n, float_size(t), op, name);
+  }
+  check_tensor(lse, batch * heads * seq_len, 4, op, "lse");
+  return AttentionArgs{q, k, v, out, lse, key_mask, batch, heads, seq_len, head_dim, t, is_causal,
+                       static_cast<float>(scale)};
+}
+
+void attention_forward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                               uintptr_t key_mask, int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim,
+                               int dtype, bool is_causal, double scale, uintptr_t stream) {
+  attention_forward_cuda(
+      attention_args(q, k, v, out, lse, key_mask, batch, heads, seq_len, head_dim, dtype, is_causal, scale), stream);
+}
+
+void attention_backward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                                uintptr_t key_mask, uintptr_t grad_out, uintptr_t delta, uintptr_t grad_q,
+                                uintptr_t grad_k, uintptr_t grad_v, int64_t batch, int64_t heads, int64_t seq_len,
+                                int64_t head_dim, int dtype, bool is_causal, double scale, uintptr_t stream) {
+  const AttentionArgs a =
+      attention_args(q, k, v, out, lse, key_mask, batch, heads, seq_len, head_dim, dtype, is_causal, scale);
+  const int64_t n = batch * heads * seq_len * head_dim;
+  for (const auto& [ptr, name] : {std::pair{grad_out, "grad_out"}, std::pair{grad_q, "grad_q"},
+                                  std::pair{grad_k, "grad_k"}, std::pair{grad_v, "grad_v"}}) {
+    check_tensor(ptr, n, float_size(a.dtype), "attention", name);
+  }
+  check_tensor(delta, batch * heads * seq_len, 4, "attention", "delta");
+  attention_backward_cuda(a, AttentionGrads{grad_out, delta, grad_q, grad_k, grad_v}, stream);
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -162,4 +238,30 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mlm_probability"), py::arg("seed"), py::arg("num_threads"));
   m.def("philox4x32_10", &philox_binding, "Philox4x32-10 of a counter under a key (for known-answer tests)",
         py::arg("counter"), py::arg("key"));
+
+#ifdef MINIPT_WITH_CUDA
+  m.def("cross_entropy_forward_cuda", &ce_forward_cuda, "Per-row loss and lse of (N, V) logits on the GPU",
+        py::arg("logits"), py::arg("target"), py::arg("loss"), py::arg("lse"), py::arg("n_rows"),
+        py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"), py::arg("ignore_index"),
+        py::arg("label_smoothing"), py::arg("stream"));
+  m.def("cross_entropy_backward_cuda", &ce_backward_cuda, "Gradient of the per-row losses wrt the logits on the GPU",
+        py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("grad_rows"), py::arg("grad_logits"),
+        py::arg("n_rows"), py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"),
+        py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("stream"));
+  m.def("mlm_mask_cuda", &mlm_mask_cuda_binding, "BERT's MLM masking of n ids on the GPU (special: 0 for none)",
+        py::arg("input_ids"), py::arg("special"), py::arg("masked"), py::arg("labels"), py::arg("numel"),
+        py::arg("id_size"), py::arg("special_size"), py::arg("mask_token_id"), py::arg("vocab_size"),
+        py::arg("mlm_probability"), py::arg("seed"), py::arg("stream"));
+  m.def("attention_forward_cuda", &attention_forward_binding,
+        "Flash-style attention forward: out (B, H, T, D) and base-2 lse (B, H, T)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("batch"), py::arg("heads"),
+        py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"), py::arg("scale"),
+        py::arg("stream"));
+  m.def("attention_backward_cuda", &attention_backward_binding,
+        "Attention backward: dq, dk, dv from dout, with delta (B, H, T) as float32 scratch", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("grad_out"),
+        py::arg("delta"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("batch"),
+        py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
+        py::arg("scale"), py::arg("stream"));
+#endif
 }

@@ -14,6 +14,8 @@ import torch
 
 from minipt._backend import BackendUnavailableError, native_module
 from minipt.ops import (
+    attention,
+    attention_ref,
     cross_entropy,
     cross_entropy_ref,
     linear_cross_entropy,
@@ -541,3 +543,139 @@ class TestMlmMaskBindings:
             native.mlm_mask_op(ids.float(), None, 3, 10, 0.15, 0)
         with pytest.raises(ValueError, match="special_tokens_mask must have shape"):
             native.mlm_mask_op(ids, torch.zeros(4, dtype=torch.bool), 3, 10, 0.15, 0)
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_inputs(B, H, T, D, device, dtype, lengths=None):
+    q, k, v = (torch.randn(B, H, T, D, device=device).to(dtype) for _ in range(3))
+    mask = None
+    if lengths is not None:
+        mask = torch.arange(T, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    return q, k, v, mask
+
+
+def attention_grads(fn, q, k, v, grad_out):
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    return out.detach(), grads
+
+
+# (B, H, T, lengths): awkward T around the 16-row blocks and 32-key tiles; lengths of
+# 0 give rows with no visible key, a whole padded tile exercises the tile skip.
+ATTENTION_CASES = [
+    (1, 1, 1, None),
+    (2, 3, 17, None),
+    (2, 2, 100, [100, 37]),
+    (3, 2, 129, [129, 64, 0]),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("B,H,T,lengths", ATTENTION_CASES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_cuda_fp32_matches_float64(B, H, T, lengths, D, is_causal, poisoned_empty):
+    q, k, v, mask = attention_inputs(B, H, T, D, "cuda", torch.float32, lengths)
+    grad_out = torch.randn(B, H, T, D, device="cuda", dtype=torch.float64)
+    got, got_grads = attention_grads(
+        lambda q, k, v: attention(q, k, v, is_causal=is_causal, attention_mask=mask, backend="native"), q, k, v, grad_out
+    )
+    want, want_grads = attention_grads(
+        lambda q, k, v: attention_ref(q, k, v, is_causal=is_causal, attention_mask=mask),
+        q.double(), k.double(), v.double(), grad_out,
+    )
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    for name, g, ref in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(g.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("is_causal,lengths", [(False, [200, 77]), (True, None)])
+def test_attention_cuda_low_precision(dtype, is_causal, lengths, poisoned_empty):
+    q, k, v, mask = attention_inputs(2, 4, 200, 64, "cuda", dtype, lengths)
+    grad_out = torch.randn_like(q, dtype=torch.float32)
+
+    def run(backend, *inputs):
+        return attention_grads(
+            lambda q, k, v: attention(q, k, v, is_causal=is_causal, attention_mask=mask, backend=backend),
+            *inputs, grad_out,
+        )
+
+    got, got_grads = run("native", q, k, v)
+    low, low_grads = run("torch", q, k, v)
+    ref, ref_grads = run("torch", q.float(), k.float(), v.float())
+    assert got.dtype == dtype
+    assert_lowp_close(got, ref, low, what="out")
+    for name, g, r, lo in zip("qkv", got_grads, ref_grads, low_grads):
+        assert_lowp_close(g, r, lo, what=f"grad {name}")
+
+
+@requires_cuda
+def test_attention_cuda_rows_without_keys_are_zero_with_zero_grads():
+    q, k, v, mask = attention_inputs(2, 2, 40, 64, "cuda", torch.float32, [0, 40])
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = attention(q, k, v, attention_mask=mask, backend="native")
+    out.sum().backward()
+    assert (out[0] == 0).all() and torch.isfinite(out).all()
+    for t in (q, k, v):
+        assert (t.grad[0] == 0).all() and torch.isfinite(t.grad).all()
+
+
+@requires_cuda
+def test_attention_cuda_backward_is_deterministic():
+    q, k, v, mask = attention_inputs(2, 3, 300, 128, "cuda", torch.bfloat16, [300, 123])
+    grad_out = torch.randn_like(q)
+    fn = lambda q, k, v: attention(q, k, v, is_causal=True, attention_mask=mask, backend="native")  # noqa: E731
+    first = attention_grads(fn, q, k, v, grad_out)[1]
+    second = attention_grads(fn, q, k, v, grad_out)[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_attention_cuda_custom_ops_pass_opcheck():
+    q, k, v, mask = attention_inputs(1, 2, 33, 64, "cuda", torch.float32, [20])
+    key_mask = mask.to(torch.uint8)
+    torch.library.opcheck(native.attention_forward, (q.requires_grad_(), k, v, key_mask, True, 0.125))
+
+
+def test_attention_cpu_tensors_are_refused():
+    q, k, v, _ = attention_inputs(1, 1, 4, 64, "cpu", torch.float32)
+    with pytest.raises(BackendUnavailableError, match="CUDA kernels only"):
+        attention(q, k, v, backend="native")
+
+
+@requires_cuda
+@pytest.mark.parametrize("D", [32, 80])
+def test_attention_other_head_dims_are_refused(D):
+    q, k, v, _ = attention_inputs(1, 1, 4, D, "cuda", torch.float16)
+    with pytest.raises(BackendUnavailableError, match=r"head dims \(64, 128\)"):
+        attention(q, k, v, backend="native")
+
+
+@requires_cuda
+class TestCudaBindings:
+    """CUDA bindings refuse host memory and bad shapes before any kernel can touch them."""
+
+    def test_host_pointer_is_refused(self):
+        logits, target = torch.randn(4, 10), torch.randint(0, 10, (4,))
+        loss, lse = torch.empty(4, device="cuda"), torch.empty(4, device="cuda")
+        with pytest.raises(ValueError, match="logits"):
+            _C.cross_entropy_forward_cuda(
+                logits=logits.data_ptr(), target=target.cuda().data_ptr(), loss=loss.data_ptr(), lse=lse.data_ptr(),
+                n_rows=4, n_classes=10, dtype=0, target_size=8, ignore_index=-100, label_smoothing=0.0,
+                stream=torch.cuda.current_stream().cuda_stream,
+            )
+        torch.cuda.synchronize()  # the context is still healthy
+
+    def test_attention_head_dim_is_checked(self):
+        q = torch.randn(1, 1, 4, 64, device="cuda")
+        lse = torch.empty(1, 1, 4, device="cuda")
+        with pytest.raises(ValueError, match="head_dim must be 64 or 128"):
+            _C.attention_forward_cuda(
+                q=q.data_ptr(), k=q.data_ptr(), v=q.data_ptr(), out=q.data_ptr(), lse=lse.data_ptr(), key_mask=0,
+                batch=1, heads=1, seq_len=4, head_dim=96, dtype=0, is_causal=False, scale=0.1,
+                stream=torch.cuda.current_stream().cuda_stream,
+            )
