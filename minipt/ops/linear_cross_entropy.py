@@ -10,17 +10,44 @@ produces the gradients of hidden, weight and bias chunk by chunk.
 Memory traffic of the reference: write NV logits, then everything the
 cross-entropy reference reads and writes; peak memory holds the logits, their
 float32 copy and their gradient at once.
+
+The Triton path takes C rows at a time (the approach of Liger-Kernel's fused
+linear cross-entropy):
+
+    logits_c = hidden_c @ weightᵀ + bias                  (C, V), cuBLAS
+    loss_c, ∂loss/∂logits_c -> written over logits_c      Triton, one row per program
+    grad_hidden_c  = ∂logits_c @ weight                   (C, D)
+    grad_weight   += ∂logits_cᵀ @ hidden_c                (V, D), float32 accumulator
+    grad_bias     += Σ_rows ∂logits_c                     (V,),   float32 accumulator
+
+The GEMMs stay on cuBLAS: chunking is what saves the memory, and cuBLAS is the
+fastest GEMM there is. C is chosen so one chunk of logits takes about
+``CHUNK_LOGITS_BYTES`` (256 MiB; rows rounded to a multiple of 64): at V = 50304 in
+bf16 that is 2624 rows, 7 chunks for 16k tokens, against 1.6 GB for the full
+logits. Fewer, larger chunks keep the GEMMs efficient and cut the re-reads of the
+(V, D) gradient accumulator, which are the price of chunking over rows.
+
+For ``reduction="mean"`` or ``"sum"`` the gradients are computed in the forward,
+for d(loss) = 1, and the backward only scales them by the incoming scalar: the
+logits are computed once. For ``reduction="none"`` the upstream gradient is per
+row and unknown in the forward, so the forward keeps nothing but the inputs and
+the backward recomputes the chunks with that gradient.
+
+Gradients are computed in the forward only when grad mode is on and an input
+requires them, so evaluation does no extra work.
 """
 
 from __future__ import annotations
 
 import torch
 
-from minipt._backend import BackendUnavailableError, resolve_backend
+from minipt._backend import resolve_backend
 from minipt.ops._checks import FLOAT_DTYPES, check_same, check_targets, check_tensor
-from minipt.ops.cross_entropy import check_ce_args, cross_entropy_ref
+from minipt.ops.cross_entropy import _cross_entropy_forward, check_ce_args, cross_entropy_ref
 
 OP = "linear_cross_entropy"
+CHUNK_LOGITS_BYTES = 256 * 2**20  # the budget for one chunk of logits
+CHUNK_ROW_MULTIPLE = 64  # keeps the chunk GEMMs on whole tiles
 
 
 # ----------------------------------------------------------------------------- reference
@@ -40,9 +67,137 @@ def linear_cross_entropy_ref(
     return loss.to(out_dtype)
 
 
-# ----------------------------------------------------------------------------- backends
+# ----------------------------------------------------------------------------- chunked forward and backward
+def _chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
+    rows = CHUNK_LOGITS_BYTES // (V * torch.empty((), dtype=dtype).element_size())
+    rows = max(CHUNK_ROW_MULTIPLE, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+    return min(N, rows)
+
+
+def _chunked(hidden, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_grads):
+    """Per-row losses and, with ``need_grads``, the gradients for ∂loss_i scaled by ``grad_scale``.
+
+    ``grad_scale`` is a 0-dim or (N,) float tensor on the device (no host sync).
+    Returns ``(loss_rows, grad_hidden, grad_weight, grad_bias)``; the gradients are
+    None without ``need_grads`` (grad_bias also without ``bias``).
+    """
+    N, V = hidden.shape[0], weight.shape[0]
+    loss_rows = torch.empty(N, device=hidden.device, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    grad_hidden = grad_weight = grad_bias = None
+    if need_grads:
+        grad_hidden = torch.empty_like(hidden)
+        # float32 accumulators, whatever the input dtype: a bf16 sum over many
+        # chunks would lose the small contributions.
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc)
+        grad_bias = torch.zeros(V, device=weight.device, dtype=acc) if bias is not None else None
+    step = _chunk_rows(N, V, hidden.dtype)
+    for start in range(0, N, step):
+        end = min(start + step, N)
+        h = hidden[start:end]
+        logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # (C, V)
+        scale = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale
+        loss_rows[start:end], _ = _cross_entropy_forward(
+            logits, target[start:end], ignore_index, label_smoothing,
+            grad=logits if need_grads else None, grad_scale=scale,
+        )
+        if need_grads:  # logits now holds ∂loss/∂logits for these rows
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+            if grad_weight.dtype == logits.dtype:
+                grad_weight.addmm_(logits.t(), h)
+            else:
+                grad_weight += logits.t() @ h
+            if grad_bias is not None:
+                grad_bias += logits.sum(0, dtype=grad_bias.dtype)
+    if need_grads:
+        grad_weight = grad_weight.to(weight.dtype)
+        grad_bias = grad_bias.to(bias.dtype) if bias is not None else None
+    return loss_rows, grad_hidden, grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------- torch ops and autograd
+# Custom ops, so torch.compile treats the chunk loop as one opaque call and the
+# target range check (a host sync) stays inside it.
+@torch.library.custom_op("minipt::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    ignore_index: int, reduction: str, label_smoothing: float, need_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss, and for mean/sum with ``need_grads`` the gradients for d(loss) = 1 (else empty tensors)."""
+    check_targets(OP, target, weight.shape[0], ignore_index)
+    counted = target != ignore_index
+    if reduction == "mean":
+        grad_scale = 1.0 / counted.sum().clamp(min=1).to(torch.float32)
+    else:
+        grad_scale = torch.ones((), device=hidden.device, dtype=torch.float32)
+    need_grads = need_grads and reduction != "none"
+    loss_rows, *grads = _chunked(hidden, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_grads)
+    grads = [g if g is not None else hidden.new_empty(0) for g in grads]
+    if reduction == "none":
+        return loss_rows.to(hidden.dtype), *grads
+    loss = loss_rows.sum()
+    if reduction == "mean":
+        loss = loss / counted.sum().clamp(min=1)
+    return loss.to(hidden.dtype), *grads
+
+
+@_linear_cross_entropy_fwd_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, need_grads):
+    loss = hidden.new_empty(hidden.shape[0]) if reduction == "none" else hidden.new_empty(())
+    if not need_grads or reduction == "none":
+        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+    grad_bias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
+    return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+
+@torch.library.custom_op("minipt::linear_cross_entropy_bwd", mutates_args=())
+def _linear_cross_entropy_bwd_op(
+    grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    target: torch.Tensor, ignore_index: int, label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of Σ_i grad_rows[i] · loss_i, recomputing the chunks (reduction="none")."""
+    _, grad_hidden, grad_weight, grad_bias = _chunked(
+        hidden, weight, bias, target, ignore_index, label_smoothing, grad_rows, True
+    )
+    return grad_hidden, grad_weight, grad_bias if grad_bias is not None else hidden.new_empty(0)
+
+
+@_linear_cross_entropy_bwd_op.register_fake
+def _(grad_rows, hidden, weight, bias, target, ignore_index, label_smoothing):
+    grad_bias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, ignore_index, reduction, label_smoothing, _ = inputs
+    ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
+    ctx.has_bias = bias is not None
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, target)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_):
+    if ctx.reduction == "none":
+        hidden, weight, bias, target = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = _linear_cross_entropy_bwd_op(
+            grad_loss, hidden, weight, bias, target, ctx.ignore_index, ctx.label_smoothing
+        )
+    else:  # the forward's gradients are for d(loss) = 1
+        grad_hidden, grad_weight, grad_bias = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None
+
+
+_linear_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _linear_cross_entropy_triton(hidden, weight, target, bias, ignore_index, reduction, label_smoothing):
-    raise BackendUnavailableError(f"{OP}: backend='triton' is not implemented yet")
+    need_grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    loss, *_ = _linear_cross_entropy_fwd_op(
+        hidden, weight, bias, target, ignore_index, reduction, label_smoothing, need_grads
+    )
+    return loss
 
 
 # ----------------------------------------------------------------------------- public op
@@ -50,6 +205,8 @@ def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_s
     check_tensor(OP, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     check_ce_args(OP, hidden, target, ignore_index, reduction, label_smoothing, logits_name="hidden")
     check_same(OP, ("hidden", hidden), ("weight", weight))
+    if weight.shape[0] == 0:
+        raise ValueError(f"{OP}: weight must have at least one row (V >= 1), got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(
             f"{OP}: weight must have shape (V, D) with D = {hidden.shape[1]} to match hidden, got {tuple(weight.shape)}"
@@ -66,16 +223,16 @@ def linear_cross_entropy(
 ):
     """``cross_entropy(hidden @ weight.T + bias, target)`` without materialising the logits."""
     _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
-    check_targets(OP, target, weight.shape[0], ignore_index)
     backend = resolve_backend(backend, hidden.device, OP)
+    if backend == "triton":
+        return _linear_cross_entropy_triton(
+            hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing)
+        )
+    check_targets(OP, target, weight.shape[0], ignore_index)
     if backend == "torch":
         return linear_cross_entropy_ref(
             hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, upcast=False,
-        )
-    if backend == "triton":
-        return _linear_cross_entropy_triton(
-            hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing)
         )
     from minipt.ops import native
 

@@ -1,0 +1,242 @@
+"""linear_cross_entropy against a float64 reference: loss and the gradients of hidden, weight and bias."""
+
+import importlib
+
+import pytest
+import torch
+
+from conftest import TRITON_DEVICE, requires_cuda
+from minipt._backend import BackendUnavailableError
+from minipt.ops import linear_cross_entropy, linear_cross_entropy_ref
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+lce_module = importlib.import_module("minipt.ops.linear_cross_entropy")
+
+BACKENDS = ["triton", "native"]
+DEVICE = TRITON_DEVICE
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 5 rows at V = 4099 in float32, so every shape here spans several chunks and a ragged last one."""
+    monkeypatch.setattr(lce_module, "CHUNK_LOGITS_BYTES", 5 * 4099 * 4)
+    monkeypatch.setattr(lce_module, "CHUNK_ROW_MULTIPLE", 1)
+
+
+@pytest.fixture
+def one_row_chunks(monkeypatch):
+    """A chunk per row: the most sums into the weight and bias gradients."""
+    monkeypatch.setattr(lce_module, "CHUNK_LOGITS_BYTES", 1)
+    monkeypatch.setattr(lce_module, "CHUNK_ROW_MULTIPLE", 1)
+
+
+def make_inputs(N, D, V, with_bias, ignored, dtype=torch.float32):
+    hidden = torch.randn(N, D, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, D, device=DEVICE) / D**0.5 * 3).to(dtype)
+    bias = torch.randn(V, device=DEVICE).to(dtype) if with_bias else None
+    target = torch.randint(0, V, (N,), device=DEVICE)
+    if ignored == "some":
+        target[::3] = -100
+    elif ignored == "all":
+        target[:] = -100
+    return hidden, weight, bias, target
+
+
+def loss_and_grads(fn, hidden, weight, bias, target, reduction, **kw):
+    """The loss and the gradients of 3·loss (or Σ w_i·loss_i for 'none') for hidden, weight and bias."""
+    inputs = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    b = inputs[2] if bias is not None else None
+    loss = fn(inputs[0], inputs[1], target, bias=b, reduction=reduction, **kw)
+    if reduction == "none":
+        weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
+        grads = torch.autograd.grad(loss, inputs, weights)
+    else:
+        grads = torch.autograd.grad(loss * 3, inputs)
+    return loss.detach(), grads
+
+
+def reference(hidden, weight, bias, target, reduction, **kw):
+    b = bias.double() if bias is not None else None
+    return loss_and_grads(linear_cross_entropy_ref, hidden.double(), weight.double(), b, target, reduction, **kw)
+
+
+def assert_close_all(got, want, rtol=1e-5, atol=1e-5):
+    loss, grads = got
+    want_loss, want_grads = want
+    torch.testing.assert_close(loss.double(), want_loss, rtol=rtol, atol=atol)
+    for name, g, w in zip(("hidden", "weight", "bias"), grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N, D, V", [(1, 8, 41), (7, 16, 1000), (33, 24, 4099)])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("ignored, label_smoothing", [("none", 0.0), ("some", 0.1), ("all", 0.1)])
+def test_matches_float64_reference(backend, N, D, V, reduction, with_bias, ignored, label_smoothing, small_chunks, poisoned_empty):
+    hidden, weight, bias, target = make_inputs(N, D, V, with_bias, ignored)
+    kw = dict(label_smoothing=label_smoothing)
+    got = loss_and_grads(linear_cross_entropy, hidden, weight, bias, target, reduction, backend=backend, **kw)
+    assert got[0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in got[1])
+    assert_close_all(got, reference(hidden, weight, bias, target, reduction, **kw))
+    if ignored == "all":
+        assert (got[0] == 0).all() and all((g == 0).all() for g in got[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_low_precision_three_way(backend, dtype, reduction, small_chunks, poisoned_empty):
+    """|kernel - ref_fp32| <= 2·|torch in dtype - ref_fp32| + atol, for the loss and every gradient."""
+    hidden, weight, bias, target = make_inputs(33, 64, 4099, True, "some", dtype)
+    kw = dict(label_smoothing=0.1)
+    loss, grads = loss_and_grads(linear_cross_entropy, hidden, weight, bias, target, reduction, backend=backend, **kw)
+    assert loss.dtype == dtype and all(g.dtype == dtype for g in grads)
+    up = [t.float() for t in (hidden, weight, bias)]
+    ref_loss, ref_grads = loss_and_grads(linear_cross_entropy_ref, *up, target, reduction, **kw)
+    low_loss, low_grads = loss_and_grads(linear_cross_entropy_ref, hidden, weight, bias, target, reduction, upcast=False, **kw)
+    eps = torch.finfo(dtype).eps
+    named = zip(("loss", "hidden", "weight", "bias"), (loss, *grads), (low_loss, *low_grads), (ref_loss, *ref_grads))
+    for name, got, low, ref in named:
+        # atol: one unit in the last place of the tensor's largest element. A
+        # gradient entry sums thousands of rounded products, so where torch's own
+        # error cancels by chance the rule alone would demand better than rounding.
+        bound = 2 * (low.float() - ref).abs() + eps * ref.abs().max()
+        err = (got.float() - ref).abs()
+        assert (err <= bound).all(), f"{name}: worst excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_and_bias_gradients_accumulate_in_float32(backend, one_row_chunks):
+    """512 chunks summed into grad_weight and grad_bias: a bf16 running sum fails the three-way rule by 3-9x."""
+    dtype = torch.bfloat16
+    hidden, weight, bias, target = make_inputs(512, 16, 41, True, "none", dtype)
+    _, grads = loss_and_grads(linear_cross_entropy, hidden, weight, bias, target, "sum", backend=backend)
+    _, ref = loss_and_grads(linear_cross_entropy_ref, hidden.float(), weight.float(), bias.float(), target, "sum")
+    _, low = loss_and_grads(linear_cross_entropy_ref, hidden, weight, bias, target, "sum", upcast=False)
+    eps = torch.finfo(dtype).eps
+    for name, got, r, lo in zip(("hidden", "weight", "bias"), grads, ref, low):
+        bound = 2 * (lo.float() - r).abs() + eps * r.abs().max()
+        err = (got.float() - r).abs()
+        assert (err <= bound).all(), f"{name}: worst excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_some_inputs_require_grad_and_no_grad_mode(backend, small_chunks):
+    hidden, weight, bias, target = make_inputs(11, 8, 300, True, "some")
+    h = hidden.clone().requires_grad_()
+    loss = linear_cross_entropy(h, weight, target, bias=bias, backend=backend)
+    (grad,) = torch.autograd.grad(loss, h)
+    h64 = hidden.double().requires_grad_()
+    want_loss = linear_cross_entropy_ref(h64, weight.double(), target, bias=bias.double())
+    (want,) = torch.autograd.grad(want_loss, h64)
+    torch.testing.assert_close(loss.double(), want_loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        plain = linear_cross_entropy(h, weight.requires_grad_(), target, bias=bias, backend=backend)
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, loss.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_hidden_and_weight(backend, small_chunks, poisoned_empty):
+    N, D, V = 13, 16, 1000
+    hidden = torch.randn(D, N, device=DEVICE).t()
+    weight = (torch.randn(V, 2 * D, device=DEVICE) / 2)[:, ::2]
+    target = torch.randint(0, V, (2 * N,), device=DEVICE)[::2]
+    assert not (hidden.is_contiguous() or weight.is_contiguous() or target.is_contiguous())
+    got = loss_and_grads(linear_cross_entropy, hidden, weight, None, target, "sum", backend=backend)
+    assert_close_all(got, reference(hidden, weight, None, target, "sum"))
+
+
+def test_default_chunking_bounds_the_chunk_logits():
+    assert lce_module._chunk_rows(16384, 50304, torch.bfloat16) == 2624
+    assert lce_module._chunk_rows(100, 50304, torch.bfloat16) == 100
+    assert lce_module._chunk_rows(10**6, 10**7, torch.float32) == lce_module.CHUNK_ROW_MULTIPLE
+    for N, V, dtype in ((16384, 50304, torch.bfloat16), (8192, 128256, torch.float32)):
+        rows = lce_module._chunk_rows(N, V, dtype)
+        assert rows * V * torch.finfo(dtype).bits // 8 <= lce_module.CHUNK_LOGITS_BYTES
+        assert rows % lce_module.CHUNK_ROW_MULTIPLE == 0
+
+
+def test_torch_compile_fullgraph_matches_eager(small_chunks):
+    def fn(h, w, t):
+        return linear_cross_entropy(torch.tanh(h), w, t, label_smoothing=0.1, backend="triton") * 2
+
+    hidden, weight, _, target = make_inputs(9, 8, 300, False, "some")
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    compiled = torch.compile(fn, fullgraph=True)
+    loss = compiled(h, w, target)
+    grads = torch.autograd.grad(loss, (h, w))
+    want = fn(h, w, target)
+    want_grads = torch.autograd.grad(want, (h, w))
+    torch.testing.assert_close(loss, want)
+    for g, wg in zip(grads, want_grads):
+        torch.testing.assert_close(g, wg)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_peak_memory_is_a_quarter_of_unfused(backend):
+    """The LM-head size of the benchmark: N = 16384, D = 768, V = 50304, bf16."""
+    N, D, V = 16384, 768, 50304
+    hidden = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(V, D, device="cuda") / D**0.5).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, V, (N,), device="cuda")
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = fn(hidden, weight, target)
+        torch.autograd.grad(loss, (hidden, weight))
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    fused = peak(lambda h, w, t: linear_cross_entropy(h, w, t, backend=backend))
+    unfused = peak(lambda h, w, t: linear_cross_entropy_ref(h, w, t, upcast=False))
+    assert fused <= 0.25 * unfused, f"fused peak {fused / 2**20:.0f} MiB vs unfused {unfused / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "make, exc, pattern",
+    [
+        (lambda: (torch.randn(3, 4), torch.randn(7, 5), torch.tensor([0, 1, 2]), None), ValueError, "weight must have shape"),
+        (lambda: (torch.randn(3, 4), torch.randn(7, 4).double(), torch.tensor([0, 1, 2]), None), TypeError, "weight has dtype"),
+        (lambda: (torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2]), torch.randn(6)), ValueError, "bias must have shape"),
+        (lambda: (torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2]), torch.randn(7).double()), TypeError, "bias has dtype"),
+        (lambda: (torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 9, 2]), None), ValueError, r"target values must be in \[0, 7\)"),
+        (lambda: (torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1]), None), ValueError, "target must have shape"),
+        (lambda: (torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0.0, 1.0, 2.0]), None), TypeError, "target must have dtype"),
+        (lambda: (torch.randn(3, 4, 1), torch.randn(7, 4), torch.tensor([0, 1, 2]), None), ValueError, "hidden must have 2"),
+        (lambda: (torch.randn(3, 4), torch.randn(7), torch.tensor([0, 1, 2]), None), ValueError, "weight must have 2"),
+        (lambda: (torch.randn(3, 4), torch.randn(0, 4), torch.tensor([-100, -100, -100]), None), ValueError, "at least one row"),
+        (lambda: (torch.randint(0, 3, (3, 4)), torch.randn(7, 4), torch.tensor([0, 1, 2]), None), TypeError, "dtype"),
+    ],
+)
+def test_bad_input_is_named(backend, make, exc, pattern):
+    hidden, weight, target, bias = (t.to(DEVICE) if t is not None else None for t in make())
+    with pytest.raises(exc, match=pattern):
+        linear_cross_entropy(hidden, weight, target, bias=bias, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs, exc, pattern",
+    [
+        (dict(reduction="avg"), ValueError, "reduction must be"),
+        (dict(label_smoothing=2.0), ValueError, "label_smoothing"),
+        (dict(ignore_index="x"), TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_options_are_named(backend, kwargs, exc, pattern):
+    hidden, weight, _, target = make_inputs(3, 4, 7, False, "none")
+    with pytest.raises(exc, match=pattern):
+        linear_cross_entropy(hidden, weight, target, backend=backend, **kwargs)
+
+
+def test_triton_outside_interpreter_on_cpu_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="backend='triton'"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2]), backend="triton")
