@@ -25,8 +25,8 @@ import torch
 from bench.common import RESULTS_DIR, default_device, device_slug, machine, print_table, table_columns, write_json
 from bench.plots import plot_rows
 
-# In run order: the ops, then the training step that puts them together.
-MODULES = ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy", "native_cpu", "e2e")
+# In run order: the ops, then training: nanoGPT's CPU recipe, and the training step on the device.
+MODULES = ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy", "native_cpu", "train_cpu", "e2e")
 
 
 def _names(parser: argparse.ArgumentParser, option: str, value: str | None) -> list[str]:

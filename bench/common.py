@@ -136,7 +136,7 @@ METRIC_FIELDS = (
 )
 # Row fields that are neither: what the row is, and why it holds no measurement.
 LABEL_FIELDS = ("name", "provider")
-NOTE_FIELDS = ("skipped", "error")
+NOTE_FIELDS = ("note", "skipped", "error")
 
 
 def config_fields(rows: list[dict]) -> list[str]:

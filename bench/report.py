@@ -15,11 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+from bench.__main__ import MODULES
 from bench.common import RESULTS_DIR, table_columns
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "BENCHMARKS.md"
-MODULE_ORDER = ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy", "native_cpu", "e2e")
 
 # Datasheet limits: dense bf16 tensor-core TFLOP/s and HBM TB/s. Matched on the
 # name torch reports, most specific first (the PCIe H100 has less of both).
@@ -78,7 +78,7 @@ def load(root: Path) -> dict[str, list[tuple[str, dict, list[dict]]]]:
         if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "machine" not in data:
             continue
         found.setdefault(path.parent.name, []).append((path.stem, data["machine"], data["rows"]))
-    order = {name: i for i, name in enumerate(MODULE_ORDER)}
+    order = {name: i for i, name in enumerate(MODULES)}
     for tables in found.values():
         tables.sort(key=lambda t: (order.get(t[0], len(order)), t[0]))
     return found
