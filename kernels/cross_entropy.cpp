@@ -23,6 +23,9 @@ namespace {
 
 // 4 KiB of float32: the chunk's max pass and exp pass both hit L1.
 constexpr int64_t CHUNK = 1024;
+// Rows are handed out a few at a time rather than in one static share per thread:
+// on a shared machine a thread that loses its core would otherwise hold up the rest.
+constexpr int ROWS_PER_GRAB = 8;
 
 MINIPT_CPU_CLONES void row_stats(const float* x, int64_t V, float* lse, float* sum_x) {
   float m = -std::numeric_limits<float>::infinity();
@@ -96,7 +99,7 @@ int64_t forward(const CrossEntropyArgs& a, float* loss, int num_threads, int64_t
   const float nan = std::numeric_limits<float>::quiet_NaN();
   int64_t n_bad = 0, first = -1;
 
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel) reduction(+ : n_bad)
+#pragma omp parallel for schedule(dynamic, ROWS_PER_GRAB) num_threads(num_threads) if (parallel) reduction(+ : n_bad)
   for (int64_t i = 0; i < N; ++i) {
     const int64_t t = static_cast<int64_t>(target[i]);
     if (t == a.ignore_index) {
@@ -136,7 +139,7 @@ void backward(const CrossEntropyArgs& a, const float* grad_rows, uintptr_t grad_
   const bool wide = a.dtype == FloatType::f32;
   std::vector<float> buffers(wide ? 0 : static_cast<size_t>(num_threads) * V);
 
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+#pragma omp parallel for schedule(dynamic, ROWS_PER_GRAB) num_threads(num_threads) if (parallel)
   for (int64_t i = 0; i < N; ++i) {
     const int64_t t = static_cast<int64_t>(target[i]);
     const int64_t offset = i * V;

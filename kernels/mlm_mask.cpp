@@ -11,6 +11,9 @@
 namespace minipt {
 namespace {
 
+// Groups are handed out in slices (see cross_entropy.cpp on dynamic scheduling).
+constexpr int GROUPS_PER_GRAB = 1024;
+
 template <typename Flag>
 bool any_special(const Flag* special, int64_t i) {
   return special != nullptr && special[i] != 0;
@@ -27,7 +30,7 @@ void mask(const MlmMaskArgs& a, const Flag* special, int num_threads) {
   const uint64_t vocab = static_cast<uint64_t>(a.vocab_size);
   const bool parallel = num_threads > 1 && n >= PARALLEL_MIN_ELEMENTS;
 
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+#pragma omp parallel for schedule(dynamic, GROUPS_PER_GRAB) num_threads(num_threads) if (parallel)
   for (int64_t g = 0; g < n_groups; ++g) {
     const Philox4 select = mlm_select_draw(static_cast<uint64_t>(g), a.seed);
     const int64_t first = g * MLM_GROUP;
