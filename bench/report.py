@@ -39,8 +39,8 @@ ROOFLINES = {
         "the backward does 2.5× the forward (FlashAttention-2's count), so forward + backward is 3.5×"
     ),
     "mlm_mask": (
-        "memory: bytes = N·(2·s_id + 1) read (ids, special-token flags as bytes, ... ) + 2·N·s_id written "
-        "(masked ids, labels)"
+        "memory: bytes = N·(3·s_id + s_flag): read the ids and the special-token flags, write the masked ids "
+        "and the labels; `copy_fraction` compares with a clone moving as many bytes on the same device"
     ),
     "cross_entropy": (
         "memory: bytes = N·V·s forward (one read of the logits) and 2·N·V·s backward (read the logits, "
@@ -49,6 +49,10 @@ ROOFLINES = {
     "linear_cross_entropy": (
         "compute: FLOPs = 2·N·D·V forward (the logits GEMM) and 4·N·D·V backward (the gradients of the "
         "hidden states and the weight): 6·N·D·V for forward + backward"
+    ),
+    "native_cpu": (
+        "as for the op each row times: cross_entropy 3·N·V·s bytes, mlm_mask 25 bytes per int64 id "
+        "(read id and flag, write id and label), linear_cross_entropy 6·N·D·V FLOPs"
     ),
     "e2e": (
         "compute: model FLOPs per token = 6·N_params + 12·L·C·T (PaLM's estimate; BERT's decoder counted "
@@ -148,8 +152,8 @@ def _section(folder: str, tables: list[tuple[str, dict, list[dict]]], gpu: bool)
     for name, machine, rows in tables:
         limits = card(str(machine.get("device", ""))) if gpu else None
         lines += [f"#### {name}", "", f"{_machine_line(machine)}, measured {machine.get('date', '?')}.", ""]
-        if name in ROOFLINES and gpu:
-            lines += [f"Roofline: {ROOFLINES[name]}.", ""]
+        if name in ROOFLINES:
+            lines += [f"{'Roofline' if gpu else 'Work counted'}: {ROOFLINES[name]}.", ""]
         lines += [table(rows, limits) if rows else "(no rows)", ""]
     return lines
 
