@@ -138,6 +138,7 @@ class Run:
                 self.data.val, self.tok, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.short_seq_prob, cfg.seed + 1
             )
         self.iter, self.best_val = 0, float("inf")
+        self.tokens = 0  # real (non-padding) tokens of this rank's last step
         self.train_model = self.model
         if cfg.compile:
             self.train_model = torch.compile(self.model)
@@ -167,6 +168,7 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
+        """Positions per optimizer step, all ranks together (BERT: at most; padding is not counted)."""
         return self.cfg.batch_size * self.block_size * self.cfg.gradient_accumulation_steps * self.rt.world_size
 
     # ---- state
@@ -219,7 +221,9 @@ class Run:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.iter, cfg)
         total = torch.zeros((), device=self.rt.device)
+        self.tokens = 0
         for micro, arrays in enumerate(self.sampler.next_step(accum)):
+            self.tokens += int(arrays["x"].size if "x" in arrays else arrays["attention_mask"].sum())
             # DDP all-reduces the gradients on the last micro-batch only.
             no_sync = self.rt.distributed and micro < accum - 1
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
@@ -364,6 +368,10 @@ def _start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
         if rt.is_main:  # rows logged after the checkpoint belong to the part being redone
             kept = [r for r in read_metrics(run.out) if r["iter"] <= run.iter]
             ckpt.atomic_write_text(run.out / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        if rt.is_main:  # the resumed settings (a longer max_iters, say) are the run's settings now
+            config = ckpt.read_config(run.out)
+            config["train"] = dataclasses.asdict(cfg)
+            ckpt.atomic_write_text(run.out / ckpt.CONFIG, json.dumps(config, indent=2))
         log(f"resuming {run.out} at step {run.iter}")
     elif rt.is_main:
         config = {
@@ -404,13 +412,13 @@ def train(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
     bar = tqdm(total=cfg.max_iters, initial=run.iter, disable=not (cfg.progress and rt.is_main), unit="step",
                dynamic_ncols=True, file=sys.stderr)
     echo = bar.write if not bar.disable else log
-    window_loss, window_steps, window_start = torch.zeros((), device=rt.device), 0, time.perf_counter()
+    window_loss, window_steps, window_tokens, window_start = torch.zeros((), device=rt.device), 0, 0, time.perf_counter()
     last_good = run.iter
     start_iter = run.iter
 
     def flush_window() -> None:
         """Log the mean train loss of the steps since the last log; stop on a non-finite one."""
-        nonlocal window_loss, window_steps, window_start, last_good
+        nonlocal window_loss, window_steps, window_tokens, window_start, last_good
         if window_steps == 0:
             return
         loss = float(rt.all_reduce_sum(window_loss.clone()).item()) / (window_steps * rt.world_size)
@@ -421,11 +429,12 @@ def train(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
             )
         elapsed = time.perf_counter() - window_start
         row = {"iter": run.iter, "train_loss": loss, "lr": learning_rate(run.iter - 1, cfg),
-               "tokens_per_s": window_steps * run.tokens_per_step / elapsed}
+               "tokens_per_s": window_tokens * rt.world_size / elapsed}
         if rt.is_main:
             append_metrics(run.out, row)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
-        window_loss, window_steps, window_start, last_good = torch.zeros((), device=rt.device), 0, time.perf_counter(), run.iter
+        window_loss, window_steps, window_tokens, last_good = torch.zeros((), device=rt.device), 0, 0, run.iter
+        window_start = time.perf_counter()
 
     with _StopRequest() as stop, contextlib.closing(bar):
         while True:
@@ -446,6 +455,7 @@ def train(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
                 break
             window_loss += run.step()
             window_steps += 1
+            window_tokens += run.tokens
             bar.update(1)
             if run.iter % cfg.log_interval == 0:
                 flush_window()

@@ -114,6 +114,8 @@ def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
     assert set(last) == {"iter", "val_loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc"}
     assert last["val_loss"] == pytest.approx(last["mlm_loss"] + last["nsp_loss"])
     assert 0 <= last["mlm_acc"] <= 1 and 0 <= last["nsp_acc"] <= 1
+    speeds = [r["tokens_per_s"] for r in T.read_metrics(tmp_path / "run") if "tokens_per_s" in r]
+    assert len(speeds) == 4 and all(s > 0 for s in speeds)
 
     assert T.main(args + ["--objective=mlm", "--overwrite"]) == 0
     last = [r for r in T.read_metrics(tmp_path / "run") if "val_loss" in r][-1]
@@ -208,5 +210,6 @@ def test_sigint_saves_and_exits_cleanly(tmp_path):
     assert saved >= 1 and f"saved step {saved} " in err
     assert T.main([f"--out_dir={out}", "--resume", f"--max_iters={saved + 2}"]) == 0
     assert ckpt.load_state(out)["iter"] == saved + 2
+    assert ckpt.read_config(out)["train"]["max_iters"] == saved + 2  # the next --resume goes on from here
     assert [it for it, _ in rows(out, "train_loss")][-3:] == [saved, saved + 1, saved + 2]
     assert math.isfinite(rows(out, "val_loss")[-1][1])

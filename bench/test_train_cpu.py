@@ -1,0 +1,73 @@
+"""The CPU training benchmark: pytest-benchmark timings of one training step, and checks
+that the nanoGPT-recipe baseline is the model and schedule it claims to be.
+
+``pytest bench/test_train_cpu.py --benchmark-only`` times one optimizer step of
+minipt's trainer (data sampling included) and of the recipe baseline, at tiny sizes
+on the CPU with the torch backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import train_cpu
+from minipt import runtime
+from minipt import train as T
+from minipt.config import TrainConfig
+from minipt.model import GPT, GPTConfig
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4)
+
+
+@pytest.fixture
+def cpu_only(bench_device):
+    if bench_device != "cpu":
+        pytest.skip("the CPU recipe is timed on the CPU; GPU training steps are in bench/test_e2e.py")
+
+
+def test_minipt_trainer_step(benchmark, measure, cpu_only, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 40)
+    cfg = TrainConfig(data=str(corpus), tokenizer="char", split="stream", cache_dir=str(tmp_path / "cache"),
+                      out_dir=str(tmp_path / "run"), backend="torch", bias=False, eval_iters=1, **TINY)
+    run = T.Run(cfg, runtime.setup("cpu", "float32"), log=lambda *a: None)
+    loss = measure(run.step)
+    assert math.isfinite(loss.item())
+
+
+def test_recipe_baseline_step(benchmark, measure, cpu_only):
+    model = train_cpu.RecipeGPT(65, TINY["block_size"], TINY["n_layer"], TINY["n_head"], TINY["n_embd"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 65, (TINY["batch_size"], TINY["block_size"]))
+
+    def step():
+        loss = model(x, x.roll(-1, dims=1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    assert math.isfinite(measure(step).item())
+
+
+def test_recipe_model_is_nanogpts_size_and_minipts_shape():
+    s = train_cpu.RECIPE
+    recipe = train_cpu.RecipeGPT(65, s["block_size"], s["n_layer"], s["n_head"], s["n_embd"])
+    n = sum(p.numel() for p in recipe.parameters()) - recipe.wpe.weight.numel()
+    assert f"{n / 1e6:.2f}M" == "0.80M"  # what nanoGPT prints for shakespeare_char on the CPU
+    ours = GPT(GPTConfig(vocab_size=65, block_size=s["block_size"], n_layer=s["n_layer"], n_head=s["n_head"],
+                         n_embd=s["n_embd"], bias=False))
+    assert sorted(p.numel() for p in ours.parameters()) == sorted(p.numel() for p in recipe.parameters())
+
+
+def test_recipe_schedule_is_minipts_schedule():
+    s = train_cpu.RECIPE
+    cfg = TrainConfig(**{k: s[k] for k in ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "max_iters")})
+    ours = np.array([T.learning_rate(it, cfg) for it in range(s["max_iters"] + 1)])
+    recipe = np.array([train_cpu.recipe_lr(it, s) for it in range(s["max_iters"] + 1)])
+    np.testing.assert_allclose(ours, recipe, rtol=1e-12)
