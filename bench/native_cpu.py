@@ -115,7 +115,8 @@ def mlm_mask_rows(rounds: int, rep: int) -> list[dict]:
     hf = hf_collator_mask()
     if hf is None:
         rows = rows_for("mlm_mask", fns, "torch", rounds, rep, fields, ("gbps", 25 * B * T))
-        return rows + [{"name": "mlm_mask", "provider": "hf-collator", **fields, "skipped": "transformers is not installed"}]
+        skipped = {"name": "mlm_mask", "provider": "hf-collator", **fields, "skipped": "transformers is not installed"}
+        return rows + [skipped]
     fns = {"hf-collator": lambda: hf(ids, special), **fns}
     return rows_for("mlm_mask", fns, "hf-collator", rounds, rep, fields, ("gbps", 25 * B * T))
 

@@ -232,7 +232,8 @@ __global__ void __launch_bounds__(THREADS)
   bool real[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) real[r] = key_is_real(mask, at.row0 + warp * ROWS + r, T_len);
-  const bool block_has_key = __syncthreads_or(threadIdx.x < BLOCK_ROWS && key_is_real(mask, at.row0 + threadIdx.x, T_len));
+  const bool block_has_key =
+      __syncthreads_or(threadIdx.x < BLOCK_ROWS && key_is_real(mask, at.row0 + threadIdx.x, T_len));
 
   float dk[ROWS][D / 32], dv[ROWS][D / 32];
 #pragma unroll
@@ -410,7 +411,8 @@ void dispatch(const AttentionArgs& a, F&& f) {
 
 void check_pointers(const AttentionArgs& a) {
   const int64_t n = a.batch * a.heads * a.seq_len * a.head_dim;
-  for (const auto& [ptr, name] : {std::pair{a.q, "q"}, std::pair{a.k, "k"}, std::pair{a.v, "v"}, std::pair{a.out, "out"}}) {
+  for (const auto& [ptr, name] :
+       {std::pair{a.q, "q"}, std::pair{a.k, "k"}, std::pair{a.v, "v"}, std::pair{a.out, "out"}}) {
     check_device_pointer(ptr, n, "attention", name);
   }
   check_device_pointer(a.lse, a.batch * a.heads * a.seq_len, "attention", "lse");

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(THREADS)
       m = vmax;
     }
 #pragma unroll
-    for (int e = 0; e < decltype(count)::value; ++e) s += __expf(v[e] - m);  // a NaN logit turns s into NaN, as in torch
+    for (int e = 0; e < decltype(count)::value; ++e) s += __expf(v[e] - m);  // NaN logits make s NaN, as in torch
   });
 
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -190,7 +190,8 @@ void launch_backward(const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t g
 
 // One block per row: gridDim.x caps the rows of one launch.
 void check_args(const CrossEntropyArgs& a) {
-  check(a.n_rows <= INT_MAX, "cross_entropy", "CUDA kernels take at most 2^31 - 1 rows, got " + std::to_string(a.n_rows));
+  check(a.n_rows <= INT_MAX, "cross_entropy",
+        "CUDA kernels take at most 2^31 - 1 rows, got " + std::to_string(a.n_rows));
   check_device_pointer(a.logits, a.n_rows * a.n_classes, "cross_entropy", "logits");
   check_device_pointer(a.target, a.n_rows, "cross_entropy", "target");
   check_device_pointer(a.lse, a.n_rows, "cross_entropy", "lse");

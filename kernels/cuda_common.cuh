@@ -38,7 +38,8 @@ inline void check_device_pointer(uintptr_t ptr, int64_t numel, const char* op, c
   const cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr));
   if (err != cudaSuccess) {
     cudaGetLastError();  // not sticky: clear it so the next launch check does not report it
-    throw std::invalid_argument(std::string(op) + ": " + arg + " is not a CUDA pointer (" + cudaGetErrorString(err) + ")");
+    throw std::invalid_argument(std::string(op) + ": " + arg + " is not a CUDA pointer (" +
+                                cudaGetErrorString(err) + ")");
   }
   int device = -1;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");

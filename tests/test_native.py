@@ -65,7 +65,7 @@ def ce_inputs(N, V, device, dtype=torch.float32, ignore_share=0.25, target_dtype
     return logits, target.to(target_dtype)
 
 
-def ce_grads(fn, logits, target, reduction, weight):
+def ce_grads(fn, logits, target, weight):
     """Loss and gradient of Σ weight·loss (weight makes each row's gradient scale distinct)."""
     x = logits.detach().clone().requires_grad_()
     loss = fn(x, target)
@@ -82,8 +82,10 @@ def test_cross_entropy_fp32_matches_float64(device, N, V, reduction, label_smoot
     logits, target = ce_inputs(N, V, device, target_dtype=target_dtype)
     weight = torch.randn(N if reduction == "none" else (), dtype=torch.float64, device=device)
     kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
-    got, got_grad = ce_grads(lambda x, t: cross_entropy(x, t, backend="native", **kwargs), logits, target, reduction, weight)
-    want, want_grad = ce_grads(lambda x, t: cross_entropy_ref(x, t, **kwargs), logits.double(), target, reduction, weight)
+    native_fn = lambda x, t: cross_entropy(x, t, backend="native", **kwargs)  # noqa: E731
+    got, got_grad = ce_grads(native_fn, logits, target, weight)
+    ref_fn = lambda x, t: cross_entropy_ref(x, t, **kwargs)  # noqa: E731
+    want, want_grad = ce_grads(ref_fn, logits.double(), target, weight)
     assert got.dtype == torch.float32 and got_grad.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-6)
@@ -99,9 +101,11 @@ def test_cross_entropy_low_precision(device, dtype, N, V, reduction, poisoned_em
     logits, target = ce_inputs(N, V, device, dtype=dtype)
     weight = torch.randn(N if reduction == "none" else (), dtype=torch.float64, device=device)
     kwargs = dict(reduction=reduction, label_smoothing=0.05)
-    got, got_grad = ce_grads(lambda x, t: cross_entropy(x, t, backend="native", **kwargs), logits, target, reduction, weight)
-    ref, ref_grad = ce_grads(lambda x, t: cross_entropy_ref(x, t, **kwargs), logits.float(), target, reduction, weight)
-    low, low_grad = ce_grads(lambda x, t: cross_entropy(x, t, backend="torch", **kwargs), logits, target, reduction, weight)
+    native_fn = lambda x, t: cross_entropy(x, t, backend="native", **kwargs)  # noqa: E731
+    torch_fn = lambda x, t: cross_entropy(x, t, backend="torch", **kwargs)  # noqa: E731
+    got, got_grad = ce_grads(native_fn, logits, target, weight)
+    ref, ref_grad = ce_grads(lambda x, t: cross_entropy_ref(x, t, **kwargs), logits.float(), target, weight)
+    low, low_grad = ce_grads(torch_fn, logits, target, weight)
     assert got.dtype == dtype and got_grad.dtype == dtype
     assert_lowp_close(got, ref, low, what="loss")
     assert_lowp_close(got_grad, ref_grad, low_grad, what="grad")
@@ -149,7 +153,8 @@ def test_cross_entropy_noncontiguous_input(device):
     logits = base.t()  # (40, 300), strides (1, 40)
     target = torch.randint(0, 300, (80,), device=device)[::2]
     got = cross_entropy(logits, target, reduction="none", backend="native")
-    torch.testing.assert_close(got.double(), cross_entropy_ref(logits.double(), target, reduction="none"), rtol=1e-5, atol=1e-5)
+    want = cross_entropy_ref(logits.double(), target, reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_cross_entropy_cpu_is_identical_for_any_thread_count():
@@ -185,8 +190,8 @@ def test_cross_entropy_under_torch_compile():
         return native.cross_entropy(x, t, ignore_index=-100, reduction="mean", label_smoothing=0.1)
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor")
-    got, got_grad = ce_grads(compiled, logits, target, "mean", torch.tensor(1.0, dtype=torch.float64))
-    want, want_grad = ce_grads(loss_fn, logits, target, "mean", torch.tensor(1.0, dtype=torch.float64))
+    got, got_grad = ce_grads(compiled, logits, target, torch.tensor(1.0, dtype=torch.float64))
+    want, want_grad = ce_grads(loss_fn, logits, target, torch.tensor(1.0, dtype=torch.float64))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
 
@@ -288,7 +293,8 @@ def test_linear_cross_entropy_fp32_matches_float64(
     w = torch.randn(N if reduction == "none" else (), dtype=torch.float64, device=device)
     kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
     got, got_grads = lce_grads(
-        lambda h, W, b, t: linear_cross_entropy(h, W, t, bias=b, backend="native", **kwargs), hidden, weight, b, target, w
+        lambda h, W, b, t: linear_cross_entropy(h, W, t, bias=b, backend="native", **kwargs),
+        hidden, weight, b, target, w,
     )
     want, want_grads = lce_grads(
         lambda h, W, b, t: linear_cross_entropy_ref(h, W, t, bias=b, **kwargs),
@@ -494,7 +500,9 @@ def test_mlm_mask_custom_op_passes_opcheck_and_compiles():
     torch.library.opcheck(native.mlm_mask_op, (ids, special, 3, 1000, 0.15, 7))
 
     def mask_fn(ids, special):
-        return native.mlm_mask(ids, mask_token_id=3, vocab_size=1000, special_tokens_mask=special, mlm_probability=0.15, seed=7)
+        return native.mlm_mask(
+            ids, mask_token_id=3, vocab_size=1000, special_tokens_mask=special, mlm_probability=0.15, seed=7
+        )
 
     got = torch.compile(mask_fn, fullgraph=True)(ids, special)
     want = mask_fn(ids, special)
@@ -579,7 +587,8 @@ def test_attention_cuda_fp32_matches_float64(B, H, T, lengths, D, is_causal, poi
     q, k, v, mask = attention_inputs(B, H, T, D, "cuda", torch.float32, lengths)
     grad_out = torch.randn(B, H, T, D, device="cuda", dtype=torch.float64)
     got, got_grads = attention_grads(
-        lambda q, k, v: attention(q, k, v, is_causal=is_causal, attention_mask=mask, backend="native"), q, k, v, grad_out
+        lambda q, k, v: attention(q, k, v, is_causal=is_causal, attention_mask=mask, backend="native"),
+        q, k, v, grad_out,
     )
     want, want_grads = attention_grads(
         lambda q, k, v: attention_ref(q, k, v, is_causal=is_causal, attention_mask=mask),

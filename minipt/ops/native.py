@@ -55,7 +55,9 @@ def _check_device(op: str, *named: tuple[str, torch.Tensor]) -> None:
     device = named[0][1].device
     for name, x in named:
         if x.device.type not in ("cpu", "cuda"):
-            raise BackendUnavailableError(f"{op}: backend='native' runs on CPU and CUDA tensors; {name} is on {x.device}")
+            raise BackendUnavailableError(
+                f"{op}: backend='native' runs on CPU and CUDA tensors; {name} is on {x.device}"
+            )
         if x.device != device:
             raise ValueError(f"{op}: {name} is on {x.device} but {named[0][0]} is on {device}; expected one device")
 
@@ -84,7 +86,9 @@ def _ce_args(logits, target, ignore_index, label_smoothing) -> dict:
     _check_device(op, ("logits", logits), ("target", target))
     _check_contiguous(op, ("logits", logits), ("target", target))
     if logits.dim() != 2 or target.shape != (logits.shape[0],):
-        raise ValueError(f"{op}: expected logits (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"{op}: expected logits (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
     if target.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: target must be int32 or int64, got {target.dtype}")
     if logits.shape[1] == 0:
@@ -123,7 +127,9 @@ def cross_entropy_backward(
     args = _ce_args(logits, target, ignore_index, label_smoothing)
     for name, x in (("lse", lse), ("grad_rows", grad_rows)):
         if x.dtype != torch.float32 or x.shape != target.shape:
-            raise ValueError(f"cross_entropy: {name} must be float32 of shape {tuple(target.shape)}, got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(
+                f"cross_entropy: {name} must be float32 of shape {tuple(target.shape)}, got {x.dtype} {tuple(x.shape)}"
+            )
     _check_device("cross_entropy", ("logits", logits), ("lse", lse), ("grad_rows", grad_rows))
     _check_contiguous("cross_entropy", ("lse", lse), ("grad_rows", grad_rows))
     grad = torch.empty_like(logits)
@@ -184,7 +190,10 @@ def _attention_args(q, k, v, attention_mask, out, lse, is_causal, scale) -> dict
     if lse.dtype != torch.float32 or lse.shape != (B, H, T):
         raise ValueError(f"{op}: lse must be float32 of shape {(B, H, T)}, got {lse.dtype} {tuple(lse.shape)}")
     if attention_mask is not None and (attention_mask.dtype != torch.uint8 or attention_mask.shape != (B, T)):
-        raise ValueError(f"{op}: the key mask must be uint8 of shape {(B, T)}, got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"{op}: the key mask must be uint8 of shape {(B, T)}, got {attention_mask.dtype} "
+            f"{tuple(attention_mask.shape)}"
+        )
     return dict(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
         key_mask=0 if attention_mask is None else attention_mask.data_ptr(), batch=B, heads=H, seq_len=T,
@@ -222,7 +231,9 @@ def attention_backward(
     _check_device("attention", ("q", q), ("grad_out", grad_out))
     _check_contiguous("attention", ("grad_out", grad_out))
     if grad_out.shape != q.shape or grad_out.dtype != q.dtype:
-        raise ValueError(f"attention: grad_out must match q's shape and dtype, got {grad_out.dtype} {tuple(grad_out.shape)}")
+        raise ValueError(
+            f"attention: grad_out must match q's shape and dtype, got {grad_out.dtype} {tuple(grad_out.shape)}"
+        )
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     _run("attention_backward", q.device, grad_out=grad_out.data_ptr(), delta=delta.data_ptr(),
@@ -259,7 +270,9 @@ def attention(q, k, v, *, is_causal, attention_mask, scale):
             f"{q.device}. Use backend='torch' on the CPU."
         )
     if q.shape[-1] not in ATTENTION_HEAD_DIMS:
-        raise BackendUnavailableError(f"{op}: backend='native' supports head dims {ATTENTION_HEAD_DIMS}, got {q.shape[-1]}")
+        raise BackendUnavailableError(
+            f"{op}: backend='native' supports head dims {ATTENTION_HEAD_DIMS}, got {q.shape[-1]}"
+        )
     key_mask = None if attention_mask is None else attention_mask.ne(0).to(torch.uint8).contiguous()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, bool(is_causal), scale)
@@ -332,7 +345,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return [
             torch.empty_like(hidden) if needs[0] else None,
             torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
-            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs[2] and bias is not None else None,
+            torch.zeros_like(bias, dtype=torch.float32) if needs[2] and bias is not None else None,
         ]
 
     @staticmethod
@@ -357,7 +370,9 @@ def _row_chunks(N: int, V: int):
 def linear_cross_entropy(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing):
     op = "linear_cross_entropy"
     _float_code(op, "hidden", hidden)
-    named = [("hidden", hidden), ("weight", weight), ("target", target)] + ([("bias", bias)] if bias is not None else [])
+    named = [("hidden", hidden), ("weight", weight), ("target", target)]
+    if bias is not None:
+        named.append(("bias", bias))
     _check_device(op, *named)
     hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -372,16 +387,23 @@ def mlm_mask_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked ids, labels), both shaped and typed like input_ids; see minipt.ops.mlm_mask."""
     op = "mlm_mask"
-    named = [("input_ids", input_ids)] + ([("special_tokens_mask", special_tokens_mask)] if special_tokens_mask is not None else [])
+    named = [("input_ids", input_ids)]
+    if special_tokens_mask is not None:
+        named.append(("special_tokens_mask", special_tokens_mask))
     _check_device(op, *named)
     _check_contiguous(op, *named)
     if input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: input_ids must be int32 or int64, got {input_ids.dtype}")
     if special_tokens_mask is not None:
         if special_tokens_mask.shape != input_ids.shape:
-            raise ValueError(f"{op}: special_tokens_mask must have shape {tuple(input_ids.shape)}, got {tuple(special_tokens_mask.shape)}")
+            raise ValueError(
+                f"{op}: special_tokens_mask must have shape {tuple(input_ids.shape)}, "
+                f"got {tuple(special_tokens_mask.shape)}"
+            )
         if special_tokens_mask.dtype not in (torch.bool, torch.uint8, torch.int32, torch.int64):
-            raise TypeError(f"{op}: special_tokens_mask must be bool, uint8, int32 or int64, got {special_tokens_mask.dtype}")
+            raise TypeError(
+                f"{op}: special_tokens_mask must be bool, uint8, int32 or int64, got {special_tokens_mask.dtype}"
+            )
     masked, labels = torch.empty_like(input_ids), torch.empty_like(input_ids)
     _run(
         "mlm_mask", input_ids.device, input_ids=input_ids.data_ptr(),
@@ -401,4 +423,6 @@ def _(input_ids, special_tokens_mask, mask_token_id, vocab_size, mlm_probability
 def mlm_mask(input_ids, *, mask_token_id, vocab_size, special_tokens_mask, mlm_probability, seed):
     if special_tokens_mask is not None:
         special_tokens_mask = special_tokens_mask.contiguous()
-    return mlm_mask_op(input_ids.contiguous(), special_tokens_mask, mask_token_id, vocab_size, float(mlm_probability), seed)
+    return mlm_mask_op(
+        input_ids.contiguous(), special_tokens_mask, mask_token_id, vocab_size, float(mlm_probability), seed
+    )
