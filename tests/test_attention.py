@@ -1,0 +1,294 @@
+"""attention kernels against a float64 reference: output and all three gradients, masks, layouts, errors.
+
+Without CUDA the Triton kernels run in the interpreter at small sizes (fp32 and
+fp16). bf16 there needs the kernels' interpreter upcast, because the interpreter's
+``tl.dot`` multiplies the raw bits of bf16 operands (triton-lang/triton#11584):
+one small bf16 case checks that upcast, and the bf16 matrix runs on CUDA only.
+"""
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
+from minipt._backend import BackendUnavailableError
+from minipt.ops import attention, attention_ref
+
+DEVICE = TRITON_DEVICE
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_qkv(B, H, T, D, dtype, layout="bhtd", device=DEVICE):
+    """Fresh random q, k, v of shape (B, H, T, D) in one of several memory layouts."""
+    if layout == "bhtd":
+        return [torch.randn(B, H, T, D, device=device).to(dtype) for _ in range(3)]
+    if layout == "bthd":  # a model's (B, T, H, D) projection, transposed: T and H strides swap
+        return [torch.randn(B, T, H, D, device=device).to(dtype).transpose(1, 2) for _ in range(3)]
+    if layout == "packed":  # q, k, v slices of one (B, T, 3, H, D) projection, none of them dense
+        qkv = torch.randn(B, T, 3, H, D, device=device).to(dtype)
+        return [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+    if layout == "d_strided":  # D is not the unit-stride dimension
+        return [torch.randn(B, H, D, T, device=device).to(dtype).transpose(2, 3) for _ in range(3)]
+    raise ValueError(layout)
+
+
+def make_mask(pattern, B, T, device=DEVICE):
+    """(B, T) key-padding masks; every pattern has a sequence with no real key when B > 1."""
+    arange = torch.arange(T, device=device)
+    if pattern is None:
+        return None
+    if pattern == "right":  # lengths: full, none, unaligned to any block, a single token
+        lengths = torch.tensor([T, 0, T // 2 + 3, 1][:B], device=device).clamp(max=T)
+        return arange[None, :] < lengths[:, None]
+    if pattern == "left":  # a contiguous span that does not start at 0, as int64
+        starts = torch.tensor([0, T, (T + 1) // 3, T - 1][:B], device=device)
+        return (arange[None, :] >= starts[:, None]).long()
+    if pattern == "holes":  # no structure at all, as int32
+        mask = torch.rand(B, T, device=device) < 0.6
+        mask[-1] = False
+        return mask.int()
+    raise ValueError(pattern)
+
+
+def forward_backward(fn, q, k, v, grad_out, **kw):
+    """Output and (dq, dk, dv) of ``fn`` at fresh leaves made from q, k, v."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]  # new leaves, same storage and strides
+    out = fn(*leaves, **kw)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out.detach(), grads
+
+
+def reference(q, k, v, grad_out, **kw):
+    return forward_backward(attention_ref, q.double(), k.double(), v.double(), grad_out.double(), **kw)
+
+
+def rounding_atol(ref, dtype):
+    """Twice the rounding error of ``dtype`` at the reference's magnitude (flash-attention's atol)."""
+    x = ref.to(dtype)
+    return 2 * ((x + 0.3 - 0.3) - x).abs().max().item()
+
+
+def assert_matches(got, want, lowp, dtype, name):
+    """fp32: close to float64. fp16/bf16: the three-way rule of STYLE.md,
+    |kernel - ref| <= 2·|torch in dtype - ref| + atol, on the largest error."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        return
+    err = (got.double() - want).abs().max().item()
+    torch_err = (lowp.double() - want).abs().max().item()
+    bound = 2 * torch_err + rounding_atol(want, dtype)
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (torch in {dtype}: {torch_err:.3g})"
+
+
+def check_against_reference(q, k, v, *, backend="triton", **kw):
+    """Runs the kernel and the references, and compares the output and the three gradients."""
+    dtype = q.dtype
+    grad_out = torch.randn(q.shape, device=q.device).to(dtype)
+    out, grads = forward_backward(attention, q, k, v, grad_out, backend=backend, **kw)
+    want_out, want_grads = reference(q, k, v, grad_out, **kw)
+    lowp_out, lowp_grads = (None, (None,) * 3)
+    if dtype in LOW_PRECISION:
+        lowp_out, lowp_grads = forward_backward(attention_ref, q, k, v, grad_out, upcast=False, **kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_matches(out, want_out, lowp_out, dtype, "out")
+    for name, g, w, lp in zip(("dq", "dk", "dv"), grads, want_grads, lowp_grads):
+        assert g.dtype == dtype and g.shape == q.shape
+        assert_matches(g, w, lp, dtype, name)
+    return out, grads
+
+
+# ----------------------------------------------------------------------------- Triton, small sizes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [16, 64])
+@pytest.mark.parametrize("T", [1, 17, 64, 129])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_matches_reference(T, D, is_causal, dtype, poisoned_empty):
+    q, k, v = make_qkv(1, 2, T, D, dtype)
+    check_against_reference(q, k, v, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("pattern", ["right", "left", "holes"])
+@pytest.mark.parametrize("T", [17, 129])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_key_padding(pattern, T, is_causal, poisoned_empty):
+    B, H, D = 4, 2, 32
+    q, k, v = make_qkv(B, H, T, D, torch.float32)
+    mask = make_mask(pattern, B, T)
+    _, (dq, dk, dv) = check_against_reference(q, k, v, is_causal=is_causal, attention_mask=mask)
+    hidden = ~mask.bool()[:, None, :, None].expand_as(dk)
+    assert (dk[hidden] == 0).all() and (dv[hidden] == 0).all(), "padded keys must get exactly zero gradient"
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_key_padding_fp16(is_causal, poisoned_empty):
+    q, k, v = make_qkv(4, 2, 50, 64, torch.float16)
+    check_against_reference(q, k, v, is_causal=is_causal, attention_mask=make_mask("right", 4, 50))
+
+
+def test_rows_without_keys_are_zero_with_zero_gradients(poisoned_empty):
+    """Sequence 1 has no real key; with causal + left padding the first rows of sequence 0 see none either."""
+    B, H, T, D = 2, 2, 40, 16
+    q, k, v = make_qkv(B, H, T, D, torch.float32)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    mask[0, 21:] = True
+    grad_out = torch.randn(B, H, T, D, device=DEVICE)
+    out, (dq, dk, dv) = forward_backward(
+        attention, q, k, v, grad_out, is_causal=True, attention_mask=mask, backend="triton"
+    )
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    assert (out[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    assert (out[0, :, :21] == 0).all() and (dq[0, :, :21] == 0).all()
+    assert (out[0, :, 21:] != 0).any()
+
+
+@pytest.mark.parametrize("layout", ["bthd", "packed", "d_strided"])
+def test_non_contiguous_inputs(layout, poisoned_empty):
+    q, k, v = make_qkv(2, 3, 45, 32, torch.float32, layout=layout)
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, is_causal=True, attention_mask=make_mask("right", 2, 45))
+
+
+def test_output_keeps_the_input_layout_and_takes_an_expanded_gradient(poisoned_empty):
+    """A (B, T, H, D) view in gives a (B, T, H, D) view out; out.sum() sends back a stride-0 gradient."""
+    q, k, v = make_qkv(2, 3, 33, 16, torch.float32, layout="bthd")
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = attention(*leaves, backend="triton")
+    assert out.stride() == q.stride()
+    out.sum().backward()
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    attention_ref(*ref).sum().backward()
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("scale", [0.05, -0.3, 0.0])
+def test_scale(scale, poisoned_empty):
+    """Any finite scale, including a negative one (which turns the smallest score into the largest)."""
+    q, k, v = make_qkv(1, 2, 40, 16, torch.float32)
+    check_against_reference(q, k, v, is_causal=True, scale=scale)
+
+
+def test_bf16_small(poisoned_empty):
+    """On CPU this passes only because the kernels upcast bf16 dot operands in the interpreter."""
+    q, k, v = make_qkv(2, 2, 37, 32, torch.bfloat16)
+    check_against_reference(q, k, v, is_causal=True, attention_mask=make_mask("right", 2, 37))
+
+
+def test_backward_is_deterministic():
+    q, k, v = make_qkv(2, 2, 70, 32, torch.float32)
+    grad_out = torch.randn_like(q)
+    mask = make_mask("holes", 2, 70)
+    runs = [forward_backward(attention, q, k, v, grad_out, attention_mask=mask, backend="triton")[1] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(
+    not HAS_CUDA,
+    reason="needs CUDA: compiling traces the launchers with fake tensors, which interpreter kernels cannot take",
+)
+def test_torch_compile_fullgraph():
+    """The op is a torch.library.triton_op: compiled with fullgraph=True, nothing breaks the graph."""
+    q, k, v = make_qkv(2, 2, 300, 64, torch.bfloat16)
+    mask = make_mask("right", 2, 300)
+
+    def loss(q, k, v):
+        return (attention(q, k, v, is_causal=True, attention_mask=mask, backend="triton").float() ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    got, got_grads = forward_backward(compiled, q, k, v, torch.tensor(1.0, device=DEVICE))
+    want, want_grads = forward_backward(loss, q, k, v, torch.tensor(1.0, device=DEVICE))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- CUDA, real sizes
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize(
+    "T, is_causal, pattern", [(4096, False, None), (4096, True, None), (1000, False, "right"), (1000, True, "holes")]
+)
+def test_cuda_real_sizes(backend, dtype, D, T, is_causal, pattern, poisoned_empty):
+    """bf16 needs a GPU: the interpreter's bf16 tl.dot is wrong (see the module docstring)."""
+    B, H = (2, 4) if T <= 1024 else (1, 2)
+    q, k, v = make_qkv(B, H, T, D, dtype, layout="bthd")
+    check_against_reference(q, k, v, backend=backend, is_causal=is_causal, attention_mask=make_mask(pattern, B, T))
+
+
+@requires_cuda
+@pytest.mark.parametrize("D, dtype", [(16, torch.bfloat16), (32, torch.bfloat16), (128, torch.float32)])
+def test_cuda_other_head_dims(D, dtype, poisoned_empty):
+    """The head dims and dtypes the other tests leave out (bf16 needs a GPU, see the module docstring)."""
+    q, k, v = make_qkv(2, 3, 257, D, dtype)
+    check_against_reference(q, k, v, is_causal=True, attention_mask=make_mask("right", 2, 257))
+
+
+@requires_cuda
+def test_cuda_offsets_past_int32():
+    """B·H·T·D > 2^31 elements: the last sequence must equal the same sequence run alone."""
+    B, H, T, D = 17, 16, 4096, 128  # 2^31 + 2^27 elements, 4.3 GB per bf16 tensor
+    need = 8 * B * H * T * D * 2
+    if torch.cuda.get_device_properties(0).total_memory < need * 1.3:
+        pytest.skip(f"needs about {need * 1.3 / 2**30:.0f} GiB of GPU memory")
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out = attention(q, k, v, is_causal=True, backend="triton")
+    out.backward(torch.ones_like(out))
+    last = [x[-1:].detach().clone().requires_grad_() for x in (q, k, v)]
+    out_last = attention(*last, is_causal=True, backend="triton")
+    out_last.backward(torch.ones_like(out_last))
+    assert torch.equal(out[-1:], out_last)
+    for full, alone in zip((q, k, v), last):
+        assert torch.equal(full.grad[-1:], alone.grad)
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("D", [8, 48, 256])
+def test_unsupported_head_dim_is_named(D):
+    q, k, v = make_qkv(1, 1, 4, D, torch.float32)
+    with pytest.raises(ValueError, match=f"head dim D = {D}"):
+        attention(q, k, v, backend="triton")
+
+
+def test_float64_is_refused_by_triton():
+    q, k, v = make_qkv(1, 1, 4, 16, torch.float64)
+    with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
+        attention(q, k, v, backend="triton")
+
+
+def test_mixed_dtypes_and_mask_shape_are_named():
+    q, k, v = make_qkv(2, 1, 4, 16, torch.float32)
+    with pytest.raises(TypeError, match="v has dtype"):
+        attention(q, k, v.half(), backend="triton")
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(B, T\) = \(2, 4\)"):
+        attention(q, k, v, attention_mask=torch.ones(2, 5, dtype=torch.bool, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match=r"attention_mask must have shape"):
+        attention(q, k, v, attention_mask=torch.ones(4, dtype=torch.bool, device=DEVICE), backend="triton")
+
+
+@requires_cuda
+def test_mixed_devices_are_named():
+    q, k, v = make_qkv(1, 1, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="k is on cpu but q is on cuda"):
+        attention(q, k.cpu(), v, backend="triton")
+    with pytest.raises(ValueError, match="attention_mask is on cpu"):
+        attention(q, k, v, attention_mask=torch.ones(1, 4, dtype=torch.bool), backend="triton")
+
+
+def test_triton_on_cpu_outside_the_interpreter_is_refused(monkeypatch):
+    # resolve_backend reads TRITON_INTERPRET at call time; the kernels were
+    # decorated under the conftest's value, so only the refusal changes.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = make_qkv(1, 1, 4, 16, torch.float32, device="cpu")
+    with pytest.raises(BackendUnavailableError, match="backend='triton' runs on CUDA tensors"):
+        attention(q, k, v, backend="triton")
+
+
+def test_native_on_cpu_tensors_is_refused():
+    q, k, v = make_qkv(1, 1, 4, 64, torch.float32, device="cpu")
+    with pytest.raises(BackendUnavailableError, match="native"):
+        attention(q, k, v, backend="native")
