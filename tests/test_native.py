@@ -262,7 +262,7 @@ class TestCrossEntropyBindings:
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force several logit chunks on small inputs, so the chunk loop and its accumulation are tested."""
-    monkeypatch.setattr(native, "LOGITS_CHUNK_ELEMENTS", 4000)
+    monkeypatch.setattr(native, "LOGITS_CHUNK_ELEMENTS", 16000)
 
 
 def lce_inputs(N, D, V, device, dtype=torch.float32, bias=True):
