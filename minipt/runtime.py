@@ -79,6 +79,26 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def on_main(self, fn):
+        """Run ``fn()`` on rank 0 alone and return what it returns there (None elsewhere).
+
+        An exception it raises is raised on every rank, so that the others stop with
+        the same message instead of waiting at the next collective until it times out.
+        """
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # handed to every rank below
+                error = exc
+        if self.distributed:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise error
+        return result
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -159,12 +159,8 @@ class Run:
             model=cfg.model, data=cfg.data, strip_markup=cfg.strip_markup, tokenizer=tokenizer,
             vocab_size=cfg.vocab_size, split=cfg.split, val_fraction=cfg.val_fraction, cache_dir=cfg.cache_dir,
         )
-        if self.rt.is_main:  # rank 0 fills the cache; the others then read it
-            data = prepare_data(**kwargs, log=self.log)
-        self.rt.barrier()
-        if not self.rt.is_main:
-            data = prepare_data(**kwargs, log=lambda msg: None)
-        return data
+        data = self.rt.on_main(lambda: prepare_data(**kwargs, log=self.log))  # rank 0 fills the cache,
+        return data or prepare_data(**kwargs, log=lambda msg: None)  # the others then read it
 
     @property
     def tokens_per_step(self) -> int:
@@ -359,9 +355,7 @@ def _prepare_out_dir(cfg: TrainConfig) -> None:
 
 
 def _start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
-    if rt.is_main:
-        _prepare_out_dir(cfg)
-    rt.barrier()
+    rt.on_main(lambda: _prepare_out_dir(cfg))
     run = Run(cfg, rt, log)
     if cfg.resume:
         run.load_state_dict(ckpt.load_checkpoint(run.out, run.model, rt.device))

@@ -57,3 +57,15 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path):
     assert losses(single, "train_loss")[-1][1] < losses(single, "train_loss")[0][1]
     assert {p.name for p in ddp.iterdir()} == set(ckpt.RUN_FILES)
     assert ckpt.load_state(ddp)["iter"] == 6
+
+
+@pytest.mark.slow
+def test_bad_input_stops_every_rank_with_the_message(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "minipt.train",
+           f"--data={tmp_path / 'missing.txt'}", f"--out_dir={tmp_path / 'run'}", "--progress=false"]
+    # Rank 0 finds the problem; rank 1 must not wait for it at a barrier until the timeout.
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("minipt.train: error: data path") == 2
+    assert str(REPO / "minipt") not in proc.stderr  # no traceback from minipt; torchrun reports the exit codes
