@@ -1,0 +1,87 @@
+"""pytest-benchmark timings of attention forward + backward, and checks of what bench.attention measures.
+
+``pytest bench/test_attention.py --benchmark-only [--bench-device cpu|cuda]``. On
+the CPU only the torch providers run (fp32, small); Triton and native are timed on
+CUDA alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import attention as bench
+from minipt._backend import BackendUnavailableError
+from minipt.ops import attention_ref
+
+PROVIDERS = ("minipt-torch", "sdpa", "naive", "minipt-triton", "minipt-native")
+
+
+def _case(device: str):
+    """(q, k, v, key_mask): a padded batch, small on the CPU."""
+    if torch.device(device).type == "cuda":
+        B, H, T, D, dtype = 8, 16, 1024, 64, torch.bfloat16
+    else:
+        B, H, T, D, dtype = 2, 4, 128, 64, torch.float32
+    lengths = bench.bert_lengths(B, T, T // 8, device)
+    return (*bench.make_qkv(B, H, T, D, device, dtype), torch.arange(T, device=device)[None, :] < lengths[:, None])
+
+
+def _step_or_skip(provider, device, q, k, v, key_mask, is_causal):
+    if provider in ("minipt-triton", "minipt-native") and torch.device(device).type != "cuda":
+        why = "Triton would run in the interpreter" if provider == "minipt-triton" else "native attention is CUDA-only"
+        pytest.skip(f"{provider} is timed on CUDA only: {why}")
+    step = bench.make_step(bench.make_fn(provider, is_causal, key_mask), q, k, v, "fwd+bwd")
+    try:
+        step()
+    except BackendUnavailableError as exc:
+        pytest.skip(f"{provider} cannot run on {device}: {exc}")
+    return step
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["padded", "causal"])
+def test_attention_fwd_bwd(measure, bench_device, provider, is_causal):
+    q, k, v, key_mask = _case(bench_device)
+    key_mask = None if is_causal else key_mask
+    step = _step_or_skip(provider, bench_device, q, k, v, key_mask, is_causal)
+    dq, dk, dv = measure(step)
+    assert dq.shape == dk.shape == dv.shape == q.shape
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_every_provider_computes_attention(bench_device, provider):
+    """What is timed is attention: each provider's output and gradients match the reference."""
+    q, k, v, key_mask = _case(bench_device)
+    _step_or_skip(provider, bench_device, q, k, v, key_mask, False)
+    fn = bench.make_fn(provider, False, key_mask)
+    grad_out = torch.randn_like(q)
+    out = fn(q, k, v)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
+    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    want = attention_ref(*ref, attention_mask=key_mask)
+    wanted = [want, *torch.autograd.grad(want, ref, grad_out.float())]
+    # A sanity check of the benchmark's wiring; the kernels' precision is tested in tests/.
+    rel = 3e-2 if q.dtype == torch.bfloat16 else 1e-4
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, wanted):
+        err = (g.float() - w).abs().max().item()
+        assert err <= rel * w.abs().max().item(), f"{provider} {name}: max error {err:.3g}"
+
+
+def test_flop_counts():
+    assert bench.forward_flops(2, 3, 128, 64, False) == 4 * 2 * 3 * 128 * 128 * 64
+    assert bench.forward_flops(2, 3, 128, 64, True) == 2 * 2 * 3 * 128 * 128 * 64
+
+
+def test_padded_rows_report_every_provider(bench_device):
+    if torch.device(bench_device).type == "cuda":
+        pytest.skip("the row checks run at the CPU sizes; on CUDA the benchmark itself is the check")
+    rows = bench.padded_rows("cpu", quick=True)
+    assert [r["mode"] for r in rows] == ["fwd"] * len(bench.PROVIDERS) + ["fwd+bwd"] * len(bench.PROVIDERS)
+    for r in rows:
+        assert ("median_ms" in r) != ("skipped" in r), r
+        if "median_ms" in r:
+            assert r["tflops"] > 0 and r["ratio"] > 0
+    baseline = [r for r in rows if r["provider"] == bench.PADDED_BASELINE]
+    assert all(r["ratio"] == 1.0 for r in baseline)
+    assert any("interprets" in r.get("skipped", "") for r in rows if r["provider"] == "minipt-triton")
