@@ -107,6 +107,17 @@ def test_low_precision_three_way(backend, dtype, reduction, small_chunks, poison
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    hidden = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(41, 8, device=DEVICE, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    assert linear_cross_entropy(hidden, weight, target, reduction="none", backend=backend).shape == (0,)
+    loss = linear_cross_entropy(hidden, weight, target, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 8) and (weight.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_and_bias_gradients_accumulate_in_float32(backend, one_row_chunks):
     """512 chunks summed into grad_weight and grad_bias: a bf16 running sum fails the three-way rule by 3-9x."""
     dtype = torch.bfloat16
@@ -136,6 +147,22 @@ def test_only_some_inputs_require_grad_and_no_grad_mode(backend, small_chunks):
         plain = linear_cross_entropy(h, weight.requires_grad_(), target, bias=bias, backend=backend)
     assert not plain.requires_grad
     torch.testing.assert_close(plain, loss.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_the_linear_layer_in_the_autocast_dtype(backend, small_chunks):
+    """float32 parameters under bf16 autocast, as training runs the LM head: the same as casting by hand."""
+    hidden, weight, bias, target = make_inputs(17, 32, 1000, True, "some")
+    with torch.autocast(device_type=torch.device(DEVICE).type, dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(linear_cross_entropy, hidden, weight, bias, target, "mean", backend=backend)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    cast = [t.to(torch.bfloat16) for t in (hidden, weight, bias)]
+    want_loss, want_grads = loss_and_grads(linear_cross_entropy, *cast, target, "mean", backend=backend)
+    torch.testing.assert_close(loss, want_loss.float(), rtol=0, atol=0)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w.float(), rtol=0, atol=0)
+    ref = linear_cross_entropy_ref(*[t.double() for t in cast[:2]], target, bias=cast[2].double())
+    assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
