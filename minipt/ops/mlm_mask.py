@@ -98,7 +98,9 @@ def _uniform_threshold(p: float) -> int:
 
 def _mlm_mask_triton(input_ids, special_tokens_mask, mask_token_id, vocab_size, mlm_probability, seed):
     if vocab_size > 2**32 - 1:
-        raise ValueError(f"{OP}: backend='triton' draws random ids from 32 bits; vocab_size must be < 2**32, got {vocab_size}")
+        raise ValueError(
+            f"{OP}: backend='triton' draws random ids from 32 bits; vocab_size must be < 2**32, got {vocab_size}"
+        )
     ids = input_ids.contiguous().view(-1)
     out = torch.empty_like(ids)
     labels = torch.empty_like(ids)
