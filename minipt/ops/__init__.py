@@ -3,7 +3,7 @@
 from minipt.ops.attention import attention, attention_ref
 from minipt.ops.cross_entropy import cross_entropy, cross_entropy_ref
 from minipt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
-from minipt.ops.mlm_mask import mlm_mask, mlm_mask_ref
+from minipt.ops.mlm_mask import masked_positions, mlm_mask, mlm_mask_ref
 
 __all__ = [
     "attention",
@@ -12,6 +12,7 @@ __all__ = [
     "cross_entropy_ref",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
+    "masked_positions",
     "mlm_mask",
     "mlm_mask_ref",
 ]
