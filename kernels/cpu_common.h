@@ -1,4 +1,4 @@
-// Helpers of the C++ CPU kernels: threading, SIMD dispatch and a vectorisable exp.
+// What the C++ CPU kernels share: threading, SIMD dispatch and a vectorisable exp.
 #pragma once
 
 #include <algorithm>

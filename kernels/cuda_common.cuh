@@ -1,4 +1,4 @@
-// Helpers of the CUDA kernels: launch checks, dtype conversion, warp reductions.
+// What the CUDA kernels share: launch and pointer checks, dtype conversion, warp reductions.
 #pragma once
 
 #include <cuda_bf16.h>
