@@ -184,7 +184,6 @@ def _attention_fwd_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     stride_mb, stride_mt, H, T, qk_scale,
-    T_BUCKET,  # autotuning key only: T rounded up to a power of two
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -315,7 +314,6 @@ def _attention_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vt, stride_gb, stride_gh, stride_gt,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     stride_mb, stride_mt, H, T, qk_scale, scale,
-    T_BUCKET,  # autotuning key only: T rounded up to a power of two
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -426,7 +424,6 @@ def _attention_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_gb, stride_gh, stride_gt,
     stride_dqb, stride_dqh, stride_dqt, stride_mb, stride_mt, H, T, qk_scale, scale,
-    T_BUCKET,  # autotuning key only: T rounded up to a power of two
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -483,58 +480,48 @@ def _attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------- launch configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for the autotuner, per kernel,
-# head dim (up to 64, or 128) and bytes per element. Shared memory bounds them: each
-# pipeline stage holds a K and a V tile (BLOCK_N·D·bytes each), so the 128-wide
-# tiles at D = 128 stop at two stages, and fp32, run with exact fp32 dots
-# (input_precision="ieee"), keeps small tiles. The dK/dV pass keeps a wide key block
-# and walks thin query blocks, the dQ pass the mirror image (as in the Triton
-# tutorial's backward). Each list holds at most three candidates: tuning compiles
-# and times every one of them once per (T bucket, causal, mask, dtype).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head dim (up to 64, or 128)
+# and bytes per element. Chosen for Hopper from the Triton tutorial's shapes and
+# kept to those that ptxas compiles for sm_90 without spilling a register, in
+# every causal/mask variant; none takes more than 128 KB of shared memory. The dK/dV pass
+# holds a wide key block and walks thin query blocks, the dQ pass the mirror
+# image. fp32 inputs run exact fp32 dots (input_precision="ieee"), which live in
+# registers, hence the small tiles. A fixed table rather than an autotuner: each
+# config is one compile, where tuning would compile and time every candidate for
+# every shape class.
 _CUDA_CONFIGS = {
-    ("fwd", 64, 2): ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)),
-    ("fwd", 128, 2): ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
-    ("fwd", 64, 4): ((32, 32, 8, 2), (32, 16, 4, 2)),
-    ("fwd", 128, 4): ((32, 16, 8, 2), (16, 32, 8, 2)),
-    ("dkdv", 64, 2): ((32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3)),
-    ("dkdv", 128, 2): ((32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)),
-    ("dkdv", 64, 4): ((16, 32, 8, 2), (32, 32, 8, 2)),
-    ("dkdv", 128, 4): ((16, 32, 8, 2), (16, 16, 4, 2)),
-    ("dq", 64, 2): ((128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3)),
-    ("dq", 128, 2): ((128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)),
-    ("dq", 64, 4): ((32, 16, 8, 2), (32, 32, 8, 2)),
-    ("dq", 128, 4): ((32, 16, 8, 2), (16, 16, 4, 2)),
+    ("fwd", 64, 2): (128, 64, 4, 3),
+    ("fwd", 128, 2): (128, 64, 8, 3),
+    ("dkdv", 64, 2): (64, 128, 8, 3),
+    ("dkdv", 128, 2): (32, 128, 8, 3),
+    ("dq", 64, 2): (128, 32, 4, 4),
+    ("dq", 128, 2): (128, 32, 8, 3),
+    ("fwd", 64, 4): (32, 32, 8, 2),
+    ("fwd", 128, 4): (32, 16, 8, 2),
+    ("dkdv", 64, 4): (32, 32, 8, 2),
+    ("dkdv", 128, 4): (16, 32, 8, 2),
+    ("dq", 64, 4): (32, 32, 8, 2),
+    ("dq", 128, 4): (32, 16, 8, 2),
 }
-# The interpreter runs one small config: no tuning, and unequal blocks so that
-# diagonal and tail blocks are exercised at test sizes.
+# Sequences of at most 64 tokens fill a 128-row query block only half: 64 rows.
+_SHORT_T, _SHORT_CONFIGS = 64, {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3)}
+# The interpreter runs small unequal blocks, so that test sizes cross diagonal and tail blocks.
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
-_KERNELS = {
-    "fwd": "_attention_fwd_kernel",
-    "dkdv": "_attention_bwd_dkdv_kernel",
-    "dq": "_attention_bwd_dq_kernel",
-}
-_TUNED: dict = {}
 
 
-def _tuned_kernel(kind: str, head_dim: int, dtype: torch.dtype):
-    """The autotuned kernel of ``kind`` for this head dim and element size, built once."""
+def _launch_config(kind: str, T: int, head_dim: int, dtype: torch.dtype) -> dict:
     if triton_interpreting():
-        candidates = (_INTERPRETER_CONFIGS[kind],)
+        config = _INTERPRETER_CONFIGS[kind]
+    elif T <= _SHORT_T and dtype.itemsize == 2 and kind in _SHORT_CONFIGS:
+        config = _SHORT_CONFIGS[kind]
     else:
-        candidates = _CUDA_CONFIGS[(kind, 64 if head_dim <= 64 else 128, dtype.itemsize)]
-    key = (kind, candidates)
-    if key not in _TUNED:
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-            for bm, bn, warps, stages in candidates
-        ]
-        tune = triton.autotune(configs=configs, key=["T_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_MASK"])
-        _TUNED[key] = tune(globals()[_KERNELS[kind]])
-    return _TUNED[key]
+        config = _CUDA_CONFIGS[(kind, 64 if head_dim <= 64 else 128, dtype.itemsize)]
+    block_m, block_n, num_warps, num_stages = config
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
 
-def _t_bucket(T: int) -> int:
-    return 1 << max(T - 1, 0).bit_length()
+def _upcast(q: torch.Tensor) -> bool:
+    return triton_interpreting() and q.dtype == torch.bfloat16
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -568,18 +555,17 @@ def _attention_forward(
     if has_mask:
         mask = _mask_view(attention_mask)
         key_range = torch.empty((B, 2), dtype=torch.int32, device=q.device)
-        block = min(1024, max(16, triton.next_power_of_2(T)))
-        torch.library.wrap_triton(_key_range_kernel)[(B,)](mask, key_range, mask.stride(0), mask.stride(1), T, block)
+        torch.library.wrap_triton(_key_range_kernel)[(B,)](mask, key_range, mask.stride(0), mask.stride(1), T, 1024)
         mask_strides = mask.stride()
     else:
         # Never read: the kernels compile the mask code out when HAS_MASK is False.
         mask, key_range, mask_strides = q, torch.empty((0,), dtype=torch.int32, device=q.device), (0, 0)
-    kernel = _tuned_kernel("fwd", D, q.dtype)
-    torch.library.wrap_triton(kernel)[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)](
+    config = _launch_config("fwd", T, D, q.dtype)
+    torch.library.wrap_triton(_attention_fwd_kernel)[(triton.cdiv(T, config["BLOCK_M"]) * B * H,)](
         q, k, v, out, lse, mask, key_range,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *mask_strides,
-        H, T, scale * math.log2(math.e), _t_bucket(T),
-        HEAD_DIM=D, IS_CAUSAL=is_causal, HAS_MASK=has_mask, UPCAST=_upcast(q),
+        H, T, scale * math.log2(math.e),
+        HEAD_DIM=D, IS_CAUSAL=is_causal, HAS_MASK=has_mask, UPCAST=_upcast(q), **config,
     )
     return out, lse, key_range
 
@@ -603,23 +589,19 @@ def _attention_backward(
     mask_strides = mask.stride() if has_mask else (0, 0)
     flags = {"HEAD_DIM": D, "IS_CAUSAL": is_causal, "HAS_MASK": has_mask, "UPCAST": _upcast(q)}
     qk_scale = scale * math.log2(math.e)
-    kernel = _tuned_kernel("dkdv", D, q.dtype)
-    torch.library.wrap_triton(kernel)[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]) * B * H,)](
+    config = _launch_config("dkdv", T, D, q.dtype)
+    torch.library.wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(T, config["BLOCK_N"]) * B * H,)](
         q, k, v, grad_out, dk, dv, lse, delta, mask, key_range,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv), *mask_strides,
-        H, T, qk_scale, scale, _t_bucket(T), **flags,
+        H, T, qk_scale, scale, **flags, **config,
     )
-    kernel = _tuned_kernel("dq", D, q.dtype)
-    torch.library.wrap_triton(kernel)[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)](
+    config = _launch_config("dq", T, D, q.dtype)
+    torch.library.wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(T, config["BLOCK_M"]) * B * H,)](
         q, k, v, grad_out, dq, lse, delta, mask, key_range,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), *mask_strides,
-        H, T, qk_scale, scale, _t_bucket(T), **flags,
+        H, T, qk_scale, scale, **flags, **config,
     )
     return dq, dk, dv
-
-
-def _upcast(q: torch.Tensor) -> bool:
-    return triton_interpreting() and q.dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- autograd
