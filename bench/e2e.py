@@ -134,9 +134,9 @@ def make_batch(case: Case, cfg, device, seed: int = 0) -> dict:
     """One batch of ``case``'s shape on ``device``, the same for every provider.
 
     GPT: random token ids and the next-token targets. BERT: ``[CLS] A [SEP] B [SEP]``
-    pairs padded to ``seq_len``, each of a length drawn uniformly from [T/4, T] (the
-    spread of a real pre-training corpus), masked by ``minipt.ops.mlm_mask``, with
-    random NSP labels.
+    pairs padded to ``seq_len``, each of a length drawn uniformly from [T/4, T] so
+    that padding takes a good share of the batch, as in pre-training, masked by
+    ``minipt.ops.mlm_mask``, with random NSP labels.
     """
     gen = torch.Generator().manual_seed(seed)
     B, T = case.batch, case.seq_len
