@@ -23,7 +23,8 @@ The Triton kernels (FlashAttention-2, Dao 2023):
   per key block accumulates dK and dV over the query blocks, and one pass per
   query block accumulates dQ over the key blocks; both recompute
   P = exp2(s - lse) from Q, K and the saved lse. Each output block has one owner,
-  so the backward needs no atomics and is deterministic.
+  so the backward needs no atomics and is deterministic. Traffic: the dK/dV pass
+  reads Q and dO once per key block, the dQ pass K and V once per query block.
 * Masks. Causal programs skip every block above the diagonal. With key padding a
   small pre-pass finds each sequence's first and last real key, and programs skip
   the key blocks outside that span, so the cost follows the real lengths of
@@ -33,6 +34,9 @@ The Triton kernels (FlashAttention-2, Dao 2023):
 * A row that sees no key keeps m = -inf and l = 0: its output is 0 and its lse is
   +inf, which makes every recomputed probability of the row exp2(-inf) = 0, so
   its gradients vanish without a special case in the backward.
+* Precision: fp16/bf16 tiles go through the tensor cores with fp32 accumulation,
+  P and dS rounded to the input dtype before their matmuls (as FlashAttention
+  does); fp32 inputs use exact fp32 dots. Inputs may have any B, H and T strides.
 """
 
 from __future__ import annotations
