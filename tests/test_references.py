@@ -259,3 +259,11 @@ def test_triton_on_cpu_outside_interpreter_is_refused(monkeypatch):
 def test_bad_input_is_named(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+def test_torch_backend_compiles_without_graph_breaks():
+    f = torch.compile(lambda x, t: cross_entropy(x, t, backend="torch"), fullgraph=True, backend="eager")
+    x = torch.randn(8, 33, requires_grad=True)
+    t = torch.randint(0, 33, (8,))
+    t[1] = -100
+    torch.testing.assert_close(f(x, t), F.cross_entropy(x, t))

@@ -43,8 +43,14 @@ def check_targets(op: str, target: torch.Tensor, num_classes: int, ignore_index:
     """Every target is in [0, num_classes) or equals ignore_index.
 
     On CUDA this costs one host sync; an out-of-range id would otherwise read out
-    of bounds in a kernel, which is worse than any sync.
+    of bounds in a kernel, which is worse than any sync. While torch.compile traces,
+    a data-dependent branch would break the graph, so the check is left to the
+    kernels there: the Triton op checks inside its custom op, the native C++ kernel
+    raises, and the native CUDA kernel and torch's own ops never read out of bounds
+    (an out-of-range row gets a NaN loss or a device-side assert).
     """
+    if torch.compiler.is_compiling():
+        return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         first = target[bad][0].item()
