@@ -121,7 +121,7 @@ def forward_flops(B, H, T, D, is_causal) -> float:
 
 
 def measure(provider, mode, qkv, device, quick, *, is_causal, key_mask, flops) -> dict:
-    """median_ms, tflops and peak_mem_mb of one provider, or why it was skipped."""
+    """median_ms, tflops and peak_mem_mb of one provider, or why it was skipped, or its error."""
     on_cuda = torch.device(device).type == "cuda"
     T = qkv[0].shape[-2]
     if provider == "minipt-triton" and not on_cuda:
@@ -139,7 +139,9 @@ def measure(provider, mode, qkv, device, quick, *, is_causal, key_mask, flops) -
     except RuntimeError as exc:
         if provider in SDPA_BACKENDS:  # "No available kernel" and the reasons SDPA warns about
             return {"skipped": f"{provider} refuses this call: {str(exc).splitlines()[0][:200]}"}
-        raise
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    except Exception as exc:  # a broken provider is reported in its row; the other rows still run
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     ms = time_ms(step, device, rep=5 if quick else 20)
     row = {"median_ms": ms, "tflops": flops * (3.5 if mode == "fwd+bwd" else 1.0) / ms / 1e9}
     peak = peak_memory_bytes(step, device)
