@@ -18,8 +18,9 @@ On CUDA the models keep fp32 weights and run under bf16 autocast; on the CPU the
 run in fp32 at small sizes, and those figures say nothing about a GPU. ``--quick``
 takes fewer steps and leaves out ``torch-compile``, whose compilation alone takes
 20 s to a minute a model. The environment variable ``BENCH_E2E_BUDGET_S`` bounds
-the run: a measurement not started within that many seconds is reported skipped,
-and as providers run in the order above, the compiled runs are the first to go.
+the run: a compiled run not started within that many seconds is reported skipped.
+The timed steps of a case go round its providers one step at a time, so that load
+from elsewhere on a shared CPU falls on all of them alike.
 
 MFU divides the achieved model FLOP/s by a peak MEASURED at the start of the run:
 an 8192³ bf16 GEMM on CUDA (an fp32 GEMM on the CPU), reported as its own row.
@@ -49,7 +50,7 @@ from minipt.runtime import autocast, resolve_dtype
 
 PROVIDERS = ("torch", "minipt", "hf", "torch-compile")  # the baseline first; compilation, the slowest, last
 BASELINE = "torch"
-BUDGET_ENV = "BENCH_E2E_BUDGET_S"  # seconds after which the runs not yet started are skipped
+BUDGET_ENV = "BENCH_E2E_BUDGET_S"  # seconds after which no compiled run is started
 
 # bert-base-uncased's ids for the special tokens; every preset's vocabulary holds them.
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
@@ -208,64 +209,39 @@ def backend_for(provider: str, device: str) -> str:
     return "triton" if torch.device(device).type == "cuda" else "native"
 
 
-def make_step(case: Case, provider: str, device: str, batch: dict):
-    """A fresh model and optimizer for ``provider``, and a function running one training step on
-    ``batch`` that returns the step's loss (detached)."""
-    dev = torch.device(device)
-    torch.manual_seed(0)
-    cfg = minipt_config(case, backend_for(provider, device))
-    with dev:  # initialise on the device: a CPU init of 124M parameters takes seconds
-        model = hf_model(cfg) if provider == "hf" else (GPT if case.family == "gpt" else BERT)(cfg)
-    model.train()
-    # Fused AdamW is PyTorch's fastest on CUDA; every provider gets the same optimizer.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=dev.type == "cuda")
-    forward = torch.compile(model) if provider == "torch-compile" else model
+class TrainingStep:
+    """A fresh model and AdamW for one provider; calling it runs one training step on ``batch``
+    and returns the step's loss (detached)."""
 
-    dtype = resolve_dtype("bfloat16" if dev.type == "cuda" else "float32", dev)
+    def __init__(self, case: Case, provider: str, device: str, batch: dict):
+        self.device = torch.device(device)
+        torch.manual_seed(0)
+        cfg = minipt_config(case, backend_for(provider, device))
+        with self.device:  # initialise on the device: a CPU init of 124M parameters takes seconds
+            self.model = hf_model(cfg) if provider == "hf" else (GPT if case.family == "gpt" else BERT)(cfg)
+        self.model.train()
+        # Fused AdamW is PyTorch's fastest on CUDA; every provider gets the same optimizer.
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-4, weight_decay=0.1, fused=self.device.type == "cuda"
+        )
+        self.forward = torch.compile(self.model) if provider == "torch-compile" else self.model
+        self.dtype = resolve_dtype("bfloat16" if self.device.type == "cuda" else "float32", self.device)
+        self.hf = provider == "hf"
+        self.batch = batch
 
-    def step() -> torch.Tensor:
-        with autocast(dev, dtype):
-            loss = loss_of(forward, batch, hf=provider == "hf")
+    def __call__(self) -> torch.Tensor:
+        with autocast(self.device, self.dtype):
+            loss = loss_of(self.forward, self.batch, hf=self.hf)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step
-
-
-def measure(case: Case, provider: str, device: str, quick: bool, batch: dict, flops_per_token: float) -> dict:
-    """One provider on one case: median step time, throughput and peak memory."""
-    train_step = make_step(case, provider, device, batch)
-    losses = []
-
-    def step():
-        losses.append(train_step())
-
-    warmup, steps = _steps(device, quick)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    sync(device)
-    warmup_s = time.perf_counter() - t0
-    ms = statistics.median(time_steps_ms(step, device, steps=steps))
-    peak = peak_memory_bytes(step, device)
-    final_loss = losses[-1].item()
-    if not math.isfinite(final_loss):
-        raise FloatingPointError(f"the training loss is {final_loss} after {len(losses)} steps")
-
-    tokens = case.batch * case.seq_len
-    real_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else tokens
-    tokens_per_s = tokens / (ms / 1e3)
-    return {
-        "median_ms": ms,
-        "tokens_per_s": tokens_per_s,
-        "real_tokens_per_s": real_tokens / (ms / 1e3),
-        "tflops": flops_per_token * tokens_per_s / 1e12,
-        "peak_mem_mb": None if peak is None else (torch.cuda.memory_allocated() + peak) / 2**20,
-        "loss": final_loss,
-        "warmup_s": warmup_s,
-    }
+    def resident_bytes(self) -> int:
+        """Parameters and optimizer state: what stays allocated between steps."""
+        tensors = [*self.model.parameters()]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _release(device: str) -> None:
@@ -275,33 +251,87 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure_row(case: Case, provider: str, device: str, quick: bool, batch: dict, flops: float, deadline: float):
-    dev = torch.device(device)
-    row = {
-        "name": case.name, "provider": provider, "backend": backend_for(provider, device),
-        "batch": case.batch, "seq_len": case.seq_len, "dtype": "bf16-autocast" if dev.type == "cuda" else "fp32",
-    }
-    if provider == "torch-compile" and quick:
-        row["skipped"] = "not in --quick: compiling takes 20 s to a minute a model"
-    elif time.monotonic() > deadline:
-        row["skipped"] = f"the {BUDGET_ENV} time budget was spent"
+def _record_failure(row: dict, exc: Exception, device: str) -> None:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        row["error"] = f"out of memory at batch {row['batch']} x {row['seq_len']}"
+    elif isinstance(exc, BackendUnavailableError) and torch.device(device).type == "cpu":
+        # minipt's C++ kernels do not cover every op of a model on the CPU (attention is
+        # CUDA-only), a known gap there; on CUDA a missing kernel is a failure.
+        row["skipped"] = str(exc).splitlines()[0][:300]
     else:
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def measure_case(case: Case, device: str, quick: bool, batch: dict, flops_per_token: float, deadline: float):
+    """Every provider on one case: median step time, throughput and peak memory.
+
+    After each provider's warm-up, the timed steps go round the providers one step at a
+    time, so that load from elsewhere on a shared machine falls on all of them alike.
+    A provider that fails gets its reason in its row; the others carry on.
+    """
+    dev = torch.device(device)
+    rows = {
+        provider: {
+            "name": case.name, "provider": provider, "backend": backend_for(provider, device),
+            "batch": case.batch, "seq_len": case.seq_len, "dtype": "bf16-autocast" if dev.type == "cuda" else "fp32",
+        }
+        for provider in PROVIDERS
+    }
+    warmup, steps = _steps(device, quick)
+    live, losses, times = {}, {}, {}
+    for provider in PROVIDERS:
+        if provider == "torch-compile" and quick:
+            rows[provider]["skipped"] = "not in --quick: compiling takes 20 s to a minute a model"
+            continue
+        if provider == "torch-compile" and time.monotonic() > deadline:
+            rows[provider]["skipped"] = f"the {BUDGET_ENV} time budget was spent"
+            continue
         try:
-            row.update(measure(case, provider, device, quick, batch, flops))
-        except torch.cuda.OutOfMemoryError:
-            row["error"] = f"out of memory at batch {case.batch} x {case.seq_len}"
-        except BackendUnavailableError as exc:
-            # minipt's C++ kernels do not cover every op of a model on the CPU (attention is
-            # CUDA-only), which is a known gap there; on CUDA a missing kernel is a failure.
-            row["skipped" if dev.type == "cpu" else "error"] = str(exc).splitlines()[0][:300]
+            step = TrainingStep(case, provider, device, batch)
+            t0 = time.perf_counter()
+            losses[provider] = [step() for _ in range(warmup)]
+            sync(device)
+            rows[provider]["warmup_s"] = time.perf_counter() - t0
+            live[provider], times[provider] = step, []
         except Exception as exc:  # one provider's failure must not hide the others' figures
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-        _release(device)
-    outcome = row.get("error") or row.get("skipped")
-    if outcome is None:
-        outcome = f"{row['median_ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s"
-    print(f"  {case.name:16s} {provider:14s} {outcome}", flush=True)
-    return row
+            _record_failure(rows[provider], exc, device)
+            step = None
+            gc.collect()
+    for _ in range(steps):
+        for provider, step in list(live.items()):
+            try:
+                times[provider] += time_steps_ms(lambda: losses[provider].append(step()), device, steps=1)
+            except Exception as exc:
+                _record_failure(rows[provider], exc, device)
+                del live[provider]
+                gc.collect()
+
+    tokens = case.batch * case.seq_len
+    real_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else tokens
+    for provider, step in live.items():
+        row = rows[provider]
+        final_loss = losses[provider][-1].item()
+        if not math.isfinite(final_loss):
+            row["error"] = f"the training loss is {final_loss} after {len(losses[provider])} steps"
+            continue
+        ms = statistics.median(times[provider])
+        peak = peak_memory_bytes(step, device)  # the step's own peak above what is resident
+        row.update(
+            median_ms=ms,
+            tokens_per_s=tokens / (ms / 1e3),
+            real_tokens_per_s=real_tokens / (ms / 1e3),
+            tflops=flops_per_token * tokens / (ms / 1e3) / 1e12,
+            peak_mem_mb=None if peak is None else (step.resident_bytes() + peak) / 2**20,
+            loss=final_loss,
+        )
+    live.clear()
+    _release(device)
+    for provider, row in rows.items():
+        outcome = row.get("error") or row.get("skipped")
+        if outcome is None:
+            outcome = f"{row['median_ms']:9.1f} ms  {row['tokens_per_s']:10.0f} tok/s"
+        print(f"  {case.name:16s} {provider:14s} {outcome}", flush=True)
+    return [rows[p] for p in PROVIDERS]
 
 
 def run(device: str, quick: bool) -> list[dict]:
@@ -309,21 +339,14 @@ def run(device: str, quick: bool) -> list[dict]:
     dev = torch.device(device)
     peak = matmul_peak(device)
     print(f"measured matmul peak: {peak['tflops']:.3g} TFLOP/s ({peak['dtype']}, {peak['shape']})", flush=True)
-    cases = GPU_CASES if dev.type == "cuda" else CPU_CASES
-    inputs = {}
-    for case in cases:
+    rows = [peak]
+    for case in GPU_CASES if dev.type == "cuda" else CPU_CASES:
         cfg = minipt_config(case, "torch")
         batch = make_batch(case, cfg, device)
         mlm_fraction = float((batch["labels"] != -100).float().mean()) if case.family == "bert" else 1.0
-        inputs[case] = batch, train_flops_per_token(cfg, case.seq_len, mlm_fraction)
-    # Provider by provider, so that a time budget running out drops the compiled runs, which come last.
-    measured = {
-        (case, provider): _measure_row(case, provider, device, quick, *inputs[case], deadline)
-        for provider in PROVIDERS for case in cases
-    }
-    rows = [peak]
-    for case in cases:
-        case_rows = [measured[case, provider] for provider in PROVIDERS]
+        case_rows = measure_case(
+            case, device, quick, batch, train_flops_per_token(cfg, case.seq_len, mlm_fraction), deadline
+        )
         by_provider = {r["provider"]: r["median_ms"] for r in case_rows if "median_ms" in r}
         for row in case_rows:
             if "median_ms" not in row:
