@@ -8,6 +8,7 @@ median time, and the machine it ran on. CUDA timings use CUDA events through
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -100,6 +101,8 @@ def machine() -> dict:
             info["driver"] = None
     else:
         info["device"] = f"CPU: {_cpu_model()}, {torch.get_num_threads()} threads"
+        # A shared CPU's figures depend on what else ran: the load says how much did.
+        info["load_1min"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     return info
 
 

@@ -144,6 +144,8 @@ def _machine_line(machine: dict) -> str:
         parts.append(f"CUDA {machine['cuda']}")
     parts += [f"torch {machine.get('torch', '?')}", f"triton {machine.get('triton') or '-'}"]
     parts.append(f"Python {machine.get('python', '?')}")
+    if machine.get("load_1min") is not None:
+        parts.append(f"load average {machine['load_1min']} (1 min) at the end of the run")
     return ", ".join(parts)
 
 
