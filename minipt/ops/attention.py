@@ -546,7 +546,7 @@ def _mask_view(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.view(torch.uint8) if attention_mask.dtype == torch.bool else attention_mask
 
 
-@torch.library.triton_op("minipt::attention_forward", mutates_args=())
+@torch.library.triton_op("minipt::triton_attention_forward", mutates_args=())
 def _attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], is_causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -574,7 +574,7 @@ def _attention_forward(
     return out, lse, key_range
 
 
-@torch.library.triton_op("minipt::attention_backward", mutates_args=())
+@torch.library.triton_op("minipt::triton_attention_backward", mutates_args=())
 def _attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     attention_mask: Optional[Tensor], key_range: Tensor, is_causal: bool, scale: float,

@@ -201,7 +201,7 @@ def _cross_entropy_backward(grad_rows, logits, target, lse, ignore_index, label_
 
 
 # ----------------------------------------------------------------------------- torch ops and autograd
-@torch.library.custom_op("minipt::cross_entropy_fwd", mutates_args=())
+@torch.library.custom_op("minipt::triton_cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +215,7 @@ def _(logits, target, ignore_index, label_smoothing):
     return logits.new_empty(logits.shape[0], dtype=acc), logits.new_empty(logits.shape[0], dtype=acc)
 
 
-@torch.library.custom_op("minipt::cross_entropy_bwd", mutates_args=())
+@torch.library.custom_op("minipt::triton_cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd_op(
     grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
     ignore_index: int, label_smoothing: float,

@@ -126,7 +126,7 @@ def _chunked(hidden, weight, bias, target, ignore_index, label_smoothing, grad_s
 # ----------------------------------------------------------------------------- torch ops and autograd
 # Custom ops, so torch.compile treats the chunk loop as one opaque call and the
 # target range check (a host sync) stays inside it.
-@torch.library.custom_op("minipt::linear_cross_entropy_fwd", mutates_args=())
+@torch.library.custom_op("minipt::triton_linear_cross_entropy_fwd", mutates_args=())
 def _linear_cross_entropy_fwd_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     ignore_index: int, reduction: str, label_smoothing: float, need_grads: bool,
@@ -158,7 +158,7 @@ def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, ne
     return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
 
 
-@torch.library.custom_op("minipt::linear_cross_entropy_bwd", mutates_args=())
+@torch.library.custom_op("minipt::triton_linear_cross_entropy_bwd", mutates_args=())
 def _linear_cross_entropy_bwd_op(
     grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     target: torch.Tensor, ignore_index: int, label_smoothing: float,

@@ -4,7 +4,7 @@ The extension takes raw pointers, shapes and the CUDA stream; this module checks
 tensors, makes them contiguous, allocates outputs and wraps forward and backward
 in autograd.
 
-Each kernel is a ``torch.library`` custom op (``minipt::<name>``) with a fake
+Each kernel is a ``torch.library`` custom op (``minipt::native_<name>``) with a fake
 implementation that only describes its outputs, and the differentiable ones carry
 their backward, so ``torch.compile`` keeps each kernel as one opaque node of its
 graph instead of breaking the graph at an unknown call.
@@ -100,7 +100,7 @@ def _ce_args(logits, target, ignore_index, label_smoothing) -> dict:
     )
 
 
-@torch.library.custom_op("minipt::cross_entropy_forward", mutates_args=())
+@torch.library.custom_op("minipt::native_cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +118,7 @@ def _(logits, target, ignore_index, label_smoothing):
     return loss, torch.empty_like(loss)
 
 
-@torch.library.custom_op("minipt::cross_entropy_backward", mutates_args=())
+@torch.library.custom_op("minipt::native_cross_entropy_backward", mutates_args=())
 def cross_entropy_backward(
     logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int,
     label_smoothing: float,
@@ -201,7 +201,7 @@ def _attention_args(q, k, v, attention_mask, out, lse, is_causal, scale) -> dict
     )
 
 
-@torch.library.custom_op("minipt::attention_forward", mutates_args=())
+@torch.library.custom_op("minipt::native_attention_forward", mutates_args=())
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor], is_causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +221,7 @@ def _(q, k, v, key_mask, is_causal, scale):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("minipt::attention_backward", mutates_args=())
+@torch.library.custom_op("minipt::native_attention_backward", mutates_args=())
 def attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     key_mask: Optional[torch.Tensor], is_causal: bool, scale: float,
@@ -380,7 +380,7 @@ def linear_cross_entropy(hidden, weight, target, *, bias, ignore_index, reductio
 
 
 # ----------------------------------------------------------------------------- MLM masking
-@torch.library.custom_op("minipt::mlm_mask", mutates_args=())
+@torch.library.custom_op("minipt::native_mlm_mask", mutates_args=())
 def mlm_mask_op(
     input_ids: torch.Tensor, special_tokens_mask: Optional[torch.Tensor], mask_token_id: int, vocab_size: int,
     mlm_probability: float, seed: int,
