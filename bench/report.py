@@ -73,11 +73,46 @@ python -m bench.report                           # rewrites this file
 ```"""
 
 
+RUNNING = """\
+## Running the benchmarks
+
+```bash
+python -m bench [--quick] [--device cpu|cuda] [--only a,b] [--skip a,b] [--out DIR]  # tables, JSON, PNG
+python -m bench.<name> [--quick] [--device cpu|cuda]        # one of: """ + ", ".join(MODULES) + """
+pytest bench/ --benchmark-only [--bench-device cuda]        # pytest-benchmark, every op and backend
+python -m bench.report                                      # rewrite this file from the JSON
+python -m bench.plots                                       # redraw the PNGs from the JSON
+```
+
+`python -m bench` exits non-zero when a benchmark is missing, raises or reports an error row, and
+lists them in its summary. `pytest bench/ --benchmark-only` writes its JSON report to
+`bench/results/<device>/pytest-benchmark.json`."""
+
+
+def _e2e_plan() -> str:
+    """The GPU end-to-end configurations, stated before any GPU figure exists."""
+    from bench.e2e import GPU_CASES
+
+    cases = "; ".join(f"{c.name} (`{c.preset}`) at T={c.seq_len}, B={c.batch}" for c in GPU_CASES)
+    return (
+        f"End-to-end training steps on one 80 GB GPU (`bench/e2e.py`): {cases}. bf16 autocast over fp32 "
+        "weights, fused AdamW, the median of timed steps after warm-up; BERT batches padded to lengths "
+        "uniform in [T/4, T], masked by `minipt.ops.mlm_mask`, with random NSP labels. Each runs as minipt "
+        "on its Triton kernels, minipt on PyTorch ops (eager and `torch.compile`), and Hugging Face "
+        "(`GPT2LMHeadModel` / `BertForPreTraining`, SDPA attention); MFU is against a bf16 GEMM measured "
+        "in the same run."
+    )
+
+
 def load(root: Path) -> dict[str, list[tuple[str, dict, list[dict]]]]:
     """``{device folder: [(benchmark, machine, rows), ...]}`` for every results file under ``root``."""
     found: dict[str, list[tuple[str, dict, list[dict]]]] = {}
     for path in sorted(root.glob("*/*.json")):
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:  # e.g. a pytest-benchmark report still being written
+            print(f"skipping {path}: {exc}", file=sys.stderr)
+            continue
         # Other JSON lives here too (run summaries, pytest-benchmark reports): only row tables count.
         if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "machine" not in data:
             continue
@@ -175,7 +210,11 @@ def render(root: Path = RESULTS_DIR) -> str:
         "baseline); `ratio_vs_hf` does the same against Hugging Face. GPU and CPU figures are kept",
         "apart: a CPU figure says nothing about a GPU.",
         "",
+        RUNNING,
+        "",
         "## GPU",
+        "",
+        _e2e_plan(),
         "",
     ]
     if gpu:
