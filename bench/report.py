@@ -36,7 +36,8 @@ CARDS = (
 ROOFLINES = {
     "attention": (
         "compute: FLOPs = 4·B·H·T²·D forward (the QKᵀ and PV matmuls), halved with `is_causal`; "
-        "the backward does 2.5× the forward (FlashAttention-2's count), so forward + backward is 3.5×"
+        "the backward does 2.5× the forward (FlashAttention-2's count), so forward + backward is 3.5×; "
+        "a padded batch counts its real keys only, 4·H·T·D·Σ lengths"
     ),
     "mlm_mask": (
         "memory: bytes = N·(3·s_id + s_flag): read the ids and the special-token flags, write the masked ids "
