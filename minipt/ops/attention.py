@@ -181,6 +181,29 @@ def _fwd_key_blocks(
         m_i = m_new
     return acc, l_i, m_i
 
+@_jit
+def _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Key span [lo, hi) that a query block starting at start_m visits, and where its bulk ends.
+
+    Key blocks in [lo, bulk_hi) lie wholly inside [0, T) and wholly left of the
+    diagonal, so they need neither bound nor causal masks. A bulk block may pass
+    the last real key; the per-key mask hides what lies beyond it.
+    """
+    lo = 0
+    hi = T
+    if IS_CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, T)
+    if HAS_MASK:
+        lo = tl.load(KeyRange_ptr + 2 * b) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, tl.load(KeyRange_ptr + 2 * b + 1))
+    bulk_hi = T // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        bulk_hi = tl.minimum(bulk_hi, start_m // BLOCK_N * BLOCK_N)
+    bulk_hi = tl.maximum(tl.minimum(bulk_hi, hi), lo)
+    return lo, bulk_hi, hi
+
+
 
 @_jit
 def _attention_fwd_kernel(
@@ -211,20 +234,7 @@ def _attention_fwd_kernel(
     q_ptrs = Q_base + start_m.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=rows[:, None] < T, other=0.0)
 
-    lo = 0
-    hi = T
-    if IS_CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, T)
-    if HAS_MASK:
-        lo = tl.load(KeyRange_ptr + 2 * b) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(hi, tl.load(KeyRange_ptr + 2 * b + 1))
-    # Key blocks wholly inside [0, T) and wholly left of the diagonal need neither
-    # bound nor causal masks. A bulk block may pass the last real key; the per-key
-    # mask hides what lies beyond it.
-    bulk_hi = T // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        bulk_hi = tl.minimum(bulk_hi, start_m // BLOCK_N * BLOCK_N)
-    bulk_hi = tl.maximum(tl.minimum(bulk_hi, hi), lo)
+    lo, bulk_hi, hi = _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -457,17 +467,7 @@ def _attention_bwd_dq_kernel(
     mask_row = Mask_ptr + b.to(tl.int64) * stride_mb
 
     # The same key-block schedule as the forward.
-    lo = 0
-    hi = T
-    if IS_CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, T)
-    if HAS_MASK:
-        lo = tl.load(KeyRange_ptr + 2 * b) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(hi, tl.load(KeyRange_ptr + 2 * b + 1))
-    bulk_hi = T // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        bulk_hi = tl.minimum(bulk_hi, start_m // BLOCK_N * BLOCK_N)
-    bulk_hi = tl.maximum(tl.minimum(bulk_hi, hi), lo)
+    lo, bulk_hi, hi = _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_key_blocks(
