@@ -200,7 +200,7 @@ def _steps(device: str, quick: bool) -> tuple[int, int]:
     """(warm-up steps, timed steps)."""
     if torch.device(device).type == "cuda":
         return (2, 6) if quick else (3, 15)
-    return (1, 3) if quick else (2, 6)
+    return (1, 3) if quick else (2, 10)
 
 
 def backend_for(provider: str, device: str) -> str:
