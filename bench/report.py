@@ -57,7 +57,8 @@ ROOFLINES = {
     ),
     "e2e": (
         "compute: model FLOPs per token = 6·N_params + 12·L·C·T (PaLM's estimate; BERT's decoder counted "
-        "at the masked positions); MFU divides the achieved rate by a bf16 8192³ GEMM measured in the same run"
+        "at the masked positions); MFU divides the achieved rate by a GEMM measured in the same run (bf16 8192³ "
+        "on a GPU, fp32 1024³ on the CPU)"
     ),
 }
 
