@@ -2,7 +2,8 @@
 
 Each module ``bench/<name>.py`` exposes ``run(device, quick) -> list[dict]``. This
 runs them in turn, prints each table, and writes ``<name>.json`` and ``<name>.png``
-under ``<out>/<device>/`` (``bench/results/`` by default), plus ``summary.json``.
+under ``<out>/<device>/`` (``bench/results/`` by default), and records in
+``summary.json`` there how the latest run of each module went.
 A module that is missing or raises is reported as failed and the others still
 run; so is a row carrying an ``error``. The exit status is 1 when anything failed,
 so that a failure is never mistaken for a result.
@@ -86,15 +87,32 @@ def run_module(name: str, device: str, quick: bool, out: Path) -> dict:
     return entry
 
 
+def write_summary(folder: Path, entries: list[dict]) -> Path:
+    """Merge ``entries`` into ``folder/summary.json``: the latest run of each module, so that
+    runs of different modules into one folder (``--only``, ``--skip``) add up."""
+    path = folder / "summary.json"
+    try:
+        kept = [e for e in json.loads(path.read_text())["modules"] if e["module"] not in {n["module"] for n in entries}]
+    except (OSError, ValueError, KeyError, TypeError):
+        kept = []
+    order = {name: i for i, name in enumerate(MODULES)}
+    merged = sorted(kept + entries, key=lambda e: order.get(e["module"], len(order)))
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "modules": merged}, indent=2))
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"benchmarks on {machine()['device']} ({'quick' if args.quick else 'full'}): {', '.join(args.modules)}")
-    summary = [run_module(name, args.device, args.quick, args.out) for name in args.modules]
+    summary = []
+    for name in args.modules:
+        entry = run_module(name, args.device, args.quick, args.out)
+        entry["quick"] = args.quick
+        print(f"-- {name}: {entry['status']}, {entry['rows']} rows in {entry['seconds']} s", flush=True)
+        summary.append(entry)
     print_table("summary", summary, ["module", "status", "rows", "seconds", "detail"])
-    folder = args.out / device_slug(args.device)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "summary.json"
-    path.write_text(json.dumps({"machine": machine(), "quick": args.quick, "modules": summary}, indent=2))
+    path = write_summary(args.out / device_slug(args.device), summary)
     print(f"\nwrote {path}")
     failed = [e["module"] for e in summary if e["status"] != "ok"]
     if failed:

@@ -220,6 +220,11 @@ def test_main_reports_missing_and_broken_modules_and_exits_nonzero(monkeypatch, 
     assert (tmp_path / "cpu" / "fake_good.png").stat().st_size > 0
 
     assert bench_main.main(["--device", "cpu", "--only", "fake_good", "--out", str(tmp_path)]) == 0
+    # A run of some modules updates theirs in the summary and keeps the others'.
+    summary = json.loads((tmp_path / "cpu" / "summary.json").read_text())
+    assert [(m["module"], m["status"], m["quick"]) for m in summary["modules"]] == [
+        ("fake_missing", "missing", True), ("fake_broken", "failed", True), ("fake_good", "ok", False)
+    ]
 
 
 def test_main_counts_error_rows_as_failures(monkeypatch, tmp_path):
