@@ -1,12 +1,13 @@
 """``python -m bench``: every benchmark module in one run, with tables, plots and JSON.
 
-Each module ``bench/<name>.py`` exposes ``run(device, quick) -> list[dict]``. This
-runs them in turn, prints each table, and writes ``<name>.json`` and ``<name>.png``
-under ``<out>/<device>/`` (``bench/results/`` by default), and records in
-``summary.json`` there how the latest run of each module went.
-A module that is missing or raises is reported as failed and the others still
-run; so is a row carrying an ``error``. The exit status is 1 when anything failed,
-so that a failure is never mistaken for a result.
+Each module ``bench/<name>.py`` exposes ``run(device, quick) -> list[dict]``, and
+may expose ``plot(title, rows, path)`` to draw its own figure in place of the
+default bars (``bench.plots.plot_rows``). This runs the modules in turn, prints
+each table, writes ``<name>.json`` and ``<name>.png`` under ``<out>/<device>/``
+(``bench/results/`` by default), and records in ``summary.json`` there how the
+latest run of each module went. A module that is missing or raises is reported
+as failed and the others still run; so is a row carrying an ``error``. The exit
+status is 1 when anything failed, so that a failure is never mistaken for a result.
 """
 
 from __future__ import annotations
@@ -65,13 +66,15 @@ def run_module(name: str, device: str, quick: bool, out: Path) -> dict:
         if importlib.util.find_spec(f"bench.{name}") is None:
             entry.update(status="missing", detail=f"bench/{name}.py does not exist")
             return entry
-        rows = importlib.import_module(f"bench.{name}").run(device, quick)
+        module = importlib.import_module(f"bench.{name}")
+        rows = module.run(device, quick)
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
             raise TypeError(f"run() must return a list of dicts with a 'name', got {type(rows).__name__}")
         entry["rows"] = len(rows)
         print_table(f"{name} on {machine()['device']}", rows, table_columns(rows))
         entry["json"] = str(write_json(name, rows, device, out))
-        png = plot_rows(f"{name} on {machine()['device']}", rows, Path(entry["json"]).with_suffix(".png"))
+        plot = getattr(module, "plot", plot_rows)  # a module may draw its own figure
+        png = plot(f"{name} on {machine()['device']}", rows, Path(entry["json"]).with_suffix(".png"))
         entry["png"] = None if png is None else str(png)
         errors = [f"{r['name']}/{r.get('provider', '?')}: {r['error']}" for r in rows if r.get("error")]
         if errors:

@@ -2,11 +2,13 @@
 
 The plotted measure is the first of tokens/s (training steps), TFLOP/s, GB/s and
 time that the rows carry, so an op's panel shows the same quantity as its roofline.
-``python -m bench.plots [RESULTS_DIR]`` redraws every PNG from the JSON files there.
+``python -m bench.plots [RESULTS_DIR]`` redraws every PNG from the JSON files there,
+with a benchmark's own ``plot`` where its module has one.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -77,7 +79,11 @@ def plot_json(json_path: Path) -> Path | None:
     if not isinstance(data, dict) or "rows" not in data:
         return None
     title = f"{json_path.stem} on {data.get('machine', {}).get('device', '?')}"
-    return plot_rows(title, data["rows"], json_path.with_suffix(".png"))
+    try:  # the benchmark's own figure, where it draws one
+        plot = importlib.import_module(f"bench.{json_path.stem}").plot
+    except (ImportError, AttributeError):
+        plot = plot_rows
+    return plot(title, data["rows"], json_path.with_suffix(".png"))
 
 
 def main(argv=None) -> int:

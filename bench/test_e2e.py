@@ -206,6 +206,8 @@ def test_main_reports_missing_and_broken_modules_and_exits_nonzero(monkeypatch, 
         raise RuntimeError("kernel exploded")
 
     _fake_benchmark(monkeypatch, "fake_good", good)
+    drawn = []
+    sys.modules["bench.fake_good"].plot = lambda title, rows, path: drawn.append((title, len(rows), path.name))
     _fake_benchmark(monkeypatch, "fake_broken", broken)
     monkeypatch.setattr(bench_main, "MODULES", ("fake_missing", "fake_broken", "fake_good"))
     assert bench_main.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 1
@@ -217,9 +219,11 @@ def test_main_reports_missing_and_broken_modules_and_exits_nonzero(monkeypatch, 
     assert status["fake_good"]["status"] == "ok" and status["fake_good"]["rows"] == 4
     written = json.loads((tmp_path / "cpu" / "fake_good.json").read_text())
     assert written["rows"] == good("cpu", True) and written["machine"]["device"].startswith("CPU")
-    assert (tmp_path / "cpu" / "fake_good.png").stat().st_size > 0
+    assert drawn == [(f"fake_good on {written['machine']['device']}", 4, "fake_good.png")]
+    _fake_benchmark(monkeypatch, "fake_good", good)  # without a plot of its own: the default bars
 
     assert bench_main.main(["--device", "cpu", "--only", "fake_good", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "cpu" / "fake_good.png").stat().st_size > 0
     # A run of some modules updates theirs in the summary and keeps the others'.
     summary = json.loads((tmp_path / "cpu" / "summary.json").read_text())
     assert [(m["module"], m["status"], m["quick"]) for m in summary["modules"]] == [
