@@ -244,6 +244,9 @@ def plot_tflops_vs_t(title: str, rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+plot = plot_tflops_vs_t  # python -m bench draws this in place of the default bars
+
+
 if __name__ == "__main__":
     json_path = cli("attention", run)
     results = json.loads(json_path.read_text())
