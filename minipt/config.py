@@ -202,7 +202,7 @@ def _parse_value(kind: type, optional: bool, text: str):
 
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     helps, sections = field_help(cls)
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+    parser = _Parser(prog=prog, description=description.replace("``", ""), allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="a TOML or JSON file of settings; the command line overrides it")
     groups: dict[str, argparse._ArgumentGroup] = {}

@@ -45,7 +45,7 @@ import torch
 
 from minipt.tokenizer import KINDS, TextTokenizer, train_tokenizer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class DataError(ValueError):
@@ -171,23 +171,24 @@ def split_documents(docs: list[Document], val_fraction: float, mode: str) -> tup
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+LONG_PARAGRAPH = 400  # characters (about 100 tokens): longer paragraphs are split into sentences
 
 
-def sentences(text: str) -> list[str]:
-    """A document's sentences for BERT's pairs.
+def segments(text: str) -> list[str]:
+    """A document's segments, the units BERT's pairs are built from (Google's "sentences").
 
-    A deliberately simple splitter: blank lines end a paragraph (a speech, in the
-    plays), and inside a paragraph a sentence ends at ``.``, ``!`` or ``?``
-    followed by whitespace. Line breaks inside a sentence become spaces, so a
-    verse sentence that runs over several lines stays one unit; a speech's
-    ``SPEAKER:`` opens its first sentence.
+    A segment is a paragraph (text between blank lines: a speech, in the plays),
+    so that in the plays both A and B open with a speaker's name, which is most
+    of what tells a continuation from a random segment. A paragraph longer than
+    ``LONG_PARAGRAPH`` characters is split into sentences, which end at ``.``,
+    ``!`` or ``?`` followed by whitespace, so that one long speech does not fill
+    a whole pair. Line breaks become spaces.
     """
     out = []
     for para in re.split(r"\n[ \t]*\n", text):
-        for s in _SENTENCE_END.split(para.strip()):
-            s = " ".join(s.split())
-            if s:
-                out.append(s)
+        para = " ".join(para.split())
+        pieces = _SENTENCE_END.split(para) if len(para) > LONG_PARAGRAPH else [para]
+        out.extend(p for p in pieces if p)
     return out
 
 
@@ -235,7 +236,7 @@ def _encode_split(docs: list[Document], tok: TextTokenizer, model: str) -> dict[
         eot = [tok.eot_id] if tok.eot_id is not None else []
         ids = [np.asarray(seq + eot, dtype=dtype) for seq in tok.encode_batch([d.text for d in docs])]
         return {"tokens": np.concatenate(ids) if ids else np.zeros(0, dtype)}
-    per_doc = [sentences(d.text) for d in docs]
+    per_doc = [segments(d.text) for d in docs]
     encoded = iter(tok.encode_batch([s for doc in per_doc for s in doc]))
     pieces, sent_off, doc_off = [], [0], [0]
     for doc in per_doc:

@@ -147,7 +147,7 @@ def next_sentence_probability(model, tok: TextTokenizer, text_a: str, text_b: st
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = make_config(SampleConfig, parse_overrides(SampleConfig, argv, PROG, __doc__.split("\n\n")[0]))
+        cfg = make_config(SampleConfig, parse_overrides(SampleConfig, argv, PROG, __doc__))
         rt = runtime.setup(cfg.device, cfg.dtype)
         model, tok, config = load_run(cfg.out_dir, rt.device)
         if config["model_type"] == "gpt":

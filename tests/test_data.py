@@ -116,9 +116,13 @@ def test_doc_split_holds_out_the_tail_of_every_document_at_a_line_start():
         assert 0.2 <= len(v.text) / len(d.text) < 0.25
 
 
-def test_sentences_split_paragraphs_and_terminal_punctuation():
+def test_segments_are_paragraphs_and_long_ones_are_split_into_sentences():
     text = "ROMEO:\nIs the day so young? But new struck\nnine.\n\nBENVOLIO:\nAy!  Good  morrow.\n"
-    assert D.sentences(text) == ["ROMEO: Is the day so young?", "But new struck nine.", "BENVOLIO: Ay!", "Good morrow."]
+    assert D.segments(text) == ["ROMEO: Is the day so young? But new struck nine.", "BENVOLIO: Ay! Good morrow."]
+    long = "KING:\n" + " ".join(f"Sentence number {i} is here." for i in range(30))
+    pieces = D.segments(long)
+    assert len(long) > D.LONG_PARAGRAPH and len(pieces) == 30
+    assert pieces[0] == "KING: Sentence number 0 is here." and pieces[-1] == "Sentence number 29 is here."
 
 
 # ----------------------------------------------------------------------------- tokenizers
