@@ -79,7 +79,8 @@ def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, state: dict) ->
     metadata = {"format": "pt", "iter": str(state["iter"])}
     written: list[tuple[Path, Path]] = []
     try:
-        written.append((_write_temporary(out / MODEL, lambda p: save_model(model, str(p), metadata=metadata)), out / MODEL))
+        write_model = lambda p: save_model(model, str(p), metadata=metadata)  # noqa: E731
+        written.append((_write_temporary(out / MODEL, write_model), out / MODEL))
         written.append((_write_temporary(out / STATE, lambda p: torch.save(state, p)), out / STATE))
     except BaseException:
         for tmp, _ in written:

@@ -31,21 +31,21 @@ class ConfigError(ValueError):
 class TrainConfig:
     # ---- what to train
     model: str = "gpt"  # gpt (causal LM) or bert (masked LM + next sentence prediction)
-    preset: str = ""  # start from a named size: gpt2, gpt2-medium, gpt-mini, gpt-tiny, bert-base, bert-large, bert-mini, bert-tiny; empty: the CPU-sized default
+    preset: str = ""  # a named size (gpt2, gpt-mini, bert-base, bert-mini, ...); empty: the CPU-sized default
     objective: str = "mlm+nsp"  # BERT: mlm+nsp, or mlm alone (the NSP head is then not trained)
     n_layer: int | None = None  # transformer blocks; none: the preset's, else 4
     n_head: int | None = None  # attention heads per block; none: the preset's, else 4
     n_embd: int | None = None  # width of the residual stream; none: the preset's, else 128
-    block_size: int | None = None  # context length in tokens (BERT: longest [CLS] A [SEP] B [SEP]); none: the preset's, else 128
+    block_size: int | None = None  # context length (BERT: of [CLS] A [SEP] B [SEP]); none: the preset's, else 128
     dropout: float | None = None  # dropout rate; none: the model's default (GPT 0.0, BERT 0.1)
     bias: bool | None = None  # GPT: biases in Linear and LayerNorm layers; none: the preset's (true)
     backend: str = "auto"  # minipt.ops backend: auto (triton on CUDA, torch on CPU), torch, triton or native
     # ---- data
-    data: str = ""  # corpus: a .txt file, a folder of .txt files, or a .jsonl file with a "text" field; empty: the bundled Shakespeare plays
-    strip_markup: bool = True  # bundled plays: plain "SPEAKER:" text without headings or stage directions; false keeps the markdown
+    data: str = ""  # a .txt file, a folder of .txt files or a .jsonl with "text"; empty: the bundled Shakespeare plays
+    strip_markup: bool = True  # bundled plays as "SPEAKER:" text, no headings or stage directions; false keeps markdown
     tokenizer: str = "auto"  # bpe, wordpiece, char or PATH/tokenizer.json; auto: bpe for GPT, wordpiece for BERT
     vocab_size: int = 8192  # vocabulary size of a trained bpe or wordpiece tokenizer
-    split: str = "doc"  # doc: the last val_fraction of every document is validation; stream: the last val_fraction of the whole text (nanoGPT)
+    split: str = "doc"  # validation is the last val_fraction of doc: every document; stream: the whole text (nanoGPT)
     val_fraction: float = 0.1  # share of the text held out for validation; tokenizers never see it
     cache_dir: str = ""  # cache of tokenizers and tokenized corpora; empty: $MINIPT_CACHE, else ~/.cache/minipt
     mlm_probability: float = 0.15  # BERT: share of tokens selected for the MLM loss (80% [MASK], 10% random, 10% kept)
@@ -204,7 +204,9 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     helps, sections = field_help(cls)
     parser = _Parser(prog=prog, description=description.replace("``", ""), allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON file of settings; the command line overrides it")
+    parser.add_argument(
+        "--config", metavar="FILE", help="a TOML or JSON file of settings; the command line overrides it"
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     defaults = cls()
     for name, (kind, optional) in field_types(cls).items():

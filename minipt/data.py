@@ -347,7 +347,9 @@ class WindowSampler:
     windows that one process with an N-times larger batch would see.
     """
 
-    def __init__(self, split: TokenSplit, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, split: TokenSplit, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         if len(split.tokens) < block_size + 1:
             raise DataError(
                 f"the training split holds {len(split.tokens)} tokens, fewer than block_size + 1 = {block_size + 1} "

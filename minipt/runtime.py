@@ -104,10 +104,6 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
 
 def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Pick device and dtype, and join the process group when launched by ``torchrun``."""

@@ -107,7 +107,9 @@ def _encode_pair(tok: TextTokenizer, a: str, b: str | None, block_size: int) -> 
         tail = [*tok.encode(b), tok.sep_id]
         ids, types = ids + tail, types + [1] * len(tail)
     if len(ids) > block_size:
-        raise ValueError(f"the input is {len(ids)} tokens with [CLS] and [SEP], more than the model's block_size {block_size}")
+        raise ValueError(
+            f"the input is {len(ids)} tokens with [CLS] and [SEP], more than the model's block_size {block_size}"
+        )
     return ids, types
 
 

@@ -20,7 +20,6 @@ also carry ``[UNK]`` for GPT, since text outside their vocabulary can occur.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,10 +112,6 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    @property
-    def special_ids(self) -> list[int]:
-        return [i for i in (self.eot_id, self.pad_id, self.cls_id, self.sep_id, self.mask_id) if i is not None]
-
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -137,12 +132,3 @@ class TextTokenizer:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_str(), encoding="utf-8")
 
-    @classmethod
-    def from_str(cls, text: str, model: str) -> "TextTokenizer":
-        return cls.wrap(Tokenizer.from_str(text), model)
-
-
-def describe(tok: TextTokenizer) -> dict:
-    """What a run records about its tokenizer in ``config.json``."""
-    model = json.loads(tok.to_str()).get("model", {})
-    return {"type": model.get("type"), "vocab_size": tok.vocab_size}

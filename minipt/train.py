@@ -58,7 +58,8 @@ class Interrupted(Exception):
 def model_config(cfg: TrainConfig, tok: TextTokenizer) -> GPTConfig | BertConfig:
     """The model config: preset (or the CPU-sized default), then the fields given explicitly."""
     cls = GPTConfig if cfg.model == "gpt" else BertConfig
-    fields = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"} & {f.name for f in dataclasses.fields(cls)}
+    shape = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"}
+    fields = shape & {f.name for f in dataclasses.fields(cls)}
     overrides = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) is not None}
     # Round the vocabulary up to a multiple of 64, as nanoGPT does with 50257 -> 50304: the
     # extra rows are never targets, and the LM-head matmul gets friendlier shapes.
@@ -124,18 +125,19 @@ class Run:
         self.block_size = self.model_config.block_size
         self.optimizer = make_optimizer(self.model, cfg, rt.device)
         if cfg.model == "gpt":
-            self.sampler = WindowSampler(self.data.train, self.block_size, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
-            self.val_batches = [
-                self.sampler.windows(offsets)
-                for offsets in fixed_windows(self.data.val, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.seed + 1)
-            ]
+            self.sampler = WindowSampler(
+                self.data.train, self.block_size, cfg.batch_size, cfg.seed, rt.rank, rt.world_size
+            )
+            val_offsets = fixed_windows(self.data.val, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.seed + 1)
+            self.val_batches = [self.sampler.windows(offsets) for offsets in val_offsets]
         else:
             self.sampler = PairSampler(
                 self.data.train, self.tok, self.block_size, cfg.batch_size, cfg.short_seq_prob, cfg.seed,
                 rt.rank, rt.world_size,
             )
             self.val_batches = fixed_pairs(
-                self.data.val, self.tok, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.short_seq_prob, cfg.seed + 1
+                self.data.val, self.tok, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.short_seq_prob,
+                cfg.seed + 1,
             )
         self.iter, self.best_val = 0, float("inf")
         self.tokens = 0  # real (non-padding) tokens of this rank's last step
@@ -237,11 +239,13 @@ class Run:
     def evaluate(self) -> dict:
         """Validation metrics over the fixed validation batches, split across ranks."""
         self.model.eval()
-        # Sums: loss, batches; BERT also MLM loss, NSP loss, MLM hits, masked tokens, NSP hits, pairs.
-        sums = torch.zeros(8, dtype=torch.float64, device=self.rt.device)
+        # Sums: loss, batches; BERT also MLM loss, NSP loss, MLM hits, masked tokens, NSP hits, pairs, random Bs.
+        sums = torch.zeros(9, dtype=torch.float64, device=self.rt.device)
+        bert = self.cfg.model == "bert"
         for i in range(self.rt.rank, len(self.val_batches), self.rt.world_size):
-            bert = self.cfg.model == "bert"
-            out, labels = self.loss(self.val_batches[i], mask_seed(self.cfg.seed, 2**32, i), model=self.model, return_logits=bert)
+            # Validation masks come from their own seeds (2**32 is past any step): the same every evaluation.
+            seed = mask_seed(self.cfg.seed, 2**32, i)
+            out, labels = self.loss(self.val_batches[i], seed, model=self.model, return_logits=bert)
             sums[0] += out.loss.double()
             sums[1] += 1
             if bert:
@@ -253,13 +257,17 @@ class Run:
                 sums[5] += picked.sum()
                 sums[6] += (out.nsp_logits.argmax(-1) == nsp_labels).sum()
                 sums[7] += nsp_labels.numel()
+                sums[8] += nsp_labels.sum()
         self.model.train()
         s = self.rt.all_reduce_sum(sums).tolist()
         metrics = {"val_loss": s[0] / s[1]}
         if self.cfg.model == "gpt":
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
         else:
-            metrics.update(mlm_loss=s[2] / s[1], mlm_acc=s[4] / max(s[5], 1), nsp_acc=s[6] / max(s[7], 1))
+            random_share = s[8] / max(s[7], 1)
+            metrics.update(mlm_loss=s[2] / s[1], mlm_acc=s[4] / max(s[5], 1), nsp_acc=s[6] / max(s[7], 1),
+                           # what always guessing the commoner NSP label scores: the bar nsp_acc must clear
+                           nsp_majority=max(random_share, 1.0 - random_share))
             if self.cfg.objective == "mlm+nsp":
                 metrics["nsp_loss"] = s[3] / s[1]
         return metrics
@@ -380,18 +388,26 @@ def _start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
 def _final_sample(run: Run, log) -> None:
     from minipt import sample
 
+    evals = [r for r in read_metrics(run.out) if "val_loss" in r]
+    if evals:
+        log(f"\nvalidation loss {evals[0]['val_loss']:.3f} at step {evals[0]['iter']} -> "
+            f"{evals[-1]['val_loss']:.3f} at step {evals[-1]['iter']}")
     if run.cfg.model == "gpt":
         if run.cfg.sample_tokens:
             text = sample.generate_text(
                 run.model, run.tok, "", max_new_tokens=run.cfg.sample_tokens, temperature=0.8, top_k=200,
-                seed=run.cfg.seed,
+                seed=run.cfg.seed, dtype=run.rt.dtype,
             )
             log(f"\nsample:\n{text}\n")
         return
+    if evals:
+        last = evals[-1]
+        log(f"MLM accuracy {last['mlm_acc']:.3f} (chance {1 / run.tok.vocab_size:.5f}); NSP accuracy "
+            f"{last['nsp_acc']:.3f} (always guessing the commoner label: {last['nsp_majority']:.3f})")
     text = "to be, or not to be, that is the [MASK]."
     log(f"\nfill-mask: {text}")
-    for candidates in sample.fill_mask(run.model, run.tok, text, top_k=5):
-        log("  " + ", ".join(f"{tok} {p:.2f}" for tok, p in candidates))
+    for candidates in sample.fill_mask(run.model, run.tok, text, top_k=5, dtype=run.rt.dtype):
+        log("  " + ", ".join(f"{tok} {p:.3f}" for tok, p in candidates))
 
 
 def train(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
@@ -406,7 +422,8 @@ def train(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
     bar = tqdm(total=cfg.max_iters, initial=run.iter, disable=not (cfg.progress and rt.is_main), unit="step",
                dynamic_ncols=True, file=sys.stderr)
     echo = bar.write if not bar.disable else log
-    window_loss, window_steps, window_tokens, window_start = torch.zeros((), device=rt.device), 0, 0, time.perf_counter()
+    window_loss, window_steps, window_tokens = torch.zeros((), device=rt.device), 0, 0
+    window_start = time.perf_counter()
     last_good = run.iter
     start_iter = run.iter
 

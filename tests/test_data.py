@@ -32,6 +32,10 @@ _Exeunt_
 """
 
 
+def quiet(message):
+    pass
+
+
 def write_docs(folder, texts):
     folder.mkdir(parents=True, exist_ok=True)
     for i, text in enumerate(texts):
@@ -88,7 +92,7 @@ def test_load_txt_folder_and_jsonl(tmp_path):
         (lambda p: (p / "empty").mkdir() or p / "empty", "holds no .txt files"),
         (lambda p: (p / "e.txt").write_text("  \n\n") and p / "e.txt", "is empty"),
         (lambda p: (p / "l.txt").write_bytes(b"caf\xe9 au lait") and p / "l.txt", r"not UTF-8 .*0xe9 at offset 3"),
-        (lambda p: (p / "b.jsonl").write_text('{"text": "ok"}\n{broken\n') and p / "b.jsonl", r"b.jsonl:2: not valid JSON"),
+        (lambda p: (p / "b.jsonl").write_text('{"text": "ok"}\n{broken\n') and p / "b.jsonl", "b.jsonl:2: not valid"),
         (lambda p: (p / "t.jsonl").write_text('{"body": "x"}\n') and p / "t.jsonl", r't.jsonl:1: .*"text"'),
     ],
 )
@@ -166,7 +170,8 @@ def test_tokenizers_never_see_validation_text(tmp_path):
     docs[1] += "\n\nzanzibarquux §\n"  # the tail of this document is validation text
     corpus = write_docs(tmp_path / "corpus", docs)
     for model, kind in (("gpt", "char"), ("bert", "wordpiece")):
-        prep = D.prepare_data(model=model, data=str(corpus), tokenizer=kind, vocab_size=300, cache_dir=tmp_path / "c", log=lambda m: None)
+        prep = D.prepare_data(model=model, data=str(corpus), tokenizer=kind, vocab_size=300, cache_dir=tmp_path / "c",
+                              log=quiet)
         vocab = prep.tokenizer.tokenizer.get_vocab()
         assert "§" not in vocab and "zanzibarquux" not in vocab and not any("zanzib" in v for v in vocab)
 
@@ -174,7 +179,8 @@ def test_tokenizers_never_see_validation_text(tmp_path):
 def test_gpt_stream_is_each_document_then_the_separator(tmp_path):
     texts = [prose(i) for i in range(3)]
     corpus = write_docs(tmp_path / "corpus", texts)
-    prep = D.prepare_data(model="gpt", data=str(corpus), tokenizer="bpe", vocab_size=300, cache_dir=tmp_path / "c", log=lambda m: None)
+    prep = D.prepare_data(model="gpt", data=str(corpus), tokenizer="bpe", vocab_size=300, cache_dir=tmp_path / "c",
+                          log=quiet)
     train, eot = prep.train.tokens, prep.tokenizer.eot_id
     assert train.dtype == np.uint16
     ends = np.flatnonzero(train == eot)
@@ -186,7 +192,7 @@ def test_gpt_stream_is_each_document_then_the_separator(tmp_path):
 
 def test_cache_is_reused_and_keyed_on_corpus_and_settings(tmp_path, monkeypatch):
     corpus = write_docs(tmp_path / "corpus", [prose(0), prose(1)])
-    kwargs = dict(model="gpt", data=str(corpus), tokenizer="bpe", vocab_size=300, cache_dir=tmp_path / "c", log=lambda m: None)
+    kwargs = dict(model="gpt", data=str(corpus), tokenizer="bpe", vocab_size=300, cache_dir=tmp_path / "c", log=quiet)
     first = D.prepare_data(**kwargs)
 
     def no_training(*args, **kw):
@@ -219,7 +225,7 @@ def test_given_tokenizer_file_is_used_as_is(tmp_path):
     corpus = write_docs(tmp_path / "corpus", [prose(0), prose(1)])
     path = tmp_path / "tok.json"
     train_tokenizer("char", ["abcdefghijklmnopqrstuvwxyz"], 0, "gpt").save(str(path))
-    prep = D.prepare_data(model="gpt", data=str(corpus), tokenizer=str(path), cache_dir=tmp_path / "c", log=lambda m: None)
+    prep = D.prepare_data(model="gpt", data=str(corpus), tokenizer=str(path), cache_dir=tmp_path / "c", log=quiet)
     assert prep.tokenizer.to_str() == TextTokenizer.from_file(path, "gpt").to_str()
 
 
@@ -254,7 +260,10 @@ def test_window_sampler_state_restores_the_same_batches():
 
 def test_ranks_read_disjoint_slices_of_the_single_process_batch():
     whole = D.WindowSampler(stream_split(), block_size=8, batch_size=6, seed=5).next_step(2)
-    ranks = [D.WindowSampler(stream_split(), block_size=8, batch_size=3, seed=5, rank=r, world_size=2).next_step(2) for r in (0, 1)]
+    ranks = [
+        D.WindowSampler(stream_split(), block_size=8, batch_size=3, seed=5, rank=r, world_size=2).next_step(2)
+        for r in (0, 1)
+    ]
     # Micro-step m of the global batch: rank 0's rows, then rank 1's.
     for m in range(2):
         np.testing.assert_array_equal(np.concatenate([ranks[0][m]["x"], ranks[1][m]["x"]]), whole[m]["x"][:6])
@@ -366,7 +375,9 @@ def test_pair_sampler_resumes_and_splits_across_ranks():
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
 
     whole = D.PairSampler(bert_split(), tok, 24, 4, 0.1, seed=7).next_step(1)[0]
-    halves = [D.PairSampler(bert_split(), tok, 24, 2, 0.1, seed=7, rank=r, world_size=2).next_step(1)[0] for r in (0, 1)]
+    halves = [
+        D.PairSampler(bert_split(), tok, 24, 2, 0.1, seed=7, rank=r, world_size=2).next_step(1)[0] for r in (0, 1)
+    ]
     assert [halves[0]["next_sentence_label"].tolist() + halves[1]["next_sentence_label"].tolist()] == [
         whole["next_sentence_label"].tolist()
     ]

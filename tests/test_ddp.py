@@ -18,7 +18,9 @@ from minipt import train as T
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with the gloo backend"
+)
 
 
 def write_corpus(folder: Path) -> Path:

@@ -108,10 +108,13 @@ def test_gpt_run_learns_and_saves_a_complete_run_folder(tmp_path, capsys):
 
 
 def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
-    args = tiny_args(tmp_path, model="bert", tokenizer="wordpiece", vocab_size=200, block_size=32, max_iters=4, eval_interval=2)
+    args = tiny_args(
+        tmp_path, model="bert", tokenizer="wordpiece", vocab_size=200, block_size=32, max_iters=4, eval_interval=2
+    )
     assert T.main(args) == 0
     last = [r for r in T.read_metrics(tmp_path / "run") if "val_loss" in r][-1]
-    assert set(last) == {"iter", "val_loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc"}
+    assert set(last) == {"iter", "val_loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "nsp_majority"}
+    assert 0.5 <= last["nsp_majority"] <= 1
     assert last["val_loss"] == pytest.approx(last["mlm_loss"] + last["nsp_loss"])
     assert 0 <= last["mlm_acc"] <= 1 and 0 <= last["nsp_acc"] <= 1
     speeds = [r["tokens_per_s"] for r in T.read_metrics(tmp_path / "run") if "tokens_per_s" in r]
@@ -122,7 +125,10 @@ def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
     assert "nsp_loss" not in last and last["val_loss"] == pytest.approx(last["mlm_loss"])
 
 
-@pytest.mark.parametrize("model, extra", [("gpt", ["--dropout=0.1"]), ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32"])])
+@pytest.mark.parametrize(
+    "model, extra",
+    [("gpt", ["--dropout=0.1"]), ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32"])],
+)
 def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, extra):
     common = [f"--model={model}", "--lr_decay_iters=8", *extra]
     assert T.main(tiny_args(tmp_path, out="straight", max_iters=8, eval_interval=4) + common) == 0
