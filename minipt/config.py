@@ -237,8 +237,10 @@ def read_config_file(cls, path: str) -> dict:
         raise ConfigError(f"config file {path!r} does not exist")
     try:
         if p.suffix == ".toml":
-            import tomllib
-
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise ConfigError("TOML config files need Python 3.11 or later; use a .json file") from None
             values = tomllib.loads(p.read_text(encoding="utf-8"))
         elif p.suffix == ".json":
             values = json.loads(p.read_text(encoding="utf-8"))
