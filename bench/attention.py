@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import cli, peak_memory_bytes, time_ms
+from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
 from minipt._backend import BackendUnavailableError
 from minipt.ops import attention
 
@@ -150,14 +150,6 @@ def measure(provider, mode, qkv, device, quick, *, is_causal, key_mask, flops) -
     return row
 
 
-def _with_ratios(rows: list[dict], baseline: str) -> list[dict]:
-    base = next((r for r in rows if r["provider"] == baseline and "median_ms" in r), None)
-    for r in rows:
-        if base is not None and "median_ms" in r:
-            r["ratio"] = base["median_ms"] / r["median_ms"]
-    return rows
-
-
 def sweep_rows(device: str, quick: bool) -> list[dict]:
     on_cuda = torch.device(device).type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
@@ -180,7 +172,8 @@ def sweep_rows(device: str, quick: bool) -> list[dict]:
                          **measure(p, mode, qkv, device, quick, is_causal=is_causal, key_mask=None, flops=flops)}
                         for p in PROVIDERS
                     ]
-                    rows.extend(_with_ratios(group, SWEEP_BASELINE))
+                    add_ratios(group, SWEEP_BASELINE)
+                    rows.extend(group)
                 del qkv
     return rows
 
@@ -203,7 +196,8 @@ def padded_rows(device: str, quick: bool) -> list[dict]:
              **measure(p, mode, qkv, device, quick, is_causal=False, key_mask=key_mask, flops=flops)}
             for p in PROVIDERS
         ]
-        rows.extend(_with_ratios(group, PADDED_BASELINE))
+        add_ratios(group, PADDED_BASELINE)
+        rows.extend(group)
     return rows
 
 

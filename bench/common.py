@@ -61,6 +61,19 @@ def time_steps_ms(fn, device, *, steps: int, warmup: int = 0) -> list[float]:
     return times
 
 
+def add_ratios(rows: list[dict], baseline: str) -> dict | None:
+    """Give each timed row ``ratio`` = baseline's median / its median; rows are one size's providers.
+
+    Returns the baseline's row (None when it was not timed), for ratios of other measures.
+    """
+    base = next((r for r in rows if r.get("provider") == baseline and "median_ms" in r), None)
+    if base is not None:
+        for r in rows:
+            if "median_ms" in r:
+                r["ratio"] = base["median_ms"] / r["median_ms"]
+    return base
+
+
 def peak_memory_bytes(fn, device) -> int | None:
     """Peak CUDA memory allocated during ``fn()`` above what was allocated before; None on the CPU."""
     if torch.device(device).type != "cuda":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, peak_memory_bytes, time_ms
+from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
 from minipt._backend import BackendUnavailableError
 from minipt.ops import cross_entropy
 
@@ -92,10 +92,7 @@ def run(device: str, quick: bool) -> list[dict]:
     rows = []
     for N, V in sizes:
         size_rows = [_measure(p, N, V, device, quick) for p in PROVIDERS]
-        timed = {r["provider"]: r for r in size_rows if "median_ms" in r}
-        for r in timed.values():
-            if BASELINE in timed:
-                r["ratio"] = timed[BASELINE]["median_ms"] / r["median_ms"]
+        add_ratios(size_rows, BASELINE)
         rows.extend(size_rows)
     return rows
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import cli, peak_memory_bytes, time_ms
+from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
 from minipt._backend import BackendUnavailableError
 from minipt.ops import linear_cross_entropy
 
@@ -82,12 +82,10 @@ def run(device: str, quick: bool) -> list[dict]:
     rows = []
     for N, D, V in sizes:
         size_rows = [_measure(p, N, D, V, device, quick) for p in PROVIDERS]
-        timed = {r["provider"]: r for r in size_rows if "median_ms" in r}
-        base = timed.get(BASELINE)
-        for r in timed.values():
-            if base is not None:
-                r["ratio"] = base["median_ms"] / r["median_ms"]
-                if r.get("peak_mem_mb") is not None and base.get("peak_mem_mb"):
+        base = add_ratios(size_rows, BASELINE)
+        if base is not None and base.get("peak_mem_mb"):
+            for r in size_rows:
+                if r.get("peak_mem_mb") is not None:
                     r["mem_ratio"] = r["peak_mem_mb"] / base["peak_mem_mb"]
         rows.extend(size_rows)
     return rows

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import cli, peak_memory_bytes, time_ms
+from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
 from minipt._backend import BackendUnavailableError
 from minipt.ops import mlm_mask
 
@@ -111,12 +111,11 @@ def run(device: str, quick: bool) -> list[dict]:
     rows = []
     for batch, seq_len in sizes:
         size_rows = [_measure(p, batch, seq_len, device, quick) for p in PROVIDERS]
-        timed = {r["provider"]: r for r in size_rows if "median_ms" in r}
-        for r in timed.values():
-            if BASELINE in timed:
-                r["ratio"] = timed[BASELINE]["median_ms"] / r["median_ms"]
-            if "copy" in timed and r["provider"] != "copy":
-                r["copy_fraction"] = r["gbps"] / timed["copy"]["gbps"]
+        add_ratios(size_rows, BASELINE)
+        copy = next((r for r in size_rows if r["provider"] == "copy" and "gbps" in r), None)
+        for r in size_rows:
+            if copy is not None and r is not copy and "gbps" in r:
+                r["copy_fraction"] = r["gbps"] / copy["gbps"]
         rows.extend(size_rows)
     return rows
 
