@@ -176,6 +176,12 @@ def _check_ids(model: str, name: str, ids, block_size: int, like: torch.Tensor |
         raise ValueError(f"{model}: {name} must have the shape of input_ids {tuple(like.shape)}, got {tuple(ids.shape)}")
 
 
+def split_heads(qkv: torch.Tensor, n_head: int):
+    """(B, T, 3·C) packed projections -> q, k, v, each (B, nh, T, hs), as views (no copy)."""
+    B, T, C3 = qkv.shape
+    return tuple(t.view(B, T, n_head, C3 // (3 * n_head)).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
+
+
 # ----------------------------------------------------------------------------- GPT
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -188,10 +194,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = split_heads(self.c_attn(x), self.n_head)  # (B, nh, T, hs) each
         y = attention(q, k, v, is_causal=True, backend=self.backend)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -366,10 +369,7 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x, mask):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = split_heads(self.qkv(x), self.n_head)  # (B, nh, T, hs) each
         y = attention(q, k, v, attention_mask=mask, backend=self.backend)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 

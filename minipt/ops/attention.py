@@ -181,6 +181,7 @@ def _fwd_key_blocks(
         m_i = m_new
     return acc, l_i, m_i
 
+
 @_jit
 def _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
