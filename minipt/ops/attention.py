@@ -50,18 +50,7 @@ from torch import Tensor
 
 from minipt._backend import resolve_backend, triton_interpreting
 from minipt.ops._checks import FLOAT_DTYPES, check_same, check_tensor
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # triton ships for Linux only; resolve_backend refuses backend="triton" without it
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
-
+from minipt.ops._triton import jit, tl, triton, triton_op
 
 OP = "attention"
 HEAD_DIMS = (16, 32, 64, 128)
@@ -107,7 +96,7 @@ def attention_ref(q, k, v, *, is_causal=False, attention_mask=None, scale=None, 
 
 
 # ----------------------------------------------------------------------------- kernels
-@_jit
+@jit
 def _key_range_kernel(Mask_ptr, KeyRange_ptr, stride_mb, stride_mt, T, BLOCK: tl.constexpr):
     """KeyRange[b] = (first real key, last real key + 1); (T, 0) for a sequence with none."""
     b = tl.program_id(0)
@@ -123,7 +112,7 @@ def _key_range_kernel(Mask_ptr, KeyRange_ptr, stride_mb, stride_mt, T, BLOCK: tl
     tl.store(KeyRange_ptr + 2 * b + 1, tl.max(end, 0))
 
 
-@_jit
+@jit
 def _mma(a, b, UPCAST: tl.constexpr):
     # The interpreter's tl.dot multiplies the raw bit patterns of bf16 operands
     # (triton-lang/triton#11584). fp32 holds every bf16 value exactly, so upcasting
@@ -136,7 +125,7 @@ def _mma(a, b, UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision="ieee")
 
 
-@_jit
+@jit
 def _fwd_key_blocks(
     acc, l_i, m_i, q, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt,
     rows, lo, hi, T, qk_scale,
@@ -182,7 +171,7 @@ def _fwd_key_blocks(
     return acc, l_i, m_i
 
 
-@_jit
+@jit
 def _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     """Key span [lo, hi) that a query block starting at start_m visits, and where its bulk ends.
@@ -206,7 +195,7 @@ def _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 
-@_jit
+@jit
 def _attention_fwd_kernel(
     Q_ptr, K_ptr, V_ptr, Out_ptr, LSE_ptr, Mask_ptr, KeyRange_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -259,7 +248,7 @@ def _attention_fwd_kernel(
     tl.store(LSE_ptr + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
 
 
-@_jit
+@jit
 def _attention_bwd_delta_kernel(
     Out_ptr, dOut_ptr, Delta_ptr, stride_ob, stride_oh, stride_ot, stride_gb, stride_gh, stride_gt,
     H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -283,7 +272,7 @@ def _attention_bwd_delta_kernel(
     tl.store(Delta_ptr + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
 
-@_jit
+@jit
 def _dkdv_query_blocks(
     dk, dv, k, v, Q_base, dO_base, lse_row, delta_row, stride_qt, stride_gt,
     keys, lo, hi, T, qk_scale,
@@ -322,7 +311,7 @@ def _dkdv_query_blocks(
     return dk, dv
 
 
-@_jit
+@jit
 def _attention_bwd_dkdv_kernel(
     Q_ptr, K_ptr, V_ptr, dO_ptr, dK_ptr, dV_ptr, LSE_ptr, Delta_ptr, Mask_ptr, KeyRange_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -397,7 +386,7 @@ def _attention_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(dV_ptr.dtype.element_ty), mask=keys[:, None] < T)
 
 
-@_jit
+@jit
 def _dq_key_blocks(
     dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt,
     rows, lo, hi, T, qk_scale,
@@ -433,7 +422,7 @@ def _dq_key_blocks(
     return dq
 
 
-@_jit
+@jit
 def _attention_bwd_dq_kernel(
     Q_ptr, K_ptr, V_ptr, dO_ptr, dQ_ptr, LSE_ptr, Delta_ptr, Mask_ptr, KeyRange_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -547,7 +536,7 @@ def _mask_view(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.view(torch.uint8) if attention_mask.dtype == torch.bool else attention_mask
 
 
-@torch.library.triton_op("minipt::triton_attention_forward", mutates_args=())
+@triton_op("minipt::triton_attention_forward", mutates_args=())
 def _attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], is_causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -575,7 +564,7 @@ def _attention_forward(
     return out, lse, key_range
 
 
-@torch.library.triton_op("minipt::triton_attention_backward", mutates_args=())
+@triton_op("minipt::triton_attention_backward", mutates_args=())
 def _attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     attention_mask: Optional[Tensor], key_range: Tensor, is_causal: bool, scale: float,

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from minipt._backend import resolve_backend
 from minipt.ops._checks import (
@@ -48,6 +46,7 @@ from minipt.ops._checks import (
     check_targets,
     check_tensor,
 )
+from minipt.ops._triton import jit, tl, triton
 
 OP = "cross_entropy"
 
@@ -77,7 +76,7 @@ def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", la
 
 
 # ----------------------------------------------------------------------------- kernels
-@triton.jit
+@jit
 def _grad_block(X_ptr, stride_xv, G_ptr, cols, V, target, lse, scale, label_smoothing, ACC: tl.constexpr):
     """Store scale · (softmax - (1 - ε)·onehot(target) - ε/V) for the columns ``cols`` of one row."""
     in_row = cols < V
@@ -87,7 +86,7 @@ def _grad_block(X_ptr, stride_xv, G_ptr, cols, V, target, lse, scale, label_smoo
     tl.store(G_ptr + cols, (grad * scale).to(G_ptr.dtype.element_ty), mask=in_row)
 
 
-@triton.jit
+@jit
 def _cross_entropy_fwd_kernel(
     X_ptr, stride_xn, stride_xv, T_ptr, stride_t, Loss_ptr, Lse_ptr,
     G_ptr, stride_gn, Scale_ptr, stride_scale,
@@ -128,7 +127,7 @@ def _cross_entropy_fwd_kernel(
             _grad_block(X_ptr, stride_xv, G_ptr + row * stride_gn, cols, V, target, lse, scale, label_smoothing, ACC)
 
 
-@triton.jit
+@jit
 def _cross_entropy_bwd_kernel(
     X_ptr, stride_xn, stride_xv, T_ptr, stride_t, Lse_ptr, G_ptr, stride_gn, Scale_ptr, stride_scale,
     V, ignore_index, label_smoothing,

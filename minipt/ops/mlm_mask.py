@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import torch
 
-import triton
-import triton.language as tl
-
 from minipt._backend import resolve_backend
 from minipt.ops._checks import INDEX_DTYPES, check_same, check_tensor
+from minipt.ops._triton import constexpr, jit, tl, triton
 
 OP = "mlm_mask"
 IGNORE_INDEX = -100
@@ -55,12 +53,12 @@ def mlm_mask_ref(input_ids, *, mask_token_id, vocab_size, special_tokens_mask=No
 
 
 # ----------------------------------------------------------------------------- kernel
-UNIFORM_BITS = tl.constexpr(24)  # bits of each uniform draw; thresholds are integers in [0, 2**24]
+UNIFORM_BITS = constexpr(24)  # bits of each uniform draw; thresholds are integers in [0, 2**24]
 
 
 # Not specialised: Triton would turn a seed or vocab_size of 1 into a constant and
 # compile a kernel per seed value.
-@triton.jit(do_not_specialize=["seed", "vocab_size"])
+@jit(do_not_specialize=["seed", "vocab_size"])
 def _mlm_mask_kernel(
     Ids_ptr, Special_ptr, Out_ptr, Labels_ptr,
     n_elements, seed, select_threshold, mask_threshold, random_threshold, mask_token_id, vocab_size,
