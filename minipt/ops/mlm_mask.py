@@ -37,6 +37,10 @@ RANDOM_FRACTION = 0.1  # ... and the share that becomes a random id; the rest st
 # ----------------------------------------------------------------------------- reference
 def mlm_mask_ref(input_ids, *, mask_token_id, vocab_size, special_tokens_mask=None, mlm_probability=0.15, seed=0):
     """PyTorch reference, drawing from a seeded ``torch.Generator`` on the input's device."""
+    if input_ids.device.type == "cpu":
+        # The CPU generator (mt19937) keeps only the low 32 bits of its seed; fold the
+        # high word in, so seeds that differ only above bit 31 still draw different masks.
+        seed = (seed ^ (seed >> 32)) & 0xFFFFFFFF
     gen = torch.Generator(device=input_ids.device).manual_seed(seed)
     select = torch.rand(input_ids.shape, generator=gen, device=input_ids.device) < mlm_probability
     if special_tokens_mask is not None:
