@@ -31,17 +31,11 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-_TRITON_ERROR: str | None = None
+def triton_import_error() -> str | None:
+    """Why Triton cannot be imported, or None when it can (minipt.ops._triton tries, once)."""
+    from minipt.ops._triton import IMPORT_ERROR
 
-
-def triton_available() -> bool:
-    global _TRITON_ERROR
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install on an odd platform
-        _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
-        return False
-    return True
+    return IMPORT_ERROR
 
 
 def native_module():
@@ -72,8 +66,9 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         backend = "triton" if device.type == "cuda" else "torch"
 
     if backend == "triton":
-        if not triton_available():
-            raise BackendUnavailableError(f"{op}: backend='triton' but triton cannot be imported ({_TRITON_ERROR})")
+        error = triton_import_error()
+        if error is not None:
+            raise BackendUnavailableError(f"{op}: backend='triton' but triton cannot be imported ({error})")
         if device.type != "cuda" and not triton_interpreting():
             raise BackendUnavailableError(
                 f"{op}: backend='triton' runs on CUDA tensors; got a tensor on {device}. "

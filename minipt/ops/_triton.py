@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import torch
 
+IMPORT_ERROR: str | None = None  # why Triton is missing, for backend="triton"'s refusal
 try:
     import triton
     import triton.language as tl
-except ImportError:
+except Exception as exc:  # ImportError, or a broken install on an odd platform
     triton = tl = None
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
 def jit(fn=None, **kwargs):
