@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
-from minipt._backend import BackendUnavailableError
+from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import attention
 
 SDPA_BACKENDS = {

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import cli, peak_memory_bytes, sync, time_ms, time_steps_ms
-from minipt._backend import BackendUnavailableError
+from minipt.ops._backend import BackendUnavailableError
 from minipt.model import BERT, GPT, BertConfig, GPTConfig
 from minipt.ops import mlm_mask
 from minipt.runtime import autocast, resolve_dtype

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench import attention as bench
-from minipt._backend import BackendUnavailableError
+from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import attention_ref
 
 PROVIDERS = ("minipt-torch", "sdpa", "naive", "minipt-triton", "minipt-native")

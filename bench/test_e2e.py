@@ -22,7 +22,7 @@ import torch
 import bench.__main__ as bench_main
 from bench import e2e, report
 from bench.e2e import BASELINE, CLS_ID, FIRST_WORD_ID, MASK_ID, PROVIDERS, SEP_ID, Case
-from minipt._backend import BackendUnavailableError
+from minipt.ops._backend import BackendUnavailableError
 from minipt.model import BERT, BertConfig, GPTConfig
 
 TINY_CASES = (

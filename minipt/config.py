@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from minipt._backend import BACKENDS
+from minipt.ops._backend import BACKENDS
 
 
 class ConfigError(ValueError):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minipt._backend import BACKENDS
+from minipt.ops._backend import BACKENDS
 from minipt.ops import attention, cross_entropy, linear_cross_entropy
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (Hugging Face's convention)

@@ -45,3 +45,31 @@ def poisoned_empty():
     yield
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
     torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def assert_lowp_close(got, ref, lowp, name, *, elementwise=True):
+    """flash-attention's rule for fp16/bf16 kernels: |got - ref| <= 2·|lowp - ref| + atol.
+
+    ``ref`` is the reference computed in float32 or float64, ``lowp`` what PyTorch
+    itself computes in the low-precision dtype; the tolerance is fixed by what
+    PyTorch achieves instead of being guessed. atol is one unit in the last place
+    of the low-precision dtype at the reference's largest value (at least 1e-6):
+    a kernel that computes in float32 still rounds its output once, and where
+    torch's own error cancels by chance the rule alone would demand better than
+    rounding. ``elementwise=False`` compares the largest errors instead, for
+    outputs whose every element sums many rounded products (attention gradients).
+    """
+    dtype = got.dtype
+    got, ref, lowp = got.double(), ref.double(), lowp.double()
+    atol = max(torch.finfo(dtype).eps * ref.abs().max().item(), 1e-6)
+    err = (got - ref).abs()
+    torch_err = (lowp - ref).abs()
+    if not elementwise:
+        err, torch_err = err.max(), torch_err.max()
+    bound = 2 * torch_err + atol
+    excess = err - bound
+    worst = excess.argmax() if excess.dim() else 0
+    assert bool((excess <= 0).all()), (
+        f"{name}: |kernel - ref| = {err.flatten()[worst].item():.3g} exceeds 2·|torch in {dtype} - ref| + atol "
+        f"= {bound.flatten()[worst].item():.3g}"
+    )

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
-from minipt._backend import BackendUnavailableError
+from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import attention, attention_ref
 
 DEVICE = TRITON_DEVICE

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
-from minipt._backend import BackendUnavailableError
+from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import cross_entropy, cross_entropy_ref
 
 BACKENDS = ["triton", "native"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TRITON_DEVICE, requires_cuda
-from minipt._backend import BackendUnavailableError
+from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import linear_cross_entropy, linear_cross_entropy_ref
 
 # The package re-exports the function under the module's name, so fetch the module itself.

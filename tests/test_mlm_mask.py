@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import TRITON_DEVICE
-from minipt._backend import BackendUnavailableError
+from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import mlm_mask
-from minipt.ops.mlm_mask import IGNORE_INDEX, masked_positions
+from minipt.ops.mlm_mask import IGNORE_INDEX, masked_capacity, masked_positions
 
 BACKENDS = ["torch", "triton", "native"]
 V, MASK_ID = 1000, 4
@@ -175,15 +175,33 @@ def test_non_contiguous_input(backend):
 def test_masked_positions_pair_hidden_rows_with_labels():
     ids, special = batch((4, 33))
     _, labels = mlm_mask(ids, mask_token_id=MASK_ID, vocab_size=V, special_tokens_mask=special, mlm_probability=0.3, backend="torch")
-    pos = masked_positions(labels)
-    assert pos.dtype == torch.int64 and pos.dim() == 1
-    assert torch.equal(pos, torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).view(-1))
-    assert (labels.reshape(-1)[pos] != IGNORE_INDEX).all()
-    assert int((labels != IGNORE_INDEX).sum()) == pos.numel()
+    count = int((labels != IGNORE_INDEX).sum())
+    capacity = count + 7
+    pos = masked_positions(labels, capacity)
+    assert pos.dtype == torch.int64 and pos.shape == (capacity,)
+    want = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).view(-1)
+    assert torch.equal(pos[:count], want)
+    assert (pos[count:] == 0).all()  # padding slots, which the caller masks out
     hidden = torch.arange(labels.numel(), device=labels.device).view(*labels.shape, 1).float()
     assert torch.equal(hidden.view(-1, 1)[pos, 0].long(), pos)
+    assert torch.equal(masked_positions(labels, count), want)
+    with pytest.raises(RuntimeError, match="more labelled positions than capacity"):
+        masked_positions(labels, count - 1)
     with pytest.raises(TypeError, match="labels must have dtype"):
-        masked_positions(labels.float())
+        masked_positions(labels.float(), capacity)
+    with pytest.raises(ValueError, match="capacity must be a positive int"):
+        masked_positions(labels, 0)
+
+
+def test_masked_capacity_bounds_the_binomial_tail():
+    for n, p in [(1, 0.15), (10, 0.15), (4096, 0.15), (256 * 512, 0.15), (1000, 0.5), (1000, 1.0), (1000, 0.0)]:
+        cap = masked_capacity(n, p)
+        assert 1 <= cap <= max(n, 1) or n == 0
+        # mean + 8 sd, unless that exceeds n
+        assert cap >= min(n, n * p + 8 * (n * p * (1 - p)) ** 0.5)
+    # 100k draws at BERT's rate never pass the bound
+    labels = torch.rand(100_000, 512) < 0.15
+    assert int(labels.sum(1).max()) <= masked_capacity(512, 0.15)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

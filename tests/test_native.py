@@ -8,11 +8,12 @@ crash. CUDA cases are skipped on a machine without a GPU.
 """
 
 import math
+import sys
 
 import pytest
 import torch
 
-from minipt._backend import BackendUnavailableError, native_module
+from minipt.ops._backend import BackendUnavailableError, native_module
 from minipt.ops import (
     attention,
     attention_ref,
@@ -21,8 +22,11 @@ from minipt.ops import (
     linear_cross_entropy,
     linear_cross_entropy_ref,
     mlm_mask,
-    native,
 )
+from minipt.ops.attention import native_attention_forward
+from minipt.ops.cross_entropy import _cross_entropy_native, native_cross_entropy_backward, native_cross_entropy_forward
+from minipt.ops.linear_cross_entropy import _linear_cross_entropy_native
+from minipt.ops.mlm_mask import _mlm_mask_native, native_mlm_mask_op
 from conftest import HAS_CUDA, requires_cuda
 
 _C = native_module()
@@ -178,16 +182,16 @@ def test_cross_entropy_float64_is_refused():
 
 def test_cross_entropy_custom_ops_pass_opcheck():
     logits, target = ce_inputs(9, 130, "cpu")
-    torch.library.opcheck(native.cross_entropy_forward, (logits.requires_grad_(), target, -100, 0.1))
-    loss, lse = native.cross_entropy_forward(logits.detach(), target, -100, 0.1)
-    torch.library.opcheck(native.cross_entropy_backward, (logits.detach(), target, lse, torch.rand(9), -100, 0.1))
+    torch.library.opcheck(native_cross_entropy_forward, (logits.requires_grad_(), target, -100, 0.1))
+    loss, lse = native_cross_entropy_forward(logits.detach(), target, -100, 0.1)
+    torch.library.opcheck(native_cross_entropy_backward, (logits.detach(), target, lse, torch.rand(9), -100, 0.1))
 
 
 def test_cross_entropy_under_torch_compile():
     logits, target = ce_inputs(17, 300, "cpu")
 
     def loss_fn(x, t):
-        return native.cross_entropy(x, t, ignore_index=-100, reduction="mean", label_smoothing=0.1)
+        return _cross_entropy_native(x, t, ignore_index=-100, reduction="mean", label_smoothing=0.1)
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor")
     got, got_grad = ce_grads(compiled, logits, target, torch.tensor(1.0, dtype=torch.float64))
@@ -251,18 +255,18 @@ class TestCrossEntropyBindings:
         logits = torch.randn(10, 4).t()
         target = torch.zeros(4, dtype=torch.long)
         with pytest.raises(ValueError, match="logits must be contiguous"):
-            native.cross_entropy_forward(logits, target, -100, 0.0)
+            native_cross_entropy_forward(logits, target, -100, 0.0)
         with pytest.raises(ValueError, match=r"expected logits \(N, V\) and target \(N,\)"):
-            native.cross_entropy_forward(logits.contiguous(), torch.zeros(5, dtype=torch.long), -100, 0.0)
+            native_cross_entropy_forward(logits.contiguous(), torch.zeros(5, dtype=torch.long), -100, 0.0)
         with pytest.raises(TypeError, match="target must be int32 or int64"):
-            native.cross_entropy_forward(logits.contiguous(), target.float(), -100, 0.0)
+            native_cross_entropy_forward(logits.contiguous(), target.float(), -100, 0.0)
 
 
 # ----------------------------------------------------------------------------- linear cross-entropy
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force several logit chunks on small inputs, so the chunk loop and its accumulation are tested."""
-    monkeypatch.setattr(native, "LOGITS_CHUNK_ELEMENTS", 16000)
+    monkeypatch.setattr(sys.modules["minipt.ops.linear_cross_entropy"], "LOGITS_CHUNK_ELEMENTS", 16000)
 
 
 def lce_inputs(N, D, V, device, dtype=torch.float32, bias=True):
@@ -344,7 +348,7 @@ def test_linear_cross_entropy_under_torch_compile(small_chunks):
     hidden, weight, b, target = lce_inputs(30, 16, 500, "cpu")
 
     def loss_fn(h, W, b, t):
-        return native.linear_cross_entropy(h, W, t, bias=b, ignore_index=-100, reduction="mean", label_smoothing=0.0)
+        return _linear_cross_entropy_native(h, W, t, bias=b, ignore_index=-100, reduction="mean", label_smoothing=0.0)
 
     one = torch.tensor(1.0, dtype=torch.float64)
     got, got_grads = lce_grads(torch.compile(loss_fn), hidden, weight, b, target, one)
@@ -497,10 +501,10 @@ def test_mlm_mask_noncontiguous_input():
 
 def test_mlm_mask_custom_op_passes_opcheck_and_compiles():
     ids, special = mlm_inputs((8, 33), "cpu")
-    torch.library.opcheck(native.mlm_mask_op, (ids, special, 3, 1000, 0.15, 7))
+    torch.library.opcheck(native_mlm_mask_op, (ids, special, 3, 1000, 0.15, 7))
 
     def mask_fn(ids, special):
-        return native.mlm_mask(
+        return _mlm_mask_native(
             ids, mask_token_id=3, vocab_size=1000, special_tokens_mask=special, mlm_probability=0.15, seed=7
         )
 
@@ -546,11 +550,11 @@ class TestMlmMaskBindings:
     def test_custom_op_refuses_bad_tensors(self):
         ids = torch.zeros(4, 6, dtype=torch.int64)
         with pytest.raises(ValueError, match="input_ids must be contiguous"):
-            native.mlm_mask_op(ids.t(), None, 3, 10, 0.15, 0)
+            native_mlm_mask_op(ids.t(), None, 3, 10, 0.15, 0)
         with pytest.raises(TypeError, match="input_ids must be int32 or int64"):
-            native.mlm_mask_op(ids.float(), None, 3, 10, 0.15, 0)
+            native_mlm_mask_op(ids.float(), None, 3, 10, 0.15, 0)
         with pytest.raises(ValueError, match="special_tokens_mask must have shape"):
-            native.mlm_mask_op(ids, torch.zeros(4, dtype=torch.bool), 3, 10, 0.15, 0)
+            native_mlm_mask_op(ids, torch.zeros(4, dtype=torch.bool), 3, 10, 0.15, 0)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -647,7 +651,7 @@ def test_attention_cuda_backward_is_deterministic():
 def test_attention_cuda_custom_ops_pass_opcheck():
     q, k, v, mask = attention_inputs(1, 2, 33, 64, "cuda", torch.float32, [20])
     key_mask = mask.to(torch.uint8)
-    torch.library.opcheck(native.attention_forward, (q.requires_grad_(), k, v, key_mask, True, 0.125))
+    torch.library.opcheck(native_attention_forward, (q.requires_grad_(), k, v, key_mask, True, 0.125))
 
 
 def test_attention_cpu_tensors_are_refused():

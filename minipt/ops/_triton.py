@@ -3,7 +3,7 @@
 Triton ships wheels for Linux only. On macOS or Windows ``minipt`` must still
 import, so that the torch and native backends run there; the kernels below are
 then defined as plain functions and never launched, because
-:func:`minipt._backend.resolve_backend` refuses ``backend="triton"`` without
+:func:`minipt.ops._backend.resolve_backend` refuses ``backend="triton"`` without
 Triton. Kernel modules import ``triton``, ``tl``, ``jit``, ``constexpr`` and
 ``triton_op`` from here instead of from Triton and torch.library.
 """

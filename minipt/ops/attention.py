@@ -48,12 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minipt._backend import resolve_backend, triton_interpreting
+from minipt.ops._backend import BackendUnavailableError, resolve_backend, triton_interpreting
+from minipt.ops._native import check_contiguous, check_device, float_code, run_kernel
 from minipt.ops._checks import FLOAT_DTYPES, check_same, check_tensor
 from minipt.ops._triton import jit, tl, triton, triton_op
 
 OP = "attention"
 HEAD_DIMS = (16, 32, 64, 128)
+NATIVE_HEAD_DIMS = (64, 128)  # the CUDA kernels of backend="native"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -630,6 +632,119 @@ def _attention_triton(q, k, v, is_causal, attention_mask, scale):
     return out
 
 
+# ----------------------------------------------------------------------------- native
+def _native_attention_args(q, k, v, attention_mask, out, lse, is_causal, scale) -> dict:
+    op = "attention"
+    named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)]
+    if attention_mask is not None:
+        named.append(("attention_mask", attention_mask))
+    check_device(op, *named)
+    if q.device.type != "cuda":
+        raise BackendUnavailableError(
+            f"{op}: backend='native' has CUDA kernels only (there is no C++ CPU attention); got tensors on "
+            f"{q.device}. Use backend='torch' on the CPU."
+        )
+    check_contiguous(op, *named)
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"{op}: q, k, v and out must share one (B, H, T, D) shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(out.shape)}")
+    B, H, T, D = q.shape
+    if D not in NATIVE_HEAD_DIMS:
+        raise BackendUnavailableError(f"{op}: backend='native' supports head dims {NATIVE_HEAD_DIMS}, got {D}")
+    if not (k.dtype == v.dtype == out.dtype == q.dtype):
+        raise TypeError(f"{op}: q, k, v and out must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {out.dtype}")
+    if lse.dtype != torch.float32 or lse.shape != (B, H, T):
+        raise ValueError(f"{op}: lse must be float32 of shape {(B, H, T)}, got {lse.dtype} {tuple(lse.shape)}")
+    if attention_mask is not None and (attention_mask.dtype != torch.uint8 or attention_mask.shape != (B, T)):
+        raise ValueError(
+            f"{op}: the key mask must be uint8 of shape {(B, T)}, got {attention_mask.dtype} "
+            f"{tuple(attention_mask.shape)}"
+        )
+    return dict(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+        key_mask=0 if attention_mask is None else attention_mask.data_ptr(), batch=B, heads=H, seq_len=T,
+        head_dim=D, dtype=float_code(op, "q, k and v", q), is_causal=is_causal, scale=scale,
+    )
+
+
+@torch.library.custom_op("minipt::native_attention_forward", mutates_args=())
+def native_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor], is_causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, H, T, D) and the base-2 log-sum-exp of each row's scaled scores (B, H, T), float32.
+
+    key_mask is (B, T) uint8 with 1 for a real token, or None.
+    """
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    args = _native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale)
+    run_kernel("attention_forward", q.device, **args)
+    return out, lse
+
+
+@native_attention_forward.register_fake
+def _(q, k, v, key_mask, is_causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("minipt::native_attention_backward", mutates_args=())
+def native_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    key_mask: Optional[torch.Tensor], is_causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from dout, deterministically (no atomics)."""
+    args = _native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale)
+    check_device("attention", ("q", q), ("grad_out", grad_out))
+    check_contiguous("attention", ("grad_out", grad_out))
+    if grad_out.shape != q.shape or grad_out.dtype != q.dtype:
+        raise ValueError(
+            f"attention: grad_out must match q's shape and dtype, got {grad_out.dtype} {tuple(grad_out.shape)}"
+        )
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    run_kernel("attention_backward", q.device, grad_out=grad_out.data_ptr(), delta=delta.data_ptr(),
+         grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(), grad_v=grad_v.data_ptr(), **args)
+    return grad_q, grad_k, grad_v
+
+
+@native_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, key_mask, is_causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _native_attention_setup_context(ctx, inputs, output):
+    q, k, v, key_mask, ctx.is_causal, ctx.scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, key_mask, out, lse)
+
+
+def _native_attention_autograd(ctx, grad_out, grad_lse):
+    q, k, v, key_mask, out, lse = ctx.saved_tensors
+    grads = native_attention_backward(grad_out.contiguous(), q, k, v, out, lse, key_mask, ctx.is_causal, ctx.scale)
+    return (*grads, None, None, None)
+
+
+native_attention_forward.register_autograd(_native_attention_autograd, setup_context=_native_attention_setup_context)
+
+
+def _attention_native(q, k, v, *, is_causal, attention_mask, scale):
+    op = "attention"
+    float_code(op, "q, k and v", q)
+    if q.device.type != "cuda":
+        raise BackendUnavailableError(
+            f"{op}: backend='native' has CUDA kernels only (there is no C++ CPU attention); got tensors on "
+            f"{q.device}. Use backend='torch' on the CPU."
+        )
+    if q.shape[-1] not in NATIVE_HEAD_DIMS:
+        raise BackendUnavailableError(
+            f"{op}: backend='native' supports head dims {NATIVE_HEAD_DIMS}, got {q.shape[-1]}"
+        )
+    key_mask = None if attention_mask is None else attention_mask.ne(0).to(torch.uint8).contiguous()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = native_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, bool(is_causal), scale)
+    return out
+
+
 # ----------------------------------------------------------------------------- public op
 def _check_inputs(q, k, v, attention_mask, scale) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -663,6 +778,4 @@ def attention(q, k, v, *, is_causal=False, attention_mask=None, scale=None, back
         return attention_ref(q, k, v, is_causal=is_causal, attention_mask=attention_mask, scale=scale, upcast=False)
     if backend == "triton":
         return _attention_triton(q, k, v, is_causal, attention_mask, scale)
-    from minipt.ops import native
-
-    return native.attention(q, k, v, is_causal=is_causal, attention_mask=attention_mask, scale=scale)
+    return _attention_native(q, k, v, is_causal=is_causal, attention_mask=attention_mask, scale=scale)

@@ -36,7 +36,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minipt._backend import resolve_backend
+from minipt.ops._backend import resolve_backend
+from minipt.ops._loss import reduce_loss
+from minipt.ops._native import check_contiguous, check_device, float_code, run_kernel
 from minipt.ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -52,15 +54,6 @@ OP = "cross_entropy"
 
 
 # ----------------------------------------------------------------------------- reference
-def reduce_loss(loss: torch.Tensor, counted: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Apply ``reduction`` to per-row losses; ``counted`` marks rows that are not ignored."""
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / counted.sum().clamp(min=1)
-
-
 def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, upcast=True):
     """PyTorch reference on ``F.cross_entropy``, with minipt's mean over zero rows = 0.
 
@@ -247,6 +240,92 @@ def _cross_entropy_triton(logits, target, ignore_index, reduction, label_smoothi
     return reduce_loss(loss, target != ignore_index, reduction).to(logits.dtype)
 
 
+# ----------------------------------------------------------------------------- native
+def _native_ce_args(logits, target, ignore_index, label_smoothing) -> dict:
+    op = "cross_entropy"
+    check_device(op, ("logits", logits), ("target", target))
+    check_contiguous(op, ("logits", logits), ("target", target))
+    if logits.dim() != 2 or target.shape != (logits.shape[0],):
+        raise ValueError(
+            f"{op}: expected logits (N, V) and target (N,), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    if target.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: target must be int32 or int64, got {target.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{op}: backend='native' needs at least one class, got logits of shape {tuple(logits.shape)}")
+    return dict(
+        logits=logits.data_ptr(), target=target.data_ptr(), n_rows=logits.shape[0], n_classes=logits.shape[1],
+        dtype=float_code(op, "logits", logits), target_size=target.element_size(), ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
+
+
+@torch.library.custom_op("minipt::native_cross_entropy_forward", mutates_args=())
+def native_cross_entropy_forward(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses (N,) and log-sum-exps (N,), both float32; ignored rows have loss 0."""
+    args = _native_ce_args(logits, target, ignore_index, label_smoothing)
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    run_kernel("cross_entropy_forward", logits.device, loss=loss.data_ptr(), lse=lse.data_ptr(), **args)
+    return loss, lse
+
+
+@native_cross_entropy_forward.register_fake
+def _(logits, target, ignore_index, label_smoothing):
+    loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.custom_op("minipt::native_cross_entropy_backward", mutates_args=())
+def native_cross_entropy_backward(
+    logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """Gradient wrt the logits of Σ_i grad_rows[i]·loss[i]; grad_rows and lse are float32 (N,)."""
+    args = _native_ce_args(logits, target, ignore_index, label_smoothing)
+    for name, x in (("lse", lse), ("grad_rows", grad_rows)):
+        if x.dtype != torch.float32 or x.shape != target.shape:
+            raise ValueError(
+                f"cross_entropy: {name} must be float32 of shape {tuple(target.shape)}, got {x.dtype} {tuple(x.shape)}"
+            )
+    check_device("cross_entropy", ("logits", logits), ("lse", lse), ("grad_rows", grad_rows))
+    check_contiguous("cross_entropy", ("lse", lse), ("grad_rows", grad_rows))
+    grad = torch.empty_like(logits)
+    run_kernel("cross_entropy_backward", logits.device, lse=lse.data_ptr(), grad_rows=grad_rows.data_ptr(),
+         grad_logits=grad.data_ptr(), **args)
+    return grad
+
+
+@native_cross_entropy_backward.register_fake
+def _(logits, target, lse, grad_rows, ignore_index, label_smoothing):
+    return torch.empty_like(logits)
+
+
+def _native_ce_setup_context(ctx, inputs, output):
+    logits, target, ctx.ignore_index, ctx.label_smoothing = inputs
+    ctx.save_for_backward(logits, target, output[1])
+
+
+def _native_ce_backward(ctx, grad_loss, grad_lse):
+    # lse is an internal by-product for the backward; nothing differentiates through it.
+    logits, target, lse = ctx.saved_tensors
+    grad_rows = grad_loss.float().contiguous()
+    grad = native_cross_entropy_backward(logits, target, lse, grad_rows, ctx.ignore_index, ctx.label_smoothing)
+    return grad, None, None, None
+
+
+native_cross_entropy_forward.register_autograd(_native_ce_backward, setup_context=_native_ce_setup_context)
+
+
+def _cross_entropy_native(logits, target, *, ignore_index, reduction, label_smoothing):
+    float_code("cross_entropy", "logits", logits)
+    logits, target = logits.contiguous(), target.contiguous()
+    loss, _ = native_cross_entropy_forward(logits, target, ignore_index, float(label_smoothing))
+    return reduce_loss(loss, target != ignore_index, reduction).to(logits.dtype)
+
+
 # ----------------------------------------------------------------------------- public op
 def check_ce_args(op, logits, target, ignore_index, reduction, label_smoothing, logits_name="logits") -> None:
     check_tensor(op, logits_name, logits, ndim=2, dtypes=FLOAT_DTYPES)
@@ -276,8 +355,6 @@ def cross_entropy(logits, target, *, ignore_index=-100, reduction="mean", label_
             logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             upcast=False,
         )
-    from minipt.ops import native
-
-    return native.cross_entropy(
+    return _cross_entropy_native(
         logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing)
     )

@@ -48,14 +48,25 @@ requires them, so evaluation does no extra work.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from minipt._backend import resolve_backend
+from minipt.ops._backend import resolve_backend
+from minipt.ops._loss import reduce_loss
+from minipt.ops._native import check_device, float_code
 from minipt.ops._checks import FLOAT_DTYPES, check_same, check_targets, check_tensor
-from minipt.ops.cross_entropy import _cross_entropy_forward, check_ce_args, cross_entropy_ref
+from minipt.ops.cross_entropy import (
+    _cross_entropy_forward,
+    check_ce_args,
+    cross_entropy_ref,
+    native_cross_entropy_backward,
+    native_cross_entropy_forward,
+)
 
 OP = "linear_cross_entropy"
 CHUNK_LOGITS_BYTES = 256 * 2**20  # the budget for one chunk of logits
 CHUNK_ROW_MULTIPLE = 64  # keeps the chunk GEMMs on whole tiles
+# backend="native" materialises at most this many logits at once (64 MiB in float32)
+LOGITS_CHUNK_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------- reference
@@ -208,6 +219,106 @@ def _linear_cross_entropy_triton(hidden, weight, target, bias, ignore_index, red
     return loss
 
 
+# ----------------------------------------------------------------------------- native
+class _NativeLinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(hidden @ weight.T + bias) over row chunks: only one chunk's logits exist at a time.
+
+    Each chunk runs a torch GEMM (cuBLAS / the CPU BLAS) for its logits, then the
+    native cross-entropy kernels on them. For a scalar loss the gradients depend on
+    grad_output only through one factor, so the forward produces them chunk by
+    chunk right away (three GEMMs in all, as unfused) and the backward scales them.
+    With ``reduction="none"`` every row has its own factor, which the forward
+    cannot know: the backward recomputes each chunk's logits (a fourth GEMM).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, label_smoothing):
+        N, V = hidden.shape[0], weight.shape[0]
+        counted = target != ignore_index
+        losses = hidden.new_empty(N, dtype=torch.float32)
+        lse = torch.empty_like(losses)
+        needs = ctx.needs_input_grad[:3]
+        eager = any(needs) and reduction != "none"
+        grads = _NativeLinearCrossEntropy._new_grads(hidden, weight, bias, needs) if eager else None
+        if eager:  # d(loss)/d(loss_i): 1 for sum, 1/count for mean; ignored rows are zeroed by the kernel
+            row_scale = counted.float() / (counted.sum().clamp(min=1) if reduction == "mean" else 1)
+        for rows in _row_chunks(N, V):
+            logits = F.linear(hidden[rows], weight, bias)  # (chunk, V), the only logits alive
+            losses[rows], lse[rows] = native_cross_entropy_forward(logits, target[rows], ignore_index, label_smoothing)
+            if eager:
+                grad_logits = native_cross_entropy_backward(
+                    logits, target[rows], lse[rows], row_scale[rows].contiguous(), ignore_index, label_smoothing
+                )
+                _NativeLinearCrossEntropy._accumulate(grads, rows, grad_logits, hidden, weight)
+        ctx.eager = eager
+        ctx.options = (ignore_index, label_smoothing)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if eager:
+            ctx.save_for_backward(*grads)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, target, lse)
+        return reduce_loss(losses, counted, reduction).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        ignore_index, label_smoothing = ctx.options
+        if ctx.eager:
+            scale = grad_loss.float()
+            grads = [None if g is None else (g * scale) for g in ctx.saved_tensors]
+        else:
+            hidden, weight, bias, target, lse = ctx.saved_tensors
+            grads = _NativeLinearCrossEntropy._new_grads(hidden, weight, bias, ctx.needs_input_grad[:3])
+            grad_rows = grad_loss.float().contiguous()
+            for rows in _row_chunks(hidden.shape[0], weight.shape[0]):
+                logits = F.linear(hidden[rows], weight, bias)
+                grad_logits = native_cross_entropy_backward(
+                    logits, target[rows], lse[rows], grad_rows[rows], ignore_index, label_smoothing
+                )
+                _NativeLinearCrossEntropy._accumulate(grads, rows, grad_logits, hidden, weight)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def _new_grads(hidden, weight, bias, needs):
+        """Gradient buffers: hidden's in its dtype (each row is written once), weight's and bias's in
+        float32 because they sum over every chunk."""
+        return [
+            torch.empty_like(hidden) if needs[0] else None,
+            torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
+            torch.zeros_like(bias, dtype=torch.float32) if needs[2] and bias is not None else None,
+        ]
+
+    @staticmethod
+    def _accumulate(grads, rows, grad_logits, hidden, weight):
+        grad_hidden, grad_weight, grad_bias = grads
+        if grad_hidden is not None:
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        if grad_weight is not None:
+            if grad_logits.dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.t(), hidden[rows])
+            else:  # the GEMM accumulates in float32 inside; the sum over chunks does so here
+                grad_weight += torch.mm(grad_logits.t(), hidden[rows])
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+
+
+def _row_chunks(N: int, V: int):
+    rows = max(1, min(N, LOGITS_CHUNK_ELEMENTS // max(V, 1)))
+    return [slice(start, min(start + rows, N)) for start in range(0, N, rows)]
+
+
+def _linear_cross_entropy_native(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing):
+    op = "linear_cross_entropy"
+    float_code(op, "hidden", hidden)
+    named = [("hidden", hidden), ("weight", weight), ("target", target)]
+    if bias is not None:
+        named.append(("bias", bias))
+    check_device(op, *named)
+    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    return _NativeLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, float(label_smoothing))
+
+
 # ----------------------------------------------------------------------------- public op
 def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing) -> None:
     check_tensor(OP, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
@@ -259,9 +370,7 @@ def linear_cross_entropy(
             hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, upcast=False,
         )
-    from minipt.ops import native
-
-    return native.linear_cross_entropy(
+    return _linear_cross_entropy_native(
         hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=float(label_smoothing),
     )

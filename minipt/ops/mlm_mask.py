@@ -22,9 +22,13 @@ reference in distribution, not element by element.
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
-from minipt._backend import resolve_backend
+from minipt.ops._backend import resolve_backend
+from minipt.ops._native import check_contiguous, check_device, run_kernel
 from minipt.ops._checks import INDEX_DTYPES, check_same, check_tensor
 from minipt.ops._triton import constexpr, jit, tl, triton
 
@@ -123,6 +127,55 @@ def _mlm_mask_triton(input_ids, special_tokens_mask, mask_token_id, vocab_size, 
     return out.view(input_ids.shape), labels.view(input_ids.shape)
 
 
+# ----------------------------------------------------------------------------- native
+@torch.library.custom_op("minipt::native_mlm_mask", mutates_args=())
+def native_mlm_mask_op(
+    input_ids: torch.Tensor, special_tokens_mask: Optional[torch.Tensor], mask_token_id: int, vocab_size: int,
+    mlm_probability: float, seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked ids, labels), both shaped and typed like input_ids; see minipt.ops.mlm_mask."""
+    op = "mlm_mask"
+    named = [("input_ids", input_ids)]
+    if special_tokens_mask is not None:
+        named.append(("special_tokens_mask", special_tokens_mask))
+    check_device(op, *named)
+    check_contiguous(op, *named)
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: input_ids must be int32 or int64, got {input_ids.dtype}")
+    if special_tokens_mask is not None:
+        if special_tokens_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"{op}: special_tokens_mask must have shape {tuple(input_ids.shape)}, "
+                f"got {tuple(special_tokens_mask.shape)}"
+            )
+        if special_tokens_mask.dtype not in (torch.bool, torch.uint8, torch.int32, torch.int64):
+            raise TypeError(
+                f"{op}: special_tokens_mask must be bool, uint8, int32 or int64, got {special_tokens_mask.dtype}"
+            )
+    masked, labels = torch.empty_like(input_ids), torch.empty_like(input_ids)
+    run_kernel(
+        "mlm_mask", input_ids.device, input_ids=input_ids.data_ptr(),
+        special=0 if special_tokens_mask is None else special_tokens_mask.data_ptr(),
+        special_size=0 if special_tokens_mask is None else special_tokens_mask.element_size(),
+        masked=masked.data_ptr(), labels=labels.data_ptr(), numel=input_ids.numel(), id_size=input_ids.element_size(),
+        mask_token_id=mask_token_id, vocab_size=vocab_size, mlm_probability=mlm_probability, seed=seed,
+    )
+    return masked, labels
+
+
+@native_mlm_mask_op.register_fake
+def _(input_ids, special_tokens_mask, mask_token_id, vocab_size, mlm_probability, seed):
+    return torch.empty_like(input_ids), torch.empty_like(input_ids)
+
+
+def _mlm_mask_native(input_ids, *, mask_token_id, vocab_size, special_tokens_mask, mlm_probability, seed):
+    if special_tokens_mask is not None:
+        special_tokens_mask = special_tokens_mask.contiguous()
+    return native_mlm_mask_op(
+        input_ids.contiguous(), special_tokens_mask, mask_token_id, vocab_size, float(mlm_probability), seed
+    )
+
+
 # ----------------------------------------------------------------------------- public op
 def _check_inputs(input_ids, mask_token_id, vocab_size, special_tokens_mask, mlm_probability, seed) -> None:
     check_tensor(OP, "input_ids", input_ids, dtypes=INDEX_DTYPES)
@@ -161,19 +214,41 @@ def mlm_mask(
         )
     if backend == "triton":
         return _mlm_mask_triton(input_ids, special_tokens_mask, mask_token_id, vocab_size, float(mlm_probability), seed)
-    from minipt.ops import native
-
-    return native.mlm_mask(
+    return _mlm_mask_native(
         input_ids, mask_token_id=mask_token_id, vocab_size=vocab_size, special_tokens_mask=special_tokens_mask,
         mlm_probability=float(mlm_probability), seed=seed,
     )
 
 
-def masked_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Flat indices (int64) of the positions that carry a label, for running the MLM head only there.
+def masked_capacity(n_positions: int, mlm_probability: float) -> int:
+    """A bound on the selected positions among ``n_positions`` that is practically never passed.
 
-    ``hidden.view(-1, D)[masked_positions(labels)]`` and ``labels.view(-1)[...]`` pair up.
-    This costs one host sync, since the number of positions decides the output's shape.
+    The count is Binomial(n, p): the bound is its mean plus 8 standard deviations
+    plus 8 (odds of overflow below 1e-15 at any n), rounded up to a multiple of 64
+    so the MLM head's GEMM stays on whole tiles, and never more than n.
+    """
+    mean = n_positions * mlm_probability
+    bound = mean + 8.0 * math.sqrt(mean * (1.0 - mlm_probability)) + 8.0
+    return min(n_positions, -(-math.ceil(bound) // 64) * 64)
+
+
+def masked_positions(labels: torch.Tensor, capacity: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Flat indices (int64, shape ``(capacity,)``) of the positions that carry a label.
+
+    Shape-static, so it costs no host sync and compiles without a graph break:
+    the labelled positions come first, in order, and the rest of the slots repeat
+    index 0 (the caller masks them out by their ``ignore_index`` targets, as
+    ``labels.view(-1)[index]`` with the padding slots set to ``ignore_index``).
+    More labelled positions than ``capacity`` would drop some silently; that
+    raises instead, through an assert that runs on the device (no sync), so a
+    CUDA run stops with a device-side assertion and a CPU run with a RuntimeError.
     """
     check_tensor("masked_positions", "labels", labels, dtypes=INDEX_DTYPES)
-    return (labels.reshape(-1) != ignore_index).nonzero().view(-1)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"masked_positions: capacity must be a positive int, got {capacity!r}")
+    labelled = labels.reshape(-1) != ignore_index  # (N,)
+    torch._assert_async(
+        labelled.sum() <= capacity,
+        "masked_positions: more labelled positions than capacity; raise the capacity (see masked_capacity)",
+    )
+    return torch.nonzero_static(labelled, size=capacity, fill_value=0).view(-1)  # (capacity,)

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from minipt.ops._triton import IMPORT_ERROR
+
 BACKENDS = ("auto", "torch", "triton", "native")
 
 
@@ -33,8 +35,6 @@ def triton_interpreting() -> bool:
 
 def triton_import_error() -> str | None:
     """Why Triton cannot be imported, or None when it can (minipt.ops._triton tries, once)."""
-    from minipt.ops._triton import IMPORT_ERROR
-
     return IMPORT_ERROR
 
 
