@@ -1,9 +1,30 @@
-"""minipt's ops. Each takes ``backend="auto" | "torch" | "triton" | "native"``."""
+"""minipt's ops. Each takes ``backend="auto" | "torch" | "triton" | "native"``.
+
+One op, one file: ``attention.py``, ``cross_entropy.py``, ``linear_cross_entropy.py``
+and ``mlm_mask.py`` each hold, in this order, a header on the algorithm and its
+memory traffic, the PyTorch reference, the Triton kernels, their launchers, the
+autograd, the native (pybind11) wrapper and the public function. The private
+modules beside them hold plumbing that several ops share and import no op:
+``_backend`` (which backend runs a call), ``_checks`` (argument checks),
+``_loss`` (``IGNORE_INDEX``, loss reduction), ``_native`` (the call into
+``minipt._C``) and ``_triton`` (Triton, or stand-ins where it is not installed).
+
+How kernels meet torch, the same way in every op:
+
+* every kernel launch is a ``torch.library`` operator, so ``torch.compile`` keeps
+  it whole instead of breaking the graph: Triton launchers are ``triton_op``\\ s
+  that launch through ``torch.library.wrap_triton`` (the compiler can see into
+  them), native kernels are ``custom_op``\\ s with a ``register_fake`` that only
+  describes the outputs;
+* a differentiable op attaches its backward with ``register_autograd``;
+* names are ``minipt::<backend>_<op>_fwd`` and ``_bwd``, or
+  ``minipt::<backend>_<op>`` for an op without a backward.
+"""
 
 from minipt.ops.attention import attention, attention_ref
 from minipt.ops.cross_entropy import cross_entropy, cross_entropy_ref
 from minipt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
-from minipt.ops.mlm_mask import masked_positions, mlm_mask, mlm_mask_ref
+from minipt.ops.mlm_mask import masked_capacity, masked_positions, mlm_mask, mlm_mask_ref
 
 __all__ = [
     "attention",
@@ -12,6 +33,7 @@ __all__ = [
     "cross_entropy_ref",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
+    "masked_capacity",
     "masked_positions",
     "mlm_mask",
     "mlm_mask_ref",
