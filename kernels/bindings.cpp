@@ -1,14 +1,13 @@
 // The one pybind11 module, minipt._C.
 //
 // Bindings take raw device or host pointers, shapes and (for CUDA) the stream as
-// integers. The Python side (minipt/ops/native.py) validates tensors and passes
-// data_ptr(); this keeps the extension free of libtorch, so it builds in seconds
-// and in an isolated build environment that has no torch.
+// integers. The Python side (each op's native wrapper, through minipt/ops/_native.py)
+// validates tensors and passes data_ptr(); this keeps the extension free of libtorch,
+// so it builds in seconds and in an isolated build environment that has no torch.
 //
 // Every binding checks what it can see (sizes, dtype codes, null or misaligned
 // addresses, option ranges) before touching memory, and raises ValueError with the
 // argument's name; a CUDA launch failure raises RuntimeError with CUDA's message.
-// The CPU kernels run without the GIL.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -50,6 +49,43 @@ void check_threads(int num_threads, const char* op) {
         "num_threads must be in [1, " + std::to_string(MAX_THREADS) + "], got " + std::to_string(num_threads));
 }
 
+// A kernel binds once per device, written once as a template over it:
+// `<kernel>_cpu(..., num_threads=)` runs the C++ kernel, `<kernel>_cuda(..., stream=)`
+// queues the CUDA kernel on a stream (whose entry points check that every pointer is
+// memory of the current device, cuda_common.cuh). Neither needs Python, so both run
+// without the GIL.
+struct Cpu {
+  using Handle = int;
+  static constexpr const char *suffix = "_cpu", *handle = "num_threads";
+};
+struct Cuda {
+  using Handle = uintptr_t;
+  static constexpr const char *suffix = "_cuda", *handle = "stream";
+};
+
+void check_handle(Cpu, int num_threads, const char* op) { check_threads(num_threads, op); }
+void check_handle(Cuda, uintptr_t, const char*) {}
+
+// Each kernel's launch under one name on both devices.
+int64_t ce_forward_on(Cpu, const CrossEntropyArgs& a, uintptr_t loss, int64_t* first_bad, int num_threads) {
+  return cross_entropy_forward_cpu(a, loss, num_threads, first_bad);
+}
+void ce_backward_on(Cpu, const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits, int num_threads) {
+  cross_entropy_backward_cpu(a, grad_rows, grad_logits, num_threads);
+}
+void mlm_mask_on(Cpu, const MlmMaskArgs& a, int num_threads) { mlm_mask_cpu(a, num_threads); }
+#ifdef MINIPT_WITH_CUDA
+// A kernel cannot raise: a row whose target is out of range gets a NaN loss instead.
+int64_t ce_forward_on(Cuda, const CrossEntropyArgs& a, uintptr_t loss, int64_t*, uintptr_t stream) {
+  cross_entropy_forward_cuda(a, loss, stream);
+  return 0;
+}
+void ce_backward_on(Cuda, const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits, uintptr_t stream) {
+  cross_entropy_backward_cuda(a, grad_rows, grad_logits, stream);
+}
+void mlm_mask_on(Cuda, const MlmMaskArgs& a, uintptr_t stream) { mlm_mask_cuda(a, stream); }
+#endif
+
 CrossEntropyArgs ce_args(uintptr_t logits, uintptr_t target, uintptr_t lse, int64_t n_rows, int64_t n_classes,
                          int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing) {
   const char* op = "cross_entropy";
@@ -67,17 +103,18 @@ CrossEntropyArgs ce_args(uintptr_t logits, uintptr_t target, uintptr_t lse, int6
                           static_cast<float>(label_smoothing)};
 }
 
-void ce_forward_cpu(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n_rows,
-                    int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing,
-                    int num_threads) {
+template <class Device>
+void ce_forward(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n_rows, int64_t n_classes,
+                int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing,
+                typename Device::Handle handle) {
   const CrossEntropyArgs a =
       ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
   check_tensor(loss, n_rows, 4, "cross_entropy", "loss");
-  check_threads(num_threads, "cross_entropy");
+  check_handle(Device{}, handle, "cross_entropy");
   int64_t first_bad = -1, n_bad = 0;
   {
     py::gil_scoped_release release;
-    n_bad = cross_entropy_forward_cpu(a, loss, num_threads, &first_bad);
+    n_bad = ce_forward_on(Device{}, a, loss, &first_bad, handle);
   }
   if (n_bad > 0) {
     throw std::invalid_argument("cross_entropy: " + std::to_string(n_bad) + " target(s) outside [0, " +
@@ -86,21 +123,23 @@ void ce_forward_cpu(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_
   }
 }
 
-void ce_backward_cpu(uintptr_t logits, uintptr_t target, uintptr_t lse, uintptr_t grad_rows, uintptr_t grad_logits,
-                     int64_t n_rows, int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index,
-                     double label_smoothing, int num_threads) {
+template <class Device>
+void ce_backward(uintptr_t logits, uintptr_t target, uintptr_t lse, uintptr_t grad_rows, uintptr_t grad_logits,
+                 int64_t n_rows, int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index,
+                 double label_smoothing, typename Device::Handle handle) {
   const CrossEntropyArgs a =
       ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
   check_tensor(grad_rows, n_rows, 4, "cross_entropy", "grad_rows");
   check_tensor(grad_logits, n_rows * n_classes, float_size(a.dtype), "cross_entropy", "grad_logits");
-  check_threads(num_threads, "cross_entropy");
+  check_handle(Device{}, handle, "cross_entropy");
   py::gil_scoped_release release;
-  cross_entropy_backward_cpu(a, grad_rows, grad_logits, num_threads);
+  ce_backward_on(Device{}, a, grad_rows, grad_logits, handle);
 }
 
-MlmMaskArgs mlm_args(uintptr_t input_ids, uintptr_t special, uintptr_t masked, uintptr_t labels, int64_t numel,
-                     int64_t id_size, int64_t special_size, int64_t mask_token_id, int64_t vocab_size,
-                     double mlm_probability, uint64_t seed) {
+template <class Device>
+void mlm_mask_binding(uintptr_t input_ids, uintptr_t special, uintptr_t masked, uintptr_t labels, int64_t numel,
+                      int64_t id_size, int64_t special_size, int64_t mask_token_id, int64_t vocab_size,
+                      double mlm_probability, uint64_t seed, typename Device::Handle handle) {
   const char* op = "mlm_mask";
   check(numel >= 0, op, "numel must be >= 0, got " + std::to_string(numel));
   check_int_size(id_size, op, "input_ids", false);
@@ -119,18 +158,11 @@ MlmMaskArgs mlm_args(uintptr_t input_ids, uintptr_t special, uintptr_t masked, u
     check_int_size(special_size, op, "special_tokens_mask", true);
     check_tensor(special, numel, special_size, op, "special_tokens_mask");
   }
-  return MlmMaskArgs{input_ids, special, masked, labels, numel, id_size, special_size, mask_token_id,
-                     vocab_size, static_cast<float>(mlm_probability), seed};
-}
-
-void mlm_mask_cpu_binding(uintptr_t input_ids, uintptr_t special, uintptr_t masked, uintptr_t labels, int64_t numel,
-                          int64_t id_size, int64_t special_size, int64_t mask_token_id, int64_t vocab_size,
-                          double mlm_probability, uint64_t seed, int num_threads) {
-  const MlmMaskArgs a = mlm_args(input_ids, special, masked, labels, numel, id_size, special_size, mask_token_id,
-                                 vocab_size, mlm_probability, seed);
-  check_threads(num_threads, "mlm_mask");
+  check_handle(Device{}, handle, op);
+  const MlmMaskArgs a{input_ids, special, masked, labels, numel, id_size, special_size, mask_token_id,
+                      vocab_size, static_cast<float>(mlm_probability), seed};
   py::gil_scoped_release release;
-  mlm_mask_cpu(a, num_threads);
+  mlm_mask_on(Device{}, a, handle);
 }
 
 py::tuple philox_binding(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
@@ -139,35 +171,6 @@ py::tuple philox_binding(std::array<uint32_t, 4> counter, std::array<uint32_t, 2
 }
 
 #ifdef MINIPT_WITH_CUDA
-// The CUDA entry points also check that every pointer is memory of the current
-// device (cuda_common.cuh) before a kernel can touch it.
-void ce_forward_cuda(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n_rows,
-                     int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing,
-                     uintptr_t stream) {
-  const CrossEntropyArgs a =
-      ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
-  check_tensor(loss, n_rows, 4, "cross_entropy", "loss");
-  cross_entropy_forward_cuda(a, loss, stream);
-}
-
-void ce_backward_cuda(uintptr_t logits, uintptr_t target, uintptr_t lse, uintptr_t grad_rows, uintptr_t grad_logits,
-                      int64_t n_rows, int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index,
-                      double label_smoothing, uintptr_t stream) {
-  const CrossEntropyArgs a =
-      ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
-  check_tensor(grad_rows, n_rows, 4, "cross_entropy", "grad_rows");
-  check_tensor(grad_logits, n_rows * n_classes, float_size(a.dtype), "cross_entropy", "grad_logits");
-  cross_entropy_backward_cuda(a, grad_rows, grad_logits, stream);
-}
-
-void mlm_mask_cuda_binding(uintptr_t input_ids, uintptr_t special, uintptr_t masked, uintptr_t labels, int64_t numel,
-                           int64_t id_size, int64_t special_size, int64_t mask_token_id, int64_t vocab_size,
-                           double mlm_probability, uint64_t seed, uintptr_t stream) {
-  mlm_mask_cuda(mlm_args(input_ids, special, masked, labels, numel, id_size, special_size, mask_token_id, vocab_size,
-                         mlm_probability, seed),
-                stream);
-}
-
 AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t key_mask,
                              int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim, int dtype,
                              bool is_causal, double scale) {
@@ -193,8 +196,10 @@ AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t ou
 void attention_forward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                                uintptr_t key_mask, int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim,
                                int dtype, bool is_causal, double scale, uintptr_t stream) {
-  attention_forward_cuda(
-      attention_args(q, k, v, out, lse, key_mask, batch, heads, seq_len, head_dim, dtype, is_causal, scale), stream);
+  const AttentionArgs a =
+      attention_args(q, k, v, out, lse, key_mask, batch, heads, seq_len, head_dim, dtype, is_causal, scale);
+  py::gil_scoped_release release;
+  attention_forward_cuda(a, stream);
 }
 
 void attention_backward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
@@ -209,59 +214,56 @@ void attention_backward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t
     check_tensor(ptr, n, float_size(a.dtype), "attention", name);
   }
   check_tensor(delta, batch * heads * seq_len, 4, "attention", "delta");
+  py::gil_scoped_release release;
   attention_backward_cuda(a, AttentionGrads{grad_out, delta, grad_q, grad_k, grad_v}, stream);
 }
 #endif
+
+// Binds `<kernel>_cpu` or `<kernel>_cuda`: the kernel's keyword arguments, then the device's.
+template <class Device, class Fn, class... Args>
+void def_on(py::module_& m, const std::string& kernel, Fn fn, const std::string& doc, const Args&... args) {
+  m.def((kernel + Device::suffix).c_str(), fn, doc.c_str(), args..., py::arg(Device::handle));
+}
+
+template <class Device>
+void def_kernels(py::module_& m) {
+  def_on<Device>(m, "cross_entropy_forward", &ce_forward<Device>, "Per-row loss and lse of (N, V) logits",
+                 py::arg("logits"), py::arg("target"), py::arg("loss"), py::arg("lse"), py::arg("n_rows"),
+                 py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"), py::arg("ignore_index"),
+                 py::arg("label_smoothing"));
+  def_on<Device>(m, "cross_entropy_backward", &ce_backward<Device>, "Gradient of the per-row losses wrt the logits",
+                 py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("grad_rows"), py::arg("grad_logits"),
+                 py::arg("n_rows"), py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"),
+                 py::arg("ignore_index"), py::arg("label_smoothing"));
+  def_on<Device>(m, "mlm_mask", &mlm_mask_binding<Device>, "BERT's MLM masking of n ids (special: 0 for none)",
+                 py::arg("input_ids"), py::arg("special"), py::arg("masked"), py::arg("labels"), py::arg("numel"),
+                 py::arg("id_size"), py::arg("special_size"), py::arg("mask_token_id"), py::arg("vocab_size"),
+                 py::arg("mlm_probability"), py::arg("seed"));
+}
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "minipt native kernels (C++ for the CPU, CUDA when built with it)";
-#ifdef MINIPT_WITH_CUDA
-  m.attr("has_cuda") = true;
-#else
-  m.attr("has_cuda") = false;
-#endif
-
-  m.def("cross_entropy_forward_cpu", &ce_forward_cpu, "Per-row loss and lse of (N, V) logits",
-        py::arg("logits"), py::arg("target"), py::arg("loss"), py::arg("lse"), py::arg("n_rows"),
-        py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"), py::arg("ignore_index"),
-        py::arg("label_smoothing"), py::arg("num_threads"));
-  m.def("cross_entropy_backward_cpu", &ce_backward_cpu, "Gradient of the per-row losses wrt the logits",
-        py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("grad_rows"), py::arg("grad_logits"),
-        py::arg("n_rows"), py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"),
-        py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("num_threads"));
-
-  m.def("mlm_mask_cpu", &mlm_mask_cpu_binding, "BERT's MLM masking of n ids (special: 0 for none)",
-        py::arg("input_ids"), py::arg("special"), py::arg("masked"), py::arg("labels"), py::arg("numel"),
-        py::arg("id_size"), py::arg("special_size"), py::arg("mask_token_id"), py::arg("vocab_size"),
-        py::arg("mlm_probability"), py::arg("seed"), py::arg("num_threads"));
   m.def("philox4x32_10", &philox_binding, "Philox4x32-10 of a counter under a key (for known-answer tests)",
         py::arg("counter"), py::arg("key"));
-
+  def_kernels<Cpu>(m);
 #ifdef MINIPT_WITH_CUDA
-  m.def("cross_entropy_forward_cuda", &ce_forward_cuda, "Per-row loss and lse of (N, V) logits on the GPU",
-        py::arg("logits"), py::arg("target"), py::arg("loss"), py::arg("lse"), py::arg("n_rows"),
-        py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"), py::arg("ignore_index"),
-        py::arg("label_smoothing"), py::arg("stream"));
-  m.def("cross_entropy_backward_cuda", &ce_backward_cuda, "Gradient of the per-row losses wrt the logits on the GPU",
-        py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("grad_rows"), py::arg("grad_logits"),
-        py::arg("n_rows"), py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"),
-        py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("stream"));
-  m.def("mlm_mask_cuda", &mlm_mask_cuda_binding, "BERT's MLM masking of n ids on the GPU (special: 0 for none)",
-        py::arg("input_ids"), py::arg("special"), py::arg("masked"), py::arg("labels"), py::arg("numel"),
-        py::arg("id_size"), py::arg("special_size"), py::arg("mask_token_id"), py::arg("vocab_size"),
-        py::arg("mlm_probability"), py::arg("seed"), py::arg("stream"));
-  m.def("attention_forward_cuda", &attention_forward_binding,
-        "Flash-style attention forward: out (B, H, T, D) and base-2 lse (B, H, T)", py::arg("q"), py::arg("k"),
-        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("batch"), py::arg("heads"),
-        py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"), py::arg("scale"),
-        py::arg("stream"));
-  m.def("attention_backward_cuda", &attention_backward_binding,
-        "Attention backward: dq, dk, dv from dout, with delta (B, H, T) as float32 scratch", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("grad_out"),
-        py::arg("delta"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("batch"),
-        py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
-        py::arg("scale"), py::arg("stream"));
+  m.attr("has_cuda") = true;
+  def_kernels<Cuda>(m);
+  // Attention has CUDA kernels only.
+  def_on<Cuda>(m, "attention_forward", &attention_forward_binding,
+               "Flash-style attention forward: out (B, H, T, D) and base-2 lse (B, H, T)", py::arg("q"),
+               py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("batch"),
+               py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
+               py::arg("scale"));
+  def_on<Cuda>(m, "attention_backward", &attention_backward_binding,
+               "Attention backward: dq, dk, dv from dout, with delta (B, H, T) as float32 scratch", py::arg("q"),
+               py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("grad_out"),
+               py::arg("delta"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("batch"),
+               py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
+               py::arg("scale"));
+#else
+  m.attr("has_cuda") = false;
 #endif
 }
