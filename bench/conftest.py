@@ -13,8 +13,12 @@ has finished: the ``measure`` fixture synchronises inside the timed call. With
 
 from __future__ import annotations
 
+from importlib.metadata import version
+from pathlib import Path
+
 import pytest
 import torch
+from packaging.version import Version
 
 from bench.common import RESULTS_DIR, default_device, device_slug
 
@@ -38,7 +42,14 @@ def pytest_configure(config):
     if wants_report and config.getoption("benchmark_json", None) is None:
         folder = RESULTS_DIR / device_slug(device)
         folder.mkdir(parents=True, exist_ok=True)
-        config.option.benchmark_json = open(folder / "pytest-benchmark.json", "wb")  # noqa: SIM115 - pytest-benchmark closes it
+        config.option.benchmark_json = benchmark_json_option(folder / "pytest-benchmark.json")
+
+
+def benchmark_json_option(path: Path):
+    """``--benchmark-json PATH`` as the installed pytest-benchmark parses it: a path from 5.3, an open file before."""
+    if Version(version("pytest-benchmark")) >= Version("5.3"):
+        return path
+    return open(path, "wb")  # noqa: SIM115 - pytest-benchmark closes it
 
 
 @pytest.fixture(scope="session")
