@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -110,19 +111,30 @@ def built():
     return resource_usage(_C.__file__)
 
 
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{(source, arch): (cubin path, nvcc's result)} for every kernel file and architecture, compiled side by side."""
+    folder = tmp_path_factory.mktemp("cubins")
+
+    def compile_one(source, arch):
+        cubin = folder / f"{source}.sm_{arch}.cubin"
+        command = [NVCC, "-cubin", f"-arch=sm_{arch}", *NVCC_FLAGS, "--resource-usage", f"-I{KERNELS}", "-o",
+                   str(cubin), str(KERNELS / source)]
+        return cubin, subprocess.run(command, capture_output=True, text=True)
+
+    jobs = [(source, arch) for source in SOURCES for arch in ARCHS]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return dict(zip(jobs, pool.map(lambda job: compile_one(*job), jobs)))
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("source", SOURCES)
-def test_kernels_do_not_spill(source, arch, built, tmp_path):
+def test_kernels_do_not_spill(source, arch, built, compiled):
     in_build = {f: u for (a, s, f), u in built.items() if a == arch and s == source}
     assert in_build, f"minipt._C holds no sm_{arch} code for kernels/{source}: was it built for this architecture?"
 
-    cubin = tmp_path / f"{source}.sm_{arch}.cubin"
-    compiled = subprocess.run(
-        [NVCC, "-cubin", f"-arch=sm_{arch}", *NVCC_FLAGS, "--resource-usage", f"-I{KERNELS}", "-o", str(cubin),
-         str(KERNELS / source)],
-        capture_output=True, text=True,
-    )
-    assert compiled.returncode == 0, f"nvcc failed on kernels/{source}:\n{compiled.stderr}"
+    cubin, nvcc = compiled[source, arch]
+    assert nvcc.returncode == 0, f"nvcc failed on kernels/{source}:\n{nvcc.stderr}"
     fresh = {f: u for (_, _, f), u in resource_usage(str(cubin)).items()}
     fresh_by_name = {without_anonymous_namespace(f): u for f, u in fresh.items()}
     build_by_name = {without_anonymous_namespace(f): u for f, u in in_build.items()}
@@ -137,7 +149,7 @@ def test_kernels_do_not_spill(source, arch, built, tmp_path):
         f"(rebuild the extension, or align NVCC_FLAGS with CMakeLists.txt); differing kernels: {differ}"
     )
 
-    spills = ptxas_spills(compiled.stdout + compiled.stderr)
+    spills = ptxas_spills(nvcc.stdout + nvcc.stderr)
     assert set(fresh) <= set(spills), f"ptxas reported no spill counts for {sorted(set(fresh) - set(spills))}"
     spilling = {f: s for f, s in spills.items() if s[1] or s[2]}
     names = demangle(sorted(spilling))
