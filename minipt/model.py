@@ -1,7 +1,8 @@
 """GPT (causal LM) and BERT (MLM + NSP), built on minipt's ops.
 
 Read top to bottom: the configs, the output record, then GPT from its attention
-up to the model, then BERT the same way.
+up to the model, then BERT the same way, and last the registry of the two kinds
+with the one factory, :func:`build_model`, that turns a saved config into a model.
 
 Every attention goes through ``minipt.ops.attention`` and every loss through
 ``minipt.ops`` (``linear_cross_entropy`` for the LM/MLM head, ``cross_entropy``
@@ -12,6 +13,10 @@ hidden states, so the (B, T, V) logits exist only when the caller asks for them.
 
 The attention op has no dropout: ``dropout`` acts on the embeddings, the
 residual branches and (GPT) the MLP, never on the attention probabilities.
+
+A training step never reads a tensor on the host: BERT's MLM head runs on a
+fixed number of rows (``masked_capacity``) picked by ``masked_positions``, so the
+forward pass has static shapes and compiles into one graph.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minipt.ops._backend import BACKENDS
-from minipt.ops import attention, cross_entropy, linear_cross_entropy
+from typing import NamedTuple
 
-IGNORE_INDEX = -100  # label of a position that carries no loss (Hugging Face's convention)
+from minipt.ops import attention, cross_entropy, linear_cross_entropy
+from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops.mlm_mask import masked_capacity, masked_positions
 
 
 # ----------------------------------------------------------------------------- configs
@@ -38,8 +44,12 @@ def _check_positive_int(cls_name: str, name: str, value) -> None:
         raise ValueError(f"{cls_name}: {name} must be a positive int, got {value}")
 
 
-def _check_common(cfg, inner: int | None = None) -> None:
-    """Checks both configs share: sizes, heads dividing the width, dropout, eps and backend."""
+def _check_common(cfg) -> None:
+    """Checks both configs share: sizes, heads dividing the width, dropout and eps.
+
+    ``backend`` is left to the ops, which check it at every call against the one
+    list of backends (``minipt.ops._backend.BACKENDS``).
+    """
     name = type(cfg).__name__
     for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         _check_positive_int(name, field, getattr(cfg, field))
@@ -54,8 +64,6 @@ def _check_common(cfg, inner: int | None = None) -> None:
         0.0 < cfg.layer_norm_eps < 1.0
     ):
         raise ValueError(f"{name}: layer_norm_eps must be a float in (0, 1), got {cfg.layer_norm_eps!r}")
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {cfg.backend!r}")
 
 
 def _preset(cls, presets: dict, name: str, overrides: dict):
@@ -158,6 +166,10 @@ class ModelOutput:
     nsp_logits: torch.Tensor | None = None  # (B, 2) BERT: 0 = B follows A, 1 = B is random
     mlm_loss: torch.Tensor | None = None  # BERT: mean CE over the masked positions
     nsp_loss: torch.Tensor | None = None  # BERT: mean CE of the next-sentence classifier
+    # BERT with labels: the MLM head's output at the K picked rows (K >= masked positions; the
+    # padding rows' targets are IGNORE_INDEX), what the loss read; BERT.mlm_logits scores them.
+    masked_hidden: torch.Tensor | None = None  # (K, C)
+    masked_targets: torch.Tensor | None = None  # (K,)
 
 
 def _check_ids(model: str, name: str, ids, block_size: int, like: torch.Tensor | None = None) -> None:
@@ -182,6 +194,27 @@ def split_heads(qkv: torch.Tensor, n_head: int):
     return tuple(t.view(B, T, n_head, C3 // (3 * n_head)).transpose(1, 2) for t in qkv.split(C3 // 3, dim=2))
 
 
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """(B, nh, T, hs) -> (B, T, nh·hs), heads side by side.
+
+    The attention op returns a view of (B, T, nh, hs) memory, so this is a view
+    too; reshape copies only for an output laid out otherwise (the torch backend's).
+    """
+    B, H, T, D = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+def training_flops_per_token(params: float, config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of a model whose matmuls use ``params`` weights.
+
+    6·N + 12·n_layer·n_embd·T, the estimate of PaLM (appendix B) that nanoGPT uses
+    for MFU: 6·N for the matmuls against N parameters (2 forward, 4 backward),
+    12·L·C·T for the attention scores and their weighted sum over T keys, counting
+    the full T×T even though causal masking skips half.
+    """
+    return 6.0 * params + 12.0 * config.n_layer * config.n_embd * seq_len
+
+
 # ----------------------------------------------------------------------------- GPT
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -193,11 +226,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        B, T, C = x.shape
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # (B, nh, T, hs) each
         y = attention(q, k, v, is_causal=True, backend=self.backend)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(merge_heads(y)))  # (B, T, C)
 
 
 class GPTMLP(nn.Module):
@@ -331,16 +362,12 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward) at T = block_size.
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token at sequence length ``seq_len`` (default block_size).
 
-        6·N + 12·n_layer·n_embd·T, the estimate of PaLM (appendix B) that nanoGPT
-        uses for MFU: 6·N for the matmuls against the N non-embedding parameters
-        (2 forward, 4 backward), 12·L·C·T for the attention scores and their
-        weighted sum, counting the full T×T even though causal masking skips half.
+        See :func:`training_flops_per_token`; N is the non-embedding parameter count.
         """
-        cfg = self.config
-        return 6.0 * self.num_params() + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return training_flops_per_token(self.num_params(), self.config, seq_len or self.config.block_size)
 
 
 # ----------------------------------------------------------------------------- BERT
@@ -368,10 +395,9 @@ class BertSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
 
     def forward(self, x, mask):
-        B, T, C = x.shape
         q, k, v = split_heads(self.qkv(x), self.n_head)  # (B, nh, T, hs) each
         y = attention(q, k, v, attention_mask=mask, backend=self.backend)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.proj(merge_heads(y))  # (B, T, C)
 
 
 class BertLayer(nn.Module):
@@ -457,37 +483,54 @@ class BERT(nn.Module):
             x = layer(x, mask)
         return x
 
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied decoder: MLM-head output (..., C) -> logits (..., V)."""
+        return F.linear(hidden, self.embeddings.word_embeddings.weight, self.mlm_head.decoder_bias)
+
+    def _masked_rows(self, x, labels, mlm_probability):
+        """The MLM head's input and targets at a fixed number K of rows, K >= the labelled positions.
+
+        K is ``masked_capacity`` at ``mlm_probability`` (every position without it),
+        so the shapes do not depend on the data. The labelled positions come first,
+        in order; the padding rows after them get IGNORE_INDEX targets, which add
+        nothing to the loss or its mean.
+        """
+        flat_labels = labels.reshape(-1)  # (B·T,)
+        n = flat_labels.numel()
+        capacity = n if mlm_probability is None else masked_capacity(n, mlm_probability)
+        index = masked_positions(flat_labels, capacity)  # (K,)
+        labelled = (flat_labels != IGNORE_INDEX).sum()
+        is_padding = torch.arange(capacity, device=labels.device) >= labelled  # (K,)
+        targets = flat_labels[index].masked_fill(is_padding, IGNORE_INDEX)  # (K,)
+        return x.reshape(-1, x.shape[-1])[index], targets  # (K, C), (K,)
+
     def forward(
         self, input_ids, token_type_ids=None, attention_mask=None, labels=None, next_sentence_label=None,
-        *, return_logits: bool | None = None,
+        *, mlm_probability: float | None = None, return_logits: bool | None = None,
     ) -> ModelOutput:
         """MLM + NSP, as Hugging Face's ``BertForPreTraining``.
 
         ``labels`` (B, T) hold the original id at masked positions and -100
-        elsewhere; the MLM head runs on the masked positions only. The loss is
-        mlm_loss + nsp_loss when ``next_sentence_label`` (B,) is given, else the
-        MLM loss alone. ``return_logits=None`` means: (B, T, V) logits only when
-        there are no labels.
+        elsewhere; the MLM head runs on those positions only, padded to a row
+        count fixed by ``mlm_probability``, the masking rate that drew the labels
+        (None: room for every position). The loss is mlm_loss + nsp_loss when
+        ``next_sentence_label`` (B,) is given, else the MLM loss alone.
+        ``return_logits=None`` means: (B, T, V) logits only when there are no labels.
         """
         self._check_inputs(input_ids, token_type_ids, attention_mask, labels, next_sentence_label)
+        if mlm_probability is not None and not 0.0 < mlm_probability <= 1.0:
+            raise ValueError(f"BERT: mlm_probability must be in (0, 1] or None, got {mlm_probability!r}")
         x = self.encode(input_ids, token_type_ids, attention_mask)  # (B, T, C)
-        decoder = self.embeddings.word_embeddings.weight  # (V, C), tied
         backend = self.config.backend
 
         nsp_logits = self.nsp_head(torch.tanh(self.pooler(x[:, 0])))  # (B, 2)
         out = ModelOutput(nsp_logits=nsp_logits)
         if labels is not None:
-            flat_labels = labels.reshape(-1)  # (B·T,)
-            picked = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
-            targets = flat_labels[picked]
-            if picked.numel() == 0:
-                # Keep the kernels away from an empty batch: one ignored row makes the
-                # loss 0 by the op's all-ignored rule, with zero gradients everywhere.
-                picked = torch.zeros(1, dtype=torch.long, device=labels.device)
-                targets = torch.full((1,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-            hidden = self.mlm_head(x.reshape(-1, x.shape[-1])[picked])  # (M, C)
+            rows, out.masked_targets = self._masked_rows(x, labels, mlm_probability)
+            out.masked_hidden = self.mlm_head(rows)  # (K, C)
             out.mlm_loss = linear_cross_entropy(
-                hidden, decoder, targets, bias=self.mlm_head.decoder_bias, ignore_index=IGNORE_INDEX, backend=backend
+                out.masked_hidden, self.embeddings.word_embeddings.weight, out.masked_targets,
+                bias=self.mlm_head.decoder_bias, ignore_index=IGNORE_INDEX, backend=backend,
             )
             out.loss = out.mlm_loss
         if next_sentence_label is not None:
@@ -496,7 +539,7 @@ class BERT(nn.Module):
         if return_logits is None:
             return_logits = labels is None
         if return_logits:
-            out.logits = F.linear(self.mlm_head(x), decoder, self.mlm_head.decoder_bias)  # (B, T, V)
+            out.logits = self.mlm_logits(self.mlm_head(x))  # (B, T, V)
         return out
 
     def num_params(self, non_embedding=True) -> int:
@@ -510,14 +553,32 @@ class BERT(nn.Module):
             n -= self.embeddings.token_type_embeddings.weight.numel()
         return n
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward) at T = block_size.
+    def flops_per_token(self, seq_len: int | None = None, mlm_fraction: float = 1.0) -> float:
+        """Training FLOPs per token at sequence length ``seq_len`` (default block_size).
 
-        6·N + 12·n_layer·n_embd·T, the PaLM estimate GPT uses (see there). It
-        counts the MLM head and its decoder at every position, the convention of
-        published MFU figures, although the head runs on the masked positions
-        only: N overstates the work done per token by about 6·V·C·(1 - p) for a
-        masking rate p, so MFU computed with it is an upper bound.
+        See :func:`training_flops_per_token`. The tied V×C decoder runs on the
+        ``mlm_fraction`` of positions that carry an MLM label. The default, 1.0,
+        counts it at every position, the convention of published MFU figures; at
+        BERT-tiny's size the decoder is 90% of the parameters, so that convention
+        can put MFU above 1.
         """
         cfg = self.config
-        return 6.0 * self.num_params() + 12.0 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        params = self.num_params() - cfg.vocab_size * cfg.n_embd * (1.0 - mlm_fraction)
+        return training_flops_per_token(params, cfg, seq_len or cfg.block_size)
+
+
+# ----------------------------------------------------------------------------- the two kinds
+class ModelKind(NamedTuple):
+    model: type[nn.Module]
+    config: type
+
+
+MODEL_KINDS = {"gpt": ModelKind(GPT, GPTConfig), "bert": ModelKind(BERT, BertConfig)}
+
+
+def build_model(kind: str, config: dict | GPTConfig | BertConfig) -> GPT | BERT:
+    """A GPT or BERT from its kind and its config (a dict, as saved in a run's ``config.json``)."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"build_model: kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
+    model_cls, config_cls = MODEL_KINDS[kind]
+    return model_cls(config_cls(**config) if isinstance(config, dict) else config)

@@ -1,6 +1,7 @@
 """GPT and BERT: shapes, losses against F.cross_entropy on the full logits, gradients,
 masking, sampling, configs, and the same tiny models on every backend."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_CUDA, TRITON_DEVICE
-from minipt.model import BERT, BERT_PRESETS, GPT, GPT_PRESETS, BertConfig, GPTConfig, ModelOutput
+from minipt.model import (
+    BERT, BERT_PRESETS, GPT, GPT_PRESETS, MODEL_KINDS, BertConfig, GPTConfig, ModelOutput, build_model,
+)
+from minipt.ops import attention
+from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops.mlm_mask import masked_capacity
 
 # Odd sizes, so that a transposed or mis-split dimension shows up as a shape error or a wrong value;
 # head dim 16, the smallest the Triton attention kernel takes.
@@ -28,13 +34,13 @@ def tiny_bert(**overrides) -> BERT:
 
 def bert_batch(B=3, T=11, vocab=53, device="cpu"):
     """Right-padded rows of different lengths, both token types, ~30% of real tokens masked."""
-    lengths = torch.tensor([T, T - 4, 3])[:B]
+    lengths = torch.tensor([T, T - 4, 3] * 3)[:B]
     mask = torch.arange(T)[None, :] < lengths[:, None]  # (B, T)
     input_ids = torch.randint(1, vocab, (B, T)).masked_fill(~mask, 0)
     token_type_ids = (torch.arange(T)[None, :] >= (lengths[:, None] // 2)).long() * mask
-    labels = torch.where(mask & (torch.rand(B, T) < 0.3), torch.randint(0, vocab, (B, T)), -100)
+    labels = torch.where(mask & (torch.rand(B, T) < 0.3), torch.randint(0, vocab, (B, T)), IGNORE_INDEX)
     labels[0, 1] = 7  # at least one masked position
-    nsp = torch.tensor([0, 1, 1])[:B]
+    nsp = torch.tensor([0, 1, 1] * 3)[:B]
     batch = dict(
         input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=mask.long(), labels=labels,
         next_sentence_label=nsp,
@@ -97,7 +103,6 @@ def test_unknown_preset_and_field_are_named():
         (GPTConfig, dict(dropout=1.0), ValueError, r"dropout must be a float in \[0, 1\)"),
         (BertConfig, dict(dropout=-0.1), ValueError, r"dropout must be a float in \[0, 1\)"),
         (GPTConfig, dict(layer_norm_eps=0.0), ValueError, "layer_norm_eps"),
-        (GPTConfig, dict(backend="cuda"), ValueError, "backend must be one of"),
         (GPTConfig, dict(bias=1), TypeError, "bias must be a bool"),
         (BertConfig, dict(n_inner=0), ValueError, "n_inner must be a positive int"),
         (BertConfig, dict(type_vocab_size=0), ValueError, "type_vocab_size must be a positive int"),
@@ -107,6 +112,22 @@ def test_unknown_preset_and_field_are_named():
 def test_config_errors_name_the_field(cls, overrides, exc, pattern):
     with pytest.raises(exc, match=pattern):
         cls(**overrides)
+
+
+def test_a_bad_backend_is_named_by_the_first_op_it_reaches():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'triton', 'native'\), got 'cuda'"):
+        tiny_gpt(backend="cuda")(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_build_model_from_a_saved_config_or_a_config_object():
+    saved = dataclasses.asdict(GPTConfig(**GPT_TINY))
+    assert isinstance(build_model("gpt", saved), GPT) and build_model("gpt", saved).config == GPTConfig(**GPT_TINY)
+    assert isinstance(build_model("bert", BertConfig(**BERT_TINY)), BERT)
+    assert set(MODEL_KINDS) == {"gpt", "bert"}
+    with pytest.raises(ValueError, match=r"kind must be one of \['bert', 'gpt'\], got 't5'"):
+        build_model("t5", saved)
+    with pytest.raises(ValueError, match="n_layer must be a positive int"):
+        build_model("bert", {**dataclasses.asdict(BertConfig(**BERT_TINY)), "n_layer": 0})
 
 
 def test_models_take_only_their_config():
@@ -147,7 +168,7 @@ def test_gpt_loss_equals_cross_entropy_of_full_logits():
     model = tiny_gpt()
     x = torch.randint(0, 61, (3, 16))
     labels = torch.randint(0, 61, (3, 16))
-    labels[1, 4:9] = -100
+    labels[1, 4:9] = IGNORE_INDEX
     out = model(x, labels)
     assert out.logits is None  # return_logits=None: no logits when labels are given
     out.loss.backward()
@@ -155,7 +176,7 @@ def test_gpt_loss_equals_cross_entropy_of_full_logits():
     model.zero_grad()
 
     out_full = model(x, labels, return_logits=True)
-    ref = F.cross_entropy(out_full.logits.reshape(-1, 61), labels.reshape(-1), ignore_index=-100)
+    ref = F.cross_entropy(out_full.logits.reshape(-1, 61), labels.reshape(-1), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=1e-6)
     ref.backward()
     for name, g in grads(model).items():
@@ -250,7 +271,7 @@ def test_bert_loss_equals_mlm_plus_nsp_cross_entropy_of_full_logits():
     batch = bert_batch()
     out = model(**batch, return_logits=True)
     V = model.config.vocab_size
-    mlm = F.cross_entropy(out.logits.reshape(-1, V), batch["labels"].reshape(-1), ignore_index=-100)
+    mlm = F.cross_entropy(out.logits.reshape(-1, V), batch["labels"].reshape(-1), ignore_index=IGNORE_INDEX)
     nsp = F.cross_entropy(out.nsp_logits, batch["next_sentence_label"])
     torch.testing.assert_close(out.mlm_loss, mlm, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.nsp_loss, nsp, rtol=1e-6, atol=1e-6)
@@ -273,13 +294,58 @@ def test_bert_loss_equals_mlm_plus_nsp_cross_entropy_of_full_logits():
 def test_bert_with_no_masked_position_has_zero_mlm_loss():
     model = tiny_bert()
     batch = bert_batch()
-    batch["labels"] = torch.full_like(batch["labels"], -100)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
     out = model(**batch)
     assert out.mlm_loss.item() == 0.0
     torch.testing.assert_close(out.loss, out.nsp_loss, rtol=0, atol=0)
     out.loss.backward()
     assert torch.all(model.mlm_head.decoder_bias.grad == 0)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def nonzero_mlm_loss(model, batch):
+    """The MLM loss as the head ran before it became shape-static: on exactly the labelled rows."""
+    x = model.encode(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    flat = batch["labels"].reshape(-1)
+    picked = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    logits = model.mlm_logits(model.mlm_head(x.reshape(-1, x.shape[-1])[picked]))
+    return F.cross_entropy(logits, flat[picked])
+
+
+# 128 positions: room for all of them without a masking rate, 64 rows at 15%.
+@pytest.mark.parametrize("mlm_probability, rows", [(None, 128), (0.15, 64)])
+def test_bert_mlm_rows_are_shape_static_and_match_the_labelled_rows(mlm_probability, rows):
+    model = tiny_bert()
+    batch = bert_batch(B=8, T=16)
+    labels = batch["labels"]
+    labels[0, 0] = 5  # the padding rows gather row 0: a label there must not reach the loss through them
+    n, labelled = labels.numel(), labels[labels != IGNORE_INDEX]
+    out = model(**batch, mlm_probability=mlm_probability)
+    assert masked_capacity(n, 0.15) == 64
+    assert out.masked_hidden.shape == (rows, 48) and out.masked_targets.shape == (rows,)
+    assert torch.equal(out.masked_targets[: labelled.numel()], labelled)  # in order, then only padding
+    assert (out.masked_targets[labelled.numel():] == IGNORE_INDEX).all()
+
+    ref = nonzero_mlm_loss(model, batch)
+    assert torch.equal(out.mlm_loss, ref)  # the padding rows add exactly nothing, and the mean counts real rows
+    mlm_params = [(name, p) for name, p in model.named_parameters() if not name.startswith(("pooler", "nsp_head"))]
+    static = torch.autograd.grad(out.mlm_loss, [p for _, p in mlm_params])
+    exact = torch.autograd.grad(ref, [p for _, p in mlm_params])
+    # Equal up to the order of the float32 sums over rows (bias and LayerNorm gradients sum
+    # K rows instead of M): about one rounding, never more.
+    for (name, _), g, g_ref in zip(mlm_params, static, exact):
+        torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_more_masked_positions_than_the_capacity_is_an_error():
+    model = tiny_bert()
+    batch = bert_batch(B=8, T=16)
+    batch["labels"] = batch["input_ids"].clone()  # all 128 positions labelled, where a 1% rate leaves room for 64
+    assert masked_capacity(128, 0.01) == 64
+    with pytest.raises(RuntimeError, match="more labelled positions than capacity"):
+        model(**batch, mlm_probability=0.01)
+    with pytest.raises(ValueError, match=r"mlm_probability must be in \(0, 1\] or None, got 0.0"):
+        model(**batch, mlm_probability=0.0)
 
 
 def test_bert_padding_is_invisible_to_real_tokens():
@@ -313,7 +379,7 @@ def test_bert_bad_inputs_are_named():
 # ----------------------------------------------------------------------------- both models
 def gpt_loss(model, device):
     x = torch.randint(0, 61, (2, 11), device=device)
-    labels = torch.cat([x[:, 1:], torch.full((2, 1), -100, device=device)], dim=1)
+    labels = torch.cat([x[:, 1:], torch.full((2, 1), IGNORE_INDEX, device=device)], dim=1)
     return model(x, labels).loss
 
 
@@ -338,6 +404,43 @@ def test_flops_per_token_matches_a_count_of_the_matmuls():
     # multiply-add, three passes; scores and weighted sum over T keys; the tied head.
     matmuls = 6 * (12 * C * C * L + V * C) + 12 * L * C * T
     assert 0 < model.flops_per_token() - matmuls < 1e-3 * matmuls  # the rest: biases and LayerNorm gains
+    assert model.flops_per_token(256) == model.flops_per_token() - 12 * L * C * (T - 256)
+
+
+def test_bert_flops_per_token_count_the_decoder_where_mlm_runs():
+    with torch.device("meta"):
+        model = BERT(BertConfig.preset("bert-tiny"))
+    L, C, T, V = 2, 128, 512, 30522
+    assert model.flops_per_token(128) == model.flops_per_token() - 12 * L * C * (T - 128)
+    # At a 15% masking rate only 15% of the tied decoder's 6·V·C FLOPs per token are spent.
+    assert model.flops_per_token(mlm_fraction=0.15) == pytest.approx(model.flops_per_token() - 0.85 * 6 * V * C)
+
+
+@pytest.mark.parametrize("build, loss_fn", [(tiny_gpt, gpt_loss), (tiny_bert, bert_loss)], ids=["gpt", "bert"])
+def test_merging_heads_after_triton_attention_makes_no_copy(build, loss_fn, monkeypatch):
+    """The op returns (B, nh, T, hs) over (B, T, nh, hs) memory: the output projection reads it in place."""
+    import minipt.model as model_module
+
+    outputs, projected = [], []
+
+    def recording_attention(*args, **kwargs):
+        outputs.append(attention(*args, **kwargs))
+        return outputs[-1]
+
+    monkeypatch.setattr(model_module, "attention", recording_attention)
+    model = build(backend="triton").to(TRITON_DEVICE)
+    for module in model.modules():
+        if isinstance(module, (model_module.CausalSelfAttention, model_module.BertSelfAttention)):
+            proj = module.c_proj if isinstance(module, model_module.CausalSelfAttention) else module.proj
+            proj.register_forward_pre_hook(lambda mod, args: projected.append(args[0]))
+    with torch.no_grad():
+        loss_fn(model, TRITON_DEVICE)
+    assert len(outputs) == len(projected) == 2
+    for y, merged in zip(outputs, projected):
+        B, H, T, D = y.shape
+        assert merged.shape == (B, T, H * D)
+        assert merged.data_ptr() == y.data_ptr()
+        assert merged.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
