@@ -45,7 +45,7 @@ import torch
 
 from minipt.tokenizer import KINDS, TextTokenizer, train_tokenizer
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # part of the cache key: a change of layout or file names never reads an old cache
 
 
 class DataError(ValueError):
@@ -195,15 +195,15 @@ def segments(text: str) -> list[str]:
 # ----------------------------------------------------------------------------- tokenized splits and their cache
 @dataclass
 class TokenSplit:
-    """One split, tokenized. GPT uses the stream; BERT also the sentence and document bounds."""
+    """One split, tokenized. GPT uses the stream; BERT also the segment and document bounds."""
 
     tokens: np.ndarray  # (N,) uint16/uint32 memmap
-    sentence_offsets: np.ndarray | None = None  # (S + 1,) BERT: sentence s is tokens[off[s]:off[s + 1]]
-    document_offsets: np.ndarray | None = None  # (D + 1,) BERT: document d is sentences doc[d]:doc[d + 1]
+    segment_offsets: np.ndarray | None = None  # (S + 1,) BERT: segment s is tokens[off[s]:off[s + 1]]
+    document_offsets: np.ndarray | None = None  # (D + 1,) BERT: document d is segments doc[d]:doc[d + 1]
 
     def documents(self) -> list[list[np.ndarray]]:
-        """BERT: each document as a list of its sentences' token arrays."""
-        so, do = self.sentence_offsets, self.document_offsets
+        """BERT: each document as a list of its segments' token arrays."""
+        so, do = self.segment_offsets, self.document_offsets
         return [[self.tokens[so[s]:so[s + 1]] for s in range(do[d], do[d + 1])] for d in range(len(do) - 1)]
 
 
@@ -238,18 +238,18 @@ def _encode_split(docs: list[Document], tok: TextTokenizer, model: str) -> dict[
         return {"tokens": np.concatenate(ids) if ids else np.zeros(0, dtype)}
     per_doc = [segments(d.text) for d in docs]
     encoded = iter(tok.encode_batch([s for doc in per_doc for s in doc]))
-    pieces, sent_off, doc_off = [], [0], [0]
+    pieces, seg_off, doc_off = [], [0], [0]
     for doc in per_doc:
         kept = [seq for seq in (next(encoded) for _ in doc) if seq]
         if not kept:
             continue
         for seq in kept:
             pieces.append(np.asarray(seq, dtype=dtype))
-            sent_off.append(sent_off[-1] + len(seq))
+            seg_off.append(seg_off[-1] + len(seq))
         doc_off.append(doc_off[-1] + len(kept))
     return {
         "tokens": np.concatenate(pieces) if pieces else np.zeros(0, dtype),
-        "sentences": np.asarray(sent_off, dtype=np.int64),
+        "segments": np.asarray(seg_off, dtype=np.int64),
         "documents": np.asarray(doc_off, dtype=np.int64),
     }
 
@@ -263,7 +263,7 @@ def _write_cache(path: Path, tok: TextTokenizer, splits: dict[str, dict[str, np.
     for split, arrays in splits.items():
         arrays["tokens"].tofile(tmp / f"{split}.bin")
         meta["splits"][split] = {"dtype": arrays["tokens"].dtype.name, "num_tokens": int(arrays["tokens"].size)}
-        for name in ("sentences", "documents"):
+        for name in ("segments", "documents"):
             if name in arrays:
                 np.save(tmp / f"{split}.{name}.npy", arrays[name])
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -283,7 +283,7 @@ def _read_cache(path: Path, model: str) -> PreparedData:
         extra = {}
         if model == "bert":
             extra = {
-                "sentence_offsets": np.load(path / f"{split}.sentences.npy"),
+                "segment_offsets": np.load(path / f"{split}.segments.npy"),
                 "document_offsets": np.load(path / f"{split}.documents.npy"),
             }
         splits[split] = TokenSplit(tokens, **extra)
@@ -387,7 +387,7 @@ def fixed_windows(split: TokenSplit, block_size: int, batch_size: int, num_batch
     return [rng.integers(0, len(split.tokens) - block_size, size=batch_size) for _ in range(num_batches)]
 
 
-# ----------------------------------------------------------------------------- BERT: sentence pairs
+# ----------------------------------------------------------------------------- BERT: segment pairs
 @dataclass
 class PairInstance:
     tokens_a: np.ndarray
@@ -408,14 +408,15 @@ def _truncate_pair(a: list, b: list, max_tokens: int, rng: random.Random) -> Non
 def create_pair_instances(
     documents: list[list[np.ndarray]], max_seq_length: int, short_seq_prob: float, rng: random.Random
 ) -> list[PairInstance]:
-    """Sentence pairs for MLM + NSP, after Google's ``create_instances_from_document``.
+    """Segment pairs for MLM + NSP, after Google's ``create_instances_from_document``.
 
-    Sentences accumulate into a chunk until it reaches the target length
-    (``max_seq_length - 3`` for [CLS] A [SEP] B [SEP]; with probability
-    ``short_seq_prob`` a random length in [2, target], so the model also sees
-    short inputs). A random prefix of the chunk's sentences is A. With
-    probability 0.5, or when the chunk is one sentence, B is a random stretch of
-    another document (label 1) and the unused sentences go back to be read again;
+    ``documents`` hold token arrays of segments (see :func:`segments`: paragraphs,
+    where Google has sentences). Segments accumulate into a chunk until it reaches
+    the target length (``max_seq_length - 3`` for [CLS] A [SEP] B [SEP]; with
+    probability ``short_seq_prob`` a random length in [2, target], so the model also
+    sees short inputs). A random prefix of the chunk's segments is A. With
+    probability 0.5, or when the chunk is one segment, B is a random stretch of
+    another document (label 1) and the unused segments go back to be read again;
     otherwise B is the rest of the chunk (label 0). The pair is trimmed to length
     from the front or back at random. One deliberate difference: Google draws the
     short target once per document, which for whole plays would make a tenth of
@@ -501,7 +502,7 @@ class PairSampler:
         self.epoch, self.position = 0, 0
         self._instances = self._build(self.epoch)
         if not self._instances:
-            raise DataError("the training split yields no sentence pair; use a larger corpus")
+            raise DataError("the training split yields no segment pair; use a larger corpus")
 
     def _build(self, epoch: int) -> list[PairInstance]:
         return create_pair_instances(
@@ -542,6 +543,6 @@ def fixed_pairs(
     """The validation batches: built once, so every evaluation scores the same pairs."""
     instances = create_pair_instances(split.documents(), block_size, short_seq_prob, random.Random(seed))
     if not instances:
-        raise DataError("the validation split yields no sentence pair; raise --val_fraction or use a larger corpus")
+        raise DataError("the validation split yields no segment pair; raise --val_fraction or use a larger corpus")
     instances = instances[:batch_size * num_batches]
     return [collate_pairs(instances[i:i + batch_size], tok, block_size) for i in range(0, len(instances), batch_size)]

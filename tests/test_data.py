@@ -209,6 +209,18 @@ def test_cache_is_reused_and_keyed_on_corpus_and_settings(tmp_path, monkeypatch)
     assert len(list((tmp_path / "c").iterdir())) == 3  # no temporary directory left behind
 
 
+def test_a_cache_of_another_layout_version_is_never_read(tmp_path, monkeypatch):
+    corpus = write_docs(tmp_path / "corpus", [prose(0), prose(1)])
+    kwargs = dict(model="bert", data=str(corpus), tokenizer="wordpiece", vocab_size=300, cache_dir=tmp_path / "c",
+                  log=quiet)
+    current = D.prepare_data(**kwargs)
+    assert sorted(p.name for p in current.cache_path.glob("*.npy")) == [
+        "train.documents.npy", "train.segments.npy", "val.documents.npy", "val.segments.npy"
+    ]
+    monkeypatch.setattr(D, "CACHE_VERSION", D.CACHE_VERSION - 1)
+    assert D.prepare_data(**kwargs).cache_path != current.cache_path
+
+
 def test_large_vocabularies_are_stored_as_uint32():
     class Wide:
         vocab_size, eot_id = 70_000, 69_999
@@ -277,14 +289,14 @@ def test_too_small_splits_are_refused():
 
 
 # ----------------------------------------------------------------------------- BERT pairs
-def synthetic_documents(n_docs=6, n_sents=30, seed=0):
-    """Document d uses only ids in [100 d, 100 d + 100), and its sentences count up, so
+def synthetic_documents(n_docs=6, n_segments=30, seed=0):
+    """Document d uses only ids in [100 d, 100 d + 100), and its segments count up, so
     both the document a token came from and the order of the tokens can be read off."""
     rng = random.Random(seed)
     docs = []
     for d in range(n_docs):
         start, doc = 100 * d, []
-        for _ in range(n_sents):
+        for _ in range(n_segments):
             n = rng.randint(1, 6)
             doc.append(np.arange(start, start + n) % 100 + 100 * d)
             start += n
@@ -311,7 +323,7 @@ def test_pairs_follow_googles_recipe():
 
 
 def test_short_seq_prob_shortens_the_target_length():
-    docs = synthetic_documents(n_sents=200)
+    docs = synthetic_documents(n_segments=200)
     long = D.create_pair_instances(docs, 64, 0.0, random.Random(1))
     short = D.create_pair_instances(docs, 64, 1.0, random.Random(1))
     mean = lambda xs: np.mean([len(x.tokens_a) + len(x.tokens_b) for x in xs])  # noqa: E731
@@ -347,15 +359,15 @@ def test_collate_lays_out_cls_a_sep_b_sep_with_padding():
 
 
 def bert_split():
-    docs = synthetic_documents(n_docs=4, n_sents=20)
-    sentences = [s for d in docs for s in d]
-    sent_off = np.cumsum([0] + [len(s) for s in sentences])
+    docs = synthetic_documents(n_docs=4, n_segments=20)
+    segments = [s for d in docs for s in d]
+    seg_off = np.cumsum([0] + [len(s) for s in segments])
     doc_off = np.cumsum([0] + [len(d) for d in docs])
-    return D.TokenSplit(np.concatenate(sentences).astype(np.uint16), sent_off, doc_off)
+    return D.TokenSplit(np.concatenate(segments).astype(np.uint16), seg_off, doc_off)
 
 
 def test_token_split_documents_round_trip():
-    docs = synthetic_documents(n_docs=4, n_sents=20)
+    docs = synthetic_documents(n_docs=4, n_segments=20)
     back = bert_split().documents()
     assert [[s.tolist() for s in d] for d in back] == [[s.tolist() for s in d] for d in docs]
 
