@@ -7,6 +7,11 @@
 // Backward, per row, from the saved lse: grad = (exp(x - lse) - ε/V)·g, then
 // grad[t] -= (1 - ε)·g; one read and one write of the row.
 //
+// -inf logits (masked columns) never make NaN: a chunk that is all -inf is
+// skipped rather than rescaled by exp(-inf - -inf), the smoothing term is left
+// out rather than multiplied by 0 when ε = 0 (Σ x is -inf), and their gradient
+// is exactly 0.
+//
 // Memory traffic: forward reads NV, backward reads NV and writes NV, against about
 // three reads and two writes of NV for log_softmax + nll_loss and their backward.
 // float16/bfloat16 rows are widened to float32 into a per-thread buffer (all maths
@@ -75,9 +80,14 @@ MINIPT_CPU_CLONES void row_stats(const float* x, int64_t V, float* lse, float* s
 }
 
 // out may alias x: each element is read before it is written, at the same index.
+// exp_approx stops at e^-87, so below that softmax is taken as 0: a masked (-inf)
+// logit must get exactly zero gradient, as in torch.
 MINIPT_CPU_CLONES void row_grad(const float* x, int64_t V, float lse, float smooth_per_class, float g, float* out) {
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) out[j] = (exp_approx(x[j] - lse) - smooth_per_class) * g;
+  for (int64_t j = 0; j < V; ++j) {
+    const float d = x[j] - lse;
+    out[j] = ((d < -87.0f ? 0.0f : exp_approx(d)) - smooth_per_class) * g;
+  }
 }
 
 MINIPT_CPU_CLONES void widen_row(const uint16_t* src, FloatType dtype, int64_t V, float* dst) {

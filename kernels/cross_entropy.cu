@@ -2,13 +2,18 @@
 //
 // Forward: each thread folds its elements into an online log-sum-exp (m, s) plus
 // Σ x, eight (bf16/fp16) or four (fp32) elements per step so that the rescale
-// exp is paid once per vector; the block then merges the threads' (m, s) pairs.
+// exp is paid once per vector; each warp, then the block, merges the threads'
+// (m, s) pairs: the max, then the sums rescaled to it.
 //   loss = lse - (1 - ε)·x[t] - (ε / V)·Σ x,   lse = m + log s
 // Backward: grad = (exp(x - lse) - ε/V - (1 - ε)·[j == t])·g from the saved lse.
 //
 // Rows start wherever row·V·sizeof(T) falls, so each row is walked as a scalar
 // head up to the first 16-byte boundary, a vector body, and a scalar tail: V
 // need not be a multiple of anything (GPT-2's 50257 included).
+//
+// -inf logits (masked columns) never make NaN: a step of -inf adds nothing and
+// is skipped, a merge of -inf maxima rescales nothing, the smoothing term is left
+// out when ε = 0 (Σ x is -inf), and __expf(-inf) = 0 is their gradient.
 //
 // Memory traffic: forward reads NV, backward reads NV and writes NV; at H100's
 // ~3 TB/s a (16k, 50k) bf16 batch is ~1.1 ms forward and ~2.2 ms backward.
@@ -55,12 +60,14 @@ __device__ __forceinline__ void for_each_chunk(const T* x, int64_t V, F&& f) {
   }
 }
 
-// Merge (om, os) into the running (m, s): s·e^m + os·e^om under the larger max.
-__device__ __forceinline__ void lse_merge(float& m, float& s, float om, float os) {
-  const float nm = fmaxf(m, om);
-  if (nm == -INFINITY) return;  // both empty
-  s = s * __expf(m - nm) + os * __expf(om - nm);
-  m = nm;
+// Combines the lanes' (m, s, Σx) into warp-wide totals, the same in every lane:
+// the max first, then each s rescaled to it and summed. A lane that saw only -inf
+// has s = 0; when every lane did, the rescale exp(-inf - -inf) would be NaN.
+__device__ __forceinline__ void warp_merge(float& m, float& s, float& sum_x) {
+  const float wm = warp_max(m);
+  s = warp_sum(wm == -INFINITY ? 0.0f : s * __expf(m - wm));
+  m = wm;
+  sum_x = warp_sum(sum_x);
 }
 
 template <typename T, typename Target>
@@ -97,30 +104,20 @@ __global__ void __launch_bounds__(THREADS)
     for (int e = 0; e < decltype(count)::value; ++e) s += __expf(v[e] - m);  // NaN logits make s NaN, as in torch
   });
 
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float om = __shfl_xor_sync(FULL_WARP, m, offset);
-    const float os = __shfl_xor_sync(FULL_WARP, s, offset);
-    lse_merge(m, s, om, os);
-    sum_x += __shfl_xor_sync(FULL_WARP, sum_x, offset);
-  }
-  __shared__ float warp_m[WARPS], warp_s[WARPS], warp_sum[WARPS];
+  warp_merge(m, s, sum_x);
+  __shared__ float shared_m[WARPS], shared_s[WARPS], shared_sum_x[WARPS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
-    warp_m[warp] = m;
-    warp_s[warp] = s;
-    warp_sum[warp] = sum_x;
+    shared_m[warp] = m;
+    shared_s[warp] = s;
+    shared_sum_x[warp] = sum_x;
   }
   __syncthreads();
   if (warp != 0) return;
-  m = lane < WARPS ? warp_m[lane] : -INFINITY;
-  s = lane < WARPS ? warp_s[lane] : 0.0f;
-  sum_x = lane < WARPS ? warp_sum[lane] : 0.0f;
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float om = __shfl_xor_sync(FULL_WARP, m, offset);
-    const float os = __shfl_xor_sync(FULL_WARP, s, offset);
-    lse_merge(m, s, om, os);
-    sum_x += __shfl_xor_sync(FULL_WARP, sum_x, offset);
-  }
+  m = lane < WARPS ? shared_m[lane] : -INFINITY;
+  s = lane < WARPS ? shared_s[lane] : 0.0f;
+  sum_x = lane < WARPS ? shared_sum_x[lane] : 0.0f;
+  warp_merge(m, s, sum_x);
   if (lane == 0) {
     const float row_lse = isnan(sum_x) ? NAN : m + __logf(s);
     // With ε = 0 the smoothing term is skipped, not multiplied by 0: Σ x may be -inf.

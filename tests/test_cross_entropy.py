@@ -8,11 +8,13 @@ import textwrap
 import pytest
 import torch
 
-from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_lowp_close, requires_cuda
 from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import cross_entropy, cross_entropy_ref
+from minipt.ops.cross_entropy import MAX_BLOCK_V
 
 BACKENDS = ["triton", "native"]
+ALL_BACKENDS = ["torch", *BACKENDS]  # for behaviour every backend shares: errors, -inf logits
 DEVICE = TRITON_DEVICE
 
 
@@ -86,12 +88,45 @@ def test_low_precision_three_way(backend, dtype, reduction, poisoned_empty):
     assert loss.dtype == dtype and grad.dtype == dtype
     ref_loss, ref_grad = loss_and_grad(cross_entropy_ref, logits.float(), target, reduction, **kw)
     low_loss, low_grad = loss_and_grad(cross_entropy_ref, logits, target, reduction, upcast=False, **kw)
-    eps = torch.finfo(dtype).eps
-    for got, low, ref in ((loss, low_loss, ref_loss), (grad, low_grad, ref_grad)):
-        # atol: the final rounding of the output to dtype, which the rule cannot see.
-        bound = 2 * (low.float() - ref).abs() + eps * ref.abs() + 1e-6
-        err = (got.float() - ref).abs()
-        assert (err <= bound).all(), f"worst excess {(err - bound).max().item():.3g}"
+    assert_lowp_close(loss, ref_loss, low_loss, "loss")
+    assert_lowp_close(grad, ref_grad, low_grad, "grad")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("where", ["last_column", "leading_block", "scattered"])
+def test_minus_inf_logits_match_torch(backend, dtype, where, poisoned_empty):
+    """Masked vocabulary columns (-inf) give torch's finite losses and a zero gradient there, never NaN.
+
+    V passes one Triton block, so "leading_block" makes a whole first block -inf;
+    the native C++ kernel's 1024-column chunks are then all -inf as well.
+    """
+    N, V = 5, MAX_BLOCK_V + 37
+    logits = torch.randn(N, V, device=DEVICE) * 4
+    target = make_target(N, V, "some")
+    counted = target != -100
+    if where == "last_column":
+        logits[:, -1] = float("-inf")
+    elif where == "leading_block":
+        logits[:, :MAX_BLOCK_V] = float("-inf")
+        target[counted] = torch.randint(MAX_BLOCK_V, V, (int(counted.sum()),), device=DEVICE)
+    else:
+        masked = torch.rand(N, V, device=DEVICE) < 0.3
+        masked[counted.nonzero()[:, 0], target[counted]] = False
+        logits[masked] = float("-inf")
+    logits = logits.to(dtype)
+    loss, grad = loss_and_grad(cross_entropy, logits, target, "none", backend=backend)
+    ref_loss, ref_grad = loss_and_grad(cross_entropy_ref, logits.double(), target, "none")
+    assert torch.isfinite(ref_loss).all() and torch.isfinite(ref_grad).all()
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (grad[logits == float("-inf")] == 0).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    else:
+        low_loss, low_grad = loss_and_grad(cross_entropy_ref, logits, target, "none", upcast=False)
+        assert_lowp_close(loss, ref_loss, low_loss, "loss")
+        assert_lowp_close(grad, ref_grad, low_grad, "grad")
 
 
 def test_float64_logits_stay_float64():
@@ -122,6 +157,34 @@ def test_non_contiguous_logits_and_target(backend, layout, poisoned_empty):
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
     assert torch.equal(logits, before), "the public op must not write over its input"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_column_offsets_past_2_31(backend, tmp_path):
+    """A (N, V) view with stride 2**30 along V, as a transposed view of large logits has: its last
+    column starts 2**31 elements in, past what int32 column offsets reach.
+
+    On the CPU the storage is a sparse file mapped into memory, so only the few
+    pages read take space; on a GPU it is 8 GiB of device memory.
+    """
+    N, V, stride = 4, 3, 2**30
+    size = (V - 1) * stride + N
+    if DEVICE == "cpu":
+        path = tmp_path / "logits.bin"
+        with open(path, "wb") as f:
+            f.truncate(size * 4)
+        storage = torch.from_file(str(path), shared=True, size=size, dtype=torch.float32)
+    else:
+        storage = torch.empty(size, device=DEVICE)
+    logits = storage.as_strided((N, V), (1, stride))
+    logits.copy_(torch.randn(N, V, device=DEVICE) * 4)
+    target = torch.tensor([0, 2, 1, 2], device=DEVICE)
+    # Straight in, not through loss_and_grad: its clone would make the logits contiguous.
+    loss = cross_entropy(logits.requires_grad_(), target, reduction="sum", backend=backend, label_smoothing=0.1)
+    (grad,) = torch.autograd.grad(loss * 3, logits)
+    want_loss, want_grad = reference(logits.detach().contiguous(), target, "sum", label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -180,9 +243,11 @@ def test_torch_compile_fullgraph_matches_eager():
     (want_grad,) = torch.autograd.grad(want, x)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(grad, want_grad)
+    if DEVICE == "cuda":
+        return  # a device-side assert would end the CUDA context; the CPU run checks it
     bad = t.clone()
-    bad[1] = V  # the range check still runs inside the compiled graph
-    with pytest.raises(ValueError, match=r"target values must be in \[0, 300\)"):
+    bad[1] = V  # the device-side range assert stays in the compiled graph
+    with pytest.raises(RuntimeError, match=r"cross_entropy: target values must be in \[0, 300\)"):
         compiled(x, bad)
 
 
@@ -233,14 +298,14 @@ def test_more_than_2_31_elements(backend):
     torch.testing.assert_close(loss[rows].float(), want, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize(
     "make, exc, pattern",
     [
-        (lambda: (torch.randn(3, 5), torch.tensor([0, 5, 1])), ValueError, r"target values must be in \[0, 5\)"),
-        (lambda: (torch.randn(3, 5), torch.tensor([0, -1, 1])), ValueError, "target values"),
         (lambda: (torch.randn(3, 5), torch.tensor([0, 1])), ValueError, "target must have shape"),
         (lambda: (torch.randn(3, 5), torch.tensor([0.0, 1.0, 2.0])), TypeError, "target must have dtype"),
+        (lambda: (torch.randn(3, 5), torch.tensor([0, 1, 2], dtype=torch.int16)), TypeError, "target must have dtype"),
+        (lambda: (torch.randn(3, 5), torch.tensor([True, False, True])), TypeError, "target must have dtype"),
         (lambda: (torch.randn(3, 5), torch.tensor([[0, 1, 2]])), ValueError, "target must have 1 dimensions"),
         (lambda: (torch.randn(3, 5, 2), torch.tensor([0, 1, 2])), ValueError, "logits must have 2"),
         (lambda: (torch.randint(0, 5, (3, 5)), torch.tensor([0, 1, 2])), TypeError, "logits must have dtype"),
@@ -253,7 +318,24 @@ def test_bad_input_is_named(backend, make, exc, pattern):
         cross_entropy(logits.to(DEVICE), target.to(DEVICE), backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# On CUDA an out-of-range target is a device-side assert, which ends the process's
+# CUDA context, so these cases run on the CPU: Triton there needs the interpreter.
+CPU_BACKENDS = [
+    "torch", "native", pytest.param("triton", marks=pytest.mark.skipif(HAS_CUDA, reason="the interpreter is off"))
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("target", [[0, 5, 1], [0, -1, 1], [-100, 1, 2**30]])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_out_of_range_targets_fail_the_device_assert(backend, target, dtype):
+    """The range check is an assert on the device, never a host sync; on the CPU it raises at once."""
+    pattern = r"cross_entropy: target values must be in \[0, 5\) or equal ignore_index=-100"
+    with pytest.raises(RuntimeError, match=pattern):
+        cross_entropy(torch.randn(3, 5), torch.tensor(target, dtype=dtype), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize(
     "kwargs, exc, pattern",
     [

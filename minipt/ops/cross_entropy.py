@@ -26,9 +26,28 @@ a second read and a write in the forward, nothing in the backward. Only
 ``linear_cross_entropy`` uses it, on a chunk buffer nothing else can see; the
 public op never overwrites a caller's logits.
 
-Both kernels run behind ``torch.library.custom_op``s, so ``torch.compile`` treats
-them as opaque calls (``fullgraph=True`` works); the target range check, which
-needs a host sync, runs inside the op for the same reason.
+Masked vocabulary columns arrive as -inf logits. Two steps would turn them into
+NaN: the online rescale exp(m - m_new) while every logit so far is -inf (shift
+by 0 instead), and the smoothing term ε/V · Σx without smoothing, 0 · (-inf)
+(the sum is zeroed before the product). The gradient at a -inf logit is
+exp(-inf - lse) = 0. Column offsets are int64 as well: a transposed (N, V) view
+has stride N along V, and V·N passes 2**31 at the same sizes.
+
+Target range: every backend asserts on the device that each target is in
+[0, V) or ``ignore_index`` (``check_targets``, ``torch._assert_async``). It
+costs no host sync: a CUDA run stops with a device-side assert, a CPU run raises
+a RuntimeError at once. The assert runs inside the kernels' custom ops, so it
+stays eager in a ``torch.compile`` graph; the torch backend asserts in eager
+mode and leaves compiled graphs to torch's own checks. The kernels still never
+read outside a row (a bad id gets a NaN loss from Triton
+and native CUDA, a ValueError from native C++), so nothing depends on when the
+assert fires.
+
+Both backends' kernels run behind ``torch.library.custom_op`` operators with
+fake implementations, so ``torch.compile`` keeps each as one opaque call
+(``fullgraph=True`` works). The Triton ones are not ``triton_op`` operators,
+which the compiler would trace into with fake tensors: the interpreter's
+kernels cannot take those, and CI compiles them there.
 """
 
 from __future__ import annotations
@@ -73,7 +92,7 @@ def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", la
 def _grad_block(X_ptr, stride_xv, G_ptr, cols, V, target, lse, scale, label_smoothing, ACC: tl.constexpr):
     """Store scale · (softmax - (1 - ε)·onehot(target) - ε/V) for the columns ``cols`` of one row."""
     in_row = cols < V
-    x = tl.load(X_ptr + cols * stride_xv, mask=in_row, other=0.0).to(ACC)
+    x = tl.load(X_ptr + cols.to(tl.int64) * stride_xv, mask=in_row, other=0.0).to(ACC)
     grad = tl.exp(x - lse) - label_smoothing / V
     grad = tl.where(cols == target, grad - (1.0 - label_smoothing), grad)
     tl.store(G_ptr + cols, (grad * scale).to(G_ptr.dtype.element_ty), mask=in_row)
@@ -90,6 +109,7 @@ def _cross_entropy_fwd_kernel(
     X_ptr += row * stride_xn
     target = tl.load(T_ptr + row * stride_t).to(tl.int64)
     ignored = target == ignore_index
+    in_range = (target >= 0) & (target < V)
 
     # Online log-sum-exp: m is the running max, s the sum of exp(x - m).
     m = tl.full((), float("-inf"), ACC)
@@ -98,15 +118,19 @@ def _cross_entropy_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
-        x = tl.load(X_ptr + cols * stride_xv, mask=in_row, other=float("-inf")).to(ACC)
+        x = tl.load(X_ptr + cols.to(tl.int64) * stride_xv, mask=in_row, other=float("-inf")).to(ACC)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        # While every logit so far is -inf, shift by 0: exp(-inf - (-inf)) is NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
         sum_x += tl.sum(tl.where(in_row, x, 0.0), axis=0)
     lse = m + tl.log(s)
 
-    x_target = tl.load(X_ptr + tl.where(ignored, 0, target) * stride_xv).to(ACC)
-    loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing / V * sum_x
+    x_target = tl.load(X_ptr + tl.where(in_range, target, 0) * stride_xv).to(ACC)
+    # Σx is -inf with a masked column; zeroed without smoothing, as 0 · (-inf) is NaN.
+    smooth = label_smoothing / V * tl.where(label_smoothing > 0.0, sum_x, 0.0)
+    loss = tl.where(in_range, lse - (1.0 - label_smoothing) * x_target - smooth, float("nan"))
     tl.store(Loss_ptr + row, tl.where(ignored, 0.0, loss))
     tl.store(Lse_ptr + row, lse)
 
@@ -140,9 +164,12 @@ def _cross_entropy_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
+MAX_BLOCK_V = 4096  # 16 values per thread at 8 warps
+
+
 def _block_v(V: int) -> tuple[int, int]:
-    """Columns per block and warps: 4096 columns keep 16 values per thread at 8 warps."""
-    block = min(4096, triton.next_power_of_2(V))
+    """Columns per block and warps."""
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
     return block, 8 if block >= 2048 else 4
 
 
@@ -177,22 +204,9 @@ def _cross_entropy_forward(logits, target, ignore_index, label_smoothing, grad=N
     return loss, lse
 
 
-def _cross_entropy_backward(grad_rows, logits, target, lse, ignore_index, label_smoothing):
-    N, V = logits.shape
-    grad = torch.empty((N, V), device=logits.device, dtype=logits.dtype)
-    if N == 0:
-        return grad
-    block, warps = _block_v(V)
-    _cross_entropy_bwd_kernel[(N, triton.cdiv(V, block))](
-        logits, logits.stride(0), logits.stride(1), target, target.stride(0), lse, grad, grad.stride(0),
-        grad_rows, grad_rows.stride(0),
-        V, ignore_index, label_smoothing,
-        BLOCK_V=block, ACC=_acc_dtype(logits.dtype)[1], num_warps=warps,
-    )
-    return grad
-
-
-# ----------------------------------------------------------------------------- torch ops and autograd
+# custom_op, not the project's usual triton_op + wrap_triton: torch.compile traces
+# a triton_op's launcher with fake tensors, which the interpreter's kernels cannot
+# take, so CI (no GPU) could not compile these ops at all.
 @torch.library.custom_op("minipt::triton_cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
@@ -212,7 +226,18 @@ def _cross_entropy_bwd_op(
     grad_rows: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
     ignore_index: int, label_smoothing: float,
 ) -> torch.Tensor:
-    return _cross_entropy_backward(grad_rows, logits, target, lse, ignore_index, label_smoothing)
+    N, V = logits.shape
+    grad = torch.empty((N, V), device=logits.device, dtype=logits.dtype)
+    if N == 0:
+        return grad
+    block, warps = _block_v(V)
+    _cross_entropy_bwd_kernel[(N, triton.cdiv(V, block))](
+        logits, logits.stride(0), logits.stride(1), target, target.stride(0), lse, grad, grad.stride(0),
+        grad_rows, grad_rows.stride(0),
+        V, ignore_index, label_smoothing,
+        BLOCK_V=block, ACC=_acc_dtype(logits.dtype)[1], num_warps=warps,
+    )
+    return grad
 
 
 @_cross_entropy_bwd_op.register_fake
@@ -220,6 +245,7 @@ def _(grad_rows, logits, target, lse, ignore_index, label_smoothing):
     return logits.new_empty(logits.shape)
 
 
+# ----------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
     logits, target, ignore_index, label_smoothing = inputs
     ctx.save_for_backward(logits, target, output[1])
@@ -260,12 +286,13 @@ def _native_ce_args(logits, target, ignore_index, label_smoothing) -> dict:
     )
 
 
-@torch.library.custom_op("minipt::native_cross_entropy_forward", mutates_args=())
+@torch.library.custom_op("minipt::native_cross_entropy_fwd", mutates_args=())
 def native_cross_entropy_forward(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (N,) and log-sum-exps (N,), both float32; ignored rows have loss 0."""
     args = _native_ce_args(logits, target, ignore_index, label_smoothing)
+    check_targets(OP, target, logits.shape[1], ignore_index)
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
     run_kernel("cross_entropy_forward", logits.device, loss=loss.data_ptr(), lse=lse.data_ptr(), **args)
@@ -278,7 +305,7 @@ def _(logits, target, ignore_index, label_smoothing):
     return loss, torch.empty_like(loss)
 
 
-@torch.library.custom_op("minipt::native_cross_entropy_backward", mutates_args=())
+@torch.library.custom_op("minipt::native_cross_entropy_bwd", mutates_args=())
 def native_cross_entropy_backward(
     logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int,
     label_smoothing: float,
@@ -349,8 +376,9 @@ def cross_entropy(logits, target, *, ignore_index=-100, reduction="mean", label_
     backend = resolve_backend(backend, logits.device, OP)
     if backend == "triton":
         return _cross_entropy_triton(logits, target, ignore_index, reduction, float(label_smoothing))
-    check_targets(OP, target, logits.shape[1], ignore_index)
     if backend == "torch":
+        if not torch.compiler.is_compiling():  # compiled, torch's own op checks (see check_targets)
+            check_targets(OP, target, logits.shape[1], ignore_index)
         return cross_entropy_ref(
             logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             upcast=False,
