@@ -1,7 +1,7 @@
 // Types and checks shared by the CPU sources, the CUDA sources and the bindings.
 //
 // Tensors cross the Python boundary as raw addresses (uintptr_t) plus a dtype
-// code; the codes below are the contract with minipt/ops/native.py.
+// code; the codes below are the contract with minipt/ops/_native.py.
 #pragma once
 
 #include <cstdint>
@@ -11,7 +11,7 @@
 
 namespace minipt {
 
-// Floating-point element types of logits and attention inputs (native.py: FLOAT_CODES).
+// Floating-point element types of logits and attention inputs (_native.py: FLOAT_CODES).
 enum class FloatType : int { f32 = 0, f16 = 1, bf16 = 2 };
 
 inline FloatType float_type(int code, const char* op, const char* arg) {
