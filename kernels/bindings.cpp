@@ -51,39 +51,39 @@ void check_threads(int num_threads, const char* op) {
 
 // A kernel binds once per device, written once as a template over it:
 // `<kernel>_cpu(..., num_threads=)` runs the C++ kernel, `<kernel>_cuda(..., stream=)`
-// queues the CUDA kernel on a stream (whose entry points check that every pointer is
-// memory of the current device, cuda_common.cuh). Neither needs Python, so both run
-// without the GIL.
+// queues the CUDA kernel on a stream. All that differs between the two lives in the
+// device's struct: the last argument, its check, and each kernel's launch. Neither
+// launch needs Python, so both run without the GIL.
 struct Cpu {
   using Handle = int;
   static constexpr const char *suffix = "_cpu", *handle = "num_threads";
+  static void check(int num_threads, const char* op) { check_threads(num_threads, op); }
+  static int64_t ce_forward(const CrossEntropyArgs& a, uintptr_t loss, int64_t* first_bad, int num_threads) {
+    return cross_entropy_forward_cpu(a, loss, num_threads, first_bad);
+  }
+  static void ce_backward(const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits, int num_threads) {
+    cross_entropy_backward_cpu(a, grad_rows, grad_logits, num_threads);
+  }
+  static void mlm_mask(const MlmMaskArgs& a, int num_threads) { mlm_mask_cpu(a, num_threads); }
 };
+
+#ifdef MINIPT_WITH_CUDA
 struct Cuda {
   using Handle = uintptr_t;
   static constexpr const char *suffix = "_cuda", *handle = "stream";
+  // The CUDA entry points check that every pointer is memory of the current device
+  // (cuda_common.cuh) before a kernel can touch it.
+  static void check(uintptr_t, const char*) {}
+  // A kernel cannot raise: a row whose target is out of range gets a NaN loss instead.
+  static int64_t ce_forward(const CrossEntropyArgs& a, uintptr_t loss, int64_t*, uintptr_t stream) {
+    cross_entropy_forward_cuda(a, loss, stream);
+    return 0;
+  }
+  static void ce_backward(const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits, uintptr_t stream) {
+    cross_entropy_backward_cuda(a, grad_rows, grad_logits, stream);
+  }
+  static void mlm_mask(const MlmMaskArgs& a, uintptr_t stream) { mlm_mask_cuda(a, stream); }
 };
-
-void check_handle(Cpu, int num_threads, const char* op) { check_threads(num_threads, op); }
-void check_handle(Cuda, uintptr_t, const char*) {}
-
-// Each kernel's launch under one name on both devices.
-int64_t ce_forward_on(Cpu, const CrossEntropyArgs& a, uintptr_t loss, int64_t* first_bad, int num_threads) {
-  return cross_entropy_forward_cpu(a, loss, num_threads, first_bad);
-}
-void ce_backward_on(Cpu, const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits, int num_threads) {
-  cross_entropy_backward_cpu(a, grad_rows, grad_logits, num_threads);
-}
-void mlm_mask_on(Cpu, const MlmMaskArgs& a, int num_threads) { mlm_mask_cpu(a, num_threads); }
-#ifdef MINIPT_WITH_CUDA
-// A kernel cannot raise: a row whose target is out of range gets a NaN loss instead.
-int64_t ce_forward_on(Cuda, const CrossEntropyArgs& a, uintptr_t loss, int64_t*, uintptr_t stream) {
-  cross_entropy_forward_cuda(a, loss, stream);
-  return 0;
-}
-void ce_backward_on(Cuda, const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits, uintptr_t stream) {
-  cross_entropy_backward_cuda(a, grad_rows, grad_logits, stream);
-}
-void mlm_mask_on(Cuda, const MlmMaskArgs& a, uintptr_t stream) { mlm_mask_cuda(a, stream); }
 #endif
 
 CrossEntropyArgs ce_args(uintptr_t logits, uintptr_t target, uintptr_t lse, int64_t n_rows, int64_t n_classes,
@@ -110,11 +110,11 @@ void ce_forward(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_t ls
   const CrossEntropyArgs a =
       ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
   check_tensor(loss, n_rows, 4, "cross_entropy", "loss");
-  check_handle(Device{}, handle, "cross_entropy");
+  Device::check(handle, "cross_entropy");
   int64_t first_bad = -1, n_bad = 0;
   {
     py::gil_scoped_release release;
-    n_bad = ce_forward_on(Device{}, a, loss, &first_bad, handle);
+    n_bad = Device::ce_forward(a, loss, &first_bad, handle);
   }
   if (n_bad > 0) {
     throw std::invalid_argument("cross_entropy: " + std::to_string(n_bad) + " target(s) outside [0, " +
@@ -131,9 +131,9 @@ void ce_backward(uintptr_t logits, uintptr_t target, uintptr_t lse, uintptr_t gr
       ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
   check_tensor(grad_rows, n_rows, 4, "cross_entropy", "grad_rows");
   check_tensor(grad_logits, n_rows * n_classes, float_size(a.dtype), "cross_entropy", "grad_logits");
-  check_handle(Device{}, handle, "cross_entropy");
+  Device::check(handle, "cross_entropy");
   py::gil_scoped_release release;
-  ce_backward_on(Device{}, a, grad_rows, grad_logits, handle);
+  Device::ce_backward(a, grad_rows, grad_logits, handle);
 }
 
 template <class Device>
@@ -158,11 +158,11 @@ void mlm_mask_binding(uintptr_t input_ids, uintptr_t special, uintptr_t masked, 
     check_int_size(special_size, op, "special_tokens_mask", true);
     check_tensor(special, numel, special_size, op, "special_tokens_mask");
   }
-  check_handle(Device{}, handle, op);
+  Device::check(handle, op);
   const MlmMaskArgs a{input_ids, special, masked, labels, numel, id_size, special_size, mask_token_id,
                       vocab_size, static_cast<float>(mlm_probability), seed};
   py::gil_scoped_release release;
-  mlm_mask_on(Device{}, a, handle);
+  Device::mlm_mask(a, handle);
 }
 
 py::tuple philox_binding(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key) {
