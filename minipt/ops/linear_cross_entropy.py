@@ -11,44 +11,55 @@ Memory traffic of the reference: write NV logits, then everything the
 cross-entropy reference reads and writes; peak memory holds the logits, their
 float32 copy and their gradient at once.
 
-The Triton path takes C rows at a time (the approach of Liger-Kernel's fused
-linear cross-entropy):
+Both kernel backends run one chunk loop, which takes C rows at a time (the
+approach of Liger-Kernel's fused linear cross-entropy):
 
-    logits_c = hidden_c @ weightᵀ + bias                  (C, V), torch.matmul
-    loss_c, ∂loss/∂logits_c -> written over logits_c      Triton, one row per program
+    logits_c = hidden_c @ weightᵀ + bias                  (C, V), torch GEMM
+    loss_c, ∂loss/∂logits_c                               the backend's cross-entropy kernel
     grad_hidden_c  = ∂logits_c @ weight                   (C, D)
     grad_weight   += ∂logits_cᵀ @ hidden_c                (V, D), float32 accumulator
     grad_bias     += Σ_rows ∂logits_c                     (V,),   float32 accumulator
 
-The GEMMs stay on torch.matmul (cuBLAS on CUDA): chunking is what saves the
-memory, and cuBLAS is the fastest GEMM at hand. C is chosen so one chunk of
-logits takes about ``CHUNK_LOGITS_BYTES`` (256 MiB; rows rounded to a multiple of
-64): at V = 50304 in bf16 that is 2624 rows, 7 chunks for 16k tokens, against
-1.6 GB for the full logits. Fewer, larger chunks keep the GEMMs efficient and cut
-the re-reads of the (V, D) gradient accumulator, which are the price of chunking
-over rows.
+Only the cross-entropy step differs: Triton writes the gradient over the chunk's
+logits in the same pass as the loss; native runs its forward and then its
+backward kernel into a second chunk-sized buffer.
+
+The GEMMs stay on torch (cuBLAS on CUDA, the CPU BLAS): chunking is what saves
+the memory, and those are the fastest GEMMs at hand. C is chosen so one chunk
+of logits takes about ``CHUNK_LOGITS_BYTES`` (256 MiB; rows rounded to a
+multiple of 64): at V = 50304 in bf16 that is 2624 rows, 7 chunks for 16k
+tokens, against 1.6 GB for the full logits. Fewer, larger chunks keep the GEMMs
+efficient and cut the re-reads of the (V, D) gradient accumulator, which are
+the price of chunking over rows.
+
+Each chunk's weight-gradient product reaches the float32 accumulator unrounded:
+for fp16/bf16 on CUDA through ``torch.mm(..., out_dtype=torch.float32)`` (torch
+>= 2.8), elsewhere as a float32 product of upcast operands. Rounding each
+product to bf16 first would add one rounding error per chunk, so the error
+would grow with the number of chunks.
 
 Napkin math at N = 16384, D = 768, V = 50304 in bf16. Peak: a chunk (256 MiB), the
-float32 grad_weight (147 MiB), one bf16 (V, D) product (74 MiB) and grad_hidden
-(24 MiB), about 0.5 GiB; the unfused path holds the logits, their log-softmax and
-two logits-sized gradients, 4-6 GiB. Extra traffic: 7 chunks × (write 74 MiB,
-read it, read and write 147 MiB) ≈ 3 GB, about 1 ms at H100 bandwidth, against
-≈ 3.8 TFLOP of GEMMs (6 ms) that both paths run.
+float32 grad_weight (147 MiB), one float32 (V, D) product (147 MiB) and
+grad_hidden (24 MiB), about 0.6 GiB; the unfused path holds the logits, their
+log-softmax and two logits-sized gradients, 4-6 GiB. Extra traffic: 7 chunks ×
+(write 147 MiB, read it, read and write 147 MiB) ≈ 4 GB, about 1.3 ms at H100
+bandwidth, against ≈ 3.8 TFLOP of GEMMs (6 ms) that both paths run.
 
 For ``reduction="mean"`` or ``"sum"`` the gradients are computed in the forward,
 for d(loss) = 1, and the backward only scales them by the incoming scalar: the
-logits are computed once. For ``reduction="none"`` the upstream gradient is per
-row and unknown in the forward, so the forward keeps nothing but the inputs and
-the backward recomputes the chunks with that gradient.
+logits are computed once (three GEMMs in all, as unfused). For
+``reduction="none"`` the upstream gradient is per row and unknown in the
+forward, so the forward keeps nothing but the inputs and the backward
+recomputes the chunks with that gradient (a fourth GEMM).
 
-Gradients are computed in the forward only when grad mode is on and an input
-requires them, so evaluation does no extra work.
+Gradients are computed in the forward only for the inputs that require them,
+and only in grad mode, so evaluation does no extra work. Targets are checked on
+the device, without a host sync (see ``minipt.ops.cross_entropy``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from minipt.ops._backend import resolve_backend
 from minipt.ops._loss import reduce_loss
@@ -65,8 +76,6 @@ from minipt.ops.cross_entropy import (
 OP = "linear_cross_entropy"
 CHUNK_LOGITS_BYTES = 256 * 2**20  # the budget for one chunk of logits
 CHUNK_ROW_MULTIPLE = 64  # keeps the chunk GEMMs on whole tiles
-# backend="native" materialises at most this many logits at once (64 MiB in float32)
-LOGITS_CHUNK_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------- reference
@@ -86,6 +95,29 @@ def linear_cross_entropy_ref(
     return loss.to(out_dtype)
 
 
+# ----------------------------------------------------------------------------- per-chunk cross-entropy
+def _chunk_cross_entropy_triton(logits, target, ignore_index, label_smoothing, grad_scale):
+    """One chunk's per-row losses and, with ``grad_scale``, ∂loss/∂logits · grad_scale, written over the
+    chunk's own logits buffer (nothing else can see it)."""
+    grad = logits if grad_scale is not None else None
+    loss, _ = _cross_entropy_forward(logits, target, ignore_index, label_smoothing, grad=grad, grad_scale=grad_scale)
+    return loss, grad
+
+
+def _chunk_cross_entropy_native(logits, target, ignore_index, label_smoothing, grad_scale):
+    """The same through the native kernels: the forward, then the backward from its lse."""
+    target = target.contiguous()
+    loss, lse = native_cross_entropy_forward(logits, target, ignore_index, label_smoothing)
+    if grad_scale is None:
+        return loss, None
+    grad_rows = grad_scale.float().expand(logits.shape[0]).contiguous()
+    return loss, native_cross_entropy_backward(logits, target, lse, grad_rows, ignore_index, label_smoothing)
+
+
+# Looked up when a chunk runs, not bound at import, so a test can count the chunks of either backend.
+CHUNK_CROSS_ENTROPY = {"triton": _chunk_cross_entropy_triton, "native": _chunk_cross_entropy_native}
+
+
 # ----------------------------------------------------------------------------- chunked forward and backward
 def _chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
     rows = CHUNK_LOGITS_BYTES // (V * torch.empty((), dtype=dtype).element_size())
@@ -93,230 +125,151 @@ def _chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
     return max(1, min(N, rows))  # at least 1: an empty batch still needs a valid step
 
 
-def _chunked(hidden, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_grads):
-    """Per-row losses and, with ``need_grads``, the gradients for ∂loss_i scaled by ``grad_scale``.
+# torch.mm(..., out_dtype=torch.float32) for fp16/bf16 operands exists from torch 2.8, on CUDA only.
+_MM_HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
-    ``grad_scale`` is a 0-dim or (N,) float tensor on the device (no host sync).
-    Returns ``(loss_rows, grad_hidden, grad_weight, grad_bias)``; the gradients are
-    None without ``need_grads`` (grad_bias also without ``bias``).
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, the product kept in acc's float32 (or float64), never rounded to a's dtype first."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _MM_HAS_OUT_DTYPE:
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _chunked(backend, hidden, weight, bias, target, ignore_index, label_smoothing, grad_scale, needs):
+    """Per-row losses and the gradients of Σ_i grad_scale_i · loss_i for the inputs ``needs`` marks.
+
+    ``grad_scale`` is a 0-dim or (N,) float tensor on the device (no host sync);
+    ``needs`` is (hidden, weight, bias). Returns ``(loss_rows, grad_hidden,
+    grad_weight, grad_bias)`` with None for each gradient not needed.
     """
+    chunk_cross_entropy = CHUNK_CROSS_ENTROPY[backend]
     N, V = hidden.shape[0], weight.shape[0]
+    need_hidden, need_weight, need_bias = needs[0], needs[1], needs[2] and bias is not None
+    want_grads = need_hidden or need_weight or need_bias
     loss_rows = torch.empty(N, device=hidden.device, dtype=torch.promote_types(hidden.dtype, torch.float32))
-    grad_hidden = grad_weight = grad_bias = None
-    if need_grads:
-        grad_hidden = torch.empty_like(hidden)
-        # float32 accumulators, whatever the input dtype: a bf16 sum over many
-        # chunks would lose the small contributions.
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc)
-        grad_bias = torch.zeros(V, device=weight.device, dtype=acc) if bias is not None else None
+    # float32 accumulators, whatever the input dtype: a bf16 sum over many chunks
+    # would lose the small contributions.
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_weight else None
+    grad_bias = torch.zeros(V, device=weight.device, dtype=acc) if need_bias else None
     step = _chunk_rows(N, V, hidden.dtype)
     for start in range(0, N, step):
         end = min(start + step, N)
         h = hidden[start:end]
         logits = torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()  # (C, V)
-        scale = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale
-        loss_rows[start:end], _ = _cross_entropy_forward(
-            logits, target[start:end], ignore_index, label_smoothing,
-            grad=logits if need_grads else None, grad_scale=scale,
+        scale = None
+        if want_grads:
+            scale = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale
+        loss_rows[start:end], grad_logits = chunk_cross_entropy(
+            logits, target[start:end], ignore_index, label_smoothing, scale
         )
-        if need_grads:  # logits now holds ∂loss/∂logits for these rows
-            torch.mm(logits, weight, out=grad_hidden[start:end])
-            if grad_weight.dtype == logits.dtype:
-                grad_weight.addmm_(logits.t(), h)
-            else:
-                grad_weight += logits.t() @ h
-            if grad_bias is not None:
-                grad_bias += logits.sum(0, dtype=grad_bias.dtype)
-    if need_grads:
-        grad_weight = grad_weight.to(weight.dtype)
-        grad_bias = grad_bias.to(bias.dtype) if bias is not None else None
+        if need_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+        if need_weight:
+            _add_product(grad_weight, grad_logits.t(), h)
+        if need_bias:
+            grad_bias += grad_logits.sum(0, dtype=acc)
+    grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+    grad_bias = grad_bias.to(bias.dtype) if need_bias else None
     return loss_rows, grad_hidden, grad_weight, grad_bias
 
 
 # ----------------------------------------------------------------------------- torch ops and autograd
-# Custom ops, so torch.compile treats the chunk loop as one opaque call and the
-# target range check (a host sync) stays inside it.
-@torch.library.custom_op("minipt::triton_linear_cross_entropy_fwd", mutates_args=())
-def _linear_cross_entropy_fwd_op(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-    ignore_index: int, reduction: str, label_smoothing: float, need_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss, and for mean/sum with ``need_grads`` the gradients for d(loss) = 1 (else empty tensors)."""
-    check_targets(OP, target, weight.shape[0], ignore_index)
-    counted = target != ignore_index
-    if reduction == "mean":
-        grad_scale = 1.0 / counted.sum().clamp(min=1).to(torch.float32)
-    else:
-        grad_scale = torch.ones((), device=hidden.device, dtype=torch.float32)
-    need_grads = need_grads and reduction != "none"
-    loss_rows, *grads = _chunked(hidden, weight, bias, target, ignore_index, label_smoothing, grad_scale, need_grads)
-    grads = [g if g is not None else hidden.new_empty(0) for g in grads]
-    if reduction == "none":
-        return loss_rows.to(hidden.dtype), *grads
-    loss = loss_rows.sum()
-    if reduction == "mean":
-        loss = loss / counted.sum().clamp(min=1)
-    return loss.to(hidden.dtype), *grads
+# custom_op rather than triton_op, for both backends: the compiler then sees the
+# chunk loop as one opaque call and cannot schedule two chunks' logits at once.
+def _define_ops(backend: str):
+    """The forward and backward ops of one backend, ``minipt::<backend>_linear_cross_entropy_fwd``/``_bwd``."""
 
-
-@_linear_cross_entropy_fwd_op.register_fake
-def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, need_grads):
-    loss = hidden.new_empty(hidden.shape[0]) if reduction == "none" else hidden.new_empty(())
-    if not need_grads or reduction == "none":
-        return loss, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
-    grad_bias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
-
-
-@torch.library.custom_op("minipt::triton_linear_cross_entropy_bwd", mutates_args=())
-def _linear_cross_entropy_bwd_op(
-    grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    target: torch.Tensor, ignore_index: int, label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of Σ_i grad_rows[i] · loss_i, recomputing the chunks (reduction="none")."""
-    _, grad_hidden, grad_weight, grad_bias = _chunked(
-        hidden, weight, bias, target, ignore_index, label_smoothing, grad_rows, True
-    )
-    return grad_hidden, grad_weight, grad_bias if grad_bias is not None else hidden.new_empty(0)
-
-
-@_linear_cross_entropy_bwd_op.register_fake
-def _(grad_rows, hidden, weight, bias, target, ignore_index, label_smoothing):
-    grad_bias = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, target, ignore_index, reduction, label_smoothing, _ = inputs
-    ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
-    ctx.has_bias = bias is not None
-    if reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias, target)
-    else:
-        ctx.save_for_backward(*output[1:])
-
-
-def _backward(ctx, grad_loss, *_):
-    if ctx.reduction == "none":
-        hidden, weight, bias, target = ctx.saved_tensors
-        grad_hidden, grad_weight, grad_bias = _linear_cross_entropy_bwd_op(
-            grad_loss, hidden, weight, bias, target, ctx.ignore_index, ctx.label_smoothing
+    @torch.library.custom_op(f"minipt::{backend}_linear_cross_entropy_fwd", mutates_args=())
+    def forward(
+        hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+        ignore_index: int, reduction: str, label_smoothing: float, needs: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss, and for mean/sum the gradients ``needs`` marks for d(loss) = 1 (else empty tensors)."""
+        check_targets(OP, target, weight.shape[0], ignore_index)
+        counted = target != ignore_index
+        if reduction == "mean":
+            grad_scale = 1.0 / counted.sum().clamp(min=1).to(torch.float32)
+        else:
+            grad_scale = torch.ones((), device=hidden.device, dtype=torch.float32)
+        needs = needs if reduction != "none" else [False, False, False]
+        loss_rows, *grads = _chunked(
+            backend, hidden, weight, bias, target, ignore_index, label_smoothing, grad_scale, needs
         )
-    else:  # the forward's gradients are for d(loss) = 1
-        grad_hidden, grad_weight, grad_bias = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-    return grad_hidden, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None, None
+        grads = [g if g is not None else hidden.new_empty(0) for g in grads]
+        return reduce_loss(loss_rows, counted, reduction).to(hidden.dtype), *grads
+
+    @forward.register_fake
+    def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, needs):
+        loss = hidden.new_empty(hidden.shape[0]) if reduction == "none" else hidden.new_empty(())
+        if reduction == "none":
+            needs = [False, False, False]
+        return loss, *_empty_grads(hidden, weight, bias, needs)
+
+    @torch.library.custom_op(f"minipt::{backend}_linear_cross_entropy_bwd", mutates_args=())
+    def backward(
+        grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        target: torch.Tensor, ignore_index: int, label_smoothing: float, needs: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gradients of Σ_i grad_rows[i] · loss_i, recomputing the chunks (reduction="none")."""
+        _, *grads = _chunked(backend, hidden, weight, bias, target, ignore_index, label_smoothing, grad_rows, needs)
+        return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+    @backward.register_fake
+    def _(grad_rows, hidden, weight, bias, target, ignore_index, label_smoothing, needs):
+        return _empty_grads(hidden, weight, bias, needs)
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, target, ignore_index, reduction, label_smoothing, _ = inputs
+        ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
+        if reduction == "none":
+            ctx.save_for_backward(hidden, weight, bias, target)
+        else:
+            ctx.save_for_backward(*output[1:])
+
+    def grad_fn(ctx, grad_loss, *_):
+        needs = list(ctx.needs_input_grad[:3])
+        if ctx.reduction == "none":
+            hidden, weight, bias, target = ctx.saved_tensors
+            grads = backward(grad_loss, hidden, weight, bias, target, ctx.ignore_index, ctx.label_smoothing, needs)
+        else:  # the forward's gradients are for d(loss) = 1
+            grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        grads = [g if need else None for g, need in zip(grads, needs)]
+        return *grads, None, None, None, None, None
+
+    forward.register_autograd(grad_fn, setup_context=setup_context)
+    return forward
 
 
-_linear_cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+def _empty_grads(hidden, weight, bias, needs):
+    """Tensors shaped like the gradients ``needs`` marks, and empty ones for the rest."""
+    shaped = (hidden, weight, bias if bias is not None else hidden.new_empty(0))
+    return tuple(x.new_empty(x.shape) if need else hidden.new_empty(0) for x, need in zip(shaped, needs))
 
 
-def _linear_cross_entropy_triton(hidden, weight, target, bias, ignore_index, reduction, label_smoothing):
-    need_grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    loss, *_ = _linear_cross_entropy_fwd_op(
-        hidden, weight, bias, target, ignore_index, reduction, label_smoothing, need_grads
+_LINEAR_CROSS_ENTROPY_OPS = {backend: _define_ops(backend) for backend in CHUNK_CROSS_ENTROPY}
+
+
+def _linear_cross_entropy_chunked(backend, hidden, weight, target, bias, ignore_index, reduction, label_smoothing):
+    needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    loss, *_ = _LINEAR_CROSS_ENTROPY_OPS[backend](
+        hidden, weight, bias, target, ignore_index, reduction, label_smoothing, needs
     )
     return loss
 
 
 # ----------------------------------------------------------------------------- native
-class _NativeLinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(hidden @ weight.T + bias) over row chunks: only one chunk's logits exist at a time.
-
-    Each chunk runs a torch GEMM (cuBLAS / the CPU BLAS) for its logits, then the
-    native cross-entropy kernels on them. For a scalar loss the gradients depend on
-    grad_output only through one factor, so the forward produces them chunk by
-    chunk right away (three GEMMs in all, as unfused) and the backward scales them.
-    With ``reduction="none"`` every row has its own factor, which the forward
-    cannot know: the backward recomputes each chunk's logits (a fourth GEMM).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, label_smoothing):
-        N, V = hidden.shape[0], weight.shape[0]
-        counted = target != ignore_index
-        losses = hidden.new_empty(N, dtype=torch.float32)
-        lse = torch.empty_like(losses)
-        needs = ctx.needs_input_grad[:3]
-        eager = any(needs) and reduction != "none"
-        grads = _NativeLinearCrossEntropy._new_grads(hidden, weight, bias, needs) if eager else None
-        if eager:  # d(loss)/d(loss_i): 1 for sum, 1/count for mean; ignored rows are zeroed by the kernel
-            row_scale = counted.float() / (counted.sum().clamp(min=1) if reduction == "mean" else 1)
-        for rows in _row_chunks(N, V):
-            logits = F.linear(hidden[rows], weight, bias)  # (chunk, V), the only logits alive
-            losses[rows], lse[rows] = native_cross_entropy_forward(logits, target[rows], ignore_index, label_smoothing)
-            if eager:
-                grad_logits = native_cross_entropy_backward(
-                    logits, target[rows], lse[rows], row_scale[rows].contiguous(), ignore_index, label_smoothing
-                )
-                _NativeLinearCrossEntropy._accumulate(grads, rows, grad_logits, hidden, weight)
-        ctx.eager = eager
-        ctx.options = (ignore_index, label_smoothing)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if eager:
-            ctx.save_for_backward(*grads)
-        else:
-            ctx.save_for_backward(hidden, weight, bias, target, lse)
-        return reduce_loss(losses, counted, reduction).to(hidden.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        ignore_index, label_smoothing = ctx.options
-        if ctx.eager:
-            scale = grad_loss.float()
-            grads = [None if g is None else (g * scale) for g in ctx.saved_tensors]
-        else:
-            hidden, weight, bias, target, lse = ctx.saved_tensors
-            grads = _NativeLinearCrossEntropy._new_grads(hidden, weight, bias, ctx.needs_input_grad[:3])
-            grad_rows = grad_loss.float().contiguous()
-            for rows in _row_chunks(hidden.shape[0], weight.shape[0]):
-                logits = F.linear(hidden[rows], weight, bias)
-                grad_logits = native_cross_entropy_backward(
-                    logits, target[rows], lse[rows], grad_rows[rows], ignore_index, label_smoothing
-                )
-                _NativeLinearCrossEntropy._accumulate(grads, rows, grad_logits, hidden, weight)
-        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return (*grads, None, None, None, None)
-
-    @staticmethod
-    def _new_grads(hidden, weight, bias, needs):
-        """Gradient buffers: hidden's in its dtype (each row is written once), weight's and bias's in
-        float32 because they sum over every chunk."""
-        return [
-            torch.empty_like(hidden) if needs[0] else None,
-            torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None,
-            torch.zeros_like(bias, dtype=torch.float32) if needs[2] and bias is not None else None,
-        ]
-
-    @staticmethod
-    def _accumulate(grads, rows, grad_logits, hidden, weight):
-        grad_hidden, grad_weight, grad_bias = grads
-        if grad_hidden is not None:
-            torch.mm(grad_logits, weight, out=grad_hidden[rows])
-        if grad_weight is not None:
-            if grad_logits.dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows])
-            else:  # the GEMM accumulates in float32 inside; the sum over chunks does so here
-                grad_weight += torch.mm(grad_logits.t(), hidden[rows])
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(0, dtype=torch.float32)
-
-
-def _row_chunks(N: int, V: int):
-    rows = max(1, min(N, LOGITS_CHUNK_ELEMENTS // max(V, 1)))
-    return [slice(start, min(start + rows, N)) for start in range(0, N, rows)]
-
-
-def _linear_cross_entropy_native(hidden, weight, target, *, bias, ignore_index, reduction, label_smoothing):
-    op = "linear_cross_entropy"
-    float_code(op, "hidden", hidden)
+def _check_native(hidden, weight, target, bias) -> None:
+    float_code(OP, "hidden", hidden)
     named = [("hidden", hidden), ("weight", weight), ("target", target)]
     if bias is not None:
         named.append(("bias", bias))
-    check_device(op, *named)
-    hidden, weight, target = hidden.contiguous(), weight.contiguous(), target.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    return _NativeLinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, float(label_smoothing))
+    check_device(OP, *named)
 
 
 # ----------------------------------------------------------------------------- public op
@@ -360,17 +313,15 @@ def linear_cross_entropy(
         return loss.to(out_dtype)
     _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
     backend = resolve_backend(backend, hidden.device, OP)
-    if backend == "triton":
-        return _linear_cross_entropy_triton(
-            hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing)
-        )
-    check_targets(OP, target, weight.shape[0], ignore_index)
     if backend == "torch":
+        if not torch.compiler.is_compiling():  # compiled, torch's own op checks (see check_targets)
+            check_targets(OP, target, weight.shape[0], ignore_index)
         return linear_cross_entropy_ref(
             hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
             label_smoothing=label_smoothing, upcast=False,
         )
-    return _linear_cross_entropy_native(
-        hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=float(label_smoothing),
+    if backend == "native":
+        _check_native(hidden, weight, target, bias)
+    return _linear_cross_entropy_chunked(
+        backend, hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing)
     )
