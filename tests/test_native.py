@@ -10,7 +10,7 @@ holds what only the native backend has:
 - the custom ops' own checks, ``torch.library.opcheck`` and ``torch.compile``;
 - what the backend refuses (float64, attention on the CPU, other head dims);
 - the CPU kernels' independence of the thread count, and CUDA cases the op files
-  leave out (fp32 attention, the CUDA kernels giving the C++ kernels' bits).
+  leave out (fp32 attention, the CUDA bindings' own checks).
 
 CUDA cases are skipped on a machine without a GPU.
 """
@@ -251,33 +251,6 @@ def test_mlm_mask_cpu_is_identical_for_any_thread_count():
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
-@requires_cuda
-def test_mlm_mask_cuda_gives_the_cpu_bits():
-    ids, special = mlm_inputs((37, 515), "cpu", vocab=30522)
-    cpu = run_mlm(ids, special, vocab=30522, seed=2**40 + 3)
-    gpu = run_mlm(ids.cuda(), special.cuda(), vocab=30522, seed=2**40 + 3)
-    assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_mlm_mask_element_depends_only_on_seed_and_index(device):
-    ids, special = mlm_inputs((1000,), device)
-    masked, labels = run_mlm(ids, special, seed=5)
-    head = run_mlm(ids[:333], special[:333], seed=5)
-    assert torch.equal(head[0], masked[:333]) and torch.equal(head[1], labels[:333])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_mlm_mask_vocab_beyond_32_bits(device):
-    """The native kernels draw 64-bit random ids (Triton refuses such a vocabulary)."""
-    vocab = 2**40
-    ids = torch.zeros(20000, dtype=torch.int64, device=device)
-    masked, _ = run_mlm(ids, None, vocab=vocab, p=1.0)
-    random_ids = masked[(masked != 3) & (masked != 0)]
-    assert random_ids.numel() > 1000
-    assert random_ids.max().item() >= 2**32 and random_ids.max().item() < vocab
-
-
 def test_philox_known_answers():
     # Random123's known-answer vectors for Philox4x32-10.
     assert _C.philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
@@ -289,16 +262,9 @@ def test_philox_known_answers():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_mlm_mask_custom_op_passes_opcheck_and_compiles(device):
+def test_mlm_mask_custom_op_passes_opcheck(device):
     ids, special = mlm_inputs((8, 33), device)
     torch.library.opcheck(ops.native_mlm_mask, (ids, special, 3, 1000, 0.15, 7))
-
-    def mask_fn(ids, special):
-        return mlm_mask(ids, mask_token_id=3, vocab_size=1000, special_tokens_mask=special, seed=7, backend="native")
-
-    got = torch.compile(mask_fn, fullgraph=True)(ids, special)
-    want = mask_fn(ids, special)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 class TestMlmMaskBindings:
