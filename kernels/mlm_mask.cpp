@@ -28,6 +28,7 @@ void mask(const MlmMaskArgs& a, const Flag* special, int num_threads) {
   const int64_t n_groups = (n + MLM_GROUP - 1) / MLM_GROUP;
   const Id mask_token = static_cast<Id>(a.mask_token_id);
   const uint64_t vocab = static_cast<uint64_t>(a.vocab_size);
+  const uint32_t select_below = mlm_select_below(a.mlm_probability);
   const bool parallel = num_threads > 1 && n >= PARALLEL_MIN_ELEMENTS;
 
 #pragma omp parallel for schedule(dynamic, GROUPS_PER_GRAB) num_threads(num_threads) if (parallel)
@@ -37,7 +38,7 @@ void mask(const MlmMaskArgs& a, const Flag* special, int num_threads) {
     const int64_t count = n - first < MLM_GROUP ? n - first : MLM_GROUP;
     for (int64_t k = 0; k < count; ++k) {
       const int64_t i = first + k;
-      const bool selected = !any_special(special, i) && uniform_float(select.v[k]) < a.mlm_probability;
+      const bool selected = !any_special(special, i) && uniform24(select.v[k]) < select_below;
       mlm_apply(ids[i], selected, static_cast<uint64_t>(i), a.seed, mask_token, vocab, masked + i, labels + i);
     }
   }

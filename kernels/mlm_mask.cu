@@ -3,7 +3,8 @@
 // A thread draws the group's four selection uniforms with one Philox call, loads
 // its four ids (and special flags) with one vector load where the addresses allow,
 // and draws a second Philox block only for the ~15% of elements it selects. The
-// draw layout is philox.h's, shared with the CPU kernel: both give the same bits.
+// draw layout is philox.h's, which the torch reference defines and the CPU and
+// Triton kernels share: all give the same bits.
 //
 // Memory traffic: read n ids (+ n flags), write n ids and n labels; a (256, 512)
 // int64 batch moves 3 MiB, about a microsecond of H100 bandwidth, so the launch
@@ -50,7 +51,8 @@ __device__ __forceinline__ void store4(T* p, const T (&v)[MLM_GROUP]) {
 template <typename Id, typename Flag, bool VECTOR>
 __global__ void __launch_bounds__(THREADS)
     mlm_mask_kernel(const Id* __restrict__ ids, const Flag* __restrict__ special, Id* __restrict__ masked,
-                    Id* __restrict__ labels, int64_t n, Id mask_token, uint64_t vocab, float p, uint64_t seed) {
+                    Id* __restrict__ labels, int64_t n, Id mask_token, uint64_t vocab, uint32_t select_below,
+                    uint64_t seed) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x;
   const int64_t first = group * MLM_GROUP;
   if (first >= n) return;
@@ -79,7 +81,7 @@ __global__ void __launch_bounds__(THREADS)
   }
 #pragma unroll
   for (int k = 0; k < MLM_GROUP; ++k) {
-    const bool selected = !is_special[k] && uniform_float(select.v[k]) < p;
+    const bool selected = !is_special[k] && uniform24(select.v[k]) < select_below;
     mlm_apply(id[k], selected, static_cast<uint64_t>(first + k), seed, mask_token, vocab, &out_ids[k],
               &out_labels[k]);
   }
@@ -120,7 +122,7 @@ void launch(const MlmMaskArgs& a, cudaStream_t stream) {
   kernel<<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(ids, special, masked, labels, a.numel,
                                                                static_cast<Id>(a.mask_token_id),
                                                                static_cast<uint64_t>(a.vocab_size),
-                                                               a.mlm_probability, a.seed);
+                                                               mlm_select_below(a.mlm_probability), a.seed);
   check_launch("mlm_mask_kernel");
 }
 

@@ -3,9 +3,11 @@
 //
 // A draw is a pure function of (key, counter): no state, so every element of a
 // tensor gets its own stream from its index, in any order, on any number of
-// threads, and the CPU and CUDA kernels produce the same bits.
+// threads, and the CPU and CUDA kernels produce the same bits as minipt's torch
+// reference and Triton kernel, which compute the same function.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -42,9 +44,10 @@ MINIPT_HOST_DEVICE Philox4 philox4x32_10(Philox4 c, uint32_t k0, uint32_t k1) {
   return c;
 }
 
-// Uniform float in [0, 1) from the top 24 bits: every value is exact in float32,
-// so `u < p` selects with probability p rounded to 2^-24.
-MINIPT_HOST_DEVICE float uniform_float(uint32_t bits) { return static_cast<float>(bits >> 8) * 5.9604644775390625e-8f; }
+// The top 24 bits of a word, uniform on [0, 2^24). Every probability becomes an
+// integer threshold t on them (u < t with probability t / 2^24), so the selection
+// and the action are integer compares that every backend makes alike.
+MINIPT_HOST_DEVICE uint32_t uniform24(uint32_t bits) { return bits >> 8; }
 
 // Uniform integer in [0, n) from 64 random bits by Lemire's multiply-shift; the
 // bias is below n / 2^64, far beneath anything a test could see.
@@ -57,11 +60,18 @@ MINIPT_HOST_DEVICE uint64_t uniform_below(uint32_t hi, uint32_t lo, uint64_t n) 
 #endif
 }
 
-// The MLM draw layout, shared by the CPU and CUDA kernels so both give the same
-// bits: elements go in groups of four; counter (group, 0, 0, 0) draws the four
-// selection uniforms of a group, and counter (index, 1, 0, 0) draws the action
-// (word 0) and the random id (words 1, 2) of a selected element. Only ~15% of the
-// elements need the second draw, so a kernel runs 0.4 Philox calls per element.
+// The MLM draw layout. The torch reference (minipt.ops.mlm_mask.mlm_mask_ref)
+// defines it, and the Triton, C++ and CUDA kernels reproduce it bit for bit:
+// key (seed mod 2^32, seed >> 32); element i is the flat index of the tensor.
+//  * Selection: elements go in groups of four; counter (g mod 2^32, g >> 32, 0, 0)
+//    of group g = i / 4 draws the group's four selection words, word i % 4 for i.
+//  * Action: counter (i mod 2^32, i >> 32, 1, 0) draws the action (word 0) and the
+//    random id (words 1, 2) of element i; only a selected element uses them.
+// Why: here a kernel branches per element, so it runs one call per group and a
+// second only for the ~15% it selects, 0.4 Philox calls per element where one
+// draw per element for everything would take 1 (Philox is most of the kernel's
+// time). The reference and Triton, which do not branch, draw the action for every
+// element and let unselected ones ignore it: the same bits.
 constexpr int MLM_GROUP = 4;
 
 MINIPT_HOST_DEVICE Philox4 mlm_select_draw(uint64_t group, uint64_t seed) {
@@ -74,9 +84,14 @@ MINIPT_HOST_DEVICE Philox4 mlm_action_draw(uint64_t index, uint64_t seed) {
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
+// The selection threshold for probability p: u < ceil(p * 2^24). p * 2^24 is exact
+// in float, and the Python wrapper passes p as round(p * 2^24) / 2^24, so this is
+// the reference's integer threshold round(p * 2^24) exactly.
+MINIPT_HOST_DEVICE uint32_t mlm_select_below(float p) { return static_cast<uint32_t>(ceilf(p * 16777216.0f)); }
+
 // What a selected element becomes: 80% [MASK], 10% a random id, 10% unchanged.
-constexpr float MLM_MASK_BELOW = 0.8f;    // action < 0.8: [MASK]
-constexpr float MLM_RANDOM_BELOW = 0.9f;  // 0.8 <= action < 0.9: random id; else unchanged
+constexpr uint32_t MLM_MASK_BELOW = 13421773u;    // round(0.8 * 2^24): below, [MASK]
+constexpr uint32_t MLM_RANDOM_BELOW = 15099494u;  // round(0.9 * 2^24): below, a random id; else unchanged
 
 // Apply the MLM rule to one element. `selected` comes from the group draw.
 template <typename Id>
@@ -88,7 +103,7 @@ MINIPT_HOST_DEVICE void mlm_apply(Id id, bool selected, uint64_t index, uint64_t
     return;
   }
   const Philox4 r = mlm_action_draw(index, seed);
-  const float action = uniform_float(r.v[0]);
+  const uint32_t action = uniform24(r.v[0]);
   *label = id;
   if (action < MLM_MASK_BELOW) {
     *masked = mask_token_id;
