@@ -4,7 +4,8 @@ The baseline, ``hf-recipe``, is the logic of ``DataCollatorForLanguageModeling.t
 (three Bernoulli draws and a handful of index writes, about ten passes over the
 batch), run on the same device as the kernels. ``torch`` is minipt's reference
 (``backend="torch"``), ``triton`` the fused kernel (CUDA only), ``native`` the
-C++/CUDA one. ``copy`` is ``torch.clone`` of a buffer that moves as many bytes as
+C++/CUDA one; from the same seed these three draw the same masks, bit for bit, so
+they time the same work. ``copy`` is ``torch.clone`` of a buffer that moves as many bytes as
 the kernel must (read ids and the special mask, write ids and labels): the
 bandwidth a one-pass kernel can hope for, measured on this device.
 

@@ -34,6 +34,21 @@ def test_mlm_mask(measure, bench_device, provider):
         assert masked.shape == ids.shape and not (labels[special] != -100).any()
 
 
+def test_minipt_providers_draw_the_same_masks(bench_device):
+    """The timed providers do the same work: from the same seed, the same masks, bit for bit."""
+    ids, special = bench.make_batch(*_size(bench_device), bench_device)
+    providers = ["torch", "native"] + (["triton"] if torch.device(bench_device).type == "cuda" else [])
+    outputs = {}
+    for provider in providers:
+        try:
+            outputs[provider] = bench.make_step(provider, ids, special)()  # the first call of each draws seed 0
+        except BackendUnavailableError as exc:
+            pytest.skip(f"{provider} cannot run on {bench_device}: {exc}")
+    want = outputs.pop("torch")
+    for provider, (masked, labels) in outputs.items():
+        assert torch.equal(masked, want[0]) and torch.equal(labels, want[1]), provider
+
+
 def test_hf_recipe_statistics():
     """The baseline selects 15% of the non-special positions and splits them 80/10/10."""
     ids, special = bench.make_batch(256, 512, "cpu")
