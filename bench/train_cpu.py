@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from bench.common import cli
 from minipt import train as minipt_train
+from minipt.runlog import read_metrics
 from minipt.data import prepare_data
 
 RECIPE = dict(
@@ -192,7 +193,7 @@ def minipt_run(cache_dir: Path, s: dict, out_dir: Path) -> dict:
     if minipt_train.main(argv) != 0:
         raise RuntimeError("the minipt run failed; see its output above")
     run_s = time.perf_counter() - start
-    rows = minipt_train.read_metrics(out_dir)
+    rows = read_metrics(out_dir)
     tokens_per_step = s["batch_size"] * s["block_size"]
     step_ms = [1e3 * tokens_per_step / r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     val = [r["val_loss"] for r in rows if "val_loss" in r]

@@ -23,7 +23,8 @@ import torch
 
 from minipt import checkpoint as ckpt
 from minipt import runtime
-from minipt.config import ConfigError, make_config, parse_overrides
+from minipt.config import ConfigError, check_types, make_config, parse_overrides
+from minipt.model import build_model
 from minipt.tokenizer import TextTokenizer, TokenizerError
 
 PROG = "python -m minipt.sample"
@@ -49,8 +50,6 @@ class SampleConfig:
     text_b: str = ""  # second segment: prints the probability that it follows text_a
 
     def __post_init__(self):
-        from minipt.config import check_types
-
         check_types(self)
         for name in ("max_new_tokens", "num_samples", "candidates"):
             if getattr(self, name) < 1:
@@ -65,8 +64,6 @@ class SampleConfig:
 
 def load_run(out_dir: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, TextTokenizer, dict]:
     """The model (in eval mode, on ``device``), tokenizer and config.json of a saved run."""
-    from minipt.train import build_model
-
     config = ckpt.read_config(out_dir)
     kind = config["model_type"]
     tok = TextTokenizer.from_file(Path(out_dir) / ckpt.TOKENIZER, kind)

@@ -23,21 +23,20 @@ import contextlib
 import dataclasses
 import json
 import math
-import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from minipt import checkpoint as ckpt
-from minipt import runtime
+from minipt import runtime, sample
 from minipt.config import ConfigError, TrainConfig, make_config, parse_overrides
 from minipt.data import DataError, PairSampler, WindowSampler, fixed_pairs, fixed_windows, prepare_data, to_device
-from minipt.model import BERT, GPT, BertConfig, GPTConfig
+from minipt.model import MODEL_KINDS, BertConfig, GPTConfig, ModelOutput, build_model
 from minipt.ops import mlm_mask
+from minipt.ops._loss import IGNORE_INDEX
+from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses, read_metrics
 from minipt.tokenizer import TextTokenizer, TokenizerError
 
 PROG = "python -m minipt.train"
@@ -57,7 +56,7 @@ class Interrupted(Exception):
 # ----------------------------------------------------------------------------- model and optimizer
 def model_config(cfg: TrainConfig, tok: TextTokenizer) -> GPTConfig | BertConfig:
     """The model config: preset (or the CPU-sized default), then the fields given explicitly."""
-    cls = GPTConfig if cfg.model == "gpt" else BertConfig
+    cls = MODEL_KINDS[cfg.model].config
     shape = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"}
     fields = shape & {f.name for f in dataclasses.fields(cls)}
     overrides = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) is not None}
@@ -72,11 +71,6 @@ def model_config(cfg: TrainConfig, tok: TextTokenizer) -> GPTConfig | BertConfig
         return cls(**{**DEFAULT_SIZES, **overrides})
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
-
-
-def build_model(kind: str, config: dict) -> torch.nn.Module:
-    """A GPT or BERT from the model config saved in a run's ``config.json``."""
-    return GPT(GPTConfig(**config)) if kind == "gpt" else BERT(BertConfig(**config))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -111,6 +105,10 @@ def mask_seed(*parts: int) -> int:
 
 
 # ----------------------------------------------------------------------------- one run
+# What an evaluation sums over its batches, then over the ranks in one all-reduce.
+EVAL_SUMS = ("loss", "batches", "mlm_loss", "nsp_loss", "mlm_hits", "masked", "nsp_hits", "pairs", "random_b")
+
+
 class Run:
     """Everything a training run holds: config, data, model, optimizer and progress."""
 
@@ -121,7 +119,7 @@ class Run:
         self.tok = self.data.tokenizer
         torch.manual_seed(cfg.seed + rt.rank)
         self.model_config = model_config(cfg, self.tok)
-        self.model = (GPT if cfg.model == "gpt" else BERT)(self.model_config).to(rt.device)
+        self.model = build_model(cfg.model, self.model_config).to(rt.device)
         self.block_size = self.model_config.block_size
         self.optimizer = make_optimizer(self.model, cfg, rt.device)
         if cfg.model == "gpt":
@@ -141,9 +139,7 @@ class Run:
             )
         self.iter, self.best_val = 0, float("inf")
         self.tokens = 0  # real (non-padding) tokens of this rank's last step
-        self.train_model = self.model
-        if cfg.compile:
-            self.train_model = torch.compile(self.model)
+        self.train_model = torch.compile(self.model) if cfg.compile else self.model
         if rt.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -169,6 +165,10 @@ class Run:
         """Positions per optimizer step, all ranks together (BERT: at most; padding is not counted)."""
         return self.cfg.batch_size * self.block_size * self.cfg.gradient_accumulation_steps * self.rt.world_size
 
+    def real_tokens(self, arrays: dict[str, np.ndarray]) -> int:
+        """The tokens of a host batch that are not padding (a GPT window has none)."""
+        return arrays["x"].size if self.cfg.model == "gpt" else int(arrays["attention_mask"].sum())
+
     # ---- state
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
@@ -193,13 +193,16 @@ class Run:
         self.rt.barrier()
 
     # ---- steps
-    def loss(self, arrays: dict, seed: int, *, model=None, return_logits: bool = False):
-        """Forward one batch; BERT's masks are drawn here, on the device, from ``seed``."""
+    def forward(self, batch: dict[str, torch.Tensor], seed: int, model=None) -> ModelOutput:
+        """The model's output, loss included, on one batch already on the device.
+
+        BERT's MLM masks are drawn here, on the device, from ``seed``; its NSP labels
+        enter the loss under the mlm+nsp objective only.
+        """
         model = model or self.train_model
-        batch = to_device(arrays, self.rt.device)
         if self.cfg.model == "gpt":
             with self.rt.autocast():
-                return model(batch["x"], labels=batch["y"], return_logits=return_logits), None
+                return model(batch["x"], labels=batch["y"])
         masked, labels = mlm_mask(
             batch["input_ids"], mask_token_id=self.tok.mask_id, vocab_size=self.tok.vocab_size,
             special_tokens_mask=batch["special_tokens_mask"], mlm_probability=self.cfg.mlm_probability, seed=seed,
@@ -207,11 +210,10 @@ class Run:
         )
         nsp = batch["next_sentence_label"] if self.cfg.objective == "mlm+nsp" else None
         with self.rt.autocast():
-            out = model(
+            return model(
                 masked, token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
-                labels=labels, next_sentence_label=nsp, return_logits=return_logits,
+                labels=labels, next_sentence_label=nsp, mlm_probability=self.cfg.mlm_probability,
             )
-        return out, (labels, batch["next_sentence_label"])
 
     def step(self) -> torch.Tensor:
         """One optimizer step over the accumulated micro-batches; returns the mean loss, on the device."""
@@ -221,11 +223,11 @@ class Run:
         total = torch.zeros((), device=self.rt.device)
         self.tokens = 0
         for micro, arrays in enumerate(self.sampler.next_step(accum)):
-            self.tokens += int(arrays["x"].size if "x" in arrays else arrays["attention_mask"].sum())
+            self.tokens += self.real_tokens(arrays)
             # DDP all-reduces the gradients on the last micro-batch only.
             no_sync = self.rt.distributed and micro < accum - 1
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
-                out, _ = self.loss(arrays, mask_seed(cfg.seed, self.iter, micro, self.rt.rank))
+                out = self.forward(to_device(arrays, self.rt.device), mask_seed(cfg.seed, self.iter, micro, self.rt.rank))
                 (out.loss / accum).backward()
             total += out.loss.detach()
         if cfg.grad_clip > 0:
@@ -235,107 +237,55 @@ class Run:
         self.iter += 1
         return total / accum
 
+    # ---- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation metrics over the fixed validation batches, split across ranks."""
         self.model.eval()
-        # Sums: loss, batches; BERT also MLM loss, NSP loss, MLM hits, masked tokens, NSP hits, pairs, random Bs.
-        sums = torch.zeros(9, dtype=torch.float64, device=self.rt.device)
-        bert = self.cfg.model == "bert"
+        sums = dict.fromkeys(EVAL_SUMS, torch.zeros((), dtype=torch.float64, device=self.rt.device))
         for i in range(self.rt.rank, len(self.val_batches), self.rt.world_size):
+            batch = to_device(self.val_batches[i], self.rt.device)
             # Validation masks come from their own seeds (2**32 is past any step): the same every evaluation.
-            seed = mask_seed(self.cfg.seed, 2**32, i)
-            out, labels = self.loss(self.val_batches[i], seed, model=self.model, return_logits=bert)
-            sums[0] += out.loss.double()
-            sums[1] += 1
-            if bert:
-                mlm_labels, nsp_labels = labels
-                picked = mlm_labels != -100
-                sums[2] += out.mlm_loss.double()
-                sums[3] += (out.nsp_loss.double() if out.nsp_loss is not None else 0.0)
-                sums[4] += (out.logits[picked].argmax(-1) == mlm_labels[picked]).sum()
-                sums[5] += picked.sum()
-                sums[6] += (out.nsp_logits.argmax(-1) == nsp_labels).sum()
-                sums[7] += nsp_labels.numel()
-                sums[8] += nsp_labels.sum()
+            out = self.forward(batch, mask_seed(self.cfg.seed, 2**32, i), model=self.model)
+            for name, value in self._eval_terms(out, batch).items():
+                sums[name] = sums[name] + value
         self.model.train()
-        s = self.rt.all_reduce_sum(sums).tolist()
-        metrics = {"val_loss": s[0] / s[1]}
+        totals = self.rt.all_reduce_sum(torch.stack([sums[name] for name in EVAL_SUMS])).tolist()
+        return self._eval_metrics(dict(zip(EVAL_SUMS, totals)))
+
+    def _eval_terms(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> dict:
+        """One batch's share of each of EVAL_SUMS (those of GPT: loss and batches)."""
+        terms = {"loss": out.loss.double(), "batches": 1}
+        if self.cfg.model == "bert":
+            nsp_labels = batch["next_sentence_label"]
+            # Scored on the rows the MLM loss read; a padding row's IGNORE_INDEX target matches no prediction.
+            predicted = self.model.mlm_logits(out.masked_hidden).argmax(-1)
+            terms.update(
+                mlm_loss=out.mlm_loss.double(), nsp_loss=out.nsp_loss.double() if out.nsp_loss is not None else 0.0,
+                mlm_hits=(predicted == out.masked_targets).sum(), masked=(out.masked_targets != IGNORE_INDEX).sum(),
+                nsp_hits=(out.nsp_logits.argmax(-1) == nsp_labels).sum(), pairs=nsp_labels.numel(),
+                random_b=nsp_labels.sum(),
+            )
+        return terms
+
+    def _eval_metrics(self, s: dict[str, float]) -> dict:
+        metrics = {"val_loss": s["loss"] / s["batches"]}
         if self.cfg.model == "gpt":
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
-        else:
-            random_share = s[8] / max(s[7], 1)
-            metrics.update(mlm_loss=s[2] / s[1], mlm_acc=s[4] / max(s[5], 1), nsp_acc=s[6] / max(s[7], 1),
-                           # what always guessing the commoner NSP label scores: the bar nsp_acc must clear
-                           nsp_majority=max(random_share, 1.0 - random_share))
-            if self.cfg.objective == "mlm+nsp":
-                metrics["nsp_loss"] = s[3] / s[1]
+            return metrics
+        random_share = s["random_b"] / max(s["pairs"], 1)
+        metrics.update(
+            mlm_loss=s["mlm_loss"] / s["batches"], mlm_acc=s["mlm_hits"] / max(s["masked"], 1),
+            nsp_acc=s["nsp_hits"] / max(s["pairs"], 1),
+            # what always guessing the commoner NSP label scores: the bar nsp_acc must clear
+            nsp_majority=max(random_share, 1.0 - random_share),
+        )
+        if self.cfg.objective == "mlm+nsp":
+            metrics["nsp_loss"] = s["nsp_loss"] / s["batches"]
         return metrics
 
 
-# ----------------------------------------------------------------------------- metrics and plot
-def append_metrics(out: Path, row: dict) -> None:
-    with open(out / ckpt.METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(out: Path) -> list[dict]:
-    path = out / ckpt.METRICS
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # the last line of a run killed mid-write
-                continue
-    return rows
-
-
-def plot_losses(out: Path) -> None:
-    """``loss.png``: the train and validation loss against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(out)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-        points = [(r["iter"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-    ax.set(xlabel="step", ylabel="loss", title=f"{out.name}: loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    tmp = out / f".{ckpt.PLOT}.tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out / ckpt.PLOT)
-
-
 # ----------------------------------------------------------------------------- the command
-class _StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop reads between steps; a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def resolve_config(argv) -> TrainConfig:
     overrides = parse_overrides(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
     cfg = make_config(TrainConfig, overrides)
@@ -367,10 +317,9 @@ def _start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
     run = Run(cfg, rt, log)
     if cfg.resume:
         run.load_state_dict(ckpt.load_checkpoint(run.out, run.model, rt.device))
-        if rt.is_main:  # rows logged after the checkpoint belong to the part being redone
-            kept = [r for r in read_metrics(run.out) if r["iter"] <= run.iter]
-            ckpt.atomic_write_text(run.out / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
-        if rt.is_main:  # the resumed settings (a longer max_iters, say) are the run's settings now
+        if rt.is_main:
+            keep_metrics_until(run.out, run.iter)
+            # the resumed settings (a longer max_iters, say) are the run's settings now
             config = ckpt.read_config(run.out)
             config["train"] = dataclasses.asdict(cfg)
             ckpt.atomic_write_text(run.out / ckpt.CONFIG, json.dumps(config, indent=2))
@@ -386,8 +335,6 @@ def _start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
 
 
 def _final_sample(run: Run, log) -> None:
-    from minipt import sample
-
     evals = [r for r in read_metrics(run.out) if "val_loss" in r]
     if evals:
         log(f"\nvalidation loss {evals[0]['val_loss']:.3f} at step {evals[0]['iter']} -> "
@@ -410,6 +357,49 @@ def _final_sample(run: Run, log) -> None:
         log("  " + ", ".join(f"{tok} {p:.3f}" for tok, p in candidates))
 
 
+# ----------------------------------------------------------------------------- the loop
+def flush_window(run: Run, window: TrainWindow, progress: Progress) -> None:
+    """Log the mean train loss of the steps since the last log; stop on a non-finite one."""
+    if window.steps == 0:
+        return
+    rt = run.rt
+    loss = float(rt.all_reduce_sum(window.loss.clone()).item()) / (window.steps * rt.world_size)
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"the training loss became {loss} between steps {window.first_step} and {run.iter}; stopping. "
+            f"The last checkpoint in {run.out} is kept; try a lower --learning_rate or --grad_clip"
+        )
+    row = {"iter": run.iter, "train_loss": loss, "lr": learning_rate(run.iter - 1, run.cfg),
+           "tokens_per_s": window.tokens * rt.world_size / window.seconds()}
+    if rt.is_main:
+        append_metrics(run.out, row)
+    progress.train_row(row)
+    window.reset(run.iter)
+
+
+def evaluate_and_save(run: Run, progress: Progress, start_iter: int) -> None:
+    """Evaluate, log the metrics, and save a checkpoint unless this is the step the run started at."""
+    cfg = run.cfg
+    metrics = run.evaluate()
+    if run.rt.is_main:
+        append_metrics(run.out, {"iter": run.iter, **metrics})
+    progress.log(f"step {run.iter}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    improved = metrics["val_loss"] < run.best_val
+    run.best_val = min(run.best_val, metrics["val_loss"])
+    if run.iter > start_iter and (cfg.always_save_checkpoint or improved or run.iter == cfg.max_iters):
+        run.save()
+
+
+def stop_requested(run: Run, stop: StopRequest) -> bool:
+    rt = run.rt
+    if not rt.distributed:
+        return stop.requested
+    # Ranks agree on stopping at log steps only, where they meet anyway.
+    if run.iter % run.cfg.log_interval != 0:
+        return False
+    return bool(rt.all_reduce_sum(torch.tensor(float(stop.requested), device=rt.device)).item() > 0)
+
+
 def train(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
     """Train to ``cfg.max_iters`` (or a stop request); raises TrainingError on a non-finite loss."""
     log = print if rt.is_main else (lambda *a, **k: None)
@@ -419,64 +409,25 @@ def train(cfg: TrainConfig, rt: runtime.Runtime) -> Run:
         f"block {run.block_size}, {run.tokens_per_step:,} tokens per step, "
         f"{rt.device} {str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es)"
     )
-    bar = tqdm(total=cfg.max_iters, initial=run.iter, disable=not (cfg.progress and rt.is_main), unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    echo = bar.write if not bar.disable else log
-    window_loss, window_steps, window_tokens = torch.zeros((), device=rt.device), 0, 0
-    window_start = time.perf_counter()
-    last_good = run.iter
+    progress = Progress(cfg.max_iters, run.iter, cfg.progress and rt.is_main, log)
     start_iter = run.iter
-
-    def flush_window() -> None:
-        """Log the mean train loss of the steps since the last log; stop on a non-finite one."""
-        nonlocal window_loss, window_steps, window_tokens, window_start, last_good
-        if window_steps == 0:
-            return
-        loss = float(rt.all_reduce_sum(window_loss.clone()).item()) / (window_steps * rt.world_size)
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"the training loss became {loss} between steps {last_good} and {run.iter}; stopping. "
-                f"The last checkpoint in {run.out} is kept; try a lower --learning_rate or --grad_clip"
-            )
-        elapsed = time.perf_counter() - window_start
-        row = {"iter": run.iter, "train_loss": loss, "lr": learning_rate(run.iter - 1, cfg),
-               "tokens_per_s": window_tokens * rt.world_size / elapsed}
-        if rt.is_main:
-            append_metrics(run.out, row)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
-        window_loss, window_steps, window_tokens, last_good = torch.zeros((), device=rt.device), 0, 0, run.iter
-        window_start = time.perf_counter()
-
-    with _StopRequest() as stop, contextlib.closing(bar):
+    window = TrainWindow(rt.device, start_iter)
+    with StopRequest() as stop, contextlib.closing(progress):
         while True:
-            if (run.iter % cfg.eval_interval == 0 or run.iter == cfg.max_iters) and not (
-                cfg.resume and run.iter == start_iter
-            ):
-                flush_window()
-                metrics = run.evaluate()
-                if rt.is_main:
-                    append_metrics(run.out, {"iter": run.iter, **metrics})
-                echo(f"step {run.iter}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                improved = metrics["val_loss"] < run.best_val
-                run.best_val = min(run.best_val, metrics["val_loss"])
-                if run.iter > start_iter and (cfg.always_save_checkpoint or improved or run.iter == cfg.max_iters):
-                    run.save()
-                window_start = time.perf_counter()  # evaluation time is not training throughput
+            # A resumed run was evaluated at its first step before it stopped.
+            at_eval = run.iter % cfg.eval_interval == 0 or run.iter == cfg.max_iters
+            if at_eval and not (cfg.resume and run.iter == start_iter):
+                flush_window(run, window, progress)
+                evaluate_and_save(run, progress, start_iter)
+                window.restart_clock()
             if run.iter >= cfg.max_iters:
                 break
-            window_loss += run.step()
-            window_steps += 1
-            window_tokens += run.tokens
-            bar.update(1)
+            window.add(run.step(), run.tokens)
+            progress.step()
             if run.iter % cfg.log_interval == 0:
-                flush_window()
-            # Ranks agree on stopping at log steps only, where they meet anyway.
-            if rt.distributed and run.iter % cfg.log_interval == 0:
-                stopping = bool(rt.all_reduce_sum(torch.tensor(float(stop.requested), device=rt.device)).item() > 0)
-            else:
-                stopping = stop.requested and not rt.distributed
-            if stopping:
-                flush_window()
+                flush_window(run, window, progress)
+            if stop_requested(run, stop):
+                flush_window(run, window, progress)
                 run.save()
                 raise Interrupted(run.iter)
     if rt.is_main:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from minipt import checkpoint as ckpt
 from minipt import train as T
+from minipt.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def write_corpus(folder: Path) -> Path:
 
 
 def losses(out: Path, key: str) -> list[tuple[int, float]]:
-    return [(r["iter"], r[key]) for r in T.read_metrics(out) if key in r]
+    return [(r["iter"], r[key]) for r in read_metrics(out) if key in r]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The training loop: schedule, optimizer groups, model config, end-to-end runs, exact
 resume, atomic checkpoints, non-finite losses and Ctrl-C."""
 
+import io
 import json
 import math
 import os
@@ -15,8 +16,9 @@ import torch
 
 from minipt import checkpoint as ckpt
 from minipt import train as T
+from minipt.runlog import Progress, read_metrics
 from minipt.config import ConfigError, TrainConfig
-from minipt.model import GPT, GPTConfig
+from minipt.model import GPT, GPTConfig, build_model
 from minipt.tokenizer import TextTokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ def tiny_args(tmp_path: Path, out: str = "run", **overrides) -> list[str]:
 
 
 def rows(out: Path, key: str) -> list[tuple[int, float]]:
-    return [(r["iter"], r[key]) for r in T.read_metrics(out) if key in r]
+    return [(r["iter"], r[key]) for r in read_metrics(out) if key in r]
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -112,16 +114,16 @@ def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
         tmp_path, model="bert", tokenizer="wordpiece", vocab_size=200, block_size=32, max_iters=4, eval_interval=2
     )
     assert T.main(args) == 0
-    last = [r for r in T.read_metrics(tmp_path / "run") if "val_loss" in r][-1]
+    last = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r][-1]
     assert set(last) == {"iter", "val_loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "nsp_majority"}
     assert 0.5 <= last["nsp_majority"] <= 1
     assert last["val_loss"] == pytest.approx(last["mlm_loss"] + last["nsp_loss"])
     assert 0 <= last["mlm_acc"] <= 1 and 0 <= last["nsp_acc"] <= 1
-    speeds = [r["tokens_per_s"] for r in T.read_metrics(tmp_path / "run") if "tokens_per_s" in r]
+    speeds = [r["tokens_per_s"] for r in read_metrics(tmp_path / "run") if "tokens_per_s" in r]
     assert len(speeds) == 4 and all(s > 0 for s in speeds)
 
     assert T.main(args + ["--objective=mlm", "--overwrite"]) == 0
-    last = [r for r in T.read_metrics(tmp_path / "run") if "val_loss" in r][-1]
+    last = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r][-1]
     assert "nsp_loss" not in last and last["val_loss"] == pytest.approx(last["mlm_loss"])
 
 
@@ -160,10 +162,42 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     monkeypatch.undo()
     out = tmp_path / "run"
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
-    model = T.build_model("gpt", ckpt.read_config(out)["model"])
+    model = build_model("gpt", ckpt.read_config(out)["model"])
     assert ckpt.load_checkpoint(out, model)["iter"] == 2
     assert T.main([f"--out_dir={out}", "--resume"]) == 0
     assert ckpt.load_state(out)["iter"] == 6
+
+
+def test_progress_is_a_plain_line_per_log_step_when_output_is_not_a_terminal(tmp_path, capsys):
+    assert T.main(tiny_args(tmp_path, max_iters=6, eval_interval=6, log_interval=2, progress="true")) == 0
+    captured = capsys.readouterr()  # pytest's capture is not a terminal, as a log file or CI is not
+    assert "\r" not in captured.out + captured.err
+    lines = [line for line in captured.out.splitlines() if " train loss " in line]
+    assert [line.split(":")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert T.main(tiny_args(tmp_path, max_iters=2, log_interval=1, overwrite="true")) == 0  # progress=false
+    assert " train loss " not in capsys.readouterr().out
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal():
+    terminal, logged = Terminal(), []
+    progress = Progress(total=3, initial=1, enabled=True, log=logged.append, stream=terminal)
+    for _ in range(2):
+        progress.step()
+    progress.train_row({"iter": 3, "train_loss": 1.5, "lr": 1e-3, "tokens_per_s": 100.0})
+    progress.log("step 3: val_loss 1.4")
+    progress.close()
+    assert "\r" in terminal.getvalue() and "3/3" in terminal.getvalue()
+    assert logged == []  # other lines go through the bar, which keeps it whole
+    quiet = Terminal()
+    Progress(total=3, initial=0, enabled=False, log=logged.append, stream=quiet).train_row(
+        {"iter": 1, "train_loss": 1.5, "lr": 1e-3, "tokens_per_s": 100.0}
+    )
+    assert quiet.getvalue() == "" and logged == []
 
 
 def test_checkpoint_pair_from_different_saves_is_refused(tmp_path):
