@@ -86,11 +86,12 @@ class TrainConfig:
         _choice("split", self.split, ("doc", "stream"))
         _choice("backend", self.backend, BACKENDS)
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size",
-                     "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value}")
+        # The model's own fields (n_layer, n_head, n_embd, block_size, dropout) are checked by its
+        # config class, which train.model_config builds; the errors name the field alike.
+        for name in ("vocab_size", "batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
+                     "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("warmup_iters", "sample_tokens", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -101,8 +102,6 @@ class TrainConfig:
         _interval("short_seq_prob", self.short_seq_prob, 0.0, 1.0)
         _interval("beta1", self.beta1, 0.0, 1.0, upper_open=True)
         _interval("beta2", self.beta2, 0.0, 1.0, upper_open=True)
-        if self.dropout is not None:
-            _interval("dropout", self.dropout, 0.0, 1.0, upper_open=True)
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:

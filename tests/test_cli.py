@@ -105,6 +105,16 @@ def test_model_shape_errors_name_both_fields(tmp_path, capsys):
     fails(base_args(tmp_path, n_embd=30, n_head=4), capsys, "n_embd (30) must be divisible by n_head (4)")
 
 
+@pytest.mark.parametrize(
+    "setting, pattern",
+    [("n_layer=0", "n_layer must be a positive int, got 0"), ("block_size=-4", "block_size must be a positive int"),
+     ("dropout=1.0", "dropout must be a float in [0, 1), got 1.0")],
+)
+def test_model_fields_are_checked_by_the_model_config(tmp_path, capsys, setting, pattern):
+    key, value = setting.split("=")
+    fails(base_args(tmp_path, **{key: value}), capsys, pattern)
+
+
 # ----------------------------------------------------------------------------- data
 def test_missing_empty_and_undecodable_corpora(tmp_path, capsys):
     fails(base_args(tmp_path, data=tmp_path / "nowhere.txt"), capsys, "does not exist")
