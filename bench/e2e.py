@@ -44,8 +44,9 @@ import torch
 
 from bench.common import cli, peak_memory_bytes, sync, time_ms, time_steps_ms
 from minipt.ops._backend import BackendUnavailableError
-from minipt.model import BERT, GPT, BertConfig, GPTConfig
+from minipt.model import BertConfig, GPTConfig, build_model
 from minipt.ops import mlm_mask
+from minipt.ops._loss import IGNORE_INDEX
 from minipt.runtime import autocast, resolve_dtype
 
 PROVIDERS = ("torch", "minipt", "hf", "torch-compile")  # the baseline first; compilation, the slowest, last
@@ -55,6 +56,7 @@ BUDGET_ENV = "BENCH_E2E_BUDGET_S"  # seconds after which no compiled run is star
 # bert-base-uncased's ids for the special tokens; every preset's vocabulary holds them.
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
 FIRST_WORD_ID = 999  # ids below are [unused] slots and punctuation; sentences draw from the rest
+MLM_PROBABILITY = 0.15  # BERT's masking rate: the batches' and minipt's MLM-head row budget
 
 
 @dataclass(frozen=True)
@@ -113,21 +115,17 @@ def hf_model(cfg) -> torch.nn.Module:
     return transformers.BertForPreTraining(hf_cfg)
 
 
-def train_flops_per_token(cfg, seq_len: int, mlm_fraction: float = 1.0) -> float:
-    """The model's own estimate, at the sequence length run and with BERT's decoder where it runs.
+def train_flops_per_token(case: Case, cfg, mlm_fraction: float) -> float:
+    """The model's own estimate at the case's sequence length, with BERT's decoder where MLM runs it.
 
-    ``flops_per_token`` puts the attention term (12·L·C·T) at T = block_size, and for
-    BERT counts the tied V×C decoder at every position. The MLM objective needs it at
-    the masked positions only (``mlm_fraction`` of all positions), and at BERT-tiny's
-    size the decoder is 90% of the parameters, so counting it everywhere would put MFU
-    above 1. GPT's LM head runs at every position and stays as it is.
+    BERT's tied V×C decoder runs at the masked positions only (``mlm_fraction`` of
+    all positions); counting it everywhere would put MFU above 1 at BERT-tiny's size.
     """
     with torch.device("meta"):  # counts parameters without allocating or initialising them
-        model = (GPT if isinstance(cfg, GPTConfig) else BERT)(cfg)
-    flops = model.flops_per_token() + 12.0 * cfg.n_layer * cfg.n_embd * (seq_len - cfg.block_size)
-    if isinstance(cfg, BertConfig):
-        flops -= 6.0 * cfg.vocab_size * cfg.n_embd * (1.0 - mlm_fraction)
-    return flops
+        model = build_model(case.family, cfg)
+    if case.family == "bert":
+        return model.flops_per_token(case.seq_len, mlm_fraction)
+    return model.flops_per_token(case.seq_len)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -160,7 +158,8 @@ def make_batch(case: Case, cfg, device, seed: int = 0) -> dict:
     special = (pos == 0) | (pos == sep_a) | (pos == sep_b) | ~real
     # The torch backend makes the same batch on every device and backend.
     masked, labels = mlm_mask(
-        ids, mask_token_id=MASK_ID, vocab_size=cfg.vocab_size, special_tokens_mask=special, seed=seed, backend="torch"
+        ids, mask_token_id=MASK_ID, vocab_size=cfg.vocab_size, special_tokens_mask=special,
+        mlm_probability=MLM_PROBABILITY, seed=seed, backend="torch",
     )
     return {
         "input_ids": masked.to(device),
@@ -171,9 +170,9 @@ def make_batch(case: Case, cfg, device, seed: int = 0) -> dict:
     }
 
 
-def loss_of(model, batch: dict, *, hf: bool) -> torch.Tensor:
-    if "token_type_ids" in batch:  # BERT: the same keyword arguments for minipt and Hugging Face
-        return model(**batch).loss
+def loss_of(model, batch: dict, family: str, *, hf: bool) -> torch.Tensor:
+    if family == "bert":  # the same keyword arguments for minipt and Hugging Face, but the masking rate
+        return model(**batch).loss if hf else model(**batch, mlm_probability=MLM_PROBABILITY).loss
     if hf:
         # GPT2LMHeadModel shifts the labels itself: it is given the inputs and predicts T-1 of them.
         return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
@@ -218,7 +217,7 @@ class TrainingStep:
         torch.manual_seed(0)
         cfg = minipt_config(case, backend_for(provider, device))
         with self.device:  # initialise on the device: a CPU init of 124M parameters takes seconds
-            self.model = hf_model(cfg) if provider == "hf" else (GPT if case.family == "gpt" else BERT)(cfg)
+            self.model = hf_model(cfg) if provider == "hf" else build_model(case.family, cfg)
         self.model.train()
         # Fused AdamW is PyTorch's fastest on CUDA; every provider gets the same optimizer.
         self.optimizer = torch.optim.AdamW(
@@ -226,12 +225,12 @@ class TrainingStep:
         )
         self.forward = torch.compile(self.model) if provider == "torch-compile" else self.model
         self.dtype = resolve_dtype("bfloat16" if self.device.type == "cuda" else "float32", self.device)
-        self.hf = provider == "hf"
+        self.family, self.hf = case.family, provider == "hf"
         self.batch = batch
 
     def __call__(self) -> torch.Tensor:
         with autocast(self.device, self.dtype):
-            loss = loss_of(self.forward, self.batch, hf=self.hf)
+            loss = loss_of(self.forward, self.batch, self.family, hf=self.hf)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -343,10 +342,8 @@ def run(device: str, quick: bool) -> list[dict]:
     for case in GPU_CASES if dev.type == "cuda" else CPU_CASES:
         cfg = minipt_config(case, "torch")
         batch = make_batch(case, cfg, device)
-        mlm_fraction = float((batch["labels"] != -100).float().mean()) if case.family == "bert" else 1.0
-        case_rows = measure_case(
-            case, device, quick, batch, train_flops_per_token(cfg, case.seq_len, mlm_fraction), deadline
-        )
+        mlm_fraction = float((batch["labels"] != IGNORE_INDEX).float().mean()) if case.family == "bert" else 1.0
+        case_rows = measure_case(case, device, quick, batch, train_flops_per_token(case, cfg, mlm_fraction), deadline)
         by_provider = {r["provider"]: r["median_ms"] for r in case_rows if "median_ms" in r}
         for row in case_rows:
             if "median_ms" not in row:

@@ -23,6 +23,7 @@ import bench.__main__ as bench_main
 from bench import e2e, report
 from bench.e2e import BASELINE, CLS_ID, FIRST_WORD_ID, MASK_ID, PROVIDERS, SEP_ID, Case
 from minipt.ops._backend import BackendUnavailableError
+from minipt.ops._loss import IGNORE_INDEX
 from minipt.model import BERT, BertConfig, GPTConfig
 
 TINY_CASES = (
@@ -66,9 +67,9 @@ def test_bert_batch_is_padded_sentence_pairs():
     assert lengths.min() >= 32 // 4 and lengths.max() <= 32
     assert (real == (torch.arange(32)[None] < lengths[:, None])).all(), "padding must follow the real tokens"
     assert lengths.unique().numel() > 5, "lengths must spread over [T/4, T]"
-    assert (ids[~real] == 0).all() and (types_[~real] == 0).all() and (labels[~real] == -100).all()
+    assert (ids[~real] == 0).all() and (types_[~real] == 0).all() and (labels[~real] == IGNORE_INDEX).all()
     # [CLS] first; [SEP] closes A and B, where the masking never reaches.
-    assert (ids[:, 0] == CLS_ID).all() and (labels[:, 0] == -100).all()
+    assert (ids[:, 0] == CLS_ID).all() and (labels[:, 0] == IGNORE_INDEX).all()
     rows = torch.arange(ids.shape[0])
     assert (ids[rows, lengths - 1] == SEP_ID).all()
     assert ((ids == SEP_ID) & real).sum(1).eq(2).all()
@@ -76,7 +77,7 @@ def test_bert_batch_is_padded_sentence_pairs():
         sep_a = int((ids[i] == SEP_ID).nonzero()[0])
         assert 2 <= sep_a <= int(lengths[i]) - 3, "both segments hold at least one token"
         assert (types_[i, : sep_a + 1] == 0).all() and (types_[i, sep_a + 1 : int(lengths[i])] == 1).all()
-    picked = labels != -100
+    picked = labels != IGNORE_INDEX
     assert (labels[picked] >= FIRST_WORD_ID).all(), "only sentence tokens are selected"
     fraction = picked.sum() / (real.sum() - 3 * ids.shape[0])
     assert 0.10 < fraction < 0.20, f"about 15% of the sentence tokens are selected, got {fraction:.3f}"
@@ -98,16 +99,16 @@ def test_gpt_batch_targets_are_the_next_tokens():
 
 
 def test_flops_per_token_is_the_models_at_the_length_run():
-    gpt = GPTConfig.preset("gpt2")
+    gpt = e2e.Case("gpt2", "gpt", "gpt2", seq_len=256, batch=1)
     n = 123_689_472  # GPT-2 124M at vocabulary 50304 without its position embeddings, as nanoGPT counts it
-    assert e2e.train_flops_per_token(gpt, 1024) == 6 * n + 12 * 12 * 768 * 1024
-    assert e2e.train_flops_per_token(gpt, 256) == 6 * n + 12 * 12 * 768 * 256
-    bert = BertConfig.preset("bert-tiny")
-    model = BERT(bert)
-    assert e2e.train_flops_per_token(bert, bert.block_size) == model.flops_per_token()
+    assert e2e.train_flops_per_token(gpt, GPTConfig.preset("gpt2"), 1.0) == 6 * n + 12 * 12 * 768 * 256
+    bert = e2e.Case("bert-tiny", "bert", "bert-tiny", seq_len=128, batch=1)
+    cfg = BertConfig.preset("bert-tiny")
+    model = BERT(cfg)
+    assert e2e.train_flops_per_token(bert, cfg, 1.0) == model.flops_per_token(128)
     # At a 15% masking rate only 15% of the decoder's 6·V·C FLOPs per token are spent.
-    decoder = 6 * bert.vocab_size * bert.n_embd
-    assert e2e.train_flops_per_token(bert, bert.block_size, 0.15) == pytest.approx(model.flops_per_token() - 0.85 * decoder)
+    decoder = 6 * cfg.vocab_size * cfg.n_embd
+    assert e2e.train_flops_per_token(bert, cfg, 0.15) == pytest.approx(model.flops_per_token(128) - 0.85 * decoder)
 
 
 # ----------------------------------------------------------------------------- the rows
