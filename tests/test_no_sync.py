@@ -1,0 +1,79 @@
+"""A training step never synchronises the host with the device.
+
+On the CPU the evidence is that the forward pass with its loss compiles into one
+graph: a host read of a tensor (``.item()``, ``.nonzero()``, a branch on a value)
+is a graph break, which ``fullgraph=True`` turns into an error. On CUDA a whole
+training step (forward, backward, optimizer step) runs under
+``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronising call.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+from minipt import runtime
+from minipt import train as T
+from minipt.config import TrainConfig
+from minipt.model import BERT, GPT, BertConfig, GPTConfig
+from minipt.ops._loss import IGNORE_INDEX
+
+
+def gpt_forward():
+    model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=3, n_embd=48, backend="torch"))
+    x = torch.randint(0, 61, (2, 16))
+    labels = torch.cat([x[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    return model, (x,), dict(labels=labels)
+
+
+def bert_forward():
+    model = BERT(BertConfig(vocab_size=53, block_size=16, n_layer=2, n_head=3, n_embd=48, dropout=0.0, backend="torch"))
+    ids = torch.randint(1, 53, (8, 16))
+    mask = torch.ones(8, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    labels = torch.where(torch.rand(8, 16) < 0.15, ids, IGNORE_INDEX)
+    kwargs = dict(
+        token_type_ids=torch.zeros_like(ids), attention_mask=mask, labels=labels,
+        next_sentence_label=torch.tensor([0, 1] * 4), mlm_probability=0.15,
+    )
+    return model, (ids,), kwargs
+
+
+@pytest.mark.parametrize("make", [gpt_forward, bert_forward], ids=["gpt", "bert"])
+def test_forward_and_loss_compile_without_a_graph_break(make):
+    torch._dynamo.reset()
+    model, args, kwargs = make()
+    eager = model(*args, **kwargs).loss
+    # The "eager" backend runs what Dynamo captured as it is: it checks the capture, not inductor's code.
+    compiled = torch.compile(model, fullgraph=True, backend="eager")(*args, **kwargs).loss
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- CUDA
+def tiny_run(tmp_path: Path, model: str) -> T.Run:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for d in range(3):
+        text = "\n\n".join(f"VOICE{d}:\nNow is the winter of our discontent, line {i}." for i in range(30))
+        (corpus / f"doc{d}.txt").write_text(text + "\n", encoding="utf-8")
+    cfg = TrainConfig(
+        model=model, data=str(corpus), tokenizer="wordpiece" if model == "bert" else "char", vocab_size=200,
+        cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), n_layer=2, n_head=2, n_embd=32,
+        block_size=32, batch_size=4, gradient_accumulation_steps=2, device="cuda",
+    )
+    return T.Run(cfg, runtime.setup(cfg.device, cfg.dtype), log=lambda *a: None)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="set_sync_debug_mode watches CUDA synchronisation; a CPU has none to watch")
+@pytest.mark.parametrize("model", ["gpt", "bert"])
+def test_a_training_step_never_syncs(tmp_path, model):
+    run = tiny_run(tmp_path, model)
+    run.step()  # the first step compiles the Triton kernels and initialises cuBLAS, which may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = run.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
