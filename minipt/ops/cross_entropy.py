@@ -39,9 +39,8 @@ costs no host sync: a CUDA run stops with a device-side assert, a CPU run raises
 a RuntimeError at once. The assert runs inside the kernels' custom ops, so it
 stays eager in a ``torch.compile`` graph; the torch backend asserts in eager
 mode and leaves compiled graphs to torch's own checks. The kernels still never
-read outside a row (a bad id gets a NaN loss from Triton
-and native CUDA, a ValueError from native C++), so nothing depends on when the
-assert fires.
+read outside a row (a bad id gets a NaN loss from Triton and native CUDA, a
+ValueError from native C++), so nothing depends on when the assert fires.
 
 Both backends' kernels run behind ``torch.library.custom_op`` operators with
 fake implementations, so ``torch.compile`` keeps each as one opaque call
