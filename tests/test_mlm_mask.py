@@ -376,10 +376,13 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
     from triton.compiler import ASTSource
 
     mm = importlib.import_module("minipt.ops.mlm_mask")
-    for ids, special, has_special in (("*i64", "*u8", True), ("*i32", "*i64", True), ("*i64", "*i64", False)):
+    # Seeds and vocab sizes below 2**31 reach the kernel as i32, larger ones as i64.
+    for ids, special, has_special, scalar in (
+        ("*i64", "*u8", True, "i64"), ("*i32", "*i64", True, "i32"), ("*i64", "*i64", False, "i32"),
+    ):
         sig = {"Ids_ptr": ids, "Special_ptr": special, "Out_ptr": ids, "Labels_ptr": ids, "n_elements": "i64",
-               "seed": "i64", "select_below": "i32", "mask_below": "i32", "random_below": "i32",
-               "mask_token_id": "i32", "vocab_size": "i64", "HAS_SPECIAL": "constexpr", "GROUPS": "constexpr"}
+               "seed": scalar, "select_below": "i32", "mask_below": "i32", "random_below": "i32",
+               "mask_token_id": "i32", "vocab_size": scalar, "HAS_SPECIAL": "constexpr", "GROUPS": "constexpr"}
         src = ASTSource(fn=mm._mlm_mask_kernel, signature=sig, constexprs={"HAS_SPECIAL": has_special, "GROUPS": 256})
         assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
 """)
