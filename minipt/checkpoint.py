@@ -153,3 +153,24 @@ def clear_run(out_dir: str | Path) -> None:
     """Delete the files of a previous run (and nothing else) from ``out_dir``."""
     for name in RUN_FILES:
         (Path(out_dir) / name).unlink(missing_ok=True)
+
+
+def prepare_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Make ``out_dir`` ready for a run: complete for a resumed one, free (or freed, with ``overwrite``) for a new one."""
+    out = Path(out_dir)
+    if resume:
+        for name in (TOKENIZER, MODEL, STATE):
+            if not (out / name).is_file():
+                raise CheckpointError(f"cannot resume: {out / name} is missing")
+        return
+    if has_run(out):
+        if not overwrite:
+            raise CheckpointError(
+                f"out_dir {str(out)!r} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
+        clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_config(out_dir: str | Path, config: dict) -> None:
+    atomic_write_text(Path(out_dir) / CONFIG, json.dumps(config, indent=2))

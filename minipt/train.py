@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -296,40 +295,21 @@ def resolve_config(argv) -> TrainConfig:
     return make_config(TrainConfig, {**{k: v for k, v in saved.items() if k in known}, **overrides})
 
 
-def _prepare_out_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.out_dir)
-    if cfg.resume:
-        for name in (ckpt.TOKENIZER, ckpt.MODEL, ckpt.STATE):
-            if not (out / name).is_file():
-                raise ckpt.CheckpointError(f"cannot resume: {out / name} is missing")
-        return
-    if ckpt.has_run(out):
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"out_dir {str(out)!r} already holds a run; pass --resume to continue it or --overwrite to replace it"
-            )
-        ckpt.clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
-    rt.on_main(lambda: _prepare_out_dir(cfg))
+    rt.on_main(lambda: ckpt.prepare_run_folder(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite))
     run = Run(cfg, rt, log)
     if cfg.resume:
         run.load_state_dict(ckpt.load_checkpoint(run.out, run.model, rt.device))
         if rt.is_main:
             keep_metrics_until(run.out, run.iter)
             # the resumed settings (a longer max_iters, say) are the run's settings now
-            config = ckpt.read_config(run.out)
-            config["train"] = dataclasses.asdict(cfg)
-            ckpt.atomic_write_text(run.out / ckpt.CONFIG, json.dumps(config, indent=2))
+            ckpt.write_config(run.out, {**ckpt.read_config(run.out), "train": dataclasses.asdict(cfg)})
         log(f"resuming {run.out} at step {run.iter}")
     elif rt.is_main:
-        config = {
+        ckpt.write_config(run.out, {
             "model_type": cfg.model, "train": dataclasses.asdict(cfg),
             "model": dataclasses.asdict(run.model_config), "tokenizer_vocab_size": run.tok.vocab_size,
-        }
-        ckpt.atomic_write_text(run.out / ckpt.CONFIG, json.dumps(config, indent=2))
+        })
         ckpt.atomic_write_text(run.out / ckpt.TOKENIZER, run.tok.to_str())
     return run
 
