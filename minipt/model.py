@@ -297,7 +297,7 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, input_ids, labels=None, *, return_logits: bool | None = None) -> ModelOutput:
-        """``labels`` (B, T) are the targets already shifted by the caller; -100 is ignored.
+        """``labels`` (B, T) are the targets already shifted by the caller; IGNORE_INDEX (-100) is ignored.
 
         The loss reads the hidden states through ``linear_cross_entropy``, so the
         (B, T, V) logits are built only when asked for; ``return_logits=None``
@@ -510,7 +510,7 @@ class BERT(nn.Module):
     ) -> ModelOutput:
         """MLM + NSP, as Hugging Face's ``BertForPreTraining``.
 
-        ``labels`` (B, T) hold the original id at masked positions and -100
+        ``labels`` (B, T) hold the original id at masked positions and IGNORE_INDEX
         elsewhere; the MLM head runs on those positions only, padded to a row
         count fixed by ``mlm_probability``, the masking rate that drew the labels
         (None: room for every position). The loss is mlm_loss + nsp_loss when

@@ -13,6 +13,7 @@ import transformers
 
 from minipt.hf import from_hf, to_hf
 from minipt.model import BERT, GPT, BertConfig, GPTConfig
+from minipt.ops._loss import IGNORE_INDEX
 
 V, T_MAX, C, H, L = 97, 40, 48, 3, 2
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -90,10 +91,10 @@ def test_gpt2_loss_matches():
     model = from_hf(hf, backend="torch").eval()
     input_ids = torch.randint(0, V, (2, 23))
     labels = input_ids.clone()
-    labels[0, 5:9] = -100
+    labels[0, 5:9] = IGNORE_INDEX
     with torch.no_grad():
         theirs = hf(input_ids, labels=labels).loss  # HF shifts the labels itself
-        shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+        shifted = torch.cat([labels[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
         ours = model(input_ids, shifted).loss
     torch.testing.assert_close(ours, theirs, **TOL)
 
@@ -157,7 +158,7 @@ def test_bert_losses_match():
     hf = hf_bert()
     model = from_hf(hf, backend="torch").eval()
     input_ids, token_type_ids, mask = padded_batch()
-    labels = torch.where(mask.bool() & (torch.rand(mask.shape) < 0.3), torch.randint(0, V, mask.shape), -100)
+    labels = torch.where(mask.bool() & (torch.rand(mask.shape) < 0.3), torch.randint(0, V, mask.shape), IGNORE_INDEX)
     labels[2, 1] = 5
     nsp = torch.tensor([1, 0, 1])
     with torch.no_grad():
