@@ -25,6 +25,10 @@
 // Memory traffic of the forward: each block reads its 16 query rows once and
 // all K, V once: 2·BHTD·(T/16) element reads from L2 and BHTD from DRAM; the
 // compute is 4·BHT²D flops in float32 on the SIMT cores.
+//
+// Layout: q, k, v, grad_q, grad_k and grad_v are dense (B, H, T, D); out and
+// grad_out are dense (B, T, H, D), which Python sees as a (B, H, T, D) view, so
+// that merging the heads afterwards (and splitting their gradient) copies nothing.
 #include <climits>
 #include <type_traits>
 #include <utility>
@@ -41,29 +45,38 @@ constexpr int WARPS = 4;
 constexpr int ROWS = 4;    // rows per warp
 constexpr int BLOCK_ROWS = WARPS * ROWS;
 constexpr int THREADS = WARPS * 32;
+// At least 4 blocks per SM lets ptxas use up to 128 registers per thread. Given
+// only the thread count it chose 56-96 and spilled 4-76 bytes per thread in 9
+// (sm_80) and 16 (sm_90) of the 24 kernels below; with the floor none spills.
+// Shared memory (21-50 KB per block) allows 3-7 blocks per SM, so the floor
+// costs no occupancy that shared memory would have given.
+constexpr int MIN_BLOCKS_PER_SM = 4;
 constexpr float LOG2E = 1.4426950408889634f;
 
 __device__ __forceinline__ bool key_is_real(const uint8_t* key_mask, int64_t j, int64_t T) {
   return j < T && (key_mask == nullptr || key_mask[j] != 0);
 }
 
-// dst[d][r] = X[row0 + r][d] for the TILE rows of a tile; zeros past T.
+// dst[d][r] = X[row0 + r][d] for the TILE rows of a tile, rows `stride` elements
+// apart (D in (B, H, T, D), H·D in (B, T, H, D)); zeros past T.
 template <typename T, int D>
-__device__ __forceinline__ void load_tile_transposed(const T* X, int64_t row0, int64_t T_len, float* dst) {
+__device__ __forceinline__ void load_tile_transposed(const T* X, int64_t stride, int64_t row0, int64_t T_len,
+                                                     float* dst) {
   for (int idx = threadIdx.x; idx < TILE * D; idx += THREADS) {
     const int r = idx / D, d = idx % D;
     const int64_t row = row0 + r;
-    dst[d * PAD + r] = row < T_len ? to_float(X[row * D + d]) : 0.0f;
+    dst[d * PAD + r] = row < T_len ? to_float(X[row * stride + d]) : 0.0f;
   }
 }
 
 // dst[r][d] = mul·X[row0 + r][d] for the BLOCK_ROWS rows of a block; zeros past T.
 template <typename T, int D>
-__device__ __forceinline__ void load_rows(const T* X, int64_t row0, int64_t T_len, float mul, float* dst) {
+__device__ __forceinline__ void load_rows(const T* X, int64_t stride, int64_t row0, int64_t T_len, float mul,
+                                          float* dst) {
   for (int idx = threadIdx.x; idx < BLOCK_ROWS * D; idx += THREADS) {
     const int r = idx / D, d = idx % D;
     const int64_t row = row0 + r;
-    dst[r * D + d] = row < T_len ? mul * to_float(X[row * D + d]) : 0.0f;
+    dst[r * D + d] = row < T_len ? mul * to_float(X[row * stride + d]) : 0.0f;
   }
 }
 
@@ -106,7 +119,9 @@ __device__ __forceinline__ void accumulate(const float (&w)[ROWS], const float* 
 // Where a block sits: blockIdx.x runs over (batch·head, row block) with the row
 // blocks of one head adjacent, so they share K and V in L2.
 struct Place {
-  int64_t bh, b, row0, base;  // base: offset of this head's (T, D) matrix
+  int64_t bh, b, row0;
+  int64_t base;      // offset of this head's (T, D) matrix in the (B, H, T, D) tensors
+  int64_t out_base;  // offset of its first row in the (B, T, H, D) tensors, whose rows are H·D apart
 };
 
 template <int D>
@@ -116,11 +131,12 @@ __device__ __forceinline__ Place place(int64_t T, int64_t heads, int64_t n_row_b
   p.b = p.bh / heads;
   p.row0 = (blockIdx.x % n_row_blocks) * BLOCK_ROWS;
   p.base = p.bh * T * D;  // int64: B·H·T·D passes 2^31 at real sizes
+  p.out_base = (p.b * T * heads + p.bh % heads) * D;
   return p;
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
     attention_forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                              T* __restrict__ out, float* __restrict__ lse, const uint8_t* __restrict__ key_mask,
                              int64_t T_len, int64_t heads, int64_t n_row_blocks, bool causal, float scale_log2) {
@@ -134,7 +150,7 @@ __global__ void __launch_bounds__(THREADS)
   const uint8_t* mask = key_mask == nullptr ? nullptr : key_mask + at.b * T_len;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* my_rows = q_s + warp * ROWS * D;
-  load_rows<T, D>(q + at.base, at.row0, T_len, scale_log2, q_s);
+  load_rows<T, D>(q + at.base, D, at.row0, T_len, scale_log2, q_s);
 
   float m[ROWS], l[ROWS], o[ROWS][D / 32];
 #pragma unroll
@@ -152,8 +168,8 @@ __global__ void __launch_bounds__(THREADS)
     const bool real = threadIdx.x < TILE && key_is_real(mask, j0 + threadIdx.x, T_len);
     if (threadIdx.x < TILE) tile_key_real[threadIdx.x] = real;
     if (!__syncthreads_or(real)) continue;  // all padding: uniform across the block
-    load_tile_transposed<T, D>(k + at.base, j0, T_len, kT);
-    load_tile_transposed<T, D>(v + at.base, j0, T_len, vT);
+    load_tile_transposed<T, D>(k + at.base, D, j0, T_len, kT);
+    load_tile_transposed<T, D>(v + at.base, D, j0, T_len, vT);
     __syncthreads();
 
     float s[ROWS], p[ROWS];
@@ -185,16 +201,19 @@ __global__ void __launch_bounds__(THREADS)
     if (i >= T_len) continue;
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
 #pragma unroll
-    for (int c = 0; c < D / 32; ++c) out[at.base + i * D + lane + 32 * c] = from_float<T>(o[r][c] * inv);
+    for (int c = 0; c < D / 32; ++c) {
+      out[at.out_base + i * heads * D + lane + 32 * c] = from_float<T>(o[r][c] * inv);
+    }
     if (lane == 0) lse[at.bh * T_len + i] = l[r] > 0.0f ? m[r] + log2f(l[r]) : INFINITY;
   }
 }
 
-// delta_i = Σ_d dO_i[d]·O_i[d], one warp per row.
+// delta_i = Σ_d dO_i[d]·O_i[d], one warp per row. Rows go in (B, T, H) order, the
+// order of out and grad_out in memory; delta is (B, H, T).
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS)
     attention_delta_kernel(const T* __restrict__ out, const T* __restrict__ grad_out, float* __restrict__ delta,
-                           int64_t n_rows) {
+                           int64_t T_len, int64_t heads, int64_t n_rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * WARPS + threadIdx.x / 32;
   if (row >= n_rows) return;  // whole warps leave together
   const int lane = threadIdx.x % 32;
@@ -205,12 +224,13 @@ __global__ void __launch_bounds__(THREADS)
     acc += to_float(out[idx]) * to_float(grad_out[idx]);
   }
   acc = warp_sum(acc);
-  if (lane == 0) delta[row] = acc;
+  const int64_t bt = row / heads, h = row % heads, b = bt / T_len, i = bt % T_len;
+  if (lane == 0) delta[(b * heads + h) * T_len + i] = acc;
 }
 
 // dK and dV of 16 keys, over every query tile that can see them.
 template <typename T, int D>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
     attention_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                           const T* __restrict__ grad_out, const float* __restrict__ lse,
                           const float* __restrict__ delta, const uint8_t* __restrict__ key_mask,
@@ -226,8 +246,8 @@ __global__ void __launch_bounds__(THREADS)
   const Place at = place<D>(T_len, heads, n_row_blocks);
   const uint8_t* mask = key_mask == nullptr ? nullptr : key_mask + at.b * T_len;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_rows<T, D>(k + at.base, at.row0, T_len, 1.0f, k_s);
-  load_rows<T, D>(v + at.base, at.row0, T_len, 1.0f, v_s);
+  load_rows<T, D>(k + at.base, D, at.row0, T_len, 1.0f, k_s);
+  load_rows<T, D>(v + at.base, D, at.row0, T_len, 1.0f, v_s);
 
   bool real[ROWS];
 #pragma unroll
@@ -247,8 +267,8 @@ __global__ void __launch_bounds__(THREADS)
   const int64_t i_end = block_has_key ? T_len : i_start;  // all padding: write zeros
   for (int64_t i0 = i_start; i0 < i_end; i0 += TILE) {
     __syncthreads();  // the previous tile is consumed
-    load_tile_transposed<T, D>(q + at.base, i0, T_len, qT);
-    load_tile_transposed<T, D>(grad_out + at.base, i0, T_len, doT);
+    load_tile_transposed<T, D>(q + at.base, D, i0, T_len, qT);
+    load_tile_transposed<T, D>(grad_out + at.out_base, heads * D, i0, T_len, doT);
     if (threadIdx.x < TILE) {
       const int64_t i = i0 + threadIdx.x;
       lse_s[threadIdx.x] = i < T_len ? lse[at.bh * T_len + i] : INFINITY;
@@ -286,7 +306,7 @@ __global__ void __launch_bounds__(THREADS)
 
 // dQ of 16 queries, over every key tile they can see.
 template <typename T, int D>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
     attention_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         const T* __restrict__ grad_out, const float* __restrict__ lse,
                         const float* __restrict__ delta, const uint8_t* __restrict__ key_mask,
@@ -302,8 +322,8 @@ __global__ void __launch_bounds__(THREADS)
   const Place at = place<D>(T_len, heads, n_row_blocks);
   const uint8_t* mask = key_mask == nullptr ? nullptr : key_mask + at.b * T_len;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  load_rows<T, D>(q + at.base, at.row0, T_len, 1.0f, q_s);
-  load_rows<T, D>(grad_out + at.base, at.row0, T_len, 1.0f, do_s);
+  load_rows<T, D>(q + at.base, D, at.row0, T_len, 1.0f, q_s);
+  load_rows<T, D>(grad_out + at.out_base, heads * D, at.row0, T_len, 1.0f, do_s);
 
   float row_lse[ROWS], row_delta[ROWS], dq[ROWS][D / 32];
 #pragma unroll
@@ -322,8 +342,8 @@ __global__ void __launch_bounds__(THREADS)
     const bool real = threadIdx.x < TILE && key_is_real(mask, j0 + threadIdx.x, T_len);
     if (threadIdx.x < TILE) tile_key_real[threadIdx.x] = real;
     if (!__syncthreads_or(real)) continue;
-    load_tile_transposed<T, D>(k + at.base, j0, T_len, kT);
-    load_tile_transposed<T, D>(v + at.base, j0, T_len, vT);
+    load_tile_transposed<T, D>(k + at.base, D, j0, T_len, kT);
+    load_tile_transposed<T, D>(v + at.base, D, j0, T_len, vT);
     __syncthreads();
 
     float s[ROWS], dp[ROWS], ds[ROWS];
@@ -386,7 +406,7 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, cudaStream_t stre
   const auto* mask = reinterpret_cast<const uint8_t*>(a.key_mask);
   const int64_t rows = a.batch * a.heads * a.seq_len;
   launch(attention_delta_kernel<T, D>, (rows + WARPS - 1) / WARPS, 0, stream, "attention_delta_kernel",
-         reinterpret_cast<const T*>(a.out), grad_out, delta, rows);
+         reinterpret_cast<const T*>(a.out), grad_out, delta, a.seq_len, a.heads, rows);
   const int64_t n_row_blocks = (a.seq_len + BLOCK_ROWS - 1) / BLOCK_ROWS;
   const int64_t blocks = a.batch * a.heads * n_row_blocks;
   launch(attention_dkdv_kernel<T, D>, blocks, backward_smem<D>(), stream, "attention_dkdv_kernel", q, k, v,

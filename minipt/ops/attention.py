@@ -36,11 +36,26 @@ The Triton kernels (FlashAttention-2, Dao 2023):
   its gradients vanish without a special case in the backward.
 * Precision: fp16/bf16 tiles go through the tensor cores with fp32 accumulation,
   P and dS rounded to the input dtype before their matmuls (as FlashAttention
-  does); fp32 inputs use exact fp32 dots. Inputs may have any B, H and T strides.
+  does); fp32 inputs use exact fp32 dots.
+* Launch configs (tile sizes, warps, pipeline stages) come from a table keyed on
+  the GPU's compute capability, read at the first launch on each device.
+
+Layout. Inputs may have any B, H and T strides (a (B, T, H, D) projection
+transposed, or slices of a packed qkv); D must be the unit stride, or is made so
+by one copy. The output of the Triton and native kernels is written as dense
+(B, T, H, D) memory and returned as its (B, H, T, D) view, so a model's
+``out.transpose(1, 2).reshape(B, T, H * D)`` merges the heads without a copy (it
+was B·T·C elements copied per layer, forward and backward), and the gradient that
+comes back through that reshape reaches the backward in the same layout, again
+without a copy (the Triton kernels take any B, H and T strides of it). The torch
+backend returns what SDPA returns and adds no copy for layout: SDPA's CUDA flash
+and memory-efficient kernels also write (B, T, H, D) memory, its CPU kernels follow
+q's layout, and where it returns dense (B, H, T, D) merging heads copies.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -476,22 +491,26 @@ def _attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------- launch configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, head dim (up to 64, or 128)
-# and bytes per element, chosen for Hopper from the Triton tutorial's shapes. The
-# 16-bit configs compile for sm_90 without a spilled register in every causal and
-# mask variant (Triton 3.6 and 3.9), in at most 128 KB of shared memory. The dK/dV
-# pass holds a wide key block and walks thin query blocks, the dQ pass the mirror
-# image. fp32 inputs run exact fp32 dots (input_precision="ieee"), which live in
-# registers, hence the small tiles. A fixed table rather than an autotuner: each
-# config is one compile, where tuning would compile and time every candidate for
-# every shape class.
-_CUDA_CONFIGS = {
-    ("fwd", 64, 2): (128, 64, 4, 3),
-    ("fwd", 128, 2): (128, 64, 8, 3),
-    ("dkdv", 64, 2): (64, 128, 8, 3),
-    ("dkdv", 128, 2): (32, 128, 8, 3),
-    ("dq", 64, 2): (128, 32, 4, 4),
-    ("dq", 128, 2): (128, 32, 8, 3),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per compute capability, kernel, head
+# dim class (up to 64, or 128) and bytes per element. The tiles follow the Triton
+# tutorial's and FlashAttention-2's: 128-row query blocks on tensor cores for the
+# forward and the dQ pass; the dK/dV pass holds a wide key block and walks thin
+# query blocks (the mirror image). Where the tutorial's 4 warps run out of
+# registers, 8 warps share the same tile. fp32 inputs run exact fp32 dots
+# (input_precision="ieee"), which live in registers, hence the small tiles.
+#
+# Checked by tests/test_compile_gate.py, which compiles every variant (head dims
+# 16-128, causal or not, key mask or not; fp16/bf16 exhaustively, fp32 and short
+# sequences sampled) without a GPU, with Triton 3.6 and 3.9: no spilled register
+# on sm_80 and sm_90, shared memory within 163 KB (sm_80) and 227 KB (sm_90) per
+# block, tensor-core instructions for fp16/bf16; the 16-bit variants of the 8.6
+# and 8.9 entries also compile spill-free within their 99 KB. 8.6 and 8.9 (about
+# 100 KB per SM) take the 8.0 tiles with two pipeline stages instead of three:
+# 32-80 KB per block instead of 48-96 KB, so most kernels fit two blocks per SM.
+# A capability between entries takes the nearest lower one. A fixed table rather
+# than an autotuner: each config is one compile, where tuning would compile and
+# time every candidate for every shape class.
+_FP32_CONFIGS = {
     ("fwd", 64, 4): (32, 32, 8, 2),
     ("fwd", 128, 4): (32, 16, 8, 2),
     ("dkdv", 64, 4): (32, 32, 8, 2),
@@ -499,19 +518,64 @@ _CUDA_CONFIGS = {
     ("dq", 64, 4): (32, 32, 8, 2),
     ("dq", 128, 4): (32, 16, 8, 2),
 }
+_AMPERE_CONFIGS = {
+    ("fwd", 64, 2): (128, 64, 8, 3),
+    ("fwd", 128, 2): (128, 32, 8, 3),
+    ("dkdv", 64, 2): (32, 128, 8, 3),
+    ("dkdv", 128, 2): (32, 64, 8, 3),
+    ("dq", 64, 2): (128, 32, 8, 3),
+    ("dq", 128, 2): (128, 32, 8, 3),
+    **_FP32_CONFIGS,
+    # With 8 warps ptxas keeps the fp32 dK/dV pass at 80 registers and spills on
+    # sm_8x; 4 warps do not spill there (and spill 256-448 B on sm_90).
+    ("dkdv", 64, 4): (32, 32, 4, 2),
+    ("dkdv", 128, 4): (16, 32, 4, 2),
+}
+_SMALL_SHARED_CONFIGS = {key: (m, n, warps, min(stages, 2)) for key, (m, n, warps, stages) in _AMPERE_CONFIGS.items()}
+_CONFIGS = {
+    (8, 0): _AMPERE_CONFIGS,
+    (8, 6): _SMALL_SHARED_CONFIGS,
+    (8, 9): _SMALL_SHARED_CONFIGS,
+    (9, 0): {
+        ("fwd", 64, 2): (128, 64, 8, 3),
+        ("fwd", 128, 2): (128, 64, 8, 3),
+        ("dkdv", 64, 2): (64, 128, 8, 3),
+        ("dkdv", 128, 2): (32, 128, 8, 3),
+        ("dq", 64, 2): (128, 32, 4, 4),
+        ("dq", 128, 2): (128, 32, 8, 3),
+        **_FP32_CONFIGS,
+    },
+}
 # Sequences of at most 64 tokens fill a 128-row query block only half: 64 rows.
-_SHORT_T, _SHORT_CONFIGS = 64, {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3)}
+_SHORT_T = 64
+_SHORT_CONFIGS = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3)}
 # The interpreter runs small unequal blocks, so that test sizes cross diagonal and tail blocks.
 _INTERPRETER_CONFIGS = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
 
 
-def _launch_config(kind: str, T: int, head_dim: int, dtype: torch.dtype) -> dict:
+@functools.cache
+def _device_capability(device_index: int | None) -> tuple[int, int]:
+    # Read at the first launch on each device, never at import: importing minipt must not touch a GPU.
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _table_capability(capability: tuple[int, int]) -> tuple[int, int]:
+    """The table's entry for ``capability``: itself, else the nearest lower one (the lowest below 8.0)."""
+    lower = [c for c in _CONFIGS if c <= capability]
+    return max(lower) if lower else min(_CONFIGS)
+
+
+def _launch_config(kind: str, q: torch.Tensor) -> dict:
+    """The config of kernel ``kind`` ("fwd", "dkdv" or "dq") for q's shape, dtype and GPU."""
+    _, _, T, head_dim = q.shape
     if triton_interpreting():
         config = _INTERPRETER_CONFIGS[kind]
-    elif T <= _SHORT_T and dtype.itemsize == 2 and kind in _SHORT_CONFIGS:
-        config = _SHORT_CONFIGS[kind]
     else:
-        config = _CUDA_CONFIGS[(kind, 64 if head_dim <= 64 else 128, dtype.itemsize)]
+        arch = _table_capability(_device_capability(q.device.index))
+        if T <= _SHORT_T and q.dtype.itemsize == 2 and kind in _SHORT_CONFIGS:
+            config = _SHORT_CONFIGS[kind]
+        else:
+            config = _CONFIGS[arch][(kind, 64 if head_dim <= 64 else 128, q.dtype.itemsize)]
     block_m, block_n, num_warps, num_stages = config
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
@@ -538,14 +602,15 @@ def _mask_view(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.view(torch.uint8) if attention_mask.dtype == torch.bool else attention_mask
 
 
-@triton_op("minipt::triton_attention_forward", mutates_args=())
+@triton_op("minipt::triton_attention_fwd", mutates_args=())
 def _attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], is_causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns the output, the base-2 row log-sum-exp (B, H, T) and the (B, 2) real-key spans."""
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
     B, H, T, D = q.shape
-    out = torch.empty_like(q)  # same layout as q: a (B, T, H, D) view stays one
+    # (B, T, H, D) memory returned as a (B, H, T, D) view: merging heads is then free.
+    out = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     has_mask = attention_mask is not None
     if has_mask:
@@ -556,7 +621,7 @@ def _attention_forward(
     else:
         # Never read: the kernels compile the mask code out when HAS_MASK is False.
         mask, key_range, mask_strides = q, torch.empty((0,), dtype=torch.int32, device=q.device), (0, 0)
-    config = _launch_config("fwd", T, D, q.dtype)
+    config = _launch_config("fwd", q)
     torch.library.wrap_triton(_attention_fwd_kernel)[(triton.cdiv(T, config["BLOCK_M"]) * B * H,)](
         q, k, v, out, lse, mask, key_range,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *mask_strides,
@@ -566,7 +631,7 @@ def _attention_forward(
     return out, lse, key_range
 
 
-@triton_op("minipt::triton_attention_backward", mutates_args=())
+@triton_op("minipt::triton_attention_bwd", mutates_args=())
 def _attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     attention_mask: Optional[Tensor], key_range: Tensor, is_causal: bool, scale: float,
@@ -585,13 +650,13 @@ def _attention_backward(
     mask_strides = mask.stride() if has_mask else (0, 0)
     flags = {"HEAD_DIM": D, "IS_CAUSAL": is_causal, "HAS_MASK": has_mask, "UPCAST": _upcast(q)}
     qk_scale = scale * math.log2(math.e)
-    config = _launch_config("dkdv", T, D, q.dtype)
+    config = _launch_config("dkdv", q)
     torch.library.wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(T, config["BLOCK_N"]) * B * H,)](
         q, k, v, grad_out, dk, dv, lse, delta, mask, key_range,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv), *mask_strides,
         H, T, qk_scale, scale, **flags, **config,
     )
-    config = _launch_config("dq", T, D, q.dtype)
+    config = _launch_config("dq", q)
     torch.library.wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(T, config["BLOCK_M"]) * B * H,)](
         q, k, v, grad_out, dq, lse, delta, mask, key_range,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), *mask_strides,
@@ -633,77 +698,83 @@ def _attention_triton(q, k, v, is_causal, attention_mask, scale):
 
 
 # ----------------------------------------------------------------------------- native
-def _native_attention_args(q, k, v, attention_mask, out, lse, is_causal, scale) -> dict:
-    op = "attention"
+# backend="native": the CUDA kernels of kernels/attention.cu (SIMT, head dims 64 and
+# 128; there is no CPU kernel). They read q, k and v as dense (B, H, T, D) and write
+# the output as dense (B, T, H, D), returned as the same (B, H, T, D) view as the
+# Triton output's; the backward reads the incoming gradient in that layout too.
+def _bthd_dense(x: torch.Tensor) -> torch.Tensor:
+    """A (B, H, T, D) view of dense (B, T, H, D) memory: ``x`` itself when it is one, else a copy."""
+    return x if x.transpose(1, 2).is_contiguous() else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale) -> dict:
+    """The kernels' arguments, after every check: the custom ops below may be called directly."""
     named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)]
-    if attention_mask is not None:
-        named.append(("attention_mask", attention_mask))
-    check_device(op, *named)
+    if key_mask is not None:
+        named.append(("key_mask", key_mask))
+    check_device(OP, *named)
     if q.device.type != "cuda":
         raise BackendUnavailableError(
-            f"{op}: backend='native' has CUDA kernels only (there is no C++ CPU attention); got tensors on "
+            f"{OP}: backend='native' has CUDA kernels only (there is no C++ CPU attention); got tensors on "
             f"{q.device}. Use backend='torch' on the CPU."
         )
-    check_contiguous(op, *named)
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"{op}: q, k, v and out must share one (B, H, T, D) shape, got {tuple(q.shape)}, "
+        raise ValueError(f"{OP}: q, k, v and out must share one (B, H, T, D) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(out.shape)}")
     B, H, T, D = q.shape
     if D not in NATIVE_HEAD_DIMS:
-        raise BackendUnavailableError(f"{op}: backend='native' supports head dims {NATIVE_HEAD_DIMS}, got {D}")
+        raise BackendUnavailableError(f"{OP}: backend='native' supports head dims {NATIVE_HEAD_DIMS}, got {D}")
+    check_contiguous(OP, *[(name, x) for name, x in named if name != "out"])
+    check_contiguous(OP, ("out.transpose(1, 2)", out.transpose(1, 2)))
     if not (k.dtype == v.dtype == out.dtype == q.dtype):
-        raise TypeError(f"{op}: q, k, v and out must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {out.dtype}")
+        raise TypeError(f"{OP}: q, k, v and out must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {out.dtype}")
     if lse.dtype != torch.float32 or lse.shape != (B, H, T):
-        raise ValueError(f"{op}: lse must be float32 of shape {(B, H, T)}, got {lse.dtype} {tuple(lse.shape)}")
-    if attention_mask is not None and (attention_mask.dtype != torch.uint8 or attention_mask.shape != (B, T)):
-        raise ValueError(
-            f"{op}: the key mask must be uint8 of shape {(B, T)}, got {attention_mask.dtype} "
-            f"{tuple(attention_mask.shape)}"
-        )
+        raise ValueError(f"{OP}: lse must be float32 of shape {(B, H, T)}, got {lse.dtype} {tuple(lse.shape)}")
+    if key_mask is not None and (key_mask.dtype != torch.uint8 or key_mask.shape != (B, T)):
+        raise ValueError(f"{OP}: key_mask must be uint8 of shape {(B, T)}, got {key_mask.dtype} {tuple(key_mask.shape)}")
     return dict(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
-        key_mask=0 if attention_mask is None else attention_mask.data_ptr(), batch=B, heads=H, seq_len=T,
-        head_dim=D, dtype=float_code(op, "q, k and v", q), is_causal=is_causal, scale=scale,
+        key_mask=0 if key_mask is None else key_mask.data_ptr(), batch=B, heads=H, seq_len=T,
+        head_dim=D, dtype=float_code(OP, "q, k and v", q), is_causal=is_causal, scale=scale,
     )
 
 
-@torch.library.custom_op("minipt::native_attention_forward", mutates_args=())
+def _native_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, D = q.shape
+    return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("minipt::native_attention_fwd", mutates_args=())
 def native_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor], is_causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, H, T, D) and the base-2 log-sum-exp of each row's scaled scores (B, H, T), float32.
-
-    key_mask is (B, T) uint8 with 1 for a real token, or None.
-    """
-    out = torch.empty_like(q)
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
-    args = _native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale)
-    run_kernel("attention_forward", q.device, **args)
+    """out, a (B, H, T, D) view of (B, T, H, D) memory, and the base-2 log-sum-exp of each
+    row's scaled scores (B, H, T), float32. key_mask is (B, T) uint8 with 1 for a real token, or None."""
+    out, lse = _native_outputs(q)
+    run_kernel("attention_forward", q.device, **_native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale))
     return out, lse
 
 
 @native_attention_forward.register_fake
 def _(q, k, v, key_mask, is_causal, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _native_outputs(q)
 
 
-@torch.library.custom_op("minipt::native_attention_backward", mutates_args=())
+@torch.library.custom_op("minipt::native_attention_bwd", mutates_args=())
 def native_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     key_mask: Optional[torch.Tensor], is_causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from dout, deterministically (no atomics)."""
+    """(dq, dk, dv) from grad_out, laid out as out is, deterministically (no atomics)."""
     args = _native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale)
-    check_device("attention", ("q", q), ("grad_out", grad_out))
-    check_contiguous("attention", ("grad_out", grad_out))
+    check_device(OP, ("q", q), ("grad_out", grad_out))
     if grad_out.shape != q.shape or grad_out.dtype != q.dtype:
-        raise ValueError(
-            f"attention: grad_out must match q's shape and dtype, got {grad_out.dtype} {tuple(grad_out.shape)}"
-        )
+        raise ValueError(f"{OP}: grad_out must match q's shape and dtype, got {grad_out.dtype} {tuple(grad_out.shape)}")
+    check_contiguous(OP, ("grad_out.transpose(1, 2)", grad_out.transpose(1, 2)))
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     run_kernel("attention_backward", q.device, grad_out=grad_out.data_ptr(), delta=delta.data_ptr(),
-         grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(), grad_v=grad_v.data_ptr(), **args)
+               grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(), grad_v=grad_v.data_ptr(), **args)
     return grad_q, grad_k, grad_v
 
 
@@ -712,33 +783,23 @@ def _(grad_out, q, k, v, out, lse, key_mask, is_causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _native_attention_setup_context(ctx, inputs, output):
+def _native_setup_context(ctx, inputs, output):
     q, k, v, key_mask, ctx.is_causal, ctx.scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, key_mask, out, lse)
 
 
-def _native_attention_autograd(ctx, grad_out, grad_lse):
+def _native_backward(ctx, grad_out, _grad_lse):
     q, k, v, key_mask, out, lse = ctx.saved_tensors
-    grads = native_attention_backward(grad_out.contiguous(), q, k, v, out, lse, key_mask, ctx.is_causal, ctx.scale)
+    grads = native_attention_backward(_bthd_dense(grad_out), q, k, v, out, lse, key_mask, ctx.is_causal, ctx.scale)
     return (*grads, None, None, None)
 
 
-native_attention_forward.register_autograd(_native_attention_autograd, setup_context=_native_attention_setup_context)
+native_attention_forward.register_autograd(_native_backward, setup_context=_native_setup_context)
 
 
-def _attention_native(q, k, v, *, is_causal, attention_mask, scale):
-    op = "attention"
-    float_code(op, "q, k and v", q)
-    if q.device.type != "cuda":
-        raise BackendUnavailableError(
-            f"{op}: backend='native' has CUDA kernels only (there is no C++ CPU attention); got tensors on "
-            f"{q.device}. Use backend='torch' on the CPU."
-        )
-    if q.shape[-1] not in NATIVE_HEAD_DIMS:
-        raise BackendUnavailableError(
-            f"{op}: backend='native' supports head dims {NATIVE_HEAD_DIMS}, got {q.shape[-1]}"
-        )
+def _attention_native(q, k, v, is_causal, attention_mask, scale):
+    # Device, head dim and dtype are checked once, by the custom op.
     key_mask = None if attention_mask is None else attention_mask.ne(0).to(torch.uint8).contiguous()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = native_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, bool(is_causal), scale)
@@ -771,11 +832,15 @@ def _check_inputs(q, k, v, attention_mask, scale) -> None:
 
 
 def attention(q, k, v, *, is_causal=False, attention_mask=None, scale=None, backend="auto"):
-    """Scaled dot-product attention over (B, H, T, D) tensors; see the module docstring."""
+    """Scaled dot-product attention over (B, H, T, D) tensors; see the module docstring.
+
+    Returns a (B, H, T, D) tensor; with backend="triton" or "native" it is a view of
+    (B, T, H, D) memory, so ``out.transpose(1, 2)`` is contiguous.
+    """
     _check_inputs(q, k, v, attention_mask, scale)
     backend = resolve_backend(backend, q.device, OP)
     if backend == "torch":
         return attention_ref(q, k, v, is_causal=is_causal, attention_mask=attention_mask, scale=scale, upcast=False)
     if backend == "triton":
         return _attention_triton(q, k, v, is_causal, attention_mask, scale)
-    return _attention_native(q, k, v, is_causal=is_causal, attention_mask=attention_mask, scale=scale)
+    return _attention_native(q, k, v, is_causal, attention_mask, scale)
