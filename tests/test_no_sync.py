@@ -60,7 +60,7 @@ def tiny_run(tmp_path: Path, model: str) -> T.Run:
     cfg = TrainConfig(
         model=model, data=str(corpus), tokenizer="wordpiece" if model == "bert" else "char", vocab_size=200,
         cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), n_layer=2, n_head=2, n_embd=32,
-        block_size=32, batch_size=4, gradient_accumulation_steps=2, device="cuda",
+        block_size=32, batch_size=4, gradient_accumulation_steps=2, eval_iters=1, device="cuda",
     )
     return T.Run(cfg, runtime.setup(cfg.device, cfg.dtype), log=lambda *a: None)
 
