@@ -156,7 +156,7 @@ def clear_run(out_dir: str | Path) -> None:
 
 
 def prepare_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
-    """Make ``out_dir`` ready for a run: complete for a resumed one, free (or freed, with ``overwrite``) for a new one."""
+    """Make ``out_dir`` ready: complete for a resumed run, free (or freed, with ``overwrite``) for a new one."""
     out = Path(out_dir)
     if resume:
         for name in (TOKENIZER, MODEL, STATE):

@@ -35,7 +35,9 @@ from minipt.data import DataError, PairSampler, WindowSampler, fixed_pairs, fixe
 from minipt.model import MODEL_KINDS, BertConfig, GPTConfig, ModelOutput, build_model
 from minipt.ops import mlm_mask
 from minipt.ops._loss import IGNORE_INDEX
-from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses, read_metrics
+from minipt.runlog import (
+    Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses, read_metrics,
+)
 from minipt.tokenizer import TextTokenizer, TokenizerError
 
 PROG = "python -m minipt.train"
@@ -226,7 +228,8 @@ class Run:
             # DDP all-reduces the gradients on the last micro-batch only.
             no_sync = self.rt.distributed and micro < accum - 1
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
-                out = self.forward(to_device(arrays, self.rt.device), mask_seed(cfg.seed, self.iter, micro, self.rt.rank))
+                seed = mask_seed(cfg.seed, self.iter, micro, self.rt.rank)
+                out = self.forward(to_device(arrays, self.rt.device), seed)
                 (out.loss / accum).backward()
             total += out.loss.detach()
         if cfg.grad_clip > 0:
