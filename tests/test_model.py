@@ -326,6 +326,10 @@ def test_bert_mlm_rows_are_shape_static_and_match_the_labelled_rows(mlm_probabil
     assert torch.equal(out.masked_targets[: labelled.numel()], labelled)  # in order, then only padding
     assert (out.masked_targets[labelled.numel():] == IGNORE_INDEX).all()
 
+    full = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits  # (B, T, V)
+    scored = model.mlm_logits(out.masked_hidden[: labelled.numel()])  # what evaluation scores MLM accuracy on
+    torch.testing.assert_close(scored, full[labels != IGNORE_INDEX], rtol=1e-5, atol=1e-6)
+
     ref = nonzero_mlm_loss(model, batch)
     assert torch.equal(out.mlm_loss, ref)  # the padding rows add exactly nothing, and the mean counts real rows
     mlm_params = [(name, p) for name, p in model.named_parameters() if not name.startswith(("pooler", "nsp_head"))]
