@@ -546,3 +546,22 @@ def fixed_pairs(
         raise DataError("the validation split yields no segment pair; raise --val_fraction or use a larger corpus")
     instances = instances[:batch_size * num_batches]
     return [collate_pairs(instances[i:i + batch_size], tok, block_size) for i in range(0, len(instances), batch_size)]
+
+
+# ----------------------------------------------------------------------------- both kinds
+def make_samplers(
+    kind: str, data: PreparedData, block_size: int, batch_size: int, eval_iters: int, short_seq_prob: float,
+    seed: int, rank: int = 0, world_size: int = 1,
+) -> tuple[WindowSampler | PairSampler, list[dict[str, np.ndarray]]]:
+    """The training sampler of model ``kind`` and its ``eval_iters`` fixed validation batches.
+
+    The validation batches are drawn from ``seed + 1``, apart from the training
+    stream, and every rank holds all of them.
+    """
+    if kind == "gpt":
+        sampler = WindowSampler(data.train, block_size, batch_size, seed, rank, world_size)
+        offsets = fixed_windows(data.val, block_size, batch_size, eval_iters, seed + 1)
+        return sampler, [sampler.windows(batch) for batch in offsets]
+    tok = data.tokenizer
+    sampler = PairSampler(data.train, tok, block_size, batch_size, short_seq_prob, seed, rank, world_size)
+    return sampler, fixed_pairs(data.val, tok, block_size, batch_size, eval_iters, short_seq_prob, seed + 1)

@@ -144,6 +144,21 @@ def next_sentence_probability(model, tok: TextTokenizer, text_a: str, text_b: st
     return float(_bert_forward(model, ids, types, dtype).nsp_logits[0].float().softmax(-1)[0])
 
 
+def show_trained(model, tok: TextTokenizer, kind: str, *, sample_tokens: int, seed: int, dtype: torch.dtype,
+                 log=print) -> None:
+    """What a training run ends with: a GPT sample of ``sample_tokens`` (0: none), or BERT filling a [MASK]."""
+    if kind == "gpt":
+        if sample_tokens:
+            text = generate_text(model, tok, "", max_new_tokens=sample_tokens, temperature=0.8, top_k=200, seed=seed,
+                                 dtype=dtype)
+            log(f"\nsample:\n{text}\n")
+        return
+    text = "to be, or not to be, that is the [MASK]."
+    log(f"\nfill-mask: {text}")
+    for candidates in fill_mask(model, tok, text, top_k=5, dtype=dtype):
+        log("  " + ", ".join(f"{token} {p:.3f}" for token, p in candidates))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(SampleConfig, parse_overrides(SampleConfig, argv, PROG, __doc__))

@@ -31,7 +31,7 @@ import torch
 from minipt import checkpoint as ckpt
 from minipt import runtime, sample
 from minipt.config import ConfigError, TrainConfig, make_config, parse_overrides
-from minipt.data import DataError, PairSampler, WindowSampler, fixed_pairs, fixed_windows, prepare_data, to_device
+from minipt.data import DataError, make_samplers, prepare_data, to_device
 from minipt.model import MODEL_KINDS, BertConfig, GPTConfig, ModelOutput, build_model
 from minipt.ops import mlm_mask
 from minipt.ops._loss import IGNORE_INDEX
@@ -123,21 +123,10 @@ class Run:
         self.model = build_model(cfg.model, self.model_config).to(rt.device)
         self.block_size = self.model_config.block_size
         self.optimizer = make_optimizer(self.model, cfg, rt.device)
-        if cfg.model == "gpt":
-            self.sampler = WindowSampler(
-                self.data.train, self.block_size, cfg.batch_size, cfg.seed, rt.rank, rt.world_size
-            )
-            val_offsets = fixed_windows(self.data.val, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.seed + 1)
-            self.val_batches = [self.sampler.windows(offsets) for offsets in val_offsets]
-        else:
-            self.sampler = PairSampler(
-                self.data.train, self.tok, self.block_size, cfg.batch_size, cfg.short_seq_prob, cfg.seed,
-                rt.rank, rt.world_size,
-            )
-            self.val_batches = fixed_pairs(
-                self.data.val, self.tok, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.short_seq_prob,
-                cfg.seed + 1,
-            )
+        self.sampler, self.val_batches = make_samplers(
+            cfg.model, self.data, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.short_seq_prob, cfg.seed,
+            rt.rank, rt.world_size,
+        )
         self.iter, self.best_val = 0, float("inf")
         self.tokens = 0  # real (non-padding) tokens of this rank's last step
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
@@ -320,24 +309,14 @@ def _start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
 def _final_sample(run: Run, log) -> None:
     evals = [r for r in read_metrics(run.out) if "val_loss" in r]
     if evals:
-        log(f"\nvalidation loss {evals[0]['val_loss']:.3f} at step {evals[0]['iter']} -> "
-            f"{evals[-1]['val_loss']:.3f} at step {evals[-1]['iter']}")
-    if run.cfg.model == "gpt":
-        if run.cfg.sample_tokens:
-            text = sample.generate_text(
-                run.model, run.tok, "", max_new_tokens=run.cfg.sample_tokens, temperature=0.8, top_k=200,
-                seed=run.cfg.seed, dtype=run.rt.dtype,
-            )
-            log(f"\nsample:\n{text}\n")
-        return
-    if evals:
-        last = evals[-1]
-        log(f"MLM accuracy {last['mlm_acc']:.3f} (chance {1 / run.tok.vocab_size:.5f}); NSP accuracy "
-            f"{last['nsp_acc']:.3f} (always guessing the commoner label: {last['nsp_majority']:.3f})")
-    text = "to be, or not to be, that is the [MASK]."
-    log(f"\nfill-mask: {text}")
-    for candidates in sample.fill_mask(run.model, run.tok, text, top_k=5, dtype=run.rt.dtype):
-        log("  " + ", ".join(f"{tok} {p:.3f}" for tok, p in candidates))
+        first, last = evals[0], evals[-1]
+        log(f"\nvalidation loss {first['val_loss']:.3f} at step {first['iter']} -> "
+            f"{last['val_loss']:.3f} at step {last['iter']}")
+        if run.cfg.model == "bert":
+            log(f"MLM accuracy {last['mlm_acc']:.3f} (chance {1 / run.tok.vocab_size:.5f}); NSP accuracy "
+                f"{last['nsp_acc']:.3f} (always guessing the commoner label: {last['nsp_majority']:.3f})")
+    sample.show_trained(run.model, run.tok, run.cfg.model, sample_tokens=run.cfg.sample_tokens, seed=run.cfg.seed,
+                        dtype=run.rt.dtype, log=log)
 
 
 # ----------------------------------------------------------------------------- the loop
