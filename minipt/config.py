@@ -41,11 +41,13 @@ class TrainConfig:
     bias: bool | None = None  # GPT: biases in Linear and LayerNorm layers; none: the preset's (true)
     backend: str = "auto"  # minipt.ops backend: auto (triton on CUDA, torch on CPU), torch, triton or native
     # ---- data
-    data: str = ""  # a .txt file, a folder of .txt files or a .jsonl with "text"; empty: the bundled Shakespeare plays
+    data: str = ""  # file, folder or glob: txt, md, jsonl[.gz|.zst], parquet or token .bin; empty: the bundled plays
+    text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text
     strip_markup: bool = True  # bundled plays as "SPEAKER:" text, no headings or stage directions; false keeps markdown
     tokenizer: str = "auto"  # bpe, wordpiece, char or PATH/tokenizer.json; auto: bpe for GPT, wordpiece for BERT
-    vocab_size: int = 8192  # vocabulary size of a trained bpe or wordpiece tokenizer
-    split: str = "doc"  # validation is the last val_fraction of doc: every document; stream: the whole text (nanoGPT)
+    vocab_size: int = 8192  # vocabulary size of a trained bpe or wordpiece tokenizer, or of token .bin files
+    tokenizer_sample_mb: float = 100.0  # a corpus past this many MB is large: its tokenizer trains on a sample this big
+    split: str = "auto"  # doc: tail of each document; holdout: whole documents; stream: nanoGPT; auto: doc|holdout if large
     val_fraction: float = 0.1  # share of the text held out for validation; tokenizers never see it
     cache_dir: str = ""  # cache of tokenizers and tokenized corpora; empty: $MINIPT_CACHE, else ~/.cache/minipt
     mlm_probability: float = 0.15  # BERT: share of tokens selected for the MLM loss (80% [MASK], 10% random, 10% kept)
@@ -83,7 +85,7 @@ class TrainConfig:
         check_types(self)
         _choice("model", self.model, ("gpt", "bert"))
         _choice("objective", self.objective, ("mlm+nsp", "mlm"))
-        _choice("split", self.split, ("doc", "stream"))
+        _choice("split", self.split, ("auto", "doc", "holdout", "stream"))
         _choice("backend", self.backend, BACKENDS)
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
         # The model's own fields (n_layer, n_head, n_embd, block_size, dropout) are checked by its
@@ -98,6 +100,8 @@ class TrainConfig:
         if self.lr_decay_iters is not None and self.lr_decay_iters < self.warmup_iters:
             raise ConfigError(f"lr_decay_iters ({self.lr_decay_iters}) must be >= warmup_iters ({self.warmup_iters})")
         _interval("val_fraction", self.val_fraction, 0.0, 1.0, closed=False)
+        if not self.tokenizer_sample_mb > 0:
+            raise ConfigError(f"tokenizer_sample_mb must be > 0, got {self.tokenizer_sample_mb}")
         _interval("mlm_probability", self.mlm_probability, 0.0, 1.0, closed=False)
         _interval("short_seq_prob", self.short_seq_prob, 0.0, 1.0)
         _interval("beta1", self.beta1, 0.0, 1.0, upper_open=True)

@@ -74,6 +74,13 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int, model: str) ->
     return tok
 
 
+def id_tokenizer(vocab_size: int) -> Tokenizer:
+    """A stand-in for token files that come without their tokenizer: id i reads as ``<i>``."""
+    tok = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    tok.decoder = decoders.Fuse()
+    return tok
+
+
 @dataclass
 class TextTokenizer:
     """A ``tokenizers.Tokenizer`` plus the ids of the special tokens minipt uses."""

@@ -146,6 +146,7 @@ class Run:
         kwargs = dict(
             model=cfg.model, data=cfg.data, strip_markup=cfg.strip_markup, tokenizer=tokenizer,
             vocab_size=cfg.vocab_size, split=cfg.split, val_fraction=cfg.val_fraction, cache_dir=cfg.cache_dir,
+            text_field=cfg.text_field, tokenizer_sample_mb=cfg.tokenizer_sample_mb,
         )
         data = self.rt.on_main(lambda: prepare_data(**kwargs, log=self.log))  # rank 0 fills the cache,
         return data or prepare_data(**kwargs, log=lambda msg: None)  # the others then read it

