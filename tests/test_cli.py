@@ -129,7 +129,7 @@ def test_missing_empty_and_undecodable_corpora(tmp_path, capsys):
 def test_corpus_too_small_for_one_batch(tmp_path, capsys):
     small = tmp_path / "small.txt"
     small.write_text("To be.\nOr not.\nThat is\nthe question.\n")
-    fails(base_args(tmp_path, data=small, block_size=32), capsys, "fewer than block_size + 1 = 33")
+    fails(base_args(tmp_path, data=small, block_size=32), capsys, "block_size + 1 = 33")
 
 
 def test_bad_tokenizer_setting(tmp_path, capsys):
