@@ -24,12 +24,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from typing import NamedTuple
 
 from minipt.ops import attention, cross_entropy, linear_cross_entropy
 from minipt.ops._loss import IGNORE_INDEX
