@@ -47,7 +47,7 @@ class TrainConfig:
     tokenizer: str = "auto"  # bpe, wordpiece, char or PATH/tokenizer.json; auto: bpe for GPT, wordpiece for BERT
     vocab_size: int = 8192  # vocabulary size of a trained bpe or wordpiece tokenizer, or of token .bin files
     tokenizer_sample_mb: float = 100.0  # a corpus past this many MB is large: its tokenizer trains on a sample this big
-    split: str = "auto"  # doc: tail of each document; holdout: whole documents; stream: nanoGPT; auto: doc|holdout if large
+    split: str = "auto"  # doc: tail of each document; holdout: whole documents; stream: nanoGPT; auto: holdout if large
     val_fraction: float = 0.1  # share of the text held out for validation; tokenizers never see it
     cache_dir: str = ""  # cache of tokenizers and tokenized corpora; empty: $MINIPT_CACHE, else ~/.cache/minipt
     mlm_probability: float = 0.15  # BERT: share of tokens selected for the MLM loss (80% [MASK], 10% random, 10% kept)

@@ -1,4 +1,6 @@
-"""Corpus loading, markup stripping, splits, tokenizers, the cache, GPT windows and BERT pairs."""
+"""Corpus loading, markup stripping, splits, tokenizers, the cache, GPT windows and BERT pairs.
+
+Input formats, shards, resuming and bad input are in test_data_formats.py."""
 
 import json
 import random
@@ -8,6 +10,9 @@ import pytest
 import torch
 
 from minipt import data as D
+from minipt.data import prepare as P
+from minipt.data import samplers
+from minipt.data import sources as S
 from minipt.tokenizer import BERT_SPECIALS, EOT, UNK, TextTokenizer, TokenizerError, train_tokenizer
 
 PLAY = """# The Tragedy of Testing
@@ -61,63 +66,83 @@ def test_strip_play_markup_keeps_speeches_and_drops_layout():
     )
 
 
+def documents(data: str, **kw) -> list[tuple[str, str]]:
+    """(name, text) of every document ``data`` names."""
+    return [(name, text) for s in D.find_sources(data) for _, name, text in D.read_documents(s, **kw)]
+
+
 def test_bundled_plays_are_plain_text_unless_asked():
-    docs = D.bundled_documents()
-    assert len(docs) == 38 and all(d.name.endswith(".md") for d in docs)
-    text = "".join(d.text for d in docs)
+    docs = documents("")
+    assert len(docs) == 38 and all(name.endswith(".md") for name, _ in docs)
+    text = "".join(t for _, t in docs)
     assert 4_000_000 < len(text) < 5_318_858  # markup gone, the verse kept
     for marker in ("**", "\n#", "_Enter", "\\"):
         assert marker not in text
     assert "ROMEO:\n" in text and "HAMLET:\n" in text
-    raw = D.bundled_documents(strip_markup=False)
-    assert "**HAMLET**" in "".join(d.text for d in raw)
+    raw = documents("", strip_markup=False)
+    assert "**HAMLET**" in "".join(t for _, t in raw)
 
 
 def test_load_txt_folder_and_jsonl(tmp_path):
     folder = write_docs(tmp_path / "docs", ["first doc\n", "second doc\n", "   \n"])
-    (folder / "ignored.md").write_text("not text")
-    docs = D.load_documents(str(folder))
-    assert [d.text for d in docs] == ["first doc\n", "second doc\n"]  # sorted, blank dropped
-    assert [d.text for d in D.load_documents(str(folder / "doc01.txt"))] == ["second doc\n"]
+    (folder / "ignored.csv").write_text("not text")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "notes.md").write_text("# notes\n")
+    assert documents(str(folder)) == [  # sorted and recursive; blank documents are dropped when tokenizing
+        ("doc00.txt", "first doc\n"), ("doc01.txt", "second doc\n"), ("doc02.txt", "   \n"),
+        ("sub/notes.md", "# notes\n"),
+    ]
+    assert documents(str(folder / "doc01.txt")) == [("doc01.txt", "second doc\n")]
+    assert [n for n, _ in documents(str(folder / "**" / "*.md"))] == ["sub/notes.md"]
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text(json.dumps({"text": "a b c"}) + "\n\n" + json.dumps({"text": "d e", "id": 3}) + "\n")
-    assert [d.text for d in D.load_documents(str(jsonl))] == ["a b c", "d e"]
+    assert documents(str(jsonl)) == [("c.jsonl:1", "a b c"), ("c.jsonl:3", "d e")]
 
 
 @pytest.mark.parametrize(
     "setup, pattern",
     [
         (lambda p: p / "missing.txt", "does not exist"),
-        (lambda p: (p / "x.csv").write_text("a") and p / "x.csv", r"\.txt file, a folder"),
-        (lambda p: (p / "empty").mkdir() or p / "empty", "holds no .txt files"),
-        (lambda p: (p / "e.txt").write_text("  \n\n") and p / "e.txt", "is empty"),
-        (lambda p: (p / "l.txt").write_bytes(b"caf\xe9 au lait") and p / "l.txt", r"not UTF-8 .*0xe9 at offset 3"),
+        (lambda p: (p / "x.csv").write_text("a") and p / "x.csv", r"x\.csv: data must be a \.txt, \.md"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", r"holds no file of a known format \(\.bin, \.jsonl"),
         (lambda p: (p / "b.jsonl").write_text('{"text": "ok"}\n{broken\n') and p / "b.jsonl", "b.jsonl:2: not valid"),
-        (lambda p: (p / "t.jsonl").write_text('{"body": "x"}\n') and p / "t.jsonl", r't.jsonl:1: .*"text"'),
     ],
 )
 def test_bad_corpora_are_named(tmp_path, setup, pattern):
     with pytest.raises(D.DataError, match=pattern):
-        D.load_documents(str(setup(tmp_path)))
+        documents(str(setup(tmp_path)))
 
 
-def test_stream_split_is_nanogpts_character_split():
-    docs = [D.Document(f"d{i}", prose(i)) for i in range(5)]
-    full = "".join(d.text for d in docs)
-    train, val = D.split_documents(docs, 0.1, "stream")
+def split_pieces(folder, mode, val_fraction):
+    sources = D.find_sources(str(folder))
+    return [pieces for _, pieces in P._documents(sources, mode, val_fraction, "text", True)]
+
+
+def test_stream_split_is_nanogpts_character_split(tmp_path):
+    texts = [prose(i) for i in range(5)]
+    full = "".join(texts)
+    pieces = split_pieces(write_docs(tmp_path / "c", texts), "stream", 0.1)
     cut = int(len(full) * 0.9)
-    assert "".join(d.text for d in train) == full[:cut]
-    assert "".join(d.text for d in val) == full[cut:]
-    assert [d.name for d in train] == ["d0", "d1", "d2", "d3", "d4"] and [d.name for d in val] == ["d4"]
+    assert "".join(t for doc in pieces for split, t in doc if split == "train") == full[:cut]
+    assert "".join(t for doc in pieces for split, t in doc if split == "val") == full[cut:]
+    assert [[split for split, _ in doc] for doc in pieces] == [["train"]] * 4 + [["train", "val"]]
 
 
-def test_doc_split_holds_out_the_tail_of_every_document_at_a_line_start():
-    docs = [D.Document(f"d{i}", prose(i, paragraphs=12)) for i in range(4)]
-    train, val = D.split_documents(docs, 0.2, "doc")
-    assert [d.name for d in train] == [d.name for d in val] == ["d0", "d1", "d2", "d3"]
-    for d, t, v in zip(docs, train, val):
-        assert t.text + v.text == d.text and t.text.endswith("\n")
-        assert 0.2 <= len(v.text) / len(d.text) < 0.25
+def test_doc_split_holds_out_the_tail_of_every_document_at_a_line_start(tmp_path):
+    texts = [prose(i, paragraphs=12) for i in range(4)]
+    for text, doc in zip(texts, split_pieces(write_docs(tmp_path / "c", texts), "doc", 0.2)):
+        (s1, t), (s2, v) = doc
+        assert (s1, s2) == ("train", "val") and t + v == text and t.endswith("\n")
+        assert 0.2 <= len(v) / len(text) < 0.25
+
+
+def test_holdout_split_holds_out_whole_documents_by_name(tmp_path):
+    texts = [f"document {i}\n" for i in range(400)]
+    pieces = split_pieces(write_docs(tmp_path / "c", texts), "holdout", 0.25)
+    assert all(len(doc) == 1 for doc in pieces)  # never a document cut in two
+    val = [t for doc in pieces for split, t in doc if split == "val"]
+    assert 0.18 < len(val) / len(texts) < 0.32
+    assert sorted(val) == sorted(t for i, t in enumerate(texts) if S.held_out(f"doc{i:02d}.txt", 0.25))
 
 
 def test_segments_are_paragraphs_and_long_ones_are_split_into_sentences():
@@ -125,7 +150,7 @@ def test_segments_are_paragraphs_and_long_ones_are_split_into_sentences():
     assert D.segments(text) == ["ROMEO: Is the day so young? But new struck nine.", "BENVOLIO: Ay! Good morrow."]
     long = "KING:\n" + " ".join(f"Sentence number {i} is here." for i in range(30))
     pieces = D.segments(long)
-    assert len(long) > D.LONG_PARAGRAPH and len(pieces) == 30
+    assert len(long) > S.LONG_PARAGRAPH and len(pieces) == 30
     assert pieces[0] == "KING: Sentence number 0 is here." and pieces[-1] == "Sentence number 29 is here."
 
 
@@ -181,13 +206,13 @@ def test_gpt_stream_is_each_document_then_the_separator(tmp_path):
     corpus = write_docs(tmp_path / "corpus", texts)
     prep = D.prepare_data(model="gpt", data=str(corpus), tokenizer="bpe", vocab_size=300, cache_dir=tmp_path / "c",
                           log=quiet)
-    train, eot = prep.train.tokens, prep.tokenizer.eot_id
+    train, eot = prep.train.shards[0].tokens, prep.tokenizer.eot_id
     assert train.dtype == np.uint16
     ends = np.flatnonzero(train == eot)
     assert len(ends) == 3 and ends[-1] == len(train) - 1
     pieces = np.split(np.asarray(train), ends + 1)[:3]
-    train_docs, _ = D.split_documents([D.Document("", t) for t in texts], 0.1, "doc")
-    assert [prep.tokenizer.decode(p[:-1].tolist()) for p in pieces] == [d.text for d in train_docs]
+    assert [prep.tokenizer.decode(p[:-1].tolist()) for p in pieces] == [S.split_tail(t, 0.1)[0] for t in texts]
+    np.testing.assert_array_equal(prep.train.shards[0].document_offsets, np.r_[0, ends + 1])
 
 
 def test_cache_is_reused_and_keyed_on_corpus_and_settings(tmp_path, monkeypatch):
@@ -198,10 +223,10 @@ def test_cache_is_reused_and_keyed_on_corpus_and_settings(tmp_path, monkeypatch)
     def no_training(*args, **kw):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(D, "train_tokenizer", no_training)
+    monkeypatch.setattr(P, "train_tokenizer", no_training)
     again = D.prepare_data(**kwargs)
     assert again.cache_path == first.cache_path
-    np.testing.assert_array_equal(again.train.tokens, first.train.tokens)
+    np.testing.assert_array_equal(again.train.shards[0].tokens, first.train.shards[0].tokens)
     monkeypatch.undo()
     assert D.prepare_data(**{**kwargs, "vocab_size": 280}).cache_path != first.cache_path
     (corpus / "doc01.txt").write_text(prose(1) + "more\n")
@@ -215,22 +240,26 @@ def test_a_cache_of_another_layout_version_is_never_read(tmp_path, monkeypatch):
                   log=quiet)
     current = D.prepare_data(**kwargs)
     assert sorted(p.name for p in current.cache_path.glob("*.npy")) == [
-        "train.documents.npy", "train.segments.npy", "val.documents.npy", "val.segments.npy"
+        "train-00000.documents.npy", "train-00000.segments.npy", "val-00000.documents.npy", "val-00000.segments.npy"
     ]
-    monkeypatch.setattr(D, "CACHE_VERSION", D.CACHE_VERSION - 1)
+    monkeypatch.setattr(P, "CACHE_VERSION", P.CACHE_VERSION - 1)
     assert D.prepare_data(**kwargs).cache_path != current.cache_path
 
 
-def test_large_vocabularies_are_stored_as_uint32():
+def test_large_vocabularies_are_stored_as_uint32(tmp_path):
     class Wide:
         vocab_size, eot_id = 70_000, 69_999
 
         def encode_batch(self, texts):
             return [[65_536 + i, 3] for i, _ in enumerate(texts)]
 
-    arrays = D._encode_split([D.Document("a", "x"), D.Document("b", "y")], Wide(), "gpt")
-    assert arrays["tokens"].dtype == np.uint32
-    assert arrays["tokens"].tolist() == [65_536, 3, 69_999, 65_537, 3, 69_999]
+    def docs_from(start):
+        return iter([((0, 1), [("train", "x")]), ((0, 2), [("train", "y"), ("val", "z")])][start[1]:])
+
+    meta = P._tokenize(tmp_path, Wide(), "gpt", docs_from, 1 << 20, P.Progress(2, quiet))
+    assert meta["dtype"] == "uint32" and meta["shards"]["train"] == [{"file": "train-00000.bin", "num_tokens": 6}]
+    tokens = np.fromfile(tmp_path / "train-00000.bin", dtype=np.uint32)
+    assert tokens.tolist() == [65_536, 3, 69_999, 65_537, 3, 69_999]
 
 
 def test_given_tokenizer_file_is_used_as_is(tmp_path):
@@ -243,19 +272,19 @@ def test_given_tokenizer_file_is_used_as_is(tmp_path):
 
 # ----------------------------------------------------------------------------- GPT windows
 def stream_split(n=500, vocab=50):
-    return D.TokenSplit(np.random.default_rng(0).integers(0, vocab, n).astype(np.uint16))
+    return D.TokenSplit([D.TokenShard(np.random.default_rng(0).integers(0, vocab, n).astype(np.uint16))])
 
 
 def test_windows_are_shifted_slices_of_the_stream():
-    split = stream_split()
-    sampler = D.WindowSampler(split, block_size=17, batch_size=5, seed=3)
+    tokens = stream_split().shards[0].tokens
+    sampler = D.WindowSampler(stream_split(), block_size=17, batch_size=5, seed=3)
     batches = sampler.next_step(accumulation=2)
     assert len(batches) == 2
     for b in batches:
         assert b["x"].shape == b["y"].shape == (5, 17) and b["x"].dtype == np.int64
         np.testing.assert_array_equal(b["x"][:, 1:], b["y"][:, :-1])
         for row in b["x"]:
-            starts = [o for o in range(len(split.tokens) - 17) if np.array_equal(split.tokens[o:o + 17], row)]
+            starts = [o for o in range(len(tokens) - 17) if np.array_equal(tokens[o:o + 17], row)]
             assert starts
 
 
@@ -282,9 +311,9 @@ def test_ranks_read_disjoint_slices_of_the_single_process_batch():
 
 
 def test_too_small_splits_are_refused():
-    with pytest.raises(D.DataError, match=r"training split holds 8 tokens, fewer than block_size \+ 1 = 9"):
+    with pytest.raises(D.DataError, match=r"training split holds 8 tokens, no shard of it the block_size \+ 1 = 9"):
         D.WindowSampler(stream_split(8), block_size=8, batch_size=1, seed=0)
-    with pytest.raises(D.DataError, match="validation split holds 4 tokens"):
+    with pytest.raises(D.DataError, match="validation split holds 4 tokens.*raise --val_fraction"):
         D.fixed_windows(stream_split(4), 8, 2, 2, seed=0)
 
 
@@ -335,7 +364,7 @@ def test_truncation_trims_the_longer_side_from_its_ends():
     for _ in range(50):
         a, b = list(range(rng.randint(1, 40))), list(range(100, 100 + rng.randint(1, 40)))
         ta, tb = list(a), list(b)
-        D._truncate_pair(ta, tb, 20, rng)
+        samplers._truncate_pair(ta, tb, 20, rng)
         assert len(ta) + len(tb) <= 20 and ta and tb
         for orig, cut in ((a, ta), (b, tb)):  # what is left is one contiguous slice
             assert cut == orig[orig.index(cut[0]):orig.index(cut[0]) + len(cut)]
@@ -363,12 +392,12 @@ def bert_split():
     segments = [s for d in docs for s in d]
     seg_off = np.cumsum([0] + [len(s) for s in segments])
     doc_off = np.cumsum([0] + [len(d) for d in docs])
-    return D.TokenSplit(np.concatenate(segments).astype(np.uint16), seg_off, doc_off)
+    return D.TokenSplit([D.TokenShard(np.concatenate(segments).astype(np.uint16), doc_off, seg_off)])
 
 
 def test_token_split_documents_round_trip():
     docs = synthetic_documents(n_docs=4, n_segments=20)
-    back = bert_split().documents()
+    back = bert_split().shards[0].documents()
     assert [[s.tolist() for s in d] for d in back] == [[s.tolist() for s in d] for d in docs]
 
 

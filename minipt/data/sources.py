@@ -23,7 +23,6 @@ import glob
 import gzip
 import hashlib
 import importlib.resources
-import io
 import itertools
 import json
 import re
@@ -155,15 +154,34 @@ def _decode(raw: bytes, where: str) -> str:
         ) from None
 
 
-def _open_binary(source: Source):
-    if source.suffix == ".jsonl.gz":
-        return gzip.open(source.path, "rb")
-    if source.suffix == ".jsonl.zst":
-        import zstandard
+def _zstd_lines(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a zstd file, across frames; a stream that stops inside a frame is an error."""
+    import zstandard
 
-        raw = open(source.path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(source.path, "rb")
+    with open(path, "rb") as raw:
+        dobj, pending, eof = zstandard.ZstdDecompressor().decompressobj(), b"", True
+        while data := raw.read(chunk):
+            out = []
+            while data:
+                out.append(dobj.decompress(data))
+                data, eof = (dobj.unused_data, True) if dobj.eof else (b"", False)
+                if dobj.eof:
+                    dobj = zstandard.ZstdDecompressor().decompressobj()
+            lines = (pending + b"".join(out)).split(b"\n")
+            pending = lines.pop()
+            yield from (line + b"\n" for line in lines)
+        if not eof:
+            raise OSError("the stream ends inside a zstd frame")
+        if pending:
+            yield pending
+
+
+def _lines(source: Source) -> Iterator[bytes]:
+    if source.suffix == ".jsonl.zst":
+        yield from _zstd_lines(source.path)
+        return
+    with (gzip.open(source.path, "rb") if source.suffix == ".jsonl.gz" else open(source.path, "rb")) as f:
+        yield from f
 
 
 def _jsonl(source: Source, text_field: str, start: int) -> Iterator[tuple[int, str, str]]:
@@ -175,26 +193,23 @@ def _jsonl(source: Source, text_field: str, start: int) -> Iterator[tuple[int, s
     except ImportError:
         corrupt = (OSError, EOFError, zlib.error)
     try:
-        with _open_binary(source) as f:
-            for lineno, line in enumerate(f, start=1):
-                if lineno < start or not line.strip():
-                    continue
-                where = f"{source.path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except UnicodeDecodeError:
-                    _decode(line, where)
-                    raise
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    got = "no such field" if not isinstance(record, dict) or text_field not in record else (
-                        f"a {type(text).__name__}")
-                    raise DataError(f'{where}: expected an object with a string field "{text_field}", got {got}')
-                yield lineno, f"{source.name}:{lineno}", text
-            if source.suffix == ".jsonl.zst" and lineno == 0 and source.path.stat().st_size:
-                raise OSError("no complete zstd frame")
+        for lineno, line in enumerate(_lines(source), start=1):
+            if lineno < start or not line.strip():
+                continue
+            where = f"{source.path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                _decode(line, where)
+                raise
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                got = "no such field" if not isinstance(record, dict) or text_field not in record else (
+                    f"a {type(text).__name__}")
+                raise DataError(f'{where}: expected an object with a string field "{text_field}", got {got}')
+            yield lineno, f"{source.name}:{lineno}", text
     except corrupt as exc:
         raise DataError(f"{source.path}: corrupt or truncated compressed stream after line {lineno} ({exc})") from None
 

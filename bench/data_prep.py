@@ -1,0 +1,166 @@
+"""Data preparation at size: minipt's streaming tokenization against Hugging Face ``datasets``.
+
+A synthetic corpus is generated in a temporary folder at run time (never
+committed): documents of words drawn from a Zipf law over 30,000 made-up words,
+with log-normal lengths (median about 2 KB, a tail past 50 KB, as web pages
+have), written as one ``.jsonl`` and, at the smallest size, as a folder of ``.txt`` files. At each size
+(0.25, 0.5 and 1 GB; ``--quick``: 2 MB) the same byte-level BPE tokenizer
+(trained once on a small sample) tokenizes it three ways, each in a fresh process:
+
+* ``minipt-jsonl`` and ``minipt-txt``: ``minipt.data.prepare_data`` into shards;
+* ``datasets.map``: what users do today, ``load_dataset("json", ...)`` then
+  ``.map(batched=True, num_proc=<cores>)`` with the same tokenizer, Arrow cache
+  included.
+
+``mb_per_s`` is corpus bytes over wall time; ``peak_rss_mb`` the peak resident
+memory of the process tree (sampled every 50 ms from /proc, workers included);
+``ratio`` is minipt's throughput over ``datasets.map``'s on the same file. A
+last row times ``python -m minipt.train --data=<jsonl>`` from launch to the end
+of its first step, tokenizer training and tokenization included (``first_step_s``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+CORES = os.cpu_count() or 1
+WORDS = 30_000
+
+
+def write_corpus(folder: Path, target_bytes: int, seed: int = 0) -> tuple[Path, Path]:
+    """``corpus.jsonl`` and ``txt/`` of about ``target_bytes`` of the same documents."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
+    weights = 1.0 / np.arange(1, 27)
+    vocab = np.array(["".join(rng.choice(letters, size=rng.integers(1, 10), p=weights / weights.sum()))
+                      for _ in range(WORDS)])
+    zipf = np.cumsum(1.0 / np.arange(1, WORDS + 1))
+    zipf /= zipf[-1]
+    jsonl, txt = folder / "corpus.jsonl", folder / "txt"
+    txt.mkdir(parents=True, exist_ok=True)
+    txt_bytes = min(target_bytes, 2**28)
+    written, n = 0, 0
+    with open(jsonl, "w", encoding="utf-8") as f:
+        while written < target_bytes:
+            words = vocab[np.searchsorted(zipf, rng.random(max(8, int(rng.lognormal(5.8, 1.0)))))]
+            sentences = np.array_split(words, max(1, len(words) // 12))
+            text = "\n\n".join(" ".join(s).capitalize() + "." for s in sentences)
+            f.write(json.dumps({"id": n, "text": text}) + "\n")
+            if written < txt_bytes:
+                (txt / f"{n // 1000:04d}").mkdir(exist_ok=True)
+                (txt / f"{n // 1000:04d}" / f"{n:07d}.txt").write_text(text, encoding="utf-8")
+            written += len(text) + 20
+            n += 1
+    return jsonl, txt
+
+
+def run_measured(cmd: list[str], cwd: Path) -> dict:
+    """Wall time and peak RSS of the process tree of ``cmd``."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    peak, stop = [0], threading.Event()
+
+    def tree_rss(pid: int) -> int:
+        total, todo = 0, [pid]
+        while todo:
+            p = todo.pop()
+            try:
+                with open(f"/proc/{p}/status") as f:
+                    total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+                with open(f"/proc/{p}/task/{p}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except (OSError, StopIteration):
+                continue
+        return total
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    start = time.perf_counter()
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mb": peak[0] / 2**20, "output": out}
+
+
+MINIPT = """
+import sys
+from minipt.data import prepare_data
+prepare_data(model="gpt", data=sys.argv[1], tokenizer=sys.argv[2], cache_dir=sys.argv[3], log=lambda m: None)
+"""
+
+DATASETS = """
+import sys
+from datasets import load_dataset
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[2])
+def encode(batch):
+    return {"ids": [e.ids for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
+ds = load_dataset("json", data_files=sys.argv[1], split="train", cache_dir=sys.argv[3])
+ds.map(encode, batched=True, num_proc=int(sys.argv[4]), remove_columns=ds.column_names)
+"""
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    if device != "cpu":
+        raise SystemExit("the data preparation benchmark runs on the CPU")
+    from minipt.tokenizer import train_tokenizer
+
+    sizes = (2 * 2**20,) if quick else (2**28, 2**29, 2**30)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="minipt-data-bench-") as tmp:
+        tmp = Path(tmp)
+        for size in sizes:
+            folder = tmp / f"corpus-{size}"
+            jsonl, txt = write_corpus(folder, size)
+            tok_path = tmp / "tokenizer.json"
+            if not tok_path.exists():  # one tokenizer for every size and provider
+                with open(jsonl) as f:
+                    sample = [json.loads(line)["text"] for _, line in zip(range(2000), f)]
+                train_tokenizer("bpe", sample, 8192, "gpt").save(str(tok_path))
+            nbytes = jsonl.stat().st_size
+            results = {}
+            providers = [("minipt-jsonl", MINIPT, jsonl), ("datasets.map", DATASETS, jsonl)]
+            if size == sizes[0]:  # many small files cost file opens, not tokenization: one size shows it
+                providers.insert(1, ("minipt-txt", MINIPT, txt))
+            for provider, script, data in providers:
+                cache = tmp / f"cache-{provider}-{size}"
+                m = run_measured([sys.executable, "-c", script, str(data), str(tok_path), str(cache), str(CORES)],
+                                 tmp)
+                results[provider] = m
+                rows.append({"name": "tokenize", "provider": provider, "corpus_mb": round(nbytes / 2**20),
+                             "wall_s": m["wall_s"], "mb_per_s": nbytes / 2**20 / m["wall_s"],
+                             "peak_rss_mb": m["peak_rss_mb"]})
+                subprocess.run(["rm", "-rf", str(cache)], check=True)
+            base = results["datasets.map"]["wall_s"]
+            for r in rows[-len(providers):]:
+                r["ratio"] = base / r["wall_s"]
+        first = run_measured([sys.executable, "-m", "minipt.train", f"--data={jsonl}", f"--cache_dir={tmp / 'tc'}",
+                              f"--out_dir={tmp / 'run'}", "--max_iters=1", "--eval_iters=1", "--eval_interval=1",
+                              "--sample_tokens=0", "--progress=false"], tmp)
+        rows.append({"name": "first step", "provider": "minipt.train", "corpus_mb": round(nbytes / 2**20),
+                     "first_step_s": first["wall_s"], "peak_rss_mb": first["peak_rss_mb"]})
+    return rows
+
+
+if __name__ == "__main__":
+    cli("data_prep", run)
