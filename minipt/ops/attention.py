@@ -504,12 +504,10 @@ def _attention_bwd_dq_kernel(
 # sequences sampled) without a GPU, with Triton 3.6 and 3.9: no spilled register
 # on sm_80 and sm_90, shared memory within 163 KB (sm_80) and 227 KB (sm_90) per
 # block, tensor-core instructions for fp16/bf16; the 16-bit variants of the 8.6
-# and 8.9 entries also compile spill-free within their 99 KB. 8.6 and 8.9 (about
-# 100 KB per SM) take the 8.0 tiles with two pipeline stages instead of three:
-# 32-80 KB per block instead of 48-96 KB, so most kernels fit two blocks per SM.
-# A capability between entries takes the nearest lower one. A fixed table rather
-# than an autotuner: each config is one compile, where tuning would compile and
-# time every candidate for every shape class.
+# and 8.9 entries (head dims 64 and 128) also compile spill-free within their
+# 99 KB. A capability between entries takes the nearest lower one. A fixed table
+# rather than an autotuner: each config is one compile, where tuning would
+# compile and time every candidate for every shape class.
 _FP32_CONFIGS = {
     ("fwd", 64, 4): (32, 32, 8, 2),
     ("fwd", 128, 4): (32, 16, 8, 2),
@@ -519,19 +517,23 @@ _FP32_CONFIGS = {
     ("dq", 128, 4): (32, 16, 8, 2),
 }
 _AMPERE_CONFIGS = {
-    ("fwd", 64, 2): (128, 64, 8, 3),
+    ("fwd", 64, 2): (128, 32, 8, 3),
     ("fwd", 128, 2): (128, 32, 8, 3),
-    ("dkdv", 64, 2): (32, 128, 8, 3),
+    ("dkdv", 64, 2): (16, 128, 8, 3),
     ("dkdv", 128, 2): (32, 64, 8, 3),
     ("dq", 64, 2): (128, 32, 8, 3),
     ("dq", 128, 2): (128, 32, 8, 3),
     **_FP32_CONFIGS,
-    # With 8 warps ptxas keeps the fp32 dK/dV pass at 80 registers and spills on
-    # sm_8x; 4 warps do not spill there (and spill 256-448 B on sm_90).
-    ("dkdv", 64, 4): (32, 32, 4, 2),
+    # With 8 warps ptxas holds some fp32 kernels to 80 registers and spills on
+    # sm_8x; 4 warps do not spill there (but spill 256-448 B on sm_90).
+    ("fwd", 64, 4): (32, 32, 4, 2),
+    ("dkdv", 64, 4): (16, 32, 4, 2),
     ("dkdv", 128, 4): (16, 32, 4, 2),
 }
-_SMALL_SHARED_CONFIGS = {key: (m, n, warps, min(stages, 2)) for key, (m, n, warps, stages) in _AMPERE_CONFIGS.items()}
+# 8.6 and 8.9 have about 100 KB per SM: two stages bring the D = 128 forward from
+# 64 to 48 KB, two blocks per SM. Elsewhere two stages gained no second block, and
+# once made ptxas spill (the D = 64 forward, Triton 3.9).
+_SMALL_SHARED_CONFIGS = {**_AMPERE_CONFIGS, ("fwd", 128, 2): (128, 32, 8, 2)}
 _CONFIGS = {
     (8, 0): _AMPERE_CONFIGS,
     (8, 6): _SMALL_SHARED_CONFIGS,
@@ -641,7 +643,8 @@ def _attention_backward(
     B, H, T, D = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    block = 32 if triton_interpreting() else 64
+    # 4096 elements of each tensor per program: 64 rows of fp32 at D = 128 spilled on sm_90.
+    block = 32 if triton_interpreting() else 4096 // D
     torch.library.wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(T, block) * B * H,)](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), H, T, D, block,
     )
