@@ -44,10 +44,10 @@ Layout. Inputs may have any B, H and T strides (a (B, T, H, D) projection
 transposed, or slices of a packed qkv); D must be the unit stride, or is made so
 by one copy. The output of the Triton and native kernels is written as dense
 (B, T, H, D) memory and returned as its (B, H, T, D) view, so a model's
-``out.transpose(1, 2).reshape(B, T, H * D)`` merges the heads without a copy (it
-was B·T·C elements copied per layer, forward and backward), and the gradient that
-comes back through that reshape reaches the backward in the same layout, again
-without a copy (the Triton kernels take any B, H and T strides of it). The torch
+``out.transpose(1, 2).reshape(B, T, H * D)`` merges the heads without copying
+B·T·C elements per layer, and the gradient that comes back through that reshape
+reaches the backward in the same layout, again without a copy (the Triton
+kernels take any B, H and T strides of it). The torch
 backend returns what SDPA returns and adds no copy for layout: SDPA's CUDA flash
 and memory-efficient kernels also write (B, T, H, D) memory, its CPU kernels follow
 q's layout, and where it returns dense (B, H, T, D) merging heads copies.
