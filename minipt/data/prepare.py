@@ -54,8 +54,8 @@ from minipt.data import tokens as TF
 from minipt.tokenizer import KINDS, TextTokenizer, id_tokenizer, train_tokenizer
 
 CACHE_VERSION = 4  # part of the cache key: a change of layout or file names never reads an old cache
-SHARD_TOKENS = 1 << 24  # training tokens per shard: 32 MB of uint16, and BERT's pairs are built a shard at a time
-BATCH_CHARS = 1 << 22  # text per encode_batch call: large enough to keep the cores busy, small enough to bound memory
+SHARD_TOKENS = 1 << 23  # training tokens per shard: 16 MB of uint16; BERT holds one shard's pairs at a time
+BATCH_BYTES = 1 << 20  # text per encode_batch call: large enough to keep the cores busy, small enough to bound memory
 MB = 1 << 20
 
 
@@ -69,7 +69,8 @@ class TokenShard:
     def documents(self) -> list[list[np.ndarray]]:
         """BERT: each document of this shard as a list of its segments' token arrays."""
         so, do = self.segment_offsets, self.document_offsets
-        return [[self.tokens[so[s]:so[s + 1]] for s in range(do[d], do[d + 1])] for d in range(len(do) - 1)]
+        tokens = np.asarray(self.tokens)  # plain views of the map: a memmap slice costs several times more
+        return [[tokens[so[s]:so[s + 1]] for s in range(do[d], do[d + 1])] for d in range(len(do) - 1)]
 
 
 @dataclass
@@ -241,14 +242,14 @@ class _ShardWriter:
 
 
 def _batches(docs: Iterator[tuple], model: str) -> Iterator[list[tuple]]:
-    """Documents grouped to about BATCH_CHARS; BERT's texts already cut into segments."""
+    """Documents grouped to about BATCH_BYTES of text; BERT's texts already cut into segments."""
     batch, size = [], 0
     for position, pieces in docs:
         nbytes = sum(len(t.encode("utf-8")) for _, t in pieces)
         units = [(split, [t] if model == "gpt" else S.segments(t)) for split, t in pieces]
         batch.append((position, nbytes, units))
         size += nbytes
-        if size >= BATCH_CHARS:
+        if size >= BATCH_BYTES:
             yield batch
             batch, size = [], 0
     if batch:
