@@ -167,11 +167,11 @@ def _stream_split(sources, val_fraction, text_field, strip_markup, start):
             yield (i + 1, 0), [p for p in (("train", text[:local]), ("val", text[local:])) if p[1]]
 
 
-def _tokenizer_sample(docs: Iterator[tuple], every: int, budget: int) -> list[str]:
-    """Training texts of every ``every``-th document, up to ``budget`` characters."""
+def _tokenizer_sample(docs: Iterator[tuple], share: float, budget: float) -> list[str]:
+    """Training texts of an evenly spread ``share`` of the documents, up to ``budget`` characters."""
     sample, size = [], 0
     for n, (_, pieces) in enumerate(docs):
-        if n % every:
+        if int((n + 1) * share) == int(n * share):  # document n is not one of the evenly spaced picks
             continue
         for split, text in pieces:
             if split == "train" and size < budget:
@@ -385,14 +385,14 @@ def prepare_data(
             given = TextTokenizer.from_file(partial / "tokenizer.json", model)
             log(f"data: resuming the tokenization in {partial}")
         elif given is None:
-            every = 1 if small else max(1, round(total / (tokenizer_sample_mb * MB)))
-            texts = _tokenizer_sample(docs_from(), every, int(tokenizer_sample_mb * MB) if not small else sys.maxsize)
+            share = min(1.0, tokenizer_sample_mb * MB / total)
+            texts = _tokenizer_sample(docs_from(), share, tokenizer_sample_mb * MB if not small else float("inf"))
             if not texts:
                 raise S.DataError(f"the corpus {data or '(bundled plays)'!r} is empty: no training text to "
                                   "train a tokenizer on")
             size = "" if kind == "char" else f" with vocab_size {vocab_size}"
             what = f"the {len(texts)} training documents" if small else (
-                f"a sample of {len(texts):,} training documents (every {every})")
+                f"a sample of {len(texts):,} training documents spread across the corpus")
             log(f"data: training a {kind} tokenizer{size} on {what}")
             given = TextTokenizer.wrap(train_tokenizer(kind, texts, vocab_size, model), model)
             del texts
