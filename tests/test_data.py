@@ -230,8 +230,15 @@ def test_cache_is_reused_and_keyed_on_corpus_and_settings(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert D.prepare_data(**{**kwargs, "vocab_size": 280}).cache_path != first.cache_path
     (corpus / "doc01.txt").write_text(prose(1) + "more\n")
-    assert D.prepare_data(**kwargs).cache_path != first.cache_path
-    assert len(list((tmp_path / "c").iterdir())) == 3  # no temporary directory left behind
+    latest = D.prepare_data(**kwargs)
+    assert latest.cache_path != first.cache_path
+    folders = [p for p in (tmp_path / "c").iterdir() if not p.is_symlink()]
+    assert len(folders) == 3 and all(p.name.isalnum() for p in folders)  # no temporary directory left behind
+
+    # A resumed run passes the tokenizer it saved: the cache that trained it answers, no tokenizing again.
+    monkeypatch.setattr(P, "_tokenize", no_training)
+    resumed = D.prepare_data(**{**kwargs, "tokenizer": str(latest.cache_path / "tokenizer.json")})
+    assert resumed.cache_path.resolve() == latest.cache_path
 
 
 def test_a_cache_of_another_layout_version_is_never_read(tmp_path, monkeypatch):

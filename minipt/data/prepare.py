@@ -131,6 +131,20 @@ def read_cache(path: Path, model: str) -> PreparedData:
     return PreparedData(tok, splits["train"], splits["val"], path)
 
 
+def _digest(tok: TextTokenizer) -> str:
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()
+
+
+def _link(alias: Path, target: Path) -> None:
+    """``alias`` names the cache ``target`` too: a resumed run, which passes the tokenizer it saved,
+    finds the cache that trained it instead of tokenizing the corpus again."""
+    if alias == target or os.path.lexists(alias):
+        return
+    tmp = alias.with_name(f"{alias.name}.tmp-{os.getpid()}")
+    os.symlink(target.name, tmp)
+    os.replace(tmp, alias)
+
+
 def _atomic_save(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -361,15 +375,15 @@ def prepare_data(
         raise S.DataError(f"split=stream needs the whole text in memory; this corpus is about {total / MB:,.0f} MB, "
                           f"over tokenizer_sample_mb={tokenizer_sample_mb:g}: use split=holdout or doc")
     kind = {"gpt": "bpe", "bert": "wordpiece"}[model] if tokenizer == "auto" else tokenizer
-    settings = {"version": CACHE_VERSION, "model": model, "split": mode, "val_fraction": val_fraction,
-                "text_field": text_field, "strip_markup": strip_markup}
+    base = {"version": CACHE_VERSION, "model": model, "split": mode, "val_fraction": val_fraction,
+            "text_field": text_field, "strip_markup": strip_markup}
     given = None
     if kind in KINDS:
-        settings.update(tokenizer=kind, vocab_size=vocab_size if kind != "char" else None,
-                        sample_mb=None if small else tokenizer_sample_mb)
+        settings = {**base, "tokenizer": kind, "vocab_size": vocab_size if kind != "char" else None,
+                    "sample_mb": None if small else tokenizer_sample_mb}
     else:
         given = TextTokenizer.from_file(kind, model)
-        settings.update(tokenizer=hashlib.sha256(given.to_str().encode()).hexdigest())
+        settings = {**base, "tokenizer": _digest(given)}
     path = root / _cache_key(sources, settings, by_content=small)
     if (path / "meta.json").is_file():
         log(f"data: reusing the tokenized corpus cached in {path}")
@@ -425,7 +439,10 @@ def prepare_data(
         shutil.rmtree(partial, ignore_errors=True)
     n = {name: sum(s["num_tokens"] for s in shards) for name, shards in meta["shards"].items()}
     log(f"data: {n['train']:,} training and {n['val']:,} validation tokens ({mode} split), cached in {path}")
-    return read_cache(path, model)
+    prepared = read_cache(path, model)
+    if kind in KINDS:
+        _link(root / _cache_key(sources, {**base, "tokenizer": _digest(prepared.tokenizer)}, small), path)
+    return prepared
 
 
 def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, root, log) -> PreparedData:
@@ -439,14 +456,15 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
                           "--vocab_size, or --tokenizer=PATH/tokenizer.json of the tokenizer that made them")
     tok = TextTokenizer.from_file(tokenizer, model) if tokenizer != "auto" else None
     size = tok.vocab_size if tok else vocab_size
-    settings = {"version": CACHE_VERSION, "tokens": True, "vocab_size": size, "val_fraction": val_fraction,
-                "tokenizer": hashlib.sha256(tok.to_str().encode()).hexdigest() if tok else None}
+    base = {"version": CACHE_VERSION, "tokens": True, "vocab_size": size, "val_fraction": val_fraction}
+    settings = {**base, "tokenizer": _digest(tok) if tok else None}
     path = root / _cache_key(sources, settings, by_content=False)
     if (path / "meta.json").is_file():
         log(f"data: reusing the checked token files recorded in {path}")
         return read_cache(path, model)
     files = TF.token_files(sources, size)
     shards = TF.split_token_files(files, val_fraction)
+    stand_in = tok is None
     tok = tok or TextTokenizer.wrap(id_tokenizer(size), model)
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -460,5 +478,7 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
         shutil.rmtree(partial, ignore_errors=True)
     n = {name: sum(x["num_tokens"] for x in s) for name, s in shards.items()}
     log(f"data: {n['train']:,} training and {n['val']:,} validation tokens read from {len(files)} token file(s)")
+    if stand_in:
+        _link(root / _cache_key(sources, {**base, "tokenizer": _digest(tok)}, by_content=False), path)
     return read_cache(path, model)
 
