@@ -252,6 +252,7 @@ BAD = {
                                      r"train\.bin: token id 300 at token 5 \(byte offset 10\) is not below the "
                                      r"vocabulary size 256"),
     "empty corpus": (lambda p: jsonl(p / "e.jsonl", ['{"text": "  "}', '{"text": ""}']), "is empty"),
+    "empty files": (lambda p: (p / "a.txt").write_text("") or (p / "b.md").write_text("") or p, "is empty"),
     "glob matching nothing": (lambda p: p / "*.parquet", r"data glob .*\*\.parquet' matches no file"),
 }
 

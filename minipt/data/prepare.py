@@ -399,7 +399,7 @@ def prepare_data(
             given = TextTokenizer.from_file(partial / "tokenizer.json", model)
             log(f"data: resuming the tokenization in {partial}")
         elif given is None:
-            share = min(1.0, tokenizer_sample_mb * MB / total)
+            share = 1.0 if small else tokenizer_sample_mb * MB / total
             texts = _tokenizer_sample(docs_from(), share, tokenizer_sample_mb * MB if not small else float("inf"))
             if not texts:
                 raise S.DataError(f"the corpus {data or '(bundled plays)'!r} is empty: no training text to "
