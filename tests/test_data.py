@@ -435,3 +435,53 @@ def test_to_device_keeps_values():
     arrays = {"x": np.arange(6, dtype=np.int64).reshape(2, 3), "m": np.array([True, False])}
     out = D.to_device(arrays, torch.device("cpu"))
     assert out["x"].tolist() == [[0, 1, 2], [3, 4, 5]] and out["m"].dtype == torch.bool
+
+
+# ----------------------------------------------------------------------------- several shards
+def sharded(split: D.TokenSplit, cuts: list[int]) -> D.TokenSplit:
+    """``split``'s one shard cut into several at the given document indexes (BERT) or token offsets (GPT)."""
+    shard = split.shards[0]
+    if shard.segment_offsets is None:
+        return D.TokenSplit([D.TokenShard(t) for t in np.split(np.asarray(shard.tokens), cuts)])
+    so, do, shards = shard.segment_offsets, shard.document_offsets, []
+    for a, b in zip([0, *cuts], [*cuts, len(do) - 1]):
+        seg = so[do[a]:do[b] + 1]
+        shards.append(D.TokenShard(shard.tokens[seg[0]:seg[-1]], do[a:b + 1] - do[a], seg - seg[0]))
+    return D.TokenSplit(shards)
+
+
+def test_windows_come_from_every_shard_and_never_span_two():
+    tokens = np.arange(600, dtype=np.uint16)
+    split = sharded(D.TokenSplit([D.TokenShard(tokens)]), [100, 130, 400])  # the 30-token shard is too short
+    sampler = D.WindowSampler(split, block_size=31, batch_size=64, seed=0)
+    rows = np.concatenate([b["x"] for b in sampler.next_step(8)])
+    seen = set()
+    for row in rows:
+        assert (np.diff(row) == 1).all()  # consecutive ids: one stretch of one shard
+        shard = int(np.searchsorted([100, 130, 400], row[0], side="right"))
+        assert row[-1] + 1 < [100, 130, 400, 600][shard]  # y's last token is in the same shard too
+        seen.add(shard)
+    assert seen == {0, 2, 3}
+    one = D.WindowSampler(D.TokenSplit([D.TokenShard(tokens)]), block_size=31, batch_size=4, seed=0)
+    assert one.starts.tolist() == [0, 600 - 31]  # a single shard reads as the stream it always was
+
+
+def test_pair_sampler_builds_pairs_within_each_shard_and_resumes_between_them():
+    tok = TextTokenizer.wrap(train_tokenizer("wordpiece", [prose(0)], 200, "bert"), "bert")
+    split = sharded(bert_split(), [1, 3])  # shards of documents {0}, {1, 2} and {3}
+    assert [len(s.documents()) for s in split.shards] == [1, 2, 1]
+    sampler = D.PairSampler(split, tok, block_size=24, batch_size=1, short_seq_prob=0.1, seed=2)
+    visited = []
+    while sampler.epoch == 0:
+        (x,) = sampler._take(1)
+        docs = {t // 100 for t in [*x.tokens_a.tolist(), *x.tokens_b.tolist()]}  # document d holds ids 100 d + i
+        shard = sampler._order(sampler.epoch)[sampler.shard]
+        assert docs <= [{0}, {1, 2}, {3}][shard]  # A and B (random B too) from the shard being read
+        visited.append(shard)
+    assert sorted(set(visited[:-1])) == [0, 1, 2]  # every shard once in an epoch, in the epoch's order
+    state = sampler.state_dict()
+    expected = sampler.next_step(3)
+    fresh = D.PairSampler(split, tok, block_size=24, batch_size=1, short_seq_prob=0.1, seed=2)
+    fresh.load_state_dict(state)
+    for a, b in zip(expected, fresh.next_step(3)):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
