@@ -324,10 +324,12 @@ def _tokenize(folder: Path, tok: TextTokenizer, model: str, docs_from, shard_tok
         _atomic_save(folder / f"part-{len(parts):05d}.json", lambda f: f.write(json.dumps(record).encode()))
         parts.append(record)
 
+    def encode(batch):
+        return batch, iter(tok.encode_batch([t for _, _, units in batch for _, seqs in units for t in seqs]))
+
     writers, docs = open_part(len(parts)), {"train": 0, "val": 0}
-    for batch in _read_ahead(_batches(docs_from(position), model)):
-        texts = [t for _, _, units in batch for _, seqs in units for t in seqs]
-        encoded = iter(tok.encode_batch(texts))
+    # Three stages on three threads: parse, encode (in Rust, without the GIL), write.
+    for batch, encoded in _read_ahead(map(encode, _read_ahead(_batches(docs_from(position), model)))):
         for position, nbytes, units in batch:
             ntokens = 0
             for split, seqs in units:
