@@ -2,10 +2,11 @@
 
 A synthetic corpus is generated in a temporary folder at run time (never
 committed): documents of words drawn from a Zipf law over 30,000 made-up words,
-with log-normal lengths (median about 2 KB, a tail past 50 KB, as web pages
-have), written as one ``.jsonl`` and, at the smallest size, as a folder of ``.txt`` files. At each size
-(0.25, 0.5 and 1 GB; ``--quick``: 2 MB) the same byte-level BPE tokenizer
-(trained once on a small sample) tokenizes it three ways, each in a fresh process:
+with log-normal lengths (median about 2 KB, a tail of tens of KB, as web pages
+have), written as one ``.jsonl`` and, at the smallest size, as a folder of
+``.txt`` files too. At each size (0.25, 0.5 and 1 GB; ``--quick``: 2 MB) the
+same byte-level BPE tokenizer (trained once on a small sample) tokenizes it in
+fresh processes:
 
 * ``minipt-jsonl`` and ``minipt-txt``: ``minipt.data.prepare_data`` into shards;
 * ``datasets.map``: what users do today, ``load_dataset("json", ...)`` then
@@ -14,9 +15,11 @@ have), written as one ``.jsonl`` and, at the smallest size, as a folder of ``.tx
 
 ``mb_per_s`` is corpus bytes over wall time; ``peak_rss_mb`` the peak resident
 memory of the process tree (sampled every 50 ms from /proc, workers included);
-``ratio`` is minipt's throughput over ``datasets.map``'s on the same file. A
-last row times ``python -m minipt.train --data=<jsonl>`` from launch to the end
-of its first step, tokenizer training and tokenization included (``first_step_s``).
+``ratio`` is a row's throughput over ``datasets.map``'s on the same corpus. The
+last row (``first_step_s``) is the wall time of ``python -m minipt.train
+--data=<the largest jsonl> --max_iters=1`` from launch to exit, a fresh cache:
+the tokenizer trained on its sample, the corpus tokenized, one step, two
+evaluations and the save.
 """
 
 from __future__ import annotations
