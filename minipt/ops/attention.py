@@ -499,14 +499,14 @@ def _attention_bwd_dq_kernel(
 # registers, 8 warps share the same tile. fp32 inputs run exact fp32 dots
 # (input_precision="ieee"), which live in registers, hence the small tiles.
 #
-# Checked by tests/test_compile_gate.py, which compiles every variant (head dims
-# 16-128, causal or not, key mask or not; fp16/bf16 exhaustively, fp32 and short
-# sequences sampled) without a GPU, with Triton 3.6 and 3.9: no spilled register
-# on sm_80 and sm_90, shared memory within 163 KB (sm_80) and 227 KB (sm_90) per
-# block, tensor-core instructions for fp16/bf16; the 16-bit variants of the 8.6
-# and 8.9 entries (head dims 64 and 128) also compile spill-free within their
-# 99 KB. A capability between entries takes the nearest lower one. A fixed table
-# rather than an autotuner: each config is one compile, where tuning would
+# Checked by tests/test_compile_gate.py, which compiles the kernels without a GPU
+# (fp16/bf16 exhaustively: head dims 16-128, causal or not, key mask or not; fp32
+# and short sequences sampled) and passes with Triton 3.6 and 3.9: no spilled
+# register on sm_80 and sm_90, shared memory within 163 KB (sm_80) and 227 KB
+# (sm_90) per block, tensor-core instructions for fp16/bf16; the 16-bit variants
+# of the 8.6 and 8.9 entries (head dims 64 and 128) also compile spill-free within
+# their 99 KB. A capability between entries takes the nearest lower one. A fixed
+# table rather than an autotuner: each config is one compile, where tuning would
 # compile and time every candidate for every shape class.
 _FP32_CONFIGS = {
     ("fwd", 64, 4): (32, 32, 8, 2),
