@@ -149,7 +149,9 @@ def create_pair_instances(
                     tokens_b = [t for s in chunk[a_end:] for t in s.tolist()]
                 _truncate_pair(tokens_a, tokens_b, max_tokens, rng)
                 if tokens_a and tokens_b:
-                    instances.append(PairInstance(np.asarray(tokens_a), np.asarray(tokens_b), is_random))
+                    # int32: a shard's instances are held for as long as it is read
+                    instances.append(PairInstance(np.asarray(tokens_a, np.int32), np.asarray(tokens_b, np.int32),
+                                                  is_random))
                 chunk, length = [], 0
                 target = max_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_tokens)
             i += 1
@@ -207,8 +209,9 @@ class PairSampler:
             self._advance()
         else:
             raise DataError("the training split yields no segment pair; use a larger corpus")
-        self.epoch, self.shard, self.position = 0, 0, 0
-        self._load()
+        if (self.epoch, self.shard) != (0, 0):  # back to the start: empty shards are skipped as they come
+            self.epoch, self.shard, self.position = 0, 0, 0
+            self._load()
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.shards)))
