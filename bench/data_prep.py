@@ -13,9 +13,9 @@ fresh processes:
   ``.map(batched=True, num_proc=<cores>)`` with the same tokenizer, Arrow cache
   included.
 
-``mb_per_s`` is corpus bytes over wall time; ``peak_rss_mb`` the peak resident
-memory of the process tree (sampled every 50 ms from /proc, workers included);
-``ratio`` is a row's throughput over ``datasets.map``'s on the same corpus. The
+``mb_per_s`` is the jsonl's bytes over wall time (the txt files hold the same
+documents); ``peak_rss_mb`` the peak resident memory of the process tree
+(sampled every 50 ms from /proc, workers included); ``ratio`` is a row's throughput over ``datasets.map``'s on the same corpus. The
 last row (``first_step_s``) is the wall time of ``python -m minipt.train
 --data=<the largest jsonl> --max_iters=1`` from launch to exit, a fresh cache:
 the tokenizer trained on its sample, the corpus tokenized, one step, two
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,8 +43,8 @@ CORES = os.cpu_count() or 1
 WORDS = 30_000
 
 
-def write_corpus(folder: Path, target_bytes: int, seed: int = 0) -> tuple[Path, Path]:
-    """``corpus.jsonl`` and ``txt/`` of about ``target_bytes`` of the same documents."""
+def write_corpus(folder: Path, sizes: tuple[int, ...], seed: int = 0) -> tuple[list[Path], Path]:
+    """One ``corpus-<size>.jsonl`` per size, each a prefix of the next, and ``txt/``: the smallest as files."""
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
     weights = 1.0 / np.arange(1, 27)
@@ -51,22 +52,28 @@ def write_corpus(folder: Path, target_bytes: int, seed: int = 0) -> tuple[Path, 
                       for _ in range(WORDS)])
     zipf = np.cumsum(1.0 / np.arange(1, WORDS + 1))
     zipf /= zipf[-1]
-    jsonl, txt = folder / "corpus.jsonl", folder / "txt"
+    paths, txt = [folder / f"corpus-{size}.jsonl" for size in sizes], folder / "txt"
     txt.mkdir(parents=True, exist_ok=True)
-    txt_bytes = min(target_bytes, 2**28)
+    files = [open(p, "w", encoding="utf-8") for p in paths]
     written, n = 0, 0
-    with open(jsonl, "w", encoding="utf-8") as f:
-        while written < target_bytes:
+    try:
+        while written < sizes[-1]:
             words = vocab[np.searchsorted(zipf, rng.random(max(8, int(rng.lognormal(5.8, 1.0)))))]
             sentences = np.array_split(words, max(1, len(words) // 12))
             text = "\n\n".join(" ".join(s).capitalize() + "." for s in sentences)
-            f.write(json.dumps({"id": n, "text": text}) + "\n")
-            if written < txt_bytes:
+            line = json.dumps({"id": n, "text": text}) + "\n"
+            for size, f in zip(sizes, files):
+                if written < size:
+                    f.write(line)
+            if written < sizes[0]:
                 (txt / f"{n // 1000:04d}").mkdir(exist_ok=True)
                 (txt / f"{n // 1000:04d}" / f"{n:07d}.txt").write_text(text, encoding="utf-8")
-            written += len(text) + 20
+            written += len(line)
             n += 1
-    return jsonl, txt
+    finally:
+        for f in files:
+            f.close()
+    return paths, txt
 
 
 def run_measured(cmd: list[str], cwd: Path) -> dict:
@@ -132,14 +139,12 @@ def run(device: str, quick: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="minipt-data-bench-") as tmp:
         tmp = Path(tmp)
-        for size in sizes:
-            folder = tmp / f"corpus-{size}"
-            jsonl, txt = write_corpus(folder, size)
-            tok_path = tmp / "tokenizer.json"
-            if not tok_path.exists():  # one tokenizer for every size and provider
-                with open(jsonl) as f:
-                    sample = [json.loads(line)["text"] for _, line in zip(range(2000), f)]
-                train_tokenizer("bpe", sample, 8192, "gpt").save(str(tok_path))
+        corpora, txt = write_corpus(tmp / "corpus", sizes)
+        tok_path = tmp / "tokenizer.json"  # one tokenizer for every size and provider
+        with open(corpora[0]) as f:
+            sample = [json.loads(line)["text"] for _, line in zip(range(2000), f)]
+        train_tokenizer("bpe", sample, 8192, "gpt").save(str(tok_path))
+        for size, jsonl in zip(sizes, corpora):
             nbytes = jsonl.stat().st_size
             results = {}
             providers = [("minipt-jsonl", MINIPT, jsonl), ("datasets.map", DATASETS, jsonl)]
@@ -153,7 +158,7 @@ def run(device: str, quick: bool) -> list[dict]:
                 rows.append({"name": "tokenize", "provider": provider, "corpus_mb": round(nbytes / 2**20),
                              "wall_s": m["wall_s"], "mb_per_s": nbytes / 2**20 / m["wall_s"],
                              "peak_rss_mb": m["peak_rss_mb"]})
-                subprocess.run(["rm", "-rf", str(cache)], check=True)
+                shutil.rmtree(cache, ignore_errors=True)
             base = results["datasets.map"]["wall_s"]
             for r in rows[-len(providers):]:
                 r["ratio"] = base / r["wall_s"]
