@@ -135,7 +135,9 @@ def find_sources(data: str) -> list[Source]:
         sources.append(Source(p, str(p.relative_to(root)) if p.is_relative_to(root) else str(p), suffix))
     kinds = {s.suffix in TOKEN_FORMATS for s in sources}
     if len(kinds) > 1:
-        raise DataError(f"data {data!r} mixes text files and .bin token files; name one kind")
+        example = Path(data) / "*.bin" if Path(data).is_dir() else "a glob of one kind"
+        raise DataError(f"data {data!r} mixes text files and .bin token files (a nanoGPT data folder holds "
+                        f"input.txt beside train.bin); name one kind, e.g. --data='{example}'")
     return sources
 
 
