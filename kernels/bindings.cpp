@@ -253,7 +253,7 @@ PYBIND11_MODULE(_C, m) {
   def_kernels<Cuda>(m);
   // Attention has CUDA kernels only.
   def_on<Cuda>(m, "attention_forward", &attention_forward_binding,
-               "Flash-style attention forward: out (B, H, T, D) and base-2 lse (B, H, T)", py::arg("q"),
+               "Flash-style attention forward: out in (B, T, H, D) memory and base-2 lse (B, H, T)", py::arg("q"),
                py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("batch"),
                py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
                py::arg("scale"));

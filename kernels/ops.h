@@ -64,7 +64,7 @@ void mlm_mask_cuda(const MlmMaskArgs& a, uintptr_t stream);
 // ---------------------------------------------------------------- attention (CUDA only)
 struct AttentionArgs {
   uintptr_t q, k, v;   // (B, H, T, D), FloatType, contiguous
-  uintptr_t out;       // (B, H, T, D), FloatType
+  uintptr_t out;       // dense (B, T, H, D) memory, FloatType: heads merge for free
   uintptr_t lse;       // (B, H, T) float32, base-2 log-sum-exp of the scaled scores; +inf for a row with no key
   uintptr_t key_mask;  // (B, T) uint8, nonzero = real token, or 0 for no padding
   int64_t batch, heads, seq_len, head_dim;
@@ -74,7 +74,7 @@ struct AttentionArgs {
 };
 
 struct AttentionGrads {
-  uintptr_t grad_out;          // (B, H, T, D), FloatType
+  uintptr_t grad_out;          // dense (B, T, H, D) memory (the gradient of the out view), FloatType
   uintptr_t delta;             // (B, H, T) float32 scratch: rowsum(dO · O)
   uintptr_t grad_q, grad_k, grad_v;  // (B, H, T, D), FloatType
 };

@@ -12,10 +12,14 @@ modules beside them hold plumbing that several ops share and import no op:
 How kernels meet torch, the same way in every op:
 
 * every kernel launch is a ``torch.library`` operator, so ``torch.compile`` keeps
-  it whole instead of breaking the graph: Triton launchers are ``triton_op``\\ s
-  that launch through ``torch.library.wrap_triton`` (the compiler can see into
-  them), native kernels are ``custom_op``\\ s with a ``register_fake`` that only
-  describes the outputs;
+  it whole instead of breaking the graph. Native kernels are ``custom_op``\\ s with
+  a ``register_fake`` that only describes the outputs. Triton launchers are
+  ``triton_op``\\ s that launch through ``torch.library.wrap_triton``, so the
+  compiler can see into them, except cross-entropy's and the linear
+  cross-entropy chunk loop's: those are ``custom_op``\\ s too, because the
+  compiler traces a ``triton_op``'s launcher with fake tensors, which the
+  interpreter's kernels cannot take, and their ``torch.compile`` tests must run
+  on machines without a GPU (see cross_entropy.py);
 * a differentiable op attaches its backward with ``register_autograd``;
 * names are ``minipt::<backend>_<op>_fwd`` and ``_bwd``, or
   ``minipt::<backend>_<op>`` for an op without a backward.
