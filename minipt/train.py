@@ -38,7 +38,7 @@ from minipt.ops._loss import IGNORE_INDEX
 from minipt.runlog import (
     Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses, read_metrics,
 )
-from minipt.tokenizer import TextTokenizer, TokenizerError
+from minipt.tokenizer import TokenizerError
 
 PROG = "python -m minipt.train"
 # The CPU-sized model when no --preset is given: trains in minutes on two cores.
@@ -55,17 +55,19 @@ class Interrupted(Exception):
 
 
 # ----------------------------------------------------------------------------- model and optimizer
-def model_config(cfg: TrainConfig, tok: TextTokenizer) -> GPTConfig | BertConfig:
-    """The model config: preset (or the CPU-sized default), then the fields given explicitly."""
+def model_config(cfg: TrainConfig, vocab_size: int, pad_id: int) -> GPTConfig | BertConfig:
+    """The model config: preset (or the CPU-sized default), then the fields given explicitly.
+
+    ``vocab_size`` and ``pad_id`` come from the tokenizer (pad_id is BERT's)."""
     cls = MODEL_KINDS[cfg.model].config
     shape = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"}
     fields = shape & {f.name for f in dataclasses.fields(cls)}
     overrides = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) is not None}
     # Round the vocabulary up to a multiple of 64, as nanoGPT does with 50257 -> 50304: the
     # extra rows are never targets, and the LM-head matmul gets friendlier shapes.
-    overrides.update(vocab_size=-(-tok.vocab_size // 64) * 64, backend=cfg.backend)
+    overrides.update(vocab_size=-(-vocab_size // 64) * 64, backend=cfg.backend)
     if cfg.model == "bert":
-        overrides["pad_token_id"] = tok.pad_id
+        overrides["pad_token_id"] = pad_id
     try:
         if cfg.preset:
             return cls.preset(cfg.preset, **overrides)
@@ -119,7 +121,7 @@ class Run:
         self.data = self._prepare_data()
         self.tok = self.data.tokenizer
         torch.manual_seed(cfg.seed + rt.rank)
-        self.model_config = model_config(cfg, self.tok)
+        self.model_config = model_config(cfg, self.tok.vocab_size, self.tok.pad_id)
         self.model = build_model(cfg.model, self.model_config).to(rt.device)
         self.block_size = self.model_config.block_size
         self.optimizer = make_optimizer(self.model, cfg, rt.device)
@@ -281,6 +283,9 @@ class Run:
 def resolve_config(argv) -> TrainConfig:
     overrides = parse_overrides(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
     cfg = make_config(TrainConfig, overrides)
+    # The model's fields are checked before any data is read, so a typo costs no
+    # tokenization; the real vocabulary size replaces this stand-in later.
+    model_config(cfg, vocab_size=64, pad_id=0)
     if not cfg.resume:
         return cfg
     saved = ckpt.read_config(cfg.out_dir)["train"]

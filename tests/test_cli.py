@@ -113,6 +113,8 @@ def test_model_shape_errors_name_both_fields(tmp_path, capsys):
 def test_model_fields_are_checked_by_the_model_config(tmp_path, capsys, setting, pattern):
     key, value = setting.split("=")
     fails(base_args(tmp_path, **{key: value}), capsys, pattern)
+    # before any data is read: a missing corpus is not what the error is about
+    fails(base_args(tmp_path, data=tmp_path / "nowhere.txt", **{key: value}), capsys, pattern)
 
 
 # ----------------------------------------------------------------------------- data

@@ -77,14 +77,14 @@ def test_weight_decay_reaches_matrices_and_embeddings_only():
 
 def test_model_config_from_defaults_preset_and_overrides():
     tok = TextTokenizer.wrap(train_tokenizer("char", ["abc"], 0, "gpt"), "gpt")
-    cfg = T.model_config(TrainConfig(), tok)
+    cfg = T.model_config(TrainConfig(), tok.vocab_size, tok.pad_id)
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (4, 128, 128, 64)
-    cfg = T.model_config(TrainConfig(preset="gpt2", n_layer=2, dropout=0.2), tok)
+    cfg = T.model_config(TrainConfig(preset="gpt2", n_layer=2, dropout=0.2), tok.vocab_size, tok.pad_id)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.block_size) == (2, 12, 768, 0.2, 1024)
     with pytest.raises(ConfigError, match=r"n_embd \(100\) must be divisible by n_head \(3\)"):
-        T.model_config(TrainConfig(n_embd=100, n_head=3), tok)
+        T.model_config(TrainConfig(n_embd=100, n_head=3), tok.vocab_size, tok.pad_id)
     with pytest.raises(ConfigError, match="unknown preset 'gpt5'"):
-        T.model_config(TrainConfig(preset="gpt5"), tok)
+        T.model_config(TrainConfig(preset="gpt5"), tok.vocab_size, tok.pad_id)
 
 
 def test_mlm_mask_seeds_differ_per_step_microstep_and_rank():
