@@ -32,6 +32,7 @@ class TrainConfig:
     # ---- what to train
     model: str = "gpt"  # gpt (causal LM) or bert (masked LM + next sentence prediction)
     preset: str = ""  # a named size (gpt2, gpt-mini, bert-base, bert-mini, ...); empty: the CPU-sized default
+    init_from: str = ""  # a minipt run or Hugging Face GPT-2/BERT folder: its architecture, weights, tokenizer
     objective: str = "mlm+nsp"  # BERT: mlm+nsp, or mlm alone (the NSP head is then not trained)
     n_layer: int | None = None  # transformer blocks; none: the preset's, else 4
     n_head: int | None = None  # attention heads per block; none: the preset's, else 4
@@ -115,6 +116,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.model == "bert" and self.bias is not None:
             raise ConfigError("bias applies to --model gpt only; BERT always has biases")
+        if self.init_from and self.preset:
+            raise ConfigError("preset and init_from both set the architecture: init_from takes the checkpoint's")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other: pick one")
 

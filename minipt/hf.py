@@ -21,12 +21,27 @@ has none): ``from_hf`` drops it, and ``to_hf`` writes 0.0 there.
 
 ``transformers`` is an optional dependency (the ``test`` extra) and is imported
 only when a conversion runs.
+
+:func:`load_hf_folder` reads a folder written by ``save_pretrained`` without
+``transformers``: ``config.json`` (a field it leaves out has transformers'
+default, :data:`HF_CONFIG_DEFAULTS`) and the weights (``model.safetensors``, its
+sharded form, or ``pytorch_model.bin`` read with ``weights_only=True``), through
+the same key maps. Older checkpoints (the hub's ``gpt2``) store GPT-2 without its
+``transformer.`` prefix and BERT's LayerNorms as gamma/beta; both are read.
+``BertForMaskedLM`` has neither pooler nor NSP head: they start fresh, and the
+loader says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import torch
 
+from minipt.checkpoint import CheckpointError
 from minipt.model import BERT, GPT, BertConfig, GPTConfig
 
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # two implementations of the same tanh approximation
@@ -69,6 +84,8 @@ def _require(ok: bool, what: str, why: str) -> None:
 
 
 def _require_tied(sd: dict, head: str, embedding: str) -> None:
+    if head not in sd:  # save_pretrained leaves a tied head out of the file
+        return
     _require(
         torch.equal(sd[head], sd[embedding]),
         f"{head} differs from {embedding}",
@@ -127,9 +144,8 @@ def _gpt_config_from_hf(c, backend: str) -> GPTConfig:
     )
 
 
-def _gpt_from_hf(hf_model, backend: str) -> GPT:
-    config = _gpt_config_from_hf(hf_model.config, backend)
-    sd = hf_model.state_dict()
+def _gpt_weights(config: GPTConfig, sd) -> dict[str, torch.Tensor]:
+    """minipt's GPT state dict from GPT2LMHeadModel's."""
     _require_tied(sd, "lm_head.weight", "transformer.wte.weight")
     ours = {}
     for key in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"):
@@ -138,8 +154,13 @@ def _gpt_from_hf(hf_model, backend: str) -> GPT:
         for key in _GPT2_BLOCK_KEYS:
             full = f"transformer.h.{i}.{key}"
             ours[full] = sd[full].t() if key in _GPT2_CONV1D else sd[full]
+    return ours
+
+
+def _gpt_from_hf(hf_model, backend: str) -> GPT:
+    config = _gpt_config_from_hf(hf_model.config, backend)
     model = _place_like(GPT(config), hf_model)
-    model.load_state_dict(ours, strict=True)
+    model.load_state_dict(_gpt_weights(config, hf_model.state_dict()), strict=True)
     return model
 
 
@@ -229,21 +250,31 @@ def _bert_config_from_hf(c, backend: str) -> BertConfig:
     )
 
 
-def _bert_from_hf(hf_model, backend: str) -> BERT:
-    config = _bert_config_from_hf(hf_model.config, backend)
-    sd = hf_model.state_dict()
+# BertForMaskedLM has no pooler and no NSP head: minipt's start fresh.
+_BERT_NSP_PARTS = ("pooler.weight", "pooler.bias", "nsp_head.weight", "nsp_head.bias")
+
+
+def _bert_weights(config: BertConfig, sd, *, with_nsp: bool = True) -> dict[str, torch.Tensor]:
+    """minipt's BERT state dict from BertForPreTraining's (``with_nsp=False``: BertForMaskedLM's)."""
     _require_tied(sd, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
-    if "cls.predictions.decoder.bias" in sd:
-        _require_tied(sd, "cls.predictions.decoder.bias", "cls.predictions.bias")
-    ours = {ours: sd[theirs] for theirs, ours in _bert_key_map(config.n_layer).items()}
+    _require_tied(sd, "cls.predictions.decoder.bias", "cls.predictions.bias")
+    ours = {
+        ours: sd[theirs] for theirs, ours in _bert_key_map(config.n_layer).items()
+        if with_nsp or ours not in _BERT_NSP_PARTS
+    }
     for i in range(config.n_layer):
         prefix = f"bert.encoder.layer.{i}.attention.self"
         for part in ("weight", "bias"):
             ours[f"layers.{i}.attn.qkv.{part}"] = torch.cat(
                 [sd[f"{prefix}.{name}.{part}"] for name in ("query", "key", "value")], dim=0
             )
+    return ours
+
+
+def _bert_from_hf(hf_model, backend: str) -> BERT:
+    config = _bert_config_from_hf(hf_model.config, backend)
     model = _place_like(BERT(config), hf_model)
-    model.load_state_dict(ours, strict=True)
+    model.load_state_dict(_bert_weights(config, hf_model.state_dict()), strict=True)
     return model
 
 
@@ -275,3 +306,130 @@ def _bert_to_hf(model: BERT):
 
     _load_into_hf(hf_model, weights)
     return hf_model
+
+
+# ----------------------------------------------------------------------------- folders saved by save_pretrained
+# The architectures a folder may hold (config.json's "architectures"), and minipt's kind for each.
+HF_ARCHITECTURES = {"GPT2LMHeadModel": "gpt", "BertForPreTraining": "bert", "BertForMaskedLM": "bert"}
+# transformers' GPT2Config and BertConfig defaults of the fields read here: save_pretrained
+# writes only the fields that differ from the defaults of PretrainedConfig.
+HF_CONFIG_DEFAULTS = {
+    "gpt": dict(
+        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+        activation_function="gelu_new", resid_pdrop=0.1, layer_norm_epsilon=1e-5, scale_attn_weights=True,
+        scale_attn_by_inverse_layer_idx=False, add_cross_attention=False,
+    ),
+    "bert": dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        hidden_act="gelu", hidden_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
+        layer_norm_eps=1e-12, pad_token_id=0, position_embedding_type="absolute", is_decoder=False,
+        add_cross_attention=False,
+    ),
+}
+# Buffers that older transformers versions saved beside the weights: the causal mask, the position ids.
+_HF_BUFFERS = (".attn.bias", ".attn.masked_bias", ".embeddings.position_ids")
+
+
+def read_hf_config(folder: str | Path, *, backend: str = "auto") -> tuple[str, str, GPTConfig | BertConfig]:
+    """(architecture, minipt kind, model config) of a Hugging Face model folder; reads config.json only."""
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is not a model config: expected a JSON object")
+    architectures = raw.get("architectures") or []
+    supported = ", ".join(HF_ARCHITECTURES)
+    if not architectures or architectures[0] not in HF_ARCHITECTURES:
+        found = architectures[0] if architectures else f"no architectures (model_type {raw.get('model_type')!r})"
+        raise CheckpointError(f"{path} describes {found}; minipt reads {supported}")
+    architecture = architectures[0]
+    kind = HF_ARCHITECTURES[architecture]
+    fields = SimpleNamespace(**{**HF_CONFIG_DEFAULTS[kind], **raw})
+    try:
+        config = (_gpt_config_from_hf if kind == "gpt" else _bert_config_from_hf)(fields, backend)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return architecture, kind, config
+
+
+class _Tensors(dict):
+    """A checkpoint's tensors by name; a missing one is named with its file, and every one read is noted."""
+
+    def __init__(self, tensors: dict, source: str):
+        super().__init__(tensors)
+        self.source, self.read = source, set()
+
+    def __getitem__(self, key):
+        if key not in self:
+            raise CheckpointError(f"{self.source} lacks the tensor {key!r} that its config.json implies")
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _read_tensors(folder: Path) -> tuple[dict, str]:
+    from safetensors.torch import load_file
+
+    single, index, pickled = folder / "model.safetensors", folder / "model.safetensors.index.json", (
+        folder / "pytorch_model.bin")
+    try:
+        if single.is_file():
+            return load_file(str(single)), str(single)
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}, str(index)
+        if pickled.is_file():
+            return torch.load(pickled, map_location="cpu", weights_only=True), str(pickled)
+    except Exception as exc:  # safetensors and torch.load raise several types for a truncated or garbled file
+        raise CheckpointError(f"cannot read the weights in {folder}: {type(exc).__name__}: {exc}") from None
+    raise CheckpointError(f"{folder} holds no weights: expected model.safetensors or pytorch_model.bin")
+
+
+def _hf_names(tensors: dict, kind: str) -> dict:
+    """The names today's transformers gives: GPT-2 under ``transformer.``, LayerNorms with weight and bias."""
+    out = {}
+    for key, value in tensors.items():
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if kind == "gpt" and not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key
+        out[key] = value
+    return out
+
+
+def load_hf_folder(folder: str | Path, *, backend: str = "auto", dropout: float | None = None):
+    """(model, notes): a minipt GPT or BERT, float32 on the CPU, from a ``save_pretrained`` folder.
+
+    ``dropout`` replaces the checkpoint's; ``notes`` say what did not come from the checkpoint.
+    """
+    folder = Path(folder)
+    architecture, kind, config = read_hf_config(folder, backend=backend)
+    if dropout is not None:
+        config = dataclasses.replace(config, dropout=dropout)
+    raw, source = _read_tensors(folder)
+    tensors = _Tensors(_hf_names(raw, kind), source)
+    with_nsp = architecture != "BertForMaskedLM"
+    try:
+        ours = _gpt_weights(config, tensors) if kind == "gpt" else _bert_weights(config, tensors, with_nsp=with_nsp)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    unread = sorted(k for k in tensors if k not in tensors.read and not k.endswith(_HF_BUFFERS)
+                    and k not in ("lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"))
+    if unread:
+        raise CheckpointError(
+            f"{source} holds tensors its config.json does not describe ({len(unread)}, e.g. {unread[:3]}): "
+            f"the config says n_layer={config.n_layer}"
+        )
+    model = (GPT if kind == "gpt" else BERT)(config)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k, v in ours.items() if list(v.shape) != shapes[k]]
+    if wrong:
+        raise CheckpointError(
+            f"{source} does not fit its config.json: {len(wrong)} tensors have other shapes, e.g. minipt's {wrong[0]} "
+            f"is {list(ours[wrong[0]].shape)} in the file but {shapes[wrong[0]]} by the config"
+        )
+    missing, _ = model.load_state_dict(ours, strict=False)
+    notes = []
+    if missing:
+        notes.append(f"{architecture} has no pooler or NSP head: minipt's start freshly initialised ({', '.join(missing)})")
+    return model, notes

@@ -1,4 +1,8 @@
-"""``python -m minipt.sample --out_dir DIR``: use a trained run.
+"""``python -m minipt.sample --out_dir DIR``: use a trained run, or a Hugging Face model folder.
+
+``DIR`` is a minipt run folder or a folder saved by ``save_pretrained``
+(GPT2LMHeadModel, BertForPreTraining, BertForMaskedLM) with its tokenizer; see
+:func:`load_run`, which ``train --init_from`` and ``eval`` share.
 
 * GPT continues ``--prompt`` (an empty prompt starts a new document) with
   ``--temperature``, ``--top_k``, ``--max_new_tokens`` and ``--seed``.
@@ -11,10 +15,13 @@ Examples::
     python -m minipt.sample --out_dir out --prompt "ROMEO:" --max_new_tokens 100
     python -m minipt.sample --out_dir out-bert --text "The cat sits on the [MASK]."
     python -m minipt.sample --out_dir out-bert --text_a "I like cats." --text_b "They are cute."
+    python -m minipt.sample --out_dir ~/models/gpt2 --prompt "The cat sits on the" --temperature 0
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +29,10 @@ from pathlib import Path
 import torch
 
 from minipt import checkpoint as ckpt
-from minipt import runtime
+from minipt import hf, runtime
 from minipt.config import ConfigError, check_types, make_config, parse_overrides
 from minipt.model import build_model
-from minipt.tokenizer import TextTokenizer, TokenizerError
+from minipt.tokenizer import TextTokenizer, TokenizerError, load_hf_tokenizer
 
 PROG = "python -m minipt.sample"
 
@@ -33,7 +40,7 @@ PROG = "python -m minipt.sample"
 @dataclass
 class SampleConfig:
     # ---- run
-    out_dir: str = "out"  # run folder holding config.json, tokenizer.json and model.safetensors
+    out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on a GPU, else float32), float32 or bfloat16
     seed: int = 1337  # seeds the sampling
@@ -62,13 +69,58 @@ class SampleConfig:
             raise ConfigError("next sentence prediction needs both --text_a and --text_b")
 
 
-def load_run(out_dir: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, TextTokenizer, dict]:
-    """The model (in eval mode, on ``device``), tokenizer and config.json of a saved run."""
-    config = ckpt.read_config(out_dir)
-    kind = config["model_type"]
-    tok = TextTokenizer.from_file(Path(out_dir) / ckpt.TOKENIZER, kind)
-    model = build_model(kind, config["model"])
-    ckpt.load_weights(out_dir, model, device)
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a Hugging Face model rather than a minipt run (whose config.json has a "train" entry)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ckpt.CheckpointError(f"{path} is not a folder: expected a minipt run or a Hugging Face model folder")
+    if not (folder / ckpt.CONFIG).is_file():
+        raise ckpt.CheckpointError(f"{path} is neither a minipt run nor a Hugging Face model: it holds no {ckpt.CONFIG}")
+    try:
+        return "train" not in json.loads((folder / ckpt.CONFIG).read_text(encoding="utf-8"))
+    except (ValueError, TypeError) as exc:
+        raise ckpt.CheckpointError(f"{folder / ckpt.CONFIG} is corrupt: {exc}") from None
+
+
+def read_model_config(path: str | Path) -> tuple[str, dict]:
+    """(kind, model config) of a minipt run or a Hugging Face model folder, from its config.json alone."""
+    if is_hf_folder(path):
+        _, kind, config = hf.read_hf_config(path)
+        return kind, dataclasses.asdict(config)
+    config = ckpt.read_config(path)
+    return config["model_type"], config["model"]
+
+
+def check_vocabulary(tok: TextTokenizer, embedding_rows: int, source) -> None:
+    """Refuse a tokenizer with ids past the model's embedding; fewer tokens than rows is normal (padded rows)."""
+    if tok.vocab_size > embedding_rows:
+        raise TokenizerError(
+            f"the tokenizer of {source} has {tok.vocab_size} tokens but the model's embedding has {embedding_rows} "
+            f"rows: ids {embedding_rows} to {tok.vocab_size - 1} would index past it"
+        )
+
+
+def load_run(
+    path: str | Path, device: torch.device | str = "cpu", *, backend: str | None = None, dropout: float | None = None,
+) -> tuple[torch.nn.Module, TextTokenizer, dict]:
+    """The model (in eval mode, on ``device``), tokenizer and config of a run or a Hugging Face model folder.
+
+    The config is the run's config.json; for a Hugging Face folder, ``model_type``,
+    ``model`` and ``notes`` (what did not come from the checkpoint, such as a fresh
+    NSP head). ``backend`` and ``dropout`` replace the saved ones.
+    """
+    kind, model_config = read_model_config(path)
+    overrides = {k: v for k, v in (("backend", backend), ("dropout", dropout)) if v is not None}
+    if is_hf_folder(path):
+        tok = load_hf_tokenizer(path, kind)
+        model, notes = hf.load_hf_folder(path, **overrides)
+        config = {"model_type": kind, "model": dataclasses.asdict(model.config), "notes": notes}
+    else:
+        config = ckpt.read_config(path)
+        tok = TextTokenizer.from_file(Path(path) / ckpt.TOKENIZER, kind)
+        model = build_model(kind, {**model_config, **overrides})
+        ckpt.load_weights(path, model, device)
+    check_vocabulary(tok, model.config.vocab_size, path)
     return model.to(device).eval(), tok, config
 
 
@@ -164,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = make_config(SampleConfig, parse_overrides(SampleConfig, argv, PROG, __doc__))
         rt = runtime.setup(cfg.device, cfg.dtype)
         model, tok, config = load_run(cfg.out_dir, rt.device)
+        for note in config.get("notes", []):
+            print(f"note: {note}", file=sys.stderr)
         if config["model_type"] == "gpt":
             texts = generate_text(
                 model, tok, cfg.prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

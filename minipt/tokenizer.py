@@ -16,10 +16,15 @@ text), plus any ``tokenizer.json`` the user brings:
 Special tokens depend on the model: GPT gets ``<|endoftext|>``, placed between
 documents; BERT gets ``[PAD] [UNK] [CLS] [SEP] [MASK]``. WordPiece and char
 also carry ``[UNK]`` for GPT, since text outside their vocabulary can occur.
+
+A Hugging Face model folder brings its own tokenizer (:func:`load_hf_tokenizer`):
+its ``tokenizer.json``, else BERT's ``vocab.txt`` or GPT-2's ``vocab.json`` +
+``merges.txt``, rebuilt as ``BertTokenizerFast`` and ``GPT2TokenizerFast`` build them.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,3 +147,37 @@ class TextTokenizer:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_str(), encoding="utf-8")
 
+
+
+def load_hf_tokenizer(folder: str | Path, model: str) -> TextTokenizer:
+    """The tokenizer saved beside a Hugging Face model: tokenizer.json, vocab.txt or vocab.json + merges.txt."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return TextTokenizer.from_file(folder / "tokenizer.json", model)
+    try:
+        if (folder / "vocab.txt").is_file():
+            settings = folder / "tokenizer_config.json"
+            # bert-base-uncased and its kind lowercase; a cased model says do_lower_case=false here
+            lowercase = json.loads(settings.read_text(encoding="utf-8")).get("do_lower_case", True) if (
+                settings.is_file()) else True
+            tok = Tokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token=UNK))
+            tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+            tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            tok.decoder = decoders.WordPiece()
+            tok.add_special_tokens([t for t in BERT_SPECIALS if tok.token_to_id(t) is not None])
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            if tok.token_to_id(EOT) is not None:  # whole in a text, as GPT2TokenizerFast treats it
+                tok.add_special_tokens([EOT])
+        else:
+            raise TokenizerError(
+                f"{folder} holds no tokenizer: expected tokenizer.json, vocab.txt (BERT) or vocab.json and "
+                "merges.txt (GPT-2)"
+            )
+    except TokenizerError:
+        raise
+    except Exception as exc:  # tokenizers raises a bare Exception on a malformed vocabulary, json a ValueError
+        raise TokenizerError(f"cannot read the tokenizer in {folder}: {exc}") from None
+    return TextTokenizer.wrap(tok, model, source=str(folder))

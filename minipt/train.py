@@ -15,6 +15,10 @@ also when a non-finite loss is caught (before any checkpoint is written, so the
 last checkpoint on disk is always a good one). Ctrl-C or SIGTERM finishes the
 current step, saves and exits with status 130; ``--resume`` continues exactly
 where the run stopped, data order and MLM masks included.
+
+``--init_from=PATH`` continues pretraining from a minipt run or a Hugging Face
+GPT-2/BERT folder (read by :func:`minipt.sample.load_run`): its architecture,
+weights and tokenizer, which tokenizes the data; the optimizer starts fresh.
 """
 
 from __future__ import annotations
@@ -118,12 +122,21 @@ class Run:
     def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, log):
         self.cfg, self.rt, self.log = cfg, rt, log
         self.out = Path(cfg.out_dir)
+        self.pretrained = None
+        if cfg.init_from and not cfg.resume:
+            torch.manual_seed(cfg.seed)  # what the checkpoint lacks (BertForMaskedLM's NSP head) starts alike
+            self.pretrained, tok, loaded = sample.load_run(cfg.init_from, backend=cfg.backend, dropout=cfg.dropout)
+            for note in [f"initialised from {cfg.init_from}; the optimizer starts fresh", *loaded.get("notes", [])]:
+                log(note)
+            # the data is tokenized with the checkpoint's tokenizer, read from the run folder as on resume
+            rt.on_main(lambda: ckpt.atomic_write_text(self.out / ckpt.TOKENIZER, tok.to_str()))
         self.data = self._prepare_data()
         self.tok = self.data.tokenizer
         torch.manual_seed(cfg.seed + rt.rank)
-        self.model_config = model_config(cfg, self.tok.vocab_size, self.tok.pad_id)
-        self.model = build_model(cfg.model, self.model_config).to(rt.device)
-        self.block_size = self.model_config.block_size
+        self.model_config = self._model_config()
+        fresh = self.pretrained is None
+        self.model = (build_model(cfg.model, self.model_config) if fresh else self.pretrained.train()).to(rt.device)
+        self.block_size = cfg.block_size or self.model_config.block_size
         self.optimizer = make_optimizer(self.model, cfg, rt.device)
         self.sampler, self.val_batches = make_samplers(
             cfg.model, self.data, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.short_seq_prob, cfg.seed,
@@ -141,10 +154,21 @@ class Run:
                 find_unused_parameters=cfg.model == "bert" and cfg.objective == "mlm",
             )
 
+    def _model_config(self) -> GPTConfig | BertConfig:
+        cfg = self.cfg
+        if not cfg.init_from:
+            return model_config(cfg, self.tok.vocab_size, self.tok.pad_id)
+        if self.pretrained is not None:
+            return self.pretrained.config
+        # resumed: the architecture is the checkpoint's, as this run saved it
+        saved = MODEL_KINDS[cfg.model].config(**ckpt.read_config(self.out)["model"])
+        dropout = saved.dropout if cfg.dropout is None else cfg.dropout
+        return dataclasses.replace(saved, backend=cfg.backend, dropout=dropout)
+
     def _prepare_data(self):
         cfg = self.cfg
-        # A resumed run reads its own tokenizer, never a retrained one.
-        tokenizer = str(self.out / ckpt.TOKENIZER) if cfg.resume else cfg.tokenizer
+        # A resumed or initialised run reads its own tokenizer, never a retrained one.
+        tokenizer = str(self.out / ckpt.TOKENIZER) if cfg.resume or cfg.init_from else cfg.tokenizer
         kwargs = dict(
             model=cfg.model, data=cfg.data, strip_markup=cfg.strip_markup, tokenizer=tokenizer,
             vocab_size=cfg.vocab_size, split=cfg.split, val_fraction=cfg.val_fraction, cache_dir=cfg.cache_dir,
@@ -283,6 +307,8 @@ class Run:
 def resolve_config(argv) -> TrainConfig:
     overrides = parse_overrides(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
     cfg = make_config(TrainConfig, overrides)
+    if cfg.init_from and not cfg.resume:
+        return init_from_config(cfg, overrides)
     # The model's fields are checked before any data is read, so a typo costs no
     # tokenization; the real vocabulary size replaces this stand-in later.
     model_config(cfg, vocab_size=64, pad_id=0)
@@ -291,6 +317,25 @@ def resolve_config(argv) -> TrainConfig:
     saved = ckpt.read_config(cfg.out_dir)["train"]
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume", "overwrite"}
     return make_config(TrainConfig, {**{k: v for k, v in saved.items() if k in known}, **overrides})
+
+
+def init_from_config(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """``cfg`` with the model kind of ``--init_from``; a setting that contradicts the checkpoint is an error."""
+    kind, arch = sample.read_model_config(cfg.init_from)
+    where = f"--init_from={cfg.init_from}"
+    if "model" in given and given["model"] != kind:
+        raise ConfigError(f"--model={given['model']} contradicts {where}, which holds a {kind} model")
+    for name in ("n_layer", "n_head", "n_embd", "bias"):
+        value = getattr(cfg, name)
+        if value is not None and value != arch.get(name, value):
+            raise ConfigError(f"--{name}={value} contradicts {where}, whose model has {name}={arch[name]}")
+    if cfg.block_size is not None and cfg.block_size > arch["block_size"]:
+        raise ConfigError(f"--block_size={cfg.block_size} exceeds the {arch['block_size']} positions of {where}; "
+                          "a smaller one trains on shorter windows")
+    for name in ("tokenizer", "vocab_size"):
+        if name in given:
+            raise ConfigError(f"--{name} does not apply with {where}: the data is tokenized with its tokenizer")
+    return dataclasses.replace(cfg, model=kind)
 
 
 def _start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:

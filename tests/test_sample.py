@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from minipt import sample as S
 from minipt import train as T
 
+from hf_folders import bert_folder, gpt2_folder, hf_tokenizer, transformers
+
 LINES = [
     "The cat sits on the mat. The dog lies on the rug.",
     "I like cats. They are cute. The sky is blue.",
@@ -99,7 +101,7 @@ def test_sample_command_for_both_models(runs, capsys):
 @pytest.mark.parametrize(
     "argv, pattern",
     [
-        (["--out_dir=nowhere"], "no run in nowhere: config.json is missing"),
+        (["--out_dir=nowhere"], "nowhere is not a folder: expected a minipt run or a Hugging Face model folder"),
         (["--temperature=-1"], "temperature must be >= 0"),
         (["--text_a=only a"], "needs both --text_a and --text_b"),
         (["--top_k=0"], "top_k must be a positive integer or none"),
@@ -117,3 +119,62 @@ def test_bert_needs_text_and_fitting_inputs(runs, capsys):
     assert "needs --text with [MASK] tokens" in capsys.readouterr().err
     assert S.main([f"--out_dir={runs['bert']}", "--text=" + "word " * 60 + "[MASK]"]) == 2
     assert "more than the model's block_size 48" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Hugging Face folders
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("hf")
+    return {"bert": bert_folder(tmp / "bert"), "gpt2": gpt2_folder(tmp / "gpt2", weights="bin")}
+
+
+def test_fill_mask_matches_transformers_on_a_saved_bert(hf_folders):
+    folder = hf_folders["bert"]
+    model, tok, _ = S.load_run(folder)
+    theirs_tok, theirs = hf_tokenizer(folder), transformers.BertForPreTraining.from_pretrained(folder).eval()
+    text = "The cat sits on the [MASK]."
+    batch = theirs_tok(text, return_tensors="pt")
+    assert batch["input_ids"][0].tolist() == [tok.cls_id, *tok.encode(text), tok.sep_id]
+    assert tok.vocab_size < model.config.vocab_size  # the embedding's spare rows are no candidates
+    with torch.no_grad():
+        logits = theirs(**batch).prediction_logits[0].double()
+    position = batch["input_ids"][0].tolist().index(tok.mask_id)
+    expected = logits[position, : tok.vocab_size].softmax(-1).topk(5)
+    (candidates,) = S.fill_mask(model, tok, text, top_k=5)
+    assert [t for t, _ in candidates] == theirs_tok.convert_ids_to_tokens(expected.indices.tolist())
+    assert [p for _, p in candidates] == pytest.approx(expected.values.tolist(), abs=1e-4)
+    assert expected.values[0] > 2 * expected.values[-1]  # a sharp ranking, not a tie broken by rounding
+
+
+def test_next_sentence_probability_matches_transformers_on_a_saved_bert(hf_folders):
+    folder = hf_folders["bert"]
+    model, tok, _ = S.load_run(folder)
+    theirs_tok, theirs = hf_tokenizer(folder), transformers.BertForPreTraining.from_pretrained(folder).eval()
+    batch = theirs_tok("I like cats.", "They are cute.", return_tensors="pt")
+    with torch.no_grad():
+        expected = theirs(**batch).seq_relationship_logits[0].double().softmax(-1)[0].item()
+    assert S.next_sentence_probability(model, tok, "I like cats.", "They are cute.") == pytest.approx(expected, abs=1e-4)
+
+
+def test_greedy_generation_matches_transformers_on_a_saved_gpt2(hf_folders):
+    folder = hf_folders["gpt2"]
+    model, tok, _ = S.load_run(folder)
+    theirs_tok, theirs = hf_tokenizer(folder), transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    prompt = "The cat sits on the"
+    ids = [tok.eot_id, *theirs_tok(prompt)["input_ids"]]
+    assert ids[1:] == tok.encode(prompt)
+    expected = theirs.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eot_id)
+    text = S.generate_text(model, tok, prompt, max_new_tokens=12, temperature=0.0)
+    assert text == prompt + theirs_tok.decode(expected[0, len(ids):])
+    produced = tok.encode(text)[len(ids) - 1:]
+    assert len(set(produced)) > 2  # the continuation is not one token repeated
+
+
+def test_sample_command_reads_hf_folders(hf_folders, capsys):
+    assert S.main([f"--out_dir={hf_folders['gpt2']}", "--prompt=The cat sits on the", "--temperature=0",
+                   "--max_new_tokens=4"]) == 0
+    assert capsys.readouterr().out.startswith("The cat sits on the")
+    assert S.main([f"--out_dir={hf_folders['bert']}", "--text=The cat sits on the [MASK].",
+                   "--text_a=I like cats.", "--text_b=They are cute."]) == 0
+    out = capsys.readouterr().out
+    assert "[MASK] 1: " in out and "P(B follows A) = " in out
