@@ -116,7 +116,88 @@ def mask_seed(*parts: int) -> int:
 EVAL_SUMS = ("loss", "batches", "mlm_loss", "nsp_loss", "mlm_hits", "masked", "nsp_hits", "pairs", "random_b")
 
 
-class Run:
+class Scorer:
+    """A model's loss and validation metrics on batches already made: what training evaluates with, and eval.
+
+    ``cfg`` gives the model kind and, for BERT, the masking rate, the objective and
+    the seed of the validation masks.
+    """
+
+    def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, tok, model, val_batches: list[dict[str, np.ndarray]]):
+        self.cfg, self.rt, self.tok, self.val_batches = cfg, rt, tok, val_batches
+        self.model = self.train_model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], seed: int, model=None) -> ModelOutput:
+        """The model's output, loss included, on one batch already on the device.
+
+        BERT's MLM masks are drawn here, on the device, from ``seed``; its NSP labels
+        enter the loss under the mlm+nsp objective only.
+        """
+        model = model or self.train_model
+        if self.cfg.model == "gpt":
+            with self.rt.autocast():
+                return model(batch["x"], labels=batch["y"])
+        masked, labels = mlm_mask(
+            batch["input_ids"], mask_token_id=self.tok.mask_id, vocab_size=self.tok.vocab_size,
+            special_tokens_mask=batch["special_tokens_mask"], mlm_probability=self.cfg.mlm_probability, seed=seed,
+            backend=self.cfg.backend,
+        )
+        nsp = batch["next_sentence_label"] if self.cfg.objective == "mlm+nsp" else None
+        with self.rt.autocast():
+            return model(
+                masked, token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
+                labels=labels, next_sentence_label=nsp, mlm_probability=self.cfg.mlm_probability,
+            )
+
+    # ---- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation metrics over the fixed validation batches, split across ranks."""
+        self.model.eval()
+        sums = dict.fromkeys(EVAL_SUMS, torch.zeros((), dtype=torch.float64, device=self.rt.device))
+        for i in range(self.rt.rank, len(self.val_batches), self.rt.world_size):
+            batch = to_device(self.val_batches[i], self.rt.device)
+            # Validation masks come from their own seeds (2**32 is past any step): the same every evaluation.
+            out = self.forward(batch, mask_seed(self.cfg.seed, 2**32, i), model=self.model)
+            for name, value in self._eval_terms(out, batch).items():
+                sums[name] = sums[name] + value
+        self.model.train()
+        totals = self.rt.all_reduce_sum(torch.stack([sums[name] for name in EVAL_SUMS])).tolist()
+        return self._eval_metrics(dict(zip(EVAL_SUMS, totals)))
+
+    def _eval_terms(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> dict:
+        """One batch's share of each of EVAL_SUMS (those of GPT: loss and batches)."""
+        terms = {"loss": out.loss.double(), "batches": 1}
+        if self.cfg.model == "bert":
+            nsp_labels = batch["next_sentence_label"]
+            # Scored on the rows the MLM loss read; a padding row's IGNORE_INDEX target matches no prediction.
+            predicted = self.model.mlm_logits(out.masked_hidden).argmax(-1)
+            terms.update(
+                mlm_loss=out.mlm_loss.double(), nsp_loss=out.nsp_loss.double() if out.nsp_loss is not None else 0.0,
+                mlm_hits=(predicted == out.masked_targets).sum(), masked=(out.masked_targets != IGNORE_INDEX).sum(),
+                nsp_hits=(out.nsp_logits.argmax(-1) == nsp_labels).sum(), pairs=nsp_labels.numel(),
+                random_b=nsp_labels.sum(),
+            )
+        return terms
+
+    def _eval_metrics(self, s: dict[str, float]) -> dict:
+        metrics = {"val_loss": s["loss"] / s["batches"]}
+        if self.cfg.model == "gpt":
+            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+            return metrics
+        random_share = s["random_b"] / max(s["pairs"], 1)
+        metrics.update(
+            mlm_loss=s["mlm_loss"] / s["batches"], mlm_acc=s["mlm_hits"] / max(s["masked"], 1),
+            nsp_acc=s["nsp_hits"] / max(s["pairs"], 1),
+            # what always guessing the commoner NSP label scores: the bar nsp_acc must clear
+            nsp_majority=max(random_share, 1.0 - random_share),
+        )
+        if self.cfg.objective == "mlm+nsp":
+            metrics["nsp_loss"] = s["nsp_loss"] / s["batches"]
+        return metrics
+
+
+class Run(Scorer):
     """Everything a training run holds: config, data, model, optimizer and progress."""
 
     def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, log):
@@ -210,28 +291,6 @@ class Run:
         self.rt.barrier()
 
     # ---- steps
-    def forward(self, batch: dict[str, torch.Tensor], seed: int, model=None) -> ModelOutput:
-        """The model's output, loss included, on one batch already on the device.
-
-        BERT's MLM masks are drawn here, on the device, from ``seed``; its NSP labels
-        enter the loss under the mlm+nsp objective only.
-        """
-        model = model or self.train_model
-        if self.cfg.model == "gpt":
-            with self.rt.autocast():
-                return model(batch["x"], labels=batch["y"])
-        masked, labels = mlm_mask(
-            batch["input_ids"], mask_token_id=self.tok.mask_id, vocab_size=self.tok.vocab_size,
-            special_tokens_mask=batch["special_tokens_mask"], mlm_probability=self.cfg.mlm_probability, seed=seed,
-            backend=self.cfg.backend,
-        )
-        nsp = batch["next_sentence_label"] if self.cfg.objective == "mlm+nsp" else None
-        with self.rt.autocast():
-            return model(
-                masked, token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
-                labels=labels, next_sentence_label=nsp, mlm_probability=self.cfg.mlm_probability,
-            )
-
     def step(self) -> torch.Tensor:
         """One optimizer step over the accumulated micro-batches; returns the mean loss, on the device."""
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
@@ -254,54 +313,6 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.iter += 1
         return total / accum
-
-    # ---- evaluation
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Validation metrics over the fixed validation batches, split across ranks."""
-        self.model.eval()
-        sums = dict.fromkeys(EVAL_SUMS, torch.zeros((), dtype=torch.float64, device=self.rt.device))
-        for i in range(self.rt.rank, len(self.val_batches), self.rt.world_size):
-            batch = to_device(self.val_batches[i], self.rt.device)
-            # Validation masks come from their own seeds (2**32 is past any step): the same every evaluation.
-            out = self.forward(batch, mask_seed(self.cfg.seed, 2**32, i), model=self.model)
-            for name, value in self._eval_terms(out, batch).items():
-                sums[name] = sums[name] + value
-        self.model.train()
-        totals = self.rt.all_reduce_sum(torch.stack([sums[name] for name in EVAL_SUMS])).tolist()
-        return self._eval_metrics(dict(zip(EVAL_SUMS, totals)))
-
-    def _eval_terms(self, out: ModelOutput, batch: dict[str, torch.Tensor]) -> dict:
-        """One batch's share of each of EVAL_SUMS (those of GPT: loss and batches)."""
-        terms = {"loss": out.loss.double(), "batches": 1}
-        if self.cfg.model == "bert":
-            nsp_labels = batch["next_sentence_label"]
-            # Scored on the rows the MLM loss read; a padding row's IGNORE_INDEX target matches no prediction.
-            predicted = self.model.mlm_logits(out.masked_hidden).argmax(-1)
-            terms.update(
-                mlm_loss=out.mlm_loss.double(), nsp_loss=out.nsp_loss.double() if out.nsp_loss is not None else 0.0,
-                mlm_hits=(predicted == out.masked_targets).sum(), masked=(out.masked_targets != IGNORE_INDEX).sum(),
-                nsp_hits=(out.nsp_logits.argmax(-1) == nsp_labels).sum(), pairs=nsp_labels.numel(),
-                random_b=nsp_labels.sum(),
-            )
-        return terms
-
-    def _eval_metrics(self, s: dict[str, float]) -> dict:
-        metrics = {"val_loss": s["loss"] / s["batches"]}
-        if self.cfg.model == "gpt":
-            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
-            return metrics
-        random_share = s["random_b"] / max(s["pairs"], 1)
-        metrics.update(
-            mlm_loss=s["mlm_loss"] / s["batches"], mlm_acc=s["mlm_hits"] / max(s["masked"], 1),
-            nsp_acc=s["nsp_hits"] / max(s["pairs"], 1),
-            # what always guessing the commoner NSP label scores: the bar nsp_acc must clear
-            nsp_majority=max(random_share, 1.0 - random_share),
-        )
-        if self.cfg.objective == "mlm+nsp":
-            metrics["nsp_loss"] = s["nsp_loss"] / s["batches"]
-        return metrics
-
 
 # ----------------------------------------------------------------------------- the command
 def resolve_config(argv) -> TrainConfig:

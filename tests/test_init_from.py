@@ -1,6 +1,7 @@
 """``train --init_from``: continued pretraining from a Hugging Face folder or a minipt run, and what is refused."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def test_a_folder_that_cannot_start_a_run_is_named(folders, tmp_path, capsys, na
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.startswith("minipt.train: error: ")
-    assert __import__("re").search(pattern, err), err
+    assert re.search(pattern, err), err
 
 
 @pytest.mark.parametrize(
@@ -166,7 +167,7 @@ def test_a_folder_that_cannot_start_a_run_is_named(folders, tmp_path, capsys, na
 def test_settings_that_contradict_the_checkpoint_are_named(folders, tmp_path, capsys, extra, pattern):
     assert T.main(train_args(folders, tmp_path / "run", folders["gpt2"]) + extra) == 2
     err = capsys.readouterr().err
-    assert __import__("re").search(pattern, err), err
+    assert re.search(pattern, err), err
     assert not (tmp_path / "run").exists()  # refused before any folder is made or data read
 
 
