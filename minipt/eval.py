@@ -37,8 +37,9 @@ import torch
 from minipt import checkpoint as ckpt
 from minipt import runtime, sample
 from minipt.config import ConfigError, TrainConfig, check_types, make_config, parse_overrides
-from minipt.data import DataError, collate_pairs, create_pair_instances, find_sources, read_documents, segments
-from minipt.data import to_device
+from minipt.data import (
+    DataError, collate_pairs, create_pair_instances, find_sources, read_documents, segments, to_device,
+)
 from minipt.data.sources import is_tokens
 from minipt.ops._loss import IGNORE_INDEX
 from minipt.tokenizer import TextTokenizer, TokenizerError
@@ -170,7 +171,8 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
 
 def table(result: dict) -> str:
     width = max(map(len, result))
-    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in result.items())
+    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                     for k, v in result.items())
 
 
 def main(argv: list[str] | None = None) -> int:

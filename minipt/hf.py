@@ -431,5 +431,6 @@ def load_hf_folder(folder: str | Path, *, backend: str = "auto", dropout: float 
     missing, _ = model.load_state_dict(ours, strict=False)
     notes = []
     if missing:
-        notes.append(f"{architecture} has no pooler or NSP head: minipt's start freshly initialised ({', '.join(missing)})")
+        notes.append(f"{architecture} has no pooler or NSP head: minipt's start freshly initialised "
+                     f"({', '.join(missing)})")
     return model, notes

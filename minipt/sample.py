@@ -75,7 +75,9 @@ def is_hf_folder(path: str | Path) -> bool:
     if not folder.is_dir():
         raise ckpt.CheckpointError(f"{path} is not a folder: expected a minipt run or a Hugging Face model folder")
     if not (folder / ckpt.CONFIG).is_file():
-        raise ckpt.CheckpointError(f"{path} is neither a minipt run nor a Hugging Face model: it holds no {ckpt.CONFIG}")
+        raise ckpt.CheckpointError(
+            f"{path} is neither a minipt run nor a Hugging Face model: it holds no {ckpt.CONFIG}"
+        )
     try:
         return "train" not in json.loads((folder / ckpt.CONFIG).read_text(encoding="utf-8"))
     except (ValueError, TypeError) as exc:

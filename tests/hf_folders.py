@@ -61,7 +61,8 @@ def gpt2_folder(folder: Path, *, weights: str = "safetensors", seed: int = 0) ->
     torch.manual_seed(seed)
     eot = tok.token_to_id("<|endoftext|>")
     config = transformers.GPT2Config(
-        vocab_size=tok.get_vocab_size(), bos_token_id=eot, eos_token_id=eot, n_positions=SIZES["block_size"], n_embd=SIZES["n_embd"],
+        vocab_size=tok.get_vocab_size(), bos_token_id=eot, eos_token_id=eot, n_positions=SIZES["block_size"],
+        n_embd=SIZES["n_embd"],
         n_layer=SIZES["n_layer"], n_head=SIZES["n_head"], initializer_range=0.3, architectures=["GPT2LMHeadModel"],
     )
     model = transformers.GPT2LMHeadModel(config).eval()

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from minipt import checkpoint as ckpt
 from minipt import sample as S
@@ -119,27 +118,28 @@ def add_tokens(folder):
     (folder / "vocab.json").write_text(json.dumps({**vocab, "extra1": n, "extra2": n + 1}))
 
 
+def delete(name):
+    return lambda folder: (folder / name).unlink()
+
+
 @pytest.mark.parametrize(
     "name, edit, pattern",
     [
-        ("gpt2", lambda f: (f / "config.json").unlink(), "is neither a minipt run nor a Hugging Face model: it holds "
-                                                         "no config.json"),
+        ("gpt2", delete("config.json"), "is neither a minipt run nor a Hugging Face model: it holds no config.json"),
         ("bert", edit_config(architectures=["BertForSequenceClassification"]),
          "describes BertForSequenceClassification; minipt reads GPT2LMHeadModel, BertForPreTraining, BertForMaskedLM"),
         ("gpt2", edit_config(architectures=None, model_type="llama"),
-         "describes no architectures \\(model_type 'llama'\\)"),
+         r"describes no architectures \(model_type 'llama'"),
         ("gpt2", edit_config(activation_function="relu"), "activation_function='relu'"),
-        ("gpt2", edit_config(n_layer=1), "holds tensors its config.json does not describe \\(12, e.g. "
-                                         "\\['transformer.h.1.attn.c_attn.bias'"),
+        ("gpt2", edit_config(n_layer=1),
+         r"holds tensors its config.json does not describe \(12, e.g. \['transformer.h.1.attn.c_attn.bias'"),
         ("gpt2", edit_config(n_layer=3), "lacks the tensor 'transformer.h.2.ln_1.weight' that its config.json"),
-        ("bert", edit_config(hidden_size=64, num_attention_heads=4), "model.safetensors does not fit its config.json: "
-                                                                     "\\d+ tensors have other shapes, e.g. minipt's "
-                                                                     "embeddings.word_embeddings.weight is \\[119, 32\\] "
-                                                                     "in the file but \\[119, 64\\]"),
-        ("gpt2", lambda f: (f / "model.safetensors").unlink(), "holds no weights: expected model.safetensors or "
-                                                               "pytorch_model.bin"),
-        ("bert-mlm", lambda f: (f / "pytorch_model.bin").write_bytes(b"not a zip"), "cannot read the weights in .*"),
-        ("bert", lambda f: (f / "vocab.txt").unlink(), "holds no tokenizer: expected tokenizer.json, vocab.txt"),
+        ("bert", edit_config(hidden_size=64, num_attention_heads=4),
+         r"model.safetensors does not fit its config.json: \d+ tensors have other shapes, e.g. minipt's "
+         r"embeddings.word_embeddings.weight is \[119, 32\] in the file but \[119, 64\]"),
+        ("gpt2", delete("model.safetensors"), "holds no weights: expected model.safetensors or pytorch_model.bin"),
+        ("bert-mlm", lambda f: (f / "pytorch_model.bin").write_bytes(b"not a zip"), "cannot read the weights in "),
+        ("bert", delete("vocab.txt"), "holds no tokenizer: expected tokenizer.json, vocab.txt"),
         ("gpt2", add_tokens, "has 302 tokens but the model's embedding has 300 rows: ids 300 to 301 would index"),
     ],
 )

@@ -153,7 +153,8 @@ def test_next_sentence_probability_matches_transformers_on_a_saved_bert(hf_folde
     batch = theirs_tok("I like cats.", "They are cute.", return_tensors="pt")
     with torch.no_grad():
         expected = theirs(**batch).seq_relationship_logits[0].double().softmax(-1)[0].item()
-    assert S.next_sentence_probability(model, tok, "I like cats.", "They are cute.") == pytest.approx(expected, abs=1e-4)
+    p = S.next_sentence_probability(model, tok, "I like cats.", "They are cute.")
+    assert p == pytest.approx(expected, abs=1e-4)
 
 
 def test_greedy_generation_matches_transformers_on_a_saved_gpt2(hf_folders):
@@ -178,3 +179,22 @@ def test_sample_command_reads_hf_folders(hf_folders, capsys):
                    "--text_a=I like cats.", "--text_b=They are cute."]) == 0
     out = capsys.readouterr().out
     assert "[MASK] 1: " in out and "P(B follows A) = " in out
+
+
+def test_a_masked_lm_folder_with_a_tokenizer_json(tmp_path, capsys):
+    folder = bert_folder(tmp_path / "mlm", architecture="BertForMaskedLM")
+    hf_tokenizer(folder).save_pretrained(folder)  # tokenizer.json, which is read before vocab.txt
+    (folder / "vocab.txt").unlink()
+    model, tok, config = S.load_run(folder)
+    assert "no pooler or NSP head" in config["notes"][0]
+    theirs = transformers.BertForMaskedLM.from_pretrained(folder).eval()
+    text = "I like [MASK]."
+    batch = hf_tokenizer(folder)(text, return_tensors="pt")
+    assert batch["input_ids"][0].tolist() == [tok.cls_id, *tok.encode(text), tok.sep_id]
+    position = batch["input_ids"][0].tolist().index(tok.mask_id)
+    with torch.no_grad():
+        probs = theirs(**batch).logits[0, position, : tok.vocab_size].softmax(-1)
+    (candidates,) = S.fill_mask(model, tok, text, top_k=3)
+    assert [p for _, p in candidates] == pytest.approx(probs.topk(3).values.tolist(), abs=1e-4)
+    assert S.main([f"--out_dir={folder}", "--text_a=I like cats.", "--text_b=They are cute."]) == 0
+    assert "note: BertForMaskedLM has no pooler or NSP head" in capsys.readouterr().err
