@@ -2,6 +2,7 @@
 
     from_hf(GPT2LMHeadModel)    -> GPT        to_hf(GPT)  -> GPT2LMHeadModel
     from_hf(BertForPreTraining) -> BERT       to_hf(BERT) -> BertForPreTraining
+    classifier_to_hf(BERT, classifier, labels) -> BertForSequenceClassification
 
 The conversion goes through state dicts, so it depends only on parameter names,
 which have stayed the same from transformers 4.40 to 5.x. Two layouts differ:
@@ -294,18 +295,20 @@ def _bert_to_hf(model: BERT):
     mapping["cls.predictions.decoder.weight"] = "embeddings.word_embeddings.weight"
     mapping["cls.predictions.decoder.bias"] = "mlm_head.decoder_bias"
 
-    def weights(key):
-        if key in mapping:
-            return ours[mapping[key]]
-        prefix, _, rest = key.partition(".attention.self.")
-        name, _, part = rest.partition(".")
-        if name not in ("query", "key", "value"):
-            raise KeyError(f"to_hf: no minipt parameter for BertForPreTraining's {key}")
-        layer = int(prefix.rsplit(".", 1)[-1])
-        return ours[f"layers.{layer}.attn.qkv.{part}"].chunk(3, dim=0)[("query", "key", "value").index(name)]
-
-    _load_into_hf(hf_model, weights)
+    _load_into_hf(hf_model, lambda key: _bert_weight(ours, mapping, key, "BertForPreTraining"))
     return hf_model
+
+
+def _bert_weight(ours: dict, mapping: dict, key: str, what: str) -> torch.Tensor:
+    """The minipt tensor for Hugging Face BERT's ``key``: mapped one to one, or a third of the packed qkv."""
+    if key in mapping:
+        return ours[mapping[key]]
+    prefix, _, rest = key.partition(".attention.self.")
+    name, _, part = rest.partition(".")
+    if name not in ("query", "key", "value"):
+        raise KeyError(f"to_hf: no minipt parameter for {what}'s {key}")
+    layer = int(prefix.rsplit(".", 1)[-1])
+    return ours[f"layers.{layer}.attn.qkv.{part}"].chunk(3, dim=0)[("query", "key", "value").index(name)]
 
 
 # ----------------------------------------------------------------------------- folders saved by save_pretrained
@@ -434,3 +437,32 @@ def load_hf_folder(folder: str | Path, *, backend: str = "auto", dropout: float 
         notes.append(f"{architecture} has no pooler or NSP head: minipt's start freshly initialised "
                      f"({', '.join(missing)})")
     return model, notes
+
+
+# ----------------------------------------------------------------------------- sequence classification
+def classifier_to_hf(bert: BERT, classifier: torch.nn.Linear, labels: list[str]):
+    """``transformers.BertForSequenceClassification`` from minipt's encoder and pooler plus a classifier on top.
+
+    The MLM and NSP heads have no place in it and are left out.
+    """
+    transformers = _transformers()
+    cfg = bert.config
+    hf_config = transformers.BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, intermediate_size=cfg.inner_size, hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=0.0, max_position_embeddings=cfg.block_size,
+        type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id,
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+        architectures=["BertForSequenceClassification"],
+    )
+    hf_model = _place_like(transformers.BertForSequenceClassification(hf_config), bert)
+    ours = bert.state_dict()
+    mapping = {k: v for k, v in _bert_key_map(cfg.n_layer).items() if k.startswith("bert.")}
+
+    def weights(key):
+        if key.startswith("classifier."):
+            return getattr(classifier, key.split(".", 1)[1])
+        return _bert_weight(ours, mapping, key, "BertForSequenceClassification")
+
+    _load_into_hf(hf_model, weights)
+    return hf_model
