@@ -18,9 +18,12 @@
 //   p_ij = 2^(s_ij - lse_i),  dS_ij = p_ij·(dO_i·v_j - delta_i)
 //   dV_j = Σ_i p_ij dO_i,  dK_j = scale·Σ_i dS_ij q_i          (one block per key block)
 //   dQ_i = scale·Σ_j dS_ij k_j                                (one block per query block)
-// Masking: key j is visible from query i iff key_mask[b, j] != 0 and, when
-// causal, j <= i. Tiles whose 32 keys are all padding are skipped, and causal
-// blocks stop at their diagonal, so the work follows the real lengths.
+// Masking: key j is visible from query i iff key_mask[b, j] != 0, when causal
+// j <= i, and with packed documents both lie in one document. Tiles whose 32 keys
+// are all padding are skipped, causal blocks stop at their diagonal, and packed
+// blocks walk only the span from their first row's document start to their last
+// row's document end, so the work follows the real and the documents' lengths.
+// doc_span is (B, 2, T) int32: each position's document start, then its end.
 //
 // Memory traffic of the forward: each block reads its 16 query rows once and
 // all K, V once: 2·BHTD·(T/16) element reads from L2 and BHTD from DRAM; the
@@ -55,6 +58,23 @@ constexpr float LOG2E = 1.4426950408889634f;
 
 __device__ __forceinline__ bool key_is_real(const uint8_t* key_mask, int64_t j, int64_t T) {
   return j < T && (key_mask == nullptr || key_mask[j] != 0);
+}
+
+// The start of position i's document, which names it; -1 past T or without documents.
+__device__ __forceinline__ int document_of(const int32_t* span, int64_t i, int64_t T) {
+  return span != nullptr && i < T ? span[i] : -1;
+}
+
+// The tiles of `other` positions that rows [row0, last_row] can see: from the first
+// row's document start (rounded down to a tile) to the last row's document end.
+struct TileRange {
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ TileRange document_tiles(const int32_t* span, int64_t row0, int64_t last_row,
+                                                    int64_t begin, int64_t end, int64_t T) {
+  if (span == nullptr) return {begin, end};
+  return {max(begin, static_cast<int64_t>(span[row0]) / TILE * TILE), min(end, static_cast<int64_t>(span[T + last_row]))};
 }
 
 // dst[d][r] = X[row0 + r][d] for the TILE rows of a tile, rows `stride` elements
@@ -139,22 +159,27 @@ template <typename T, int D>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
     attention_forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                              T* __restrict__ out, float* __restrict__ lse, const uint8_t* __restrict__ key_mask,
-                             int64_t T_len, int64_t heads, int64_t n_row_blocks, bool causal, float scale_log2) {
+                             const int32_t* __restrict__ doc_span, int64_t T_len, int64_t heads,
+                             int64_t n_row_blocks, bool causal, float scale_log2) {
   extern __shared__ float smem[];
   float* kT = smem;                // [D][PAD]
   float* vT = kT + D * PAD;        // [D][PAD]
   float* q_s = vT + D * PAD;       // [BLOCK_ROWS][D], pre-scaled by scale·log2(e)
   __shared__ bool tile_key_real[TILE];
+  __shared__ int tile_key_doc[TILE];
 
   const Place at = place<D>(T_len, heads, n_row_blocks);
   const uint8_t* mask = key_mask == nullptr ? nullptr : key_mask + at.b * T_len;
+  const int32_t* span = doc_span == nullptr ? nullptr : doc_span + at.b * 2 * T_len;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* my_rows = q_s + warp * ROWS * D;
   load_rows<T, D>(q + at.base, D, at.row0, T_len, scale_log2, q_s);
 
   float m[ROWS], l[ROWS], o[ROWS][D / 32];
+  int row_doc[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
+    row_doc[r] = document_of(span, at.row0 + warp * ROWS + r, T_len);
     m[r] = -INFINITY;
     l[r] = 0.0f;
 #pragma unroll
@@ -162,11 +187,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
   }
 
   const int64_t last_row = min(at.row0 + BLOCK_ROWS, T_len) - 1;
-  const int64_t key_end = causal ? last_row + 1 : T_len;  // causal: nothing right of the diagonal
-  for (int64_t j0 = 0; j0 < key_end; j0 += TILE) {
+  // causal: nothing right of the diagonal
+  const TileRange keys = document_tiles(span, at.row0, last_row, 0, causal ? last_row + 1 : T_len, T_len);
+  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += TILE) {
     __syncthreads();  // the previous tile is consumed (and q_s is written)
     const bool real = threadIdx.x < TILE && key_is_real(mask, j0 + threadIdx.x, T_len);
-    if (threadIdx.x < TILE) tile_key_real[threadIdx.x] = real;
+    if (threadIdx.x < TILE) {
+      tile_key_real[threadIdx.x] = real;
+      tile_key_doc[threadIdx.x] = document_of(span, j0 + threadIdx.x, T_len);
+    }
     if (!__syncthreads_or(real)) continue;  // all padding: uniform across the block
     load_tile_transposed<T, D>(k + at.base, D, j0, T_len, kT);
     load_tile_transposed<T, D>(v + at.base, D, j0, T_len, vT);
@@ -178,7 +207,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int64_t i = at.row0 + warp * ROWS + r;
-      const bool visible = tile_key_real[lane] && i < T_len && (!causal || j <= i);
+      const bool visible =
+          tile_key_real[lane] && i < T_len && (!causal || j <= i) && tile_key_doc[lane] == row_doc[r];
       const float score = visible ? s[r] : -INFINITY;
       const float m_new = fmaxf(m[r], warp_max(score));
       float alpha = 1.0f;
@@ -234,24 +264,31 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
     attention_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                           const T* __restrict__ grad_out, const float* __restrict__ lse,
                           const float* __restrict__ delta, const uint8_t* __restrict__ key_mask,
-                          T* __restrict__ grad_k, T* __restrict__ grad_v, int64_t T_len, int64_t heads,
-                          int64_t n_row_blocks, bool causal, float scale, float scale_log2) {
+                          const int32_t* __restrict__ doc_span, T* __restrict__ grad_k, T* __restrict__ grad_v,
+                          int64_t T_len, int64_t heads, int64_t n_row_blocks, bool causal, float scale,
+                          float scale_log2) {
   extern __shared__ float smem[];
   float* qT = smem;                // [D][PAD]
   float* doT = qT + D * PAD;       // [D][PAD]
   float* k_s = doT + D * PAD;      // [BLOCK_ROWS][D]
   float* v_s = k_s + BLOCK_ROWS * D;
   __shared__ float lse_s[TILE], delta_s[TILE];
+  __shared__ int query_doc[TILE];
 
   const Place at = place<D>(T_len, heads, n_row_blocks);
   const uint8_t* mask = key_mask == nullptr ? nullptr : key_mask + at.b * T_len;
+  const int32_t* span = doc_span == nullptr ? nullptr : doc_span + at.b * 2 * T_len;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   load_rows<T, D>(k + at.base, D, at.row0, T_len, 1.0f, k_s);
   load_rows<T, D>(v + at.base, D, at.row0, T_len, 1.0f, v_s);
 
   bool real[ROWS];
+  int key_doc[ROWS];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) real[r] = key_is_real(mask, at.row0 + warp * ROWS + r, T_len);
+  for (int r = 0; r < ROWS; ++r) {
+    real[r] = key_is_real(mask, at.row0 + warp * ROWS + r, T_len);
+    key_doc[r] = document_of(span, at.row0 + warp * ROWS + r, T_len);
+  }
   const bool block_has_key =
       __syncthreads_or(threadIdx.x < BLOCK_ROWS && key_is_real(mask, at.row0 + threadIdx.x, T_len));
 
@@ -262,10 +299,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
     for (int c = 0; c < D / 32; ++c) dk[r][c] = dv[r][c] = 0.0f;
   }
 
-  // Causal: queries before the block's first key see none of its keys.
-  const int64_t i_start = causal ? (at.row0 / TILE) * TILE : 0;
-  const int64_t i_end = block_has_key ? T_len : i_start;  // all padding: write zeros
-  for (int64_t i0 = i_start; i0 < i_end; i0 += TILE) {
+  // Causal: queries before the block's first key see none of its keys. Packed: the
+  // queries that see these keys are the keys' own documents (one document is symmetric).
+  const int64_t last_key = min(at.row0 + BLOCK_ROWS, T_len) - 1;
+  TileRange queries = document_tiles(span, at.row0, last_key, causal ? (at.row0 / TILE) * TILE : 0, T_len, T_len);
+  if (!block_has_key) queries.end = queries.begin;  // all padding: write zeros
+  for (int64_t i0 = queries.begin; i0 < queries.end; i0 += TILE) {
     __syncthreads();  // the previous tile is consumed
     load_tile_transposed<T, D>(q + at.base, D, i0, T_len, qT);
     load_tile_transposed<T, D>(grad_out + at.out_base, heads * D, i0, T_len, doT);
@@ -273,6 +312,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
       const int64_t i = i0 + threadIdx.x;
       lse_s[threadIdx.x] = i < T_len ? lse[at.bh * T_len + i] : INFINITY;
       delta_s[threadIdx.x] = i < T_len ? delta[at.bh * T_len + i] : 0.0f;
+      query_doc[threadIdx.x] = document_of(span, i, T_len);
     }
     __syncthreads();
 
@@ -283,7 +323,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int64_t j = at.row0 + warp * ROWS + r;
-      const bool visible = real[r] && i < T_len && (!causal || j <= i);
+      const bool visible = real[r] && i < T_len && (!causal || j <= i) && query_doc[lane] == key_doc[r];
       p[r] = visible ? exp2f(s[r] * scale_log2 - lse_s[lane]) : 0.0f;
       ds[r] = p[r] * (dp[r] - delta_s[lane]);
     }
@@ -310,25 +350,29 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
     attention_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         const T* __restrict__ grad_out, const float* __restrict__ lse,
                         const float* __restrict__ delta, const uint8_t* __restrict__ key_mask,
-                        T* __restrict__ grad_q, int64_t T_len, int64_t heads, int64_t n_row_blocks, bool causal,
-                        float scale, float scale_log2) {
+                        const int32_t* __restrict__ doc_span, T* __restrict__ grad_q, int64_t T_len, int64_t heads,
+                        int64_t n_row_blocks, bool causal, float scale, float scale_log2) {
   extern __shared__ float smem[];
   float* kT = smem;                // [D][PAD]
   float* vT = kT + D * PAD;        // [D][PAD]
   float* q_s = vT + D * PAD;       // [BLOCK_ROWS][D]
   float* do_s = q_s + BLOCK_ROWS * D;
   __shared__ bool tile_key_real[TILE];
+  __shared__ int tile_key_doc[TILE];
 
   const Place at = place<D>(T_len, heads, n_row_blocks);
   const uint8_t* mask = key_mask == nullptr ? nullptr : key_mask + at.b * T_len;
+  const int32_t* span = doc_span == nullptr ? nullptr : doc_span + at.b * 2 * T_len;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   load_rows<T, D>(q + at.base, D, at.row0, T_len, 1.0f, q_s);
   load_rows<T, D>(grad_out + at.out_base, heads * D, at.row0, T_len, 1.0f, do_s);
 
   float row_lse[ROWS], row_delta[ROWS], dq[ROWS][D / 32];
+  int row_doc[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
     const int64_t i = at.row0 + warp * ROWS + r;
+    row_doc[r] = document_of(span, i, T_len);
     row_lse[r] = i < T_len ? lse[at.bh * T_len + i] : INFINITY;
     row_delta[r] = i < T_len ? delta[at.bh * T_len + i] : 0.0f;
 #pragma unroll
@@ -336,11 +380,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
   }
 
   const int64_t last_row = min(at.row0 + BLOCK_ROWS, T_len) - 1;
-  const int64_t key_end = causal ? last_row + 1 : T_len;
-  for (int64_t j0 = 0; j0 < key_end; j0 += TILE) {
+  const TileRange keys = document_tiles(span, at.row0, last_row, 0, causal ? last_row + 1 : T_len, T_len);
+  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += TILE) {
     __syncthreads();
     const bool real = threadIdx.x < TILE && key_is_real(mask, j0 + threadIdx.x, T_len);
-    if (threadIdx.x < TILE) tile_key_real[threadIdx.x] = real;
+    if (threadIdx.x < TILE) {
+      tile_key_real[threadIdx.x] = real;
+      tile_key_doc[threadIdx.x] = document_of(span, j0 + threadIdx.x, T_len);
+    }
     if (!__syncthreads_or(real)) continue;
     load_tile_transposed<T, D>(k + at.base, D, j0, T_len, kT);
     load_tile_transposed<T, D>(v + at.base, D, j0, T_len, vT);
@@ -353,7 +400,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int64_t i = at.row0 + warp * ROWS + r;
-      const bool visible = tile_key_real[lane] && i < T_len && (!causal || j <= i);
+      const bool visible =
+          tile_key_real[lane] && i < T_len && (!causal || j <= i) && tile_key_doc[lane] == row_doc[r];
       const float p = visible ? exp2f(s[r] * scale_log2 - row_lse[r]) : 0.0f;
       ds[r] = p * (dp[r] - row_delta[r]);
     }
@@ -391,8 +439,8 @@ void forward(const AttentionArgs& a, cudaStream_t stream) {
   launch(attention_forward_kernel<T, D>, a.batch * a.heads * n_row_blocks, forward_smem<D>(), stream,
          "attention_forward_kernel", reinterpret_cast<const T*>(a.q), reinterpret_cast<const T*>(a.k),
          reinterpret_cast<const T*>(a.v), reinterpret_cast<T*>(a.out), reinterpret_cast<float*>(a.lse),
-         reinterpret_cast<const uint8_t*>(a.key_mask), a.seq_len, a.heads, n_row_blocks, a.is_causal,
-         a.scale * LOG2E);
+         reinterpret_cast<const uint8_t*>(a.key_mask), reinterpret_cast<const int32_t*>(a.doc_span), a.seq_len,
+         a.heads, n_row_blocks, a.is_causal, a.scale * LOG2E);
 }
 
 template <typename T, int D>
@@ -404,16 +452,17 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, cudaStream_t stre
   const auto* lse = reinterpret_cast<const float*>(a.lse);
   auto* delta = reinterpret_cast<float*>(g.delta);
   const auto* mask = reinterpret_cast<const uint8_t*>(a.key_mask);
+  const auto* span = reinterpret_cast<const int32_t*>(a.doc_span);
   const int64_t rows = a.batch * a.heads * a.seq_len;
   launch(attention_delta_kernel<T, D>, (rows + WARPS - 1) / WARPS, 0, stream, "attention_delta_kernel",
          reinterpret_cast<const T*>(a.out), grad_out, delta, a.seq_len, a.heads, rows);
   const int64_t n_row_blocks = (a.seq_len + BLOCK_ROWS - 1) / BLOCK_ROWS;
   const int64_t blocks = a.batch * a.heads * n_row_blocks;
   launch(attention_dkdv_kernel<T, D>, blocks, backward_smem<D>(), stream, "attention_dkdv_kernel", q, k, v,
-         grad_out, lse, static_cast<const float*>(delta), mask, reinterpret_cast<T*>(g.grad_k),
+         grad_out, lse, static_cast<const float*>(delta), mask, span, reinterpret_cast<T*>(g.grad_k),
          reinterpret_cast<T*>(g.grad_v), a.seq_len, a.heads, n_row_blocks, a.is_causal, a.scale, a.scale * LOG2E);
   launch(attention_dq_kernel<T, D>, blocks, backward_smem<D>(), stream, "attention_dq_kernel", q, k, v, grad_out,
-         lse, static_cast<const float*>(delta), mask, reinterpret_cast<T*>(g.grad_q), a.seq_len, a.heads,
+         lse, static_cast<const float*>(delta), mask, span, reinterpret_cast<T*>(g.grad_q), a.seq_len, a.heads,
          n_row_blocks, a.is_causal, a.scale, a.scale * LOG2E);
 }
 
@@ -437,6 +486,7 @@ void check_pointers(const AttentionArgs& a) {
   }
   check_device_pointer(a.lse, a.batch * a.heads * a.seq_len, "attention", "lse");
   if (a.key_mask != 0) check_device_pointer(a.key_mask, a.batch * a.seq_len, "attention", "attention_mask");
+  if (a.doc_span != 0) check_device_pointer(a.doc_span, a.batch * 2 * a.seq_len, "attention", "document_ids");
 }
 
 }  // namespace

@@ -172,8 +172,8 @@ py::tuple philox_binding(std::array<uint32_t, 4> counter, std::array<uint32_t, 2
 
 #ifdef MINIPT_WITH_CUDA
 AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t key_mask,
-                             int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim, int dtype,
-                             bool is_causal, double scale) {
+                             uintptr_t doc_span, int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim,
+                             int dtype, bool is_causal, double scale) {
   const char* op = "attention";
   check(batch >= 0 && heads >= 0 && seq_len >= 0, op,
         "batch, heads and seq_len must be >= 0, got " + std::to_string(batch) + ", " + std::to_string(heads) + ", " +
@@ -189,25 +189,26 @@ AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t ou
     check_tensor(ptr, n, float_size(t), op, name);
   }
   check_tensor(lse, batch * heads * seq_len, 4, op, "lse");
-  return AttentionArgs{q, k, v, out, lse, key_mask, batch, heads, seq_len, head_dim, t, is_causal,
+  return AttentionArgs{q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len, head_dim, t, is_causal,
                        static_cast<float>(scale)};
 }
 
 void attention_forward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-                               uintptr_t key_mask, int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim,
-                               int dtype, bool is_causal, double scale, uintptr_t stream) {
-  const AttentionArgs a =
-      attention_args(q, k, v, out, lse, key_mask, batch, heads, seq_len, head_dim, dtype, is_causal, scale);
+                               uintptr_t key_mask, uintptr_t doc_span, int64_t batch, int64_t heads, int64_t seq_len,
+                               int64_t head_dim, int dtype, bool is_causal, double scale, uintptr_t stream) {
+  const AttentionArgs a = attention_args(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len, head_dim,
+                                         dtype, is_causal, scale);
   py::gil_scoped_release release;
   attention_forward_cuda(a, stream);
 }
 
 void attention_backward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-                                uintptr_t key_mask, uintptr_t grad_out, uintptr_t delta, uintptr_t grad_q,
-                                uintptr_t grad_k, uintptr_t grad_v, int64_t batch, int64_t heads, int64_t seq_len,
-                                int64_t head_dim, int dtype, bool is_causal, double scale, uintptr_t stream) {
-  const AttentionArgs a =
-      attention_args(q, k, v, out, lse, key_mask, batch, heads, seq_len, head_dim, dtype, is_causal, scale);
+                                uintptr_t key_mask, uintptr_t doc_span, uintptr_t grad_out, uintptr_t delta,
+                                uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t batch, int64_t heads,
+                                int64_t seq_len, int64_t head_dim, int dtype, bool is_causal, double scale,
+                                uintptr_t stream) {
+  const AttentionArgs a = attention_args(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len, head_dim,
+                                         dtype, is_causal, scale);
   const int64_t n = batch * heads * seq_len * head_dim;
   for (const auto& [ptr, name] : {std::pair{grad_out, "grad_out"}, std::pair{grad_q, "grad_q"},
                                   std::pair{grad_k, "grad_k"}, std::pair{grad_v, "grad_v"}}) {
@@ -254,12 +255,13 @@ PYBIND11_MODULE(_C, m) {
   // Attention has CUDA kernels only.
   def_on<Cuda>(m, "attention_forward", &attention_forward_binding,
                "Flash-style attention forward: out in (B, T, H, D) memory and base-2 lse (B, H, T)", py::arg("q"),
-               py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("batch"),
-               py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
+               py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("doc_span"),
+               py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
                py::arg("scale"));
   def_on<Cuda>(m, "attention_backward", &attention_backward_binding,
                "Attention backward: dq, dk, dv from dout, with delta (B, H, T) as float32 scratch", py::arg("q"),
-               py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("grad_out"),
+               py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("doc_span"),
+               py::arg("grad_out"),
                py::arg("delta"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("batch"),
                py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
                py::arg("scale"));

@@ -67,6 +67,7 @@ struct AttentionArgs {
   uintptr_t out;       // dense (B, T, H, D) memory, FloatType: heads merge for free
   uintptr_t lse;       // (B, H, T) float32, base-2 log-sum-exp of the scaled scores; +inf for a row with no key
   uintptr_t key_mask;  // (B, T) uint8, nonzero = real token, or 0 for no padding
+  uintptr_t doc_span;  // (B, 2, T) int32, each position's document [start, end) (starts, then ends), or 0
   int64_t batch, heads, seq_len, head_dim;
   FloatType dtype;
   bool is_causal;

@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
 from minipt.ops._backend import BackendUnavailableError
@@ -249,6 +250,181 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- packed documents
+def make_document_ids(pattern, B, T, seed=0, device=DEVICE):
+    """(B, T) non-decreasing ids: random packings of documents whose lengths run from 1 to T."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(B):
+        if pattern == "random":  # lengths anywhere in 1..T, mostly unaligned to any block
+            lengths = []
+            while sum(lengths) < T:
+                lengths.append(int(torch.randint(1, T + 1, (1,), generator=gen)) // (b + 1) + 1)
+        elif pattern == "aligned":  # document edges on 16-token block edges
+            lengths = [16 * int(torch.randint(1, 4, (1,), generator=gen)) for _ in range(T)]
+        elif pattern == "singles":  # every document a single token
+            lengths = [1] * T
+        elif pattern == "one":
+            lengths = [T]
+        else:
+            raise ValueError(pattern)
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:T]
+        rows.append(ids + 7 * b)  # ids need not start at 0 nor be shared between rows
+    return torch.stack(rows).to(device)
+
+
+@pytest.mark.parametrize("pattern", ["random", "aligned", "singles", "one"])
+@pytest.mark.parametrize("T", [17, 100])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mask", [None, "right"])
+def test_documents(pattern, T, is_causal, mask, poisoned_empty):
+    B = 3
+    q, k, v = make_qkv(B, 2, T, 16, torch.float32)
+    ids = make_document_ids(pattern, B, T, seed=T)
+    check_against_reference(q, k, v, is_causal=is_causal, attention_mask=make_mask(mask, B, T), document_ids=ids)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_documents_many_random_packings(seed, poisoned_empty):
+    """Packings drawn afresh, int32 ids, with causal and padding drawn too."""
+    gen = torch.Generator().manual_seed(seed)
+    T = int(torch.randint(2, 130, (1,), generator=gen))
+    ids = make_document_ids("random", 2, T, seed=100 + seed).int()
+    mask = make_mask(["right", "left", "holes", None][seed], 2, T)
+    q, k, v = make_qkv(2, 1, T, 32, torch.float32)
+    check_against_reference(q, k, v, is_causal=bool(seed % 2), attention_mask=mask, document_ids=ids)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_documents_fp16(is_causal, poisoned_empty):
+    q, k, v = make_qkv(2, 2, 70, 64, torch.float16)
+    check_against_reference(q, k, v, is_causal=is_causal, attention_mask=make_mask("right", 2, 70),
+                            document_ids=make_document_ids("random", 2, 70))
+
+
+def test_documents_wholly_padded_get_zeros(poisoned_empty):
+    """A document whose keys are all padding: its rows output zeros with zero gradients."""
+    T = 40
+    q, k, v = make_qkv(1, 2, T, 16, torch.float32)
+    ids = (torch.arange(T, device=DEVICE) >= 25).long()[None]  # documents [0, 25) and [25, 40)
+    mask = (torch.arange(T, device=DEVICE) < 25)[None]
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    out, (dq, dk, dv) = forward_backward(attention, q, k, v, grad_out, attention_mask=mask, document_ids=ids,
+                                         backend="triton")
+    assert (out[..., 25:, :] == 0).all() and (dq[..., 25:, :] == 0).all()
+    assert (dk[..., 25:, :] == 0).all() and (dv[..., 25:, :] == 0).all()
+    assert (out[..., :25, :] != 0).any()
+
+
+SCHEDULE_CASES = [(False, None, "random"), (True, None, "random"), (True, "right", "random"),
+                  (False, "left", "aligned"), (True, None, "singles"), (False, None, "one")]
+
+
+@pytest.mark.parametrize("is_causal, mask, pattern", SCHEDULE_CASES)
+def test_tile_counts_are_the_tiles_the_forward_reads(is_causal, mask, pattern):
+    """NaN in V reaches a query block's output exactly when the kernel reads that key block
+    (p = 0 times NaN is NaN), so poisoning one key block per batch row counts the visits."""
+    T, B0 = 100, 2
+    block_m, block_n = attention_module._INTERPRETER_CONFIGS["fwd"][:2]
+    num_n = -(-T // block_n)
+    ids = make_document_ids(pattern, B0, T, seed=3).repeat_interleave(num_n, 0)  # row b·num_n + n poisons block n
+    key_mask = make_mask(mask, B0, T)
+    key_mask = None if key_mask is None else key_mask.repeat_interleave(num_n, 0)
+    q, k, v = make_qkv(B0 * num_n, 1, T, 16, torch.float32)
+    for row in range(B0 * num_n):
+        n = row % num_n
+        v[row, :, n * block_n:(n + 1) * block_n] = float("nan")
+    out = attention(q, k, v, is_causal=is_causal, attention_mask=key_mask, document_ids=ids, backend="triton")
+    pad = -T % block_m
+    blocks = F.pad(out.isnan().any(-1)[:, 0], (0, pad)).view(B0 * num_n, -1, block_m).any(-1)
+    want = attention_module.attention_tiles(T, block_m, block_n, is_causal=is_causal,
+                                            attention_mask=make_mask(mask, B0, T),
+                                            document_ids=make_document_ids(pattern, B0, T, seed=3))
+    assert int(blocks.sum()) == want["forward"]
+    assert want["forward"] < want["dense"] or pattern == "one" and not is_causal and mask is None
+
+
+@pytest.mark.parametrize("is_causal, mask, pattern", SCHEDULE_CASES)
+def test_tile_counts_are_the_tiles_the_dkdv_pass_reads(is_causal, mask, pattern):
+    """The mirror image: NaN in dO reaches a key block's dK and dV exactly when the pass reads that query block."""
+    T, B0 = 100, 2
+    block_m, block_n = attention_module._INTERPRETER_CONFIGS["dkdv"][:2]
+    num_m = -(-T // block_m)
+    ids = make_document_ids(pattern, B0, T, seed=4)
+    key_mask = make_mask(mask, B0, T)
+    q, k, v = make_qkv(B0, 1, T, 16, torch.float32)
+    out, lse, key_range = attention_module._attention_forward(
+        q, k, v, key_mask, attention_module.document_spans(ids), is_causal, 0.25)
+    grad_out = torch.randn(B0 * num_m, 1, T, 16, device=DEVICE)
+    for row in range(B0 * num_m):
+        m = row % num_m
+        grad_out[row, :, m * block_m:(m + 1) * block_m] = float("nan")
+    tile = lambda x: x.repeat_interleave(num_m, 0)  # row b·num_m + m poisons query block m
+    _, dk, dv = attention_module._attention_backward(
+        grad_out, tile(q), tile(k), tile(v), tile(out), tile(lse), None if key_mask is None else tile(key_mask),
+        tile(key_range), attention_module.document_spans(tile(ids)), is_causal, 0.25)
+    pad = -T % block_n
+    poisoned = (dk.isnan() | dv.isnan()).any(-1)[:, 0]
+    blocks = F.pad(poisoned, (0, pad)).view(B0 * num_m, -1, block_n).any(-1)
+    want = attention_module.attention_tiles(T, block_m, block_n, is_causal=is_causal, attention_mask=key_mask,
+                                            document_ids=ids)
+    assert int(blocks.sum()) == want["dkdv"]
+
+
+def test_tile_counts_follow_document_lengths():
+    """Equal documents of length L in a row of T: the dense count over T/L, to the block."""
+    T, L = 1024, 128
+    ids = (torch.arange(T) // L)[None]
+    tiles = attention_module.attention_tiles(T, 64, 32, document_ids=ids)
+    assert tiles == {"forward": (T // 64) * (L // 32), "dkdv": (T // 32) * (L // 64), "dense": (T // 64) * (T // 32)}
+    causal = attention_module.attention_tiles(T, 64, 32, is_causal=True, document_ids=ids)
+    assert causal["forward"] == (T // L) * sum(min(2 * (m + 1), L // 32) for m in range(L // 64))
+
+
+def test_document_ids_errors_are_named():
+    q, k, v = make_qkv(2, 1, 6, 16, torch.float32)
+    ids = torch.zeros(2, 6, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match=r"document_ids must have shape \(B, T\) = \(2, 6\), got \(2, 5\)"):
+        attention(q, k, v, document_ids=ids[:, :5], backend="triton")
+    with pytest.raises(TypeError, match="document_ids must be int32 or int64, got torch.float32"):
+        attention(q, k, v, document_ids=ids.float(), backend="triton")
+    with pytest.raises(TypeError, match="document_ids must be int32 or int64, got torch.int16"):
+        attention(q, k, v, document_ids=ids.short(), backend="torch")
+    # On CUDA the order is checked by a device-side assert, which would end this process's CUDA context.
+    backwards = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 2, 1, 2, 3]])
+    with pytest.raises(ValueError, match="document_ids must be non-decreasing along each row"):
+        attention(q.cpu(), k.cpu(), v.cpu(), document_ids=backwards, backend="torch")
+
+
+def test_document_ids_on_cpu_with_native_backend_are_refused():
+    q, k, v = make_qkv(1, 1, 4, 64, torch.float32, device="cpu")
+    with pytest.raises(BackendUnavailableError, match="backend='native' has CUDA kernels only"):
+        attention(q, k, v, document_ids=torch.zeros(1, 4, dtype=torch.long), backend="native")
+
+
+@requires_cuda
+def test_document_ids_on_another_device_are_named():
+    q, k, v = make_qkv(1, 1, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="document_ids is on cpu"):
+        attention(q, k, v, document_ids=torch.zeros(1, 4, dtype=torch.long), backend="triton")
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "native"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("is_causal, pattern", [(True, None), (False, "right")])
+def test_cuda_documents_real_sizes(backend, dtype, D, is_causal, pattern, poisoned_empty):
+    """bf16 needs a GPU: the interpreter's bf16 tl.dot is wrong (see the module docstring)."""
+    B, H, T = 2, 4, 2048
+    q, k, v = make_qkv(B, H, T, D, dtype, layout="bthd")
+    gen = torch.Generator().manual_seed(D)
+    lengths = torch.randint(1, 700, (T,), generator=gen)
+    ids = torch.repeat_interleave(torch.arange(T), lengths)[:T].view(1, T).repeat(B, 1).cuda()
+    check_against_reference(q, k, v, backend=backend, is_causal=is_causal, attention_mask=make_mask(pattern, B, T),
+                            document_ids=ids)
 
 
 # ----------------------------------------------------------------------------- CUDA, real sizes

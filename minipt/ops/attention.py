@@ -3,7 +3,8 @@
     out = softmax(scale · Q Kᵀ + mask) V,   Q, K, V: (B, H, T, D)
 
 The mask combines key padding (``attention_mask[b, j] == 0`` hides key j from
-every query of sequence b) and, when ``is_causal``, hides keys j > i from query i.
+every query of sequence b), when ``is_causal`` hides keys j > i from query i, and
+with ``document_ids`` hides every key of another document.
 A query row with no visible key returns zeros, and its gradients are zero.
 
 Memory traffic of a materialising attention (SDPA's math path, taken whenever a
@@ -31,6 +32,15 @@ The Triton kernels (FlashAttention-2, Dao 2023):
   right- (or left-) padded batches; inside the span the per-key mask is read for
   each block, so masks with holes stay exact. Only the blocks that cross the
   diagonal or the end of the sequence pay for elementwise causal and bound masks.
+* Packed documents. ``document_ids`` (B, T) never decrease along a row, so each
+  position's document is one span [start, end), found by a binary search per
+  position (``document_spans``), and a block of positions sees one contiguous
+  span too: from its first position's document start to its last one's end. The
+  forward and dQ programs skip the key blocks outside their query block's span,
+  the dK/dV programs the query blocks outside their key block's span, so the cost
+  follows Σ lenᵢ² (halved when causal) rather than T². Only tiles that reach past
+  the span every row of the block shares compare positions with spans.
+  ``attention_tiles`` counts the tiles visited, as the kernels' bounds do.
 * A row that sees no key keeps m = -inf and l = 0: its output is 0 and its lse is
   +inf, which makes every recomputed probability of the row exp2(-inf) = 0, so
   its gradients vanish without a special case in the backward.
@@ -63,6 +73,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minipt.ops._attention_configs import (
+    _AMPERE_DOCUMENT_CONFIGS, _CONFIGS, _INTERPRETER_CONFIGS, _SHORT_CONFIGS, _SHORT_T, _table_capability,
+)
 from minipt.ops._backend import BackendUnavailableError, resolve_backend, triton_interpreting
 from minipt.ops._native import check_contiguous, check_device, float_code, run_kernel
 from minipt.ops._checks import FLOAT_DTYPES, check_same, check_tensor
@@ -75,18 +88,22 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------- reference
-def visible_keys(T: int, attention_mask: torch.Tensor | None, is_causal: bool, device) -> torch.Tensor | None:
+def visible_keys(T: int, attention_mask: torch.Tensor | None, is_causal: bool, device,
+                 document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean (B or 1, 1, T, T) mask of the keys each query may see, or None when all are visible."""
     visible = None
     if attention_mask is not None:
         visible = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    if document_ids is not None:
+        same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, T, T)
+        visible = same if visible is None else visible & same
     if is_causal:
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, T, T)
         visible = causal if visible is None else visible & causal
     return visible
 
 
-def attention_ref(q, k, v, *, is_causal=False, attention_mask=None, scale=None, upcast=True):
+def attention_ref(q, k, v, *, is_causal=False, attention_mask=None, document_ids=None, scale=None, upcast=True):
     """PyTorch reference on ``F.scaled_dot_product_attention``.
 
     With ``upcast`` it computes in at least float32 and casts back; without, it is
@@ -100,16 +117,82 @@ def attention_ref(q, k, v, *, is_causal=False, attention_mask=None, scale=None, 
     T = q.shape[-2]
     # SDPA's is_causal path returns NaN for a scale <= 0 (torch 2.13, CPU: the scale
     # multiplies the -inf of masked scores); its explicit-mask path below does not.
-    if attention_mask is None and not (is_causal and scale is not None and scale <= 0):
+    if attention_mask is None and document_ids is None and not (is_causal and scale is not None and scale <= 0):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
         return out.to(out_dtype)
-    visible = visible_keys(T, attention_mask, is_causal, q.device)  # (B, 1, T, T)
+    visible = visible_keys(T, attention_mask, is_causal, q.device, document_ids)  # (B, 1, T, T)
     # A row with no visible key would be softmax(all -inf) = NaN, in the output and
     # in every gradient. Let such rows see every key, then zero their output: the
     # zeroed output sends no gradient back, so q, k and v get none from them.
     any_visible = visible.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~any_visible, scale=scale)
     return (out * any_visible).to(out_dtype)  # (B, H, T, D)
+
+
+# ----------------------------------------------------------------------------- schedule
+def document_spans(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 2, T) int32: for each position, the first position of its document and the one past its last.
+
+    Ids never decrease along a row, so a binary search finds both ends. The kernels
+    read these spans instead of the ids: one compare per score, whatever the id dtype.
+    """
+    ids = document_ids.contiguous()
+    start = torch.searchsorted(ids, ids, side="left", out_int32=True)
+    end = torch.searchsorted(ids, ids, side="right", out_int32=True)
+    return torch.stack((start, end), 1)
+
+
+def attention_tiles(T, block_m, block_n, *, is_causal=False, attention_mask=None, document_ids=None) -> dict:
+    """(query block, key block) tiles the Triton kernels visit per head, summed over the batch.
+
+    "forward" counts the forward's tiles (the dQ pass visits the same), "dkdv" the
+    dK/dV pass's (it walks query blocks of ``block_m`` rows per key block of
+    ``block_n`` keys), "dense" the tiles of a (T, T) score matrix. The bounds
+    mirror _key_block_range and _attention_bwd_dkdv_kernel line for line;
+    tests/test_attention.py checks them against what the kernels read.
+    """
+    given = attention_mask if attention_mask is not None else document_ids
+    B, device = (1, "cpu") if given is None else (given.shape[0], given.device)
+    span = None if document_ids is None else document_spans(document_ids).long()
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        pos = torch.arange(T, device=device)
+        first = torch.where(real, pos, T).amin(1, keepdim=True)  # _key_range_kernel's (first, end)
+        end = torch.where(real, pos + 1, 0).amax(1, keepdim=True)
+
+    def cdiv(a, b):
+        return -(-a // b)
+
+    start_m = torch.arange(0, T, block_m, device=device)[None, :]  # forward: one row per query block
+    lo = torch.zeros_like(start_m)
+    hi = torch.full_like(start_m, T)
+    if is_causal:
+        hi = torch.clamp(start_m + block_m, max=T)
+    if attention_mask is not None:
+        lo = first // block_n * block_n
+        hi = torch.minimum(hi, end)
+    if span is not None:
+        last = torch.clamp(start_m + block_m, max=T) - 1
+        lo = torch.maximum(lo, span[:, 0, start_m[0]] // block_n * block_n)
+        hi = torch.minimum(hi, span[:, 1, last[0]])
+    forward = cdiv(hi - lo, block_n).clamp(min=0).expand(B, -1).sum()
+
+    start_n = torch.arange(0, T, block_n, device=device)[None, :]  # dK/dV: one row per key block
+    lo = torch.zeros_like(start_n)
+    hi = torch.full_like(start_n, T)
+    if is_causal:
+        lo = start_n // block_m * block_m
+    if span is not None:
+        last = torch.clamp(start_n + block_n, max=T) - 1
+        hi = span[:, 1, last[0]]
+        lo = torch.maximum(lo, span[:, 0, start_n[0]] // block_m * block_m)
+    if attention_mask is not None:
+        dead = (start_n + block_n <= first) | (start_n >= end)
+        lo = torch.where(dead, T, lo)
+        hi = torch.where(dead, T, hi)
+    dkdv = cdiv(hi - lo, block_m).clamp(min=0).expand(B, -1).sum()
+    dense = B * cdiv(T, block_m) * cdiv(T, block_n)
+    return {"forward": int(forward), "dkdv": int(dkdv), "dense": int(dense)}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -145,9 +228,9 @@ def _mma(a, b, UPCAST: tl.constexpr):
 @jit
 def _fwd_key_blocks(
     acc, l_i, m_i, q, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt,
-    rows, lo, hi, T, qk_scale,
+    rows, DocSpan_ptr, b, doc_start, shared_lo, shared_hi, lo, hi, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Online softmax over the key blocks in [lo, hi); EDGE blocks cross the diagonal or the end."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -167,6 +250,10 @@ def _fwd_key_blocks(
         if HAS_MASK:
             real = tl.load(mask_row + keys * stride_mt, mask=keys < T, other=0) != 0
             s = tl.where(real[None, :], s, float("-inf"))
+        if HAS_DOCS:
+            if _crosses_documents(start_n, BLOCK_N, shared_lo, shared_hi):
+                key_start = _document_starts(DocSpan_ptr, b, keys, T)
+                s = tl.where(key_start[None, :] == doc_start[:, None], s, float("-inf"))
         if EDGE:
             visible = keys[None, :] < T
             if IS_CAUSAL:
@@ -189,13 +276,39 @@ def _fwd_key_blocks(
 
 
 @jit
-def _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+def _document_span(DocSpan_ptr, b, pos, T, HAS_DOCS: tl.constexpr):
+    """[start, end) of the document of each position in ``pos``; (T, 0), an empty span, past T."""
+    if HAS_DOCS:
+        row = DocSpan_ptr + b.to(tl.int64) * 2 * T
+        start = tl.load(row + pos, mask=pos < T, other=T)
+        end = tl.load(row + T + pos, mask=pos < T, other=0)
+    else:
+        start = tl.where(pos < T, 0, T)
+        end = tl.where(pos < T, T, 0)
+    return start, end
+
+
+@jit
+def _document_starts(DocSpan_ptr, b, pos, T):
+    """The start of each position's document, -1 past T; equal starts mean the same document."""
+    return tl.load(DocSpan_ptr + b.to(tl.int64) * 2 * T + pos, mask=pos < T, other=-1)
+
+
+@jit
+def _crosses_documents(start, BLOCK: tl.constexpr, shared_lo, shared_hi):
+    # A tile inside [shared_lo, shared_hi), the span every row's document covers, needs no id compare.
+    return (start < shared_lo) | (start + BLOCK > shared_hi)
+
+
+@jit
+def _key_block_range(KeyRange_ptr, b, start_m, T, doc_start, doc_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Key span [lo, hi) that a query block starting at start_m visits, and where its bulk ends.
 
     Key blocks in [lo, bulk_hi) lie wholly inside [0, T) and wholly left of the
     diagonal, so they need neither bound nor causal masks. A bulk block may pass
-    the last real key; the per-key mask hides what lies beyond it.
+    the last real key or the end of the last document; the per-key mask and the
+    document compare hide what lies beyond. attention_tiles mirrors these bounds.
     """
     lo = 0
     hi = T
@@ -204,6 +317,11 @@ def _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M: tl.constexpr, BLOCK_N
     if HAS_MASK:
         lo = tl.load(KeyRange_ptr + 2 * b) // BLOCK_N * BLOCK_N
         hi = tl.minimum(hi, tl.load(KeyRange_ptr + 2 * b + 1))
+    if HAS_DOCS:
+        # Ids never decrease, so the block's keys run from its first row's document
+        # start to its last row's document end.
+        lo = tl.maximum(lo, tl.min(doc_start, 0) // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(hi, tl.max(doc_end, 0))
     bulk_hi = T // BLOCK_N * BLOCK_N
     if IS_CAUSAL:
         bulk_hi = tl.minimum(bulk_hi, start_m // BLOCK_N * BLOCK_N)
@@ -214,12 +332,12 @@ def _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M: tl.constexpr, BLOCK_N
 
 @jit
 def _attention_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr, Out_ptr, LSE_ptr, Mask_ptr, KeyRange_ptr,
+    Q_ptr, K_ptr, V_ptr, Out_ptr, LSE_ptr, Mask_ptr, KeyRange_ptr, DocSpan_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     stride_mb, stride_mt, H, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     num_m = tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
@@ -241,18 +359,22 @@ def _attention_fwd_kernel(
     q_ptrs = Q_base + start_m.to(tl.int64) * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=rows[:, None] < T, other=0.0)
 
-    lo, bulk_hi, hi = _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK)
+    doc_start, doc_end = _document_span(DocSpan_ptr, b, rows, T, HAS_DOCS)
+    shared_lo = tl.max(doc_start, 0)
+    shared_hi = tl.min(doc_end, 0)
+    lo, bulk_hi, hi = _key_block_range(KeyRange_ptr, b, start_m, T, doc_start, doc_end, BLOCK_M, BLOCK_N,
+                                       IS_CAUSAL, HAS_MASK, HAS_DOCS)
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, lo, bulk_hi, T, qk_scale,
-        HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_MASK, UPCAST,
+        acc, l_i, m_i, q, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, DocSpan_ptr, b, doc_start,
+        shared_lo, shared_hi, lo, bulk_hi, T, qk_scale, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_MASK, HAS_DOCS, UPCAST,
     )
     acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, bulk_hi, hi, T, qk_scale,
-        HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_MASK, UPCAST,
+        acc, l_i, m_i, q, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, DocSpan_ptr, b, doc_start,
+        shared_lo, shared_hi, bulk_hi, hi, T, qk_scale, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_MASK, HAS_DOCS, UPCAST,
     )
 
     empty = l_i == 0.0  # no visible key: output 0, lse +inf (see the header)
@@ -292,9 +414,9 @@ def _attention_bwd_delta_kernel(
 @jit
 def _dkdv_query_blocks(
     dk, dv, k, v, Q_base, dO_base, lse_row, delta_row, stride_qt, stride_gt,
-    keys, lo, hi, T, qk_scale,
+    keys, DocSpan_ptr, b, doc_start, shared_lo, shared_hi, lo, hi, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, EDGE: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dV += Pᵀ dO and dK += dSᵀ Q over the query blocks in [lo, hi), in the transposed
     (key, query) orientation so that P never needs a transpose."""
@@ -315,6 +437,10 @@ def _dkdv_query_blocks(
         p_t = tl.exp2(_mma(k, tl.trans(q), UPCAST) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if EDGE and IS_CAUSAL:
             p_t = tl.where(rows[None, :] >= keys[:, None], p_t, 0.0)
+        if HAS_DOCS:
+            if _crosses_documents(start_m, BLOCK_M, shared_lo, shared_hi):
+                query_start = _document_starts(DocSpan_ptr, b, rows, T)
+                p_t = tl.where(query_start[None, :] == doc_start[:, None], p_t, 0.0)
         if EDGE:
             do = tl.load(do_ptrs, mask=rows[:, None] < T, other=0.0)
             delta = tl.load(delta_row + rows, mask=rows < T, other=0.0)
@@ -330,13 +456,13 @@ def _dkdv_query_blocks(
 
 @jit
 def _attention_bwd_dkdv_kernel(
-    Q_ptr, K_ptr, V_ptr, dO_ptr, dK_ptr, dV_ptr, LSE_ptr, Delta_ptr, Mask_ptr, KeyRange_ptr,
+    Q_ptr, K_ptr, V_ptr, dO_ptr, dK_ptr, dV_ptr, LSE_ptr, Delta_ptr, Mask_ptr, KeyRange_ptr, DocSpan_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_gb, stride_gh, stride_gt,
     stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     stride_mb, stride_mt, H, T, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     num_n = tl.cdiv(T, BLOCK_N)
     pid = tl.program_id(0)
@@ -360,33 +486,45 @@ def _attention_bwd_dkdv_kernel(
     delta_row = Delta_ptr + bh.to(tl.int64) * T
 
     # Query blocks [lo, bulk_lo) cross the diagonal, [bulk_lo, bulk_hi) see every key
-    # of this block, [bulk_hi, T) is the partial last block.
+    # of this block, [bulk_hi, hi) is the partial last block. attention_tiles mirrors these bounds.
     lo = 0
     bulk_lo = 0
     bulk_hi = T // BLOCK_M * BLOCK_M
+    hi = T
     if IS_CAUSAL:
         lo = start_n // BLOCK_M * BLOCK_M
         bulk_lo = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, bulk_hi)
+    doc_start, doc_end = _document_span(DocSpan_ptr, b, keys, T, HAS_DOCS)
+    shared_lo = tl.max(doc_start, 0)
+    shared_hi = tl.min(doc_end, 0)
+    if HAS_DOCS:
+        # Same-document is symmetric: the queries that see these keys are the keys'
+        # own documents. A bound equal to hi may be unaligned; the loop past it is empty.
+        hi = tl.max(doc_end, 0)
+        lo = tl.maximum(lo, tl.min(doc_start, 0) // BLOCK_M * BLOCK_M)
+        bulk_lo = tl.minimum(tl.maximum(bulk_lo, lo), hi)
+        bulk_hi = tl.maximum(tl.minimum(bulk_hi, hi), bulk_lo)
     if HAS_MASK:
         # A block with no real key owes zero gradients and reads no query at all.
         dead = (start_n + BLOCK_N <= tl.load(KeyRange_ptr + 2 * b)) | (start_n >= tl.load(KeyRange_ptr + 2 * b + 1))
         lo = tl.where(dead, T, lo)
         bulk_lo = tl.where(dead, T, bulk_lo)
         bulk_hi = tl.where(dead, T, bulk_hi)
+        hi = tl.where(dead, T, hi)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dk, dv = _dkdv_query_blocks(
-        dk, dv, k, v, Q_base, dO_base, lse_row, delta_row, stride_qt, stride_gt, keys, lo, bulk_lo, T, qk_scale,
-        HEAD_DIM, BLOCK_M, True, IS_CAUSAL, UPCAST,
+        dk, dv, k, v, Q_base, dO_base, lse_row, delta_row, stride_qt, stride_gt, keys, DocSpan_ptr, b, doc_start,
+        shared_lo, shared_hi, lo, bulk_lo, T, qk_scale, HEAD_DIM, BLOCK_M, True, IS_CAUSAL, HAS_DOCS, UPCAST,
     )
     dk, dv = _dkdv_query_blocks(
-        dk, dv, k, v, Q_base, dO_base, lse_row, delta_row, stride_qt, stride_gt, keys, bulk_lo, bulk_hi, T, qk_scale,
-        HEAD_DIM, BLOCK_M, False, IS_CAUSAL, UPCAST,
+        dk, dv, k, v, Q_base, dO_base, lse_row, delta_row, stride_qt, stride_gt, keys, DocSpan_ptr, b, doc_start,
+        shared_lo, shared_hi, bulk_lo, bulk_hi, T, qk_scale, HEAD_DIM, BLOCK_M, False, IS_CAUSAL, HAS_DOCS, UPCAST,
     )
     dk, dv = _dkdv_query_blocks(
-        dk, dv, k, v, Q_base, dO_base, lse_row, delta_row, stride_qt, stride_gt, keys, bulk_hi, T, T, qk_scale,
-        HEAD_DIM, BLOCK_M, True, IS_CAUSAL, UPCAST,
+        dk, dv, k, v, Q_base, dO_base, lse_row, delta_row, stride_qt, stride_gt, keys, DocSpan_ptr, b, doc_start,
+        shared_lo, shared_hi, bulk_hi, hi, T, qk_scale, HEAD_DIM, BLOCK_M, True, IS_CAUSAL, HAS_DOCS, UPCAST,
     )
     dk *= scale
     if HAS_MASK:
@@ -406,9 +544,9 @@ def _attention_bwd_dkdv_kernel(
 @jit
 def _dq_key_blocks(
     dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt,
-    rows, lo, hi, T, qk_scale,
+    rows, DocSpan_ptr, b, doc_start, shared_lo, shared_hi, lo, hi, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dQ += dS K over the key blocks in [lo, hi), with dS = P ∘ (dO Vᵀ - delta)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -428,6 +566,10 @@ def _dq_key_blocks(
         if HAS_MASK:
             real = tl.load(mask_row + keys * stride_mt, mask=keys < T, other=0) != 0
             p = tl.where(real[None, :], p, 0.0)
+        if HAS_DOCS:
+            if _crosses_documents(start_n, BLOCK_N, shared_lo, shared_hi):
+                key_start = _document_starts(DocSpan_ptr, b, keys, T)
+                p = tl.where(key_start[None, :] == doc_start[:, None], p, 0.0)
         if EDGE:
             visible = keys[None, :] < T
             if IS_CAUSAL:
@@ -441,12 +583,12 @@ def _dq_key_blocks(
 
 @jit
 def _attention_bwd_dq_kernel(
-    Q_ptr, K_ptr, V_ptr, dO_ptr, dQ_ptr, LSE_ptr, Delta_ptr, Mask_ptr, KeyRange_ptr,
+    Q_ptr, K_ptr, V_ptr, dO_ptr, dQ_ptr, LSE_ptr, Delta_ptr, Mask_ptr, KeyRange_ptr, DocSpan_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_gb, stride_gh, stride_gt,
     stride_dqb, stride_dqh, stride_dqt, stride_mb, stride_mt, H, T, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     num_m = tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
@@ -474,16 +616,20 @@ def _attention_bwd_dq_kernel(
     mask_row = Mask_ptr + b.to(tl.int64) * stride_mb
 
     # The same key-block schedule as the forward.
-    lo, bulk_hi, hi = _key_block_range(KeyRange_ptr, b, start_m, T, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK)
+    doc_start, doc_end = _document_span(DocSpan_ptr, b, rows, T, HAS_DOCS)
+    shared_lo = tl.max(doc_start, 0)
+    shared_hi = tl.min(doc_end, 0)
+    lo, bulk_hi, hi = _key_block_range(KeyRange_ptr, b, start_m, T, doc_start, doc_end, BLOCK_M, BLOCK_N,
+                                       IS_CAUSAL, HAS_MASK, HAS_DOCS)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_key_blocks(
-        dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, lo, bulk_hi, T, qk_scale,
-        HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_MASK, UPCAST,
+        dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, DocSpan_ptr, b, doc_start,
+        shared_lo, shared_hi, lo, bulk_hi, T, qk_scale, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_MASK, HAS_DOCS, UPCAST,
     )
     dq = _dq_key_blocks(
-        dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, bulk_hi, hi, T, qk_scale,
-        HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_MASK, UPCAST,
+        dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, DocSpan_ptr, b, doc_start,
+        shared_lo, shared_hi, bulk_hi, hi, T, qk_scale, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_MASK, HAS_DOCS, UPCAST,
     )
     dq_ptrs = (dQ_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + start_m.to(tl.int64) * stride_dqt
                + offs_m[:, None] * stride_dqt + offs_d[None, :])
@@ -491,86 +637,15 @@ def _attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------- launch configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per compute capability, kernel, head
-# dim class (up to 64, or 128) and bytes per element. The tiles follow the Triton
-# tutorial's and FlashAttention-2's: 128-row query blocks on tensor cores for the
-# forward and the dQ pass; the dK/dV pass holds a wide key block and walks thin
-# query blocks (the mirror image). Where the tutorial's 4 warps run out of
-# registers, 8 warps share the same tile. fp32 inputs run exact fp32 dots
-# (input_precision="ieee"), which live in registers, hence the small tiles.
-#
-# Checked by tests/test_compile_gate.py, which compiles the kernels without a GPU
-# (fp16/bf16 exhaustively: head dims 16-128, causal or not, key mask or not; fp32
-# and short sequences sampled, fp32 compiled exhaustively once for sm_80 and
-# sm_90 when the table was chosen) and passes with Triton 3.6 and 3.9: no spilled
-# register on sm_80 and sm_90, shared memory within 163 KB (sm_80) and 227 KB
-# (sm_90) per block, tensor-core instructions for fp16/bf16; the 16-bit variants
-# of the 8.6 and 8.9 entries (head dims 64 and 128) also compile spill-free within
-# their 99 KB. A capability between entries takes the nearest lower one. A fixed
-# table rather than an autotuner: each config is one compile, where tuning would
-# compile and time every candidate for every shape class.
-_FP32_CONFIGS = {
-    ("fwd", 64, 4): (32, 32, 8, 2),
-    ("fwd", 128, 4): (32, 16, 8, 2),
-    ("dkdv", 64, 4): (32, 32, 8, 2),
-    ("dkdv", 128, 4): (16, 32, 8, 2),
-    ("dq", 64, 4): (32, 32, 8, 2),
-    ("dq", 128, 4): (32, 16, 8, 2),
-}
-_AMPERE_CONFIGS = {
-    ("fwd", 64, 2): (128, 32, 8, 3),
-    ("fwd", 128, 2): (128, 32, 8, 3),
-    ("dkdv", 64, 2): (16, 128, 8, 3),
-    ("dkdv", 128, 2): (32, 64, 8, 3),
-    ("dq", 64, 2): (128, 32, 8, 3),
-    ("dq", 128, 2): (128, 32, 8, 3),
-    **_FP32_CONFIGS,
-    # With 8 warps ptxas holds some fp32 kernels to 80 registers and spills on
-    # sm_8x; 4 warps do not spill there (but spill 256-448 B on sm_90).
-    ("fwd", 64, 4): (32, 32, 4, 2),
-    ("dkdv", 64, 4): (16, 32, 4, 2),
-    ("dkdv", 128, 4): (16, 32, 4, 2),
-}
-# 8.6 and 8.9 have about 100 KB per SM: two stages bring the D = 128 forward from
-# 64 to 48 KB, two blocks per SM. Elsewhere two stages gained no second block, and
-# once made ptxas spill (the D = 64 forward, Triton 3.9).
-_SMALL_SHARED_CONFIGS = {**_AMPERE_CONFIGS, ("fwd", 128, 2): (128, 32, 8, 2)}
-_CONFIGS = {
-    (8, 0): _AMPERE_CONFIGS,
-    (8, 6): _SMALL_SHARED_CONFIGS,
-    (8, 9): _SMALL_SHARED_CONFIGS,
-    (9, 0): {
-        ("fwd", 64, 2): (128, 64, 8, 3),
-        ("fwd", 128, 2): (128, 64, 8, 3),
-        ("dkdv", 64, 2): (64, 128, 8, 3),
-        ("dkdv", 128, 2): (32, 128, 8, 3),
-        ("dq", 64, 2): (128, 32, 4, 4),
-        ("dq", 128, 2): (128, 32, 8, 3),
-        **_FP32_CONFIGS,
-        ("dq", 64, 4): (32, 32, 4, 2),  # 8 warps: 80 registers and a spill (Triton 3.6)
-    },
-}
-# Sequences of at most 64 tokens fill a 128-row query block only half: 64 rows.
-_SHORT_T = 64
-_SHORT_CONFIGS = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3)}
-# The interpreter runs small unequal blocks, so that test sizes cross diagonal and tail blocks.
-_INTERPRETER_CONFIGS = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
-
-
+# The table, and why each entry is what it is, live in _attention_configs.py.
 @functools.cache
 def _device_capability(device_index: int | None) -> tuple[int, int]:
     # Read at the first launch on each device, never at import: importing minipt must not touch a GPU.
     return torch.cuda.get_device_capability(device_index)
 
 
-def _table_capability(capability: tuple[int, int]) -> tuple[int, int]:
-    """The table's entry for ``capability``: itself, else the nearest lower one (the lowest below 8.0)."""
-    lower = [c for c in _CONFIGS if c <= capability]
-    return max(lower) if lower else min(_CONFIGS)
-
-
-def _launch_config(kind: str, q: torch.Tensor) -> dict:
-    """The config of kernel ``kind`` ("fwd", "dkdv" or "dq") for q's shape, dtype and GPU."""
+def _launch_config(kind: str, q: torch.Tensor, documents: bool = False) -> dict:
+    """The config of kernel ``kind`` ("fwd", "dkdv" or "dq") for q's shape, dtype, GPU and packing."""
     _, _, T, head_dim = q.shape
     if triton_interpreting():
         config = _INTERPRETER_CONFIGS[kind]
@@ -579,7 +654,10 @@ def _launch_config(kind: str, q: torch.Tensor) -> dict:
         if T <= _SHORT_T and q.dtype.itemsize == 2 and kind in _SHORT_CONFIGS:
             config = _SHORT_CONFIGS[kind]
         else:
-            config = _CONFIGS[arch][(kind, 64 if head_dim <= 64 else 128, q.dtype.itemsize)]
+            key = (kind, 64 if head_dim <= 64 else 128, q.dtype.itemsize)
+            config = _CONFIGS[arch][key]
+            if documents and arch < (9, 0):
+                config = _AMPERE_DOCUMENT_CONFIGS.get(key, config)
     block_m, block_n, num_warps, num_stages = config
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
@@ -608,7 +686,8 @@ def _mask_view(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @triton_op("minipt::triton_attention_fwd", mutates_args=())
 def _attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], is_causal: bool, scale: float
+    q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], doc_span: Optional[Tensor], is_causal: bool,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns the output, the base-2 row log-sum-exp (B, H, T) and the (B, 2) real-key spans."""
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
@@ -627,10 +706,10 @@ def _attention_forward(
         mask, key_range, mask_strides = q, torch.empty((0,), dtype=torch.int32, device=q.device), (0, 0)
     config = _launch_config("fwd", q)
     torch.library.wrap_triton(_attention_fwd_kernel)[(triton.cdiv(T, config["BLOCK_M"]) * B * H,)](
-        q, k, v, out, lse, mask, key_range,
+        q, k, v, out, lse, mask, key_range, key_range if doc_span is None else doc_span,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *mask_strides,
         H, T, scale * math.log2(math.e),
-        HEAD_DIM=D, IS_CAUSAL=is_causal, HAS_MASK=has_mask, UPCAST=_upcast(q), **config,
+        HEAD_DIM=D, IS_CAUSAL=is_causal, HAS_MASK=has_mask, HAS_DOCS=doc_span is not None, UPCAST=_upcast(q), **config,
     )
     return out, lse, key_range
 
@@ -638,7 +717,7 @@ def _attention_forward(
 @triton_op("minipt::triton_attention_bwd", mutates_args=())
 def _attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    attention_mask: Optional[Tensor], key_range: Tensor, is_causal: bool, scale: float,
+    attention_mask: Optional[Tensor], key_range: Tensor, doc_span: Optional[Tensor], is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v, out = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), _last_dim_unit(out)
     grad_out = _last_dim_unit(grad_out)
@@ -653,17 +732,19 @@ def _attention_backward(
     has_mask = attention_mask is not None
     mask = _mask_view(attention_mask) if has_mask else q
     mask_strides = mask.stride() if has_mask else (0, 0)
-    flags = {"HEAD_DIM": D, "IS_CAUSAL": is_causal, "HAS_MASK": has_mask, "UPCAST": _upcast(q)}
+    flags = {"HEAD_DIM": D, "IS_CAUSAL": is_causal, "HAS_MASK": has_mask, "HAS_DOCS": doc_span is not None,
+             "UPCAST": _upcast(q)}
+    doc_span = key_range if doc_span is None else doc_span
     qk_scale = scale * math.log2(math.e)
     config = _launch_config("dkdv", q)
     torch.library.wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(T, config["BLOCK_N"]) * B * H,)](
-        q, k, v, grad_out, dk, dv, lse, delta, mask, key_range,
+        q, k, v, grad_out, dk, dv, lse, delta, mask, key_range, doc_span,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv), *mask_strides,
         H, T, qk_scale, scale, **flags, **config,
     )
-    config = _launch_config("dq", q)
+    config = _launch_config("dq", q, documents=flags["HAS_DOCS"])
     torch.library.wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(T, config["BLOCK_M"]) * B * H,)](
-        q, k, v, grad_out, dq, lse, delta, mask, key_range,
+        q, k, v, grad_out, dq, lse, delta, mask, key_range, doc_span,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), *mask_strides,
         H, T, qk_scale, scale, **flags, **config,
     )
@@ -672,23 +753,25 @@ def _attention_backward(
 
 # ----------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    q, k, v, attention_mask, is_causal, scale = inputs
+    q, k, v, attention_mask, doc_span, is_causal, scale = inputs
     out, lse, key_range = output
-    ctx.save_for_backward(q, k, v, out, lse, attention_mask, key_range)
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, key_range, doc_span)
     ctx.is_causal = is_causal
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_key_range):
-    q, k, v, out, lse, attention_mask, key_range = ctx.saved_tensors
-    dq, dk, dv = _attention_backward(grad_out, q, k, v, out, lse, attention_mask, key_range, ctx.is_causal, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, attention_mask, key_range, doc_span = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(
+        grad_out, q, k, v, out, lse, attention_mask, key_range, doc_span, ctx.is_causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention_triton(q, k, v, is_causal, attention_mask, scale):
+def _attention_triton(q, k, v, is_causal, attention_mask, document_ids, scale):
     if q.dtype not in TRITON_DTYPES:
         raise TypeError(
             f"{OP}: backend='triton' supports float16, bfloat16 and float32 inputs, got {str(q.dtype).replace('torch.', '')}"
@@ -698,7 +781,8 @@ def _attention_triton(q, k, v, is_causal, attention_mask, scale):
         raise ValueError(f"{OP}: backend='triton' supports head dims {HEAD_DIMS}, got head dim D = {D}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    out, _, _ = _attention_forward(q, k, v, attention_mask, bool(is_causal), float(scale))
+    doc_span = None if document_ids is None else document_spans(document_ids)
+    out, _, _ = _attention_forward(q, k, v, attention_mask, doc_span, bool(is_causal), float(scale))
     return out
 
 
@@ -712,11 +796,10 @@ def _bthd_dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.transpose(1, 2).is_contiguous() else x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale) -> dict:
+def _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale) -> dict:
     """The kernels' arguments, after every check: the custom ops below may be called directly."""
     named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)]
-    if key_mask is not None:
-        named.append(("key_mask", key_mask))
+    named += [(name, x) for name, x in (("key_mask", key_mask), ("doc_span", doc_span)) if x is not None]
     check_device(OP, *named)
     if q.device.type != "cuda":
         raise BackendUnavailableError(
@@ -737,9 +820,13 @@ def _native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale) -> dic
         raise ValueError(f"{OP}: lse must be float32 of shape {(B, H, T)}, got {lse.dtype} {tuple(lse.shape)}")
     if key_mask is not None and (key_mask.dtype != torch.uint8 or key_mask.shape != (B, T)):
         raise ValueError(f"{OP}: key_mask must be uint8 of shape {(B, T)}, got {key_mask.dtype} {tuple(key_mask.shape)}")
+    if doc_span is not None and (doc_span.dtype != torch.int32 or doc_span.shape != (B, 2, T)):
+        raise ValueError(f"{OP}: doc_span must be int32 of shape {(B, 2, T)} (document_spans of the ids), "
+                         f"got {doc_span.dtype} {tuple(doc_span.shape)}")
     return dict(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
-        key_mask=0 if key_mask is None else key_mask.data_ptr(), batch=B, heads=H, seq_len=T,
+        key_mask=0 if key_mask is None else key_mask.data_ptr(),
+        doc_span=0 if doc_span is None else doc_span.data_ptr(), batch=B, heads=H, seq_len=T,
         head_dim=D, dtype=float_code(OP, "q, k and v", q), is_causal=is_causal, scale=scale,
     )
 
@@ -751,27 +838,30 @@ def _native_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.custom_op("minipt::native_attention_fwd", mutates_args=())
 def native_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor], is_causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+    doc_span: Optional[torch.Tensor], is_causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out, a (B, H, T, D) view of (B, T, H, D) memory, and the base-2 log-sum-exp of each
-    row's scaled scores (B, H, T), float32. key_mask is (B, T) uint8 with 1 for a real token, or None."""
+    row's scaled scores (B, H, T), float32. key_mask is (B, T) uint8 with 1 for a real token, or None;
+    doc_span the (B, 2, T) int32 ``document_spans`` of packed rows, or None."""
     out, lse = _native_outputs(q)
-    run_kernel("attention_forward", q.device, **_native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale))
+    args = _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale)
+    run_kernel("attention_forward", q.device, **args)
     return out, lse
 
 
 @native_attention_forward.register_fake
-def _(q, k, v, key_mask, is_causal, scale):
+def _(q, k, v, key_mask, doc_span, is_causal, scale):
     return _native_outputs(q)
 
 
 @torch.library.custom_op("minipt::native_attention_bwd", mutates_args=())
 def native_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    key_mask: Optional[torch.Tensor], is_causal: bool, scale: float,
+    key_mask: Optional[torch.Tensor], doc_span: Optional[torch.Tensor], is_causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from grad_out, laid out as out is, deterministically (no atomics)."""
-    args = _native_attention_args(q, k, v, key_mask, out, lse, is_causal, scale)
+    args = _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale)
     check_device(OP, ("q", q), ("grad_out", grad_out))
     if grad_out.shape != q.shape or grad_out.dtype != q.dtype:
         raise ValueError(f"{OP}: grad_out must match q's shape and dtype, got {grad_out.dtype} {tuple(grad_out.shape)}")
@@ -784,35 +874,58 @@ def native_attention_backward(
 
 
 @native_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, key_mask, is_causal, scale):
+def _(grad_out, q, k, v, out, lse, key_mask, doc_span, is_causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _native_setup_context(ctx, inputs, output):
-    q, k, v, key_mask, ctx.is_causal, ctx.scale = inputs
+    q, k, v, key_mask, doc_span, ctx.is_causal, ctx.scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, key_mask, out, lse)
+    ctx.save_for_backward(q, k, v, key_mask, doc_span, out, lse)
 
 
 def _native_backward(ctx, grad_out, _grad_lse):
-    q, k, v, key_mask, out, lse = ctx.saved_tensors
-    grads = native_attention_backward(_bthd_dense(grad_out), q, k, v, out, lse, key_mask, ctx.is_causal, ctx.scale)
-    return (*grads, None, None, None)
+    q, k, v, key_mask, doc_span, out, lse = ctx.saved_tensors
+    grads = native_attention_backward(
+        _bthd_dense(grad_out), q, k, v, out, lse, key_mask, doc_span, ctx.is_causal, ctx.scale
+    )
+    return (*grads, None, None, None, None)
 
 
 native_attention_forward.register_autograd(_native_backward, setup_context=_native_setup_context)
 
 
-def _attention_native(q, k, v, is_causal, attention_mask, scale):
+def _attention_native(q, k, v, is_causal, attention_mask, document_ids, scale):
     # Device, head dim and dtype are checked once, by the custom op.
     key_mask = None if attention_mask is None else attention_mask.ne(0).to(torch.uint8).contiguous()
+    doc_span = None if document_ids is None else document_spans(document_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = native_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, bool(is_causal), scale)
+    out, _ = native_attention_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), key_mask, doc_span, bool(is_causal), scale
+    )
     return out
 
 
 # ----------------------------------------------------------------------------- public op
-def _check_inputs(q, k, v, attention_mask, scale) -> None:
+def _check_document_ids(q, document_ids) -> None:
+    B, _, T, _ = q.shape
+    check_tensor(OP, "document_ids", document_ids)
+    if document_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{OP}: document_ids must be int32 or int64, got {document_ids.dtype}")
+    if tuple(document_ids.shape) != (B, T):
+        raise ValueError(f"{OP}: document_ids must have shape (B, T) = ({B}, {T}), got {tuple(document_ids.shape)}")
+    check_same(OP, ("q", q), ("document_ids", document_ids), dtype=False)
+    message = f"{OP}: document_ids must be non-decreasing along each row (one document after another)"
+    ordered = (document_ids[:, 1:] >= document_ids[:, :-1]).all()
+    if document_ids.device.type == "cpu":
+        if not ordered:
+            raise ValueError(message)
+    else:
+        # Checked on the device, in stream order: no host sync on the training step's path.
+        torch._assert_async(ordered, message)
+
+
+def _check_inputs(q, k, v, attention_mask, document_ids, scale) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(OP, name, x, ndim=4, dtypes=FLOAT_DTYPES)
     check_same(OP, ("q", q), ("k", k), ("v", v))
@@ -832,20 +945,25 @@ def _check_inputs(q, k, v, attention_mask, scale) -> None:
         if tuple(attention_mask.shape) != (B, T):
             raise ValueError(f"{OP}: attention_mask must have shape (B, T) = ({B}, {T}), got {tuple(attention_mask.shape)}")
         check_same(OP, ("q", q), ("attention_mask", attention_mask), dtype=False)
+    if document_ids is not None:
+        _check_document_ids(q, document_ids)
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise ValueError(f"{OP}: scale must be a finite float or None, got {scale!r}")
 
 
-def attention(q, k, v, *, is_causal=False, attention_mask=None, scale=None, backend="auto"):
+def attention(q, k, v, *, is_causal=False, attention_mask=None, document_ids=None, scale=None, backend="auto"):
     """Scaled dot-product attention over (B, H, T, D) tensors; see the module docstring.
 
+    ``document_ids`` (B, T), int32 or int64 and non-decreasing along each row, packs
+    several documents into one row: a position sees only its own document's keys.
     Returns a (B, H, T, D) tensor; with backend="triton" or "native" it is a view of
     (B, T, H, D) memory, so ``out.transpose(1, 2)`` is contiguous.
     """
-    _check_inputs(q, k, v, attention_mask, scale)
+    _check_inputs(q, k, v, attention_mask, document_ids, scale)
     backend = resolve_backend(backend, q.device, OP)
     if backend == "torch":
-        return attention_ref(q, k, v, is_causal=is_causal, attention_mask=attention_mask, scale=scale, upcast=False)
+        return attention_ref(q, k, v, is_causal=is_causal, attention_mask=attention_mask, document_ids=document_ids,
+                             scale=scale, upcast=False)
     if backend == "triton":
-        return _attention_triton(q, k, v, is_causal, attention_mask, scale)
-    return _attention_native(q, k, v, is_causal, attention_mask, scale)
+        return _attention_triton(q, k, v, is_causal, attention_mask, document_ids, scale)
+    return _attention_native(q, k, v, is_causal, attention_mask, document_ids, scale)
