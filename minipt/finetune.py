@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(FinetuneConfig, parse_overrides(FinetuneConfig, argv, PROG, __doc__.split("\n\n")[0]))
         rt = runtime.setup(cfg.device, cfg.dtype)
+        hf.require_transformers()  # the export at the end needs it: fail now, not after the training
         model, tok, labels, _ = finetune(cfg, rt)
         export(model, tok, labels, Path(cfg.out_dir) / "hf")
         print(f"done: {Path(cfg.out_dir) / 'hf'} holds the model as a BertForSequenceClassification")

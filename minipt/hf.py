@@ -49,7 +49,8 @@ GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # two implementations of th
 BERT_ERF_GELUS = ("gelu", "gelu_python")  # both the exact erf form
 
 
-def _transformers():
+def require_transformers():
+    """The ``transformers`` module, or an ImportError that says how to install it."""
     try:
         import transformers
     except ImportError as exc:
@@ -100,7 +101,7 @@ def from_hf(hf_model, *, backend: str = "auto"):
     ``hf_model`` is a ``transformers.GPT2LMHeadModel`` or ``BertForPreTraining``;
     the result is on its device, in its dtype, and in training mode.
     """
-    transformers = _transformers()
+    transformers = require_transformers()
     if isinstance(hf_model, transformers.GPT2LMHeadModel):
         return _gpt_from_hf(hf_model, backend)
     if isinstance(hf_model, transformers.BertForPreTraining):
@@ -166,7 +167,7 @@ def _gpt_from_hf(hf_model, backend: str) -> GPT:
 
 
 def _gpt_to_hf(model: GPT):
-    transformers = _transformers()
+    transformers = require_transformers()
     cfg = model.config
     default_special = transformers.GPT2Config().bos_token_id
     special = default_special if default_special < cfg.vocab_size else None
@@ -280,7 +281,7 @@ def _bert_from_hf(hf_model, backend: str) -> BERT:
 
 
 def _bert_to_hf(model: BERT):
-    transformers = _transformers()
+    transformers = require_transformers()
     cfg = model.config
     hf_config = transformers.BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
@@ -445,7 +446,7 @@ def classifier_to_hf(bert: BERT, classifier: torch.nn.Linear, labels: list[str])
 
     The MLM and NSP heads have no place in it and are left out.
     """
-    transformers = _transformers()
+    transformers = require_transformers()
     cfg = bert.config
     hf_config = transformers.BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
