@@ -13,9 +13,8 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer, BertWordPieceTokenizer
-
-transformers = __import__("pytest").importorskip("transformers")
+import transformers
+from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
 
 TEXTS = [
     "The cat sits on the mat. The dog lies on the rug.",
