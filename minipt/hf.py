@@ -252,17 +252,18 @@ def _bert_config_from_hf(c, backend: str) -> BertConfig:
     )
 
 
-# BertForMaskedLM has no pooler and no NSP head: minipt's start fresh.
+# A BertForMaskedLM has no pooler and no NSP head, unless its weights come from pretraining
+# (bert-base-uncased's config says BertForMaskedLM, its file holds both): what is absent starts fresh.
 _BERT_NSP_PARTS = ("pooler.weight", "pooler.bias", "nsp_head.weight", "nsp_head.bias")
 
 
-def _bert_weights(config: BertConfig, sd, *, with_nsp: bool = True) -> dict[str, torch.Tensor]:
-    """minipt's BERT state dict from BertForPreTraining's (``with_nsp=False``: BertForMaskedLM's)."""
+def _bert_weights(config: BertConfig, sd, *, nsp_optional: bool = False) -> dict[str, torch.Tensor]:
+    """minipt's BERT state dict from BertForPreTraining's (``nsp_optional``: BertForMaskedLM's)."""
     _require_tied(sd, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
     _require_tied(sd, "cls.predictions.decoder.bias", "cls.predictions.bias")
     ours = {
         ours: sd[theirs] for theirs, ours in _bert_key_map(config.n_layer).items()
-        if with_nsp or ours not in _BERT_NSP_PARTS
+        if theirs in sd or not (nsp_optional and ours in _BERT_NSP_PARTS)
     }
     for i in range(config.n_layer):
         prefix = f"bert.encoder.layer.{i}.attention.self"
@@ -412,9 +413,11 @@ def load_hf_folder(folder: str | Path, *, backend: str = "auto", dropout: float 
         config = dataclasses.replace(config, dropout=dropout)
     raw, source = _read_tensors(folder)
     tensors = _Tensors(_hf_names(raw, kind), source)
-    with_nsp = architecture != "BertForMaskedLM"
     try:
-        ours = _gpt_weights(config, tensors) if kind == "gpt" else _bert_weights(config, tensors, with_nsp=with_nsp)
+        if kind == "gpt":
+            ours = _gpt_weights(config, tensors)
+        else:
+            ours = _bert_weights(config, tensors, nsp_optional=architecture == "BertForMaskedLM")
     except ValueError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
     unread = sorted(k for k in tensors if k not in tensors.read and not k.endswith(_HF_BUFFERS)
@@ -435,8 +438,8 @@ def load_hf_folder(folder: str | Path, *, backend: str = "auto", dropout: float 
     missing, _ = model.load_state_dict(ours, strict=False)
     notes = []
     if missing:
-        notes.append(f"{architecture} has no pooler or NSP head: minipt's start freshly initialised "
-                     f"({', '.join(missing)})")
+        notes.append(f"the {architecture} in {source} has no pooler or NSP head ({', '.join(missing)}): "
+                     "they start freshly initialised")
     return model, notes
 
 

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from minipt import checkpoint as ckpt
 from minipt import sample as S
@@ -71,13 +72,24 @@ def test_bert_for_masked_lm_gets_a_fresh_nsp_head_and_says_so(folders, tmp_path,
     out = tmp_path / "run"
     assert T.main(train_args(folders, out, folders["bert-mlm"])) == 0
     log = capsys.readouterr().out
-    assert "BertForMaskedLM has no pooler or NSP head: minipt's start freshly initialised" in log
+    assert "the BertForMaskedLM in " in log
+    assert "has no pooler or NSP head (pooler.weight, pooler.bias, nsp_head.weight, nsp_head.bias): they start" in log
     assert ckpt.read_config(out)["model_type"] == "bert"
     trained, _, _ = S.load_run(out)
     start, _, _ = S.load_run(folders["bert-mlm"])
     encoder = {k for k in trained.state_dict() if k.startswith(("embeddings.", "layers.", "mlm_head."))}
     change = max((trained.state_dict()[k] - start.state_dict()[k]).abs().max().item() for k in encoder)
     assert 0 < change <= 1.5 * LR * STEPS
+
+
+def test_a_masked_lm_config_over_pretraining_weights_keeps_its_nsp_head(folders, tmp_path):
+    """bert-base-uncased's config.json names BertForMaskedLM while its file holds the pooler and NSP head."""
+    folder = broken_copy(folders, tmp_path, "bert", edit_config(architectures=["BertForMaskedLM"]))
+    model, _, config = S.load_run(folder)
+    assert config["notes"] == []
+    hf = transformers.BertForPreTraining.from_pretrained(folders["bert"])
+    assert torch.equal(model.nsp_head.weight, hf.cls.seq_relationship.weight)
+    assert torch.equal(model.pooler.weight, hf.bert.pooler.dense.weight)
 
 
 def test_a_run_started_from_a_checkpoint_resumes_with_its_architecture(folders, tmp_path):
