@@ -120,6 +120,11 @@ class TrainConfig:
             raise ConfigError("preset and init_from both set the architecture: init_from takes the checkpoint's")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other: pick one")
+        if self.init_from and not self.resume and Path(self.init_from).resolve() == Path(self.out_dir).resolve():
+            # the new run would be written over (with overwrite, deleted before) the weights it starts from
+            raise ConfigError(
+                f"init_from and out_dir name the same folder ({self.out_dir}): write the new run to another out_dir"
+            )
 
     @property
     def final_min_lr(self) -> float:

@@ -186,3 +186,13 @@ def test_settings_that_contradict_the_checkpoint_are_named(folders, tmp_path, ca
 def test_a_missing_folder_is_named(folders, tmp_path, capsys):
     assert T.main(train_args(folders, tmp_path / "run", tmp_path / "nowhere")) == 2
     assert "nowhere is not a folder: expected a minipt run or a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_a_run_written_over_its_own_starting_point_is_refused(folders, tmp_path, capsys):
+    start = tmp_path / "start"
+    assert T.main(train_args(folders, start, folders["gpt2"])) == 0
+    weights = sorted(p.name for p in start.iterdir())
+    capsys.readouterr()
+    assert T.main(train_args(folders, start, start) + ["--overwrite"]) == 2
+    assert "init_from and out_dir name the same folder" in capsys.readouterr().err
+    assert sorted(p.name for p in start.iterdir()) == weights  # nothing deleted
