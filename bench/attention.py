@@ -22,6 +22,19 @@ a padded batch: B = 32, H = 12, D = 64, T = 512, lengths uniform in [64, 512]
 boolean (B, 1, 1, T) mask; its ``ratio`` is ``sdpa``'s time (SDPA's own choice for
 a masked call) over the row's.
 
+Packed cases (``document_ids``): a GPT row of T = 8192 packed with causal
+documents of lengths uniform in [256, 2048], the last one cut at the row's end,
+and a BERT batch of T = 512 packed from sentence pairs whose two segments are
+each uniform in [32, 256] tokens, a pair that does not fit starting the next row
+and the rest padded. Providers: minipt's kernels, SDPA given the equivalent
+boolean (B, 1, T, T) mask, FlexAttention's document mask (a ``BlockMask``,
+compiled) where torch has it, and dense attention over the same T (causal for
+GPT, padding only for BERT), the cost packing would have without document
+skipping. Their FLOPs count each document's own scores, 4·H·D·Σ lenᵢ² (halved
+when causal). Each packed case also reports the exact (query block, key block)
+tiles minipt visits against the dense count, with the sm_90 bf16 launch table's
+tiles (``attention_tiles``): on any machine, a CPU included, that figure is exact.
+
 FLOPs: 4·B·H·T²·D for the forward (QKᵀ and PV), halved when causal; the backward
 counts 2.5× the forward, so forward + backward is 3.5×. The padded case counts the
 real keys only (4·H·T·D·Σ lengths), the work a kernel that skips padding must do.
@@ -42,8 +55,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
+from minipt.ops._attention_configs import _CONFIGS
 from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import attention
+from minipt.ops.attention import attention_tiles
 
 SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
@@ -61,6 +76,10 @@ CPU_TOKENS, CPU_WIDTH, CPU_TS, CPU_QUICK_TS = 1024, 256, (128, 256), (128,)
 MATERIALISED_MAX_T = 4096
 BERT_GPU = {"B": 32, "H": 12, "D": 64, "T": 512, "min_len": 64}
 BERT_CPU = {"B": 4, "H": 2, "D": 64, "T": 128, "min_len": 16}
+# Packed rows: (B, H, D, T, shortest and longest document or segment, causal, sentence pairs).
+PACKED_GPU = {"gpt-packed": (2, 16, 64, 8192, 256, 2048, True, False),
+              "bert-packed": (32, 12, 64, 512, 32, 256, False, True)}
+PACKED_PROVIDERS = ("minipt-triton", "minipt-native", "sdpa", "flex", "dense")
 
 
 def naive_attention(q, k, v, *, is_causal=False, key_mask=None):
@@ -74,9 +93,12 @@ def naive_attention(q, k, v, *, is_causal=False, key_mask=None):
     return scores.softmax(-1).to(q.dtype) @ v
 
 
-def make_fn(provider: str, is_causal: bool, key_mask: torch.Tensor | None):
-    """fn(q, k, v) -> out for one provider; ``key_mask`` is the (B, T) bool padding mask or None."""
+def make_fn(provider: str, is_causal: bool, key_mask: torch.Tensor | None, document_ids: torch.Tensor | None = None):
+    """fn(q, k, v) -> out for one provider; ``key_mask`` is the (B, T) bool padding mask or None,
+    ``document_ids`` the (B, T) ids of packed rows or None ("flex" and "dense" are packed-only)."""
     sdpa_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T), True = attend
+    if document_ids is not None:
+        return _packed_fn(provider, is_causal, key_mask, document_ids)
     if provider.startswith("sdpa"):
         backend = SDPA_BACKENDS.get(provider)
 
@@ -89,6 +111,114 @@ def make_fn(provider: str, is_causal: bool, key_mask: torch.Tensor | None):
         return lambda q, k, v: naive_attention(q, k, v, is_causal=is_causal, key_mask=key_mask)
     backend = provider.removeprefix("minipt-")
     return lambda q, k, v: attention(q, k, v, is_causal=is_causal, attention_mask=key_mask, backend=backend)
+
+
+def _packed_fn(provider, is_causal, key_mask, document_ids):
+    if provider == "sdpa":
+        visible = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, T, T)
+        if key_mask is not None:
+            visible = visible & key_mask[:, None, None, :]
+        if is_causal:
+            visible = visible & torch.ones_like(visible[0, 0]).tril()
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    if provider == "dense":
+        dense_mask = None if key_mask is None else key_mask[:, None, None, :]
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask, is_causal=is_causal)
+    if provider == "flex":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as exc:
+            raise BackendUnavailableError(f"flex_attention is not in this torch: {exc}") from exc
+        if document_ids.device.type != "cuda":
+            raise BackendUnavailableError("flex_attention is timed on CUDA only")
+        real = torch.ones_like(document_ids, dtype=torch.bool) if key_mask is None else key_mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = (document_ids[b, q_idx] == document_ids[b, kv_idx]) & real[b, kv_idx]
+            return same & (q_idx >= kv_idx) if is_causal else same
+
+        B, T = document_ids.shape
+        block_mask = create_block_mask(mask_mod, B, None, T, T, device=document_ids.device)
+        compiled = torch.compile(flex_attention)
+        return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+    backend = provider.removeprefix("minipt-")
+    return lambda q, k, v: attention(q, k, v, is_causal=is_causal, attention_mask=key_mask,
+                                     document_ids=document_ids, backend=backend)
+
+
+def packed_rows_ids(B, T, min_len, max_len, pairs, device, seed=0):
+    """(document_ids, key_mask or None, lengths): B rows of T tokens packed with documents.
+
+    Without ``pairs`` documents of min_len..max_len tokens fill each row, the last cut
+    at its end; with ``pairs`` each document is two segments of that length, a pair
+    that does not fit starts the next row, and the rest of the row is padding.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(B, T, dtype=torch.int64)
+    key_mask = torch.ones(B, T, dtype=torch.bool)
+    lengths = []
+    pending = None
+    for b in range(B):
+        pos, doc = 0, 0
+        while pos < T:
+            n = pending or sum(int(torch.randint(min_len, max_len + 1, (1,), generator=gen)) for _ in range(1 + pairs))
+            pending = None
+            if pairs and pos + n > T:
+                pending = n if n <= T else None
+                key_mask[b, pos:] = False
+                ids[b, pos:] = doc  # padding closes the row's last document, which it cannot see
+                break
+            n = min(n, T - pos)
+            ids[b, pos:pos + n] = doc
+            lengths.append(n)
+            pos, doc = pos + n, doc + 1
+    return ids.to(device), key_mask.to(device) if pairs else None, lengths
+
+
+def tile_row(name, T, is_causal, key_mask, document_ids, lengths, D=64) -> dict:
+    """Exact tile counts of minipt's kernels with the sm_90 bf16 launch table's tiles."""
+    fwd_m, fwd_n = _CONFIGS[(9, 0)][("fwd", D, 2)][:2]
+    dkdv_m, dkdv_n = _CONFIGS[(9, 0)][("dkdv", D, 2)][:2]
+    forward = attention_tiles(T, fwd_m, fwd_n, is_causal=is_causal, attention_mask=key_mask,
+                              document_ids=document_ids)
+    dkdv = attention_tiles(T, dkdv_m, dkdv_n, is_causal=is_causal, attention_mask=key_mask, document_ids=document_ids)
+    unpacked = attention_tiles(T, fwd_m, fwd_n, is_causal=is_causal, attention_mask=key_mask)["forward"]
+    B = document_ids.shape[0]
+    return {"name": f"{name} tiles", "provider": "minipt (sm_90 tiles)", "T": T, "B": B, "causal": is_causal,
+            "documents": len(lengths), "fwd_tiles": forward["forward"], "dkdv_tiles": dkdv["dkdv"],
+            "dense_tiles": forward["dense"], "fwd_tiles_without_documents": unpacked,
+            "fwd_fraction": forward["forward"] / forward["dense"],
+            "dkdv_fraction": dkdv["dkdv"] / dkdv["dense"],
+            "sum_len2_fraction": sum(n * n for n in lengths) / (B * T * T)}
+
+
+def packed_rows(device: str, quick: bool) -> list[dict]:
+    """Tile counts of the packed cases at their real sizes; timings on CUDA only."""
+    on_cuda = torch.device(device).type == "cuda"
+    rows = []
+    for name, (B, H, D, T, min_len, max_len, is_causal, pairs) in PACKED_GPU.items():
+        ids, key_mask, lengths = packed_rows_ids(B, T, min_len, max_len, pairs, "cpu")
+        rows.append(tile_row(name, T, is_causal, key_mask, ids, lengths, D))
+        if not on_cuda:
+            continue  # the interpreter and the CPU's SDPA at these sizes time nothing a GPU would
+        ids, key_mask = ids.to(device), None if key_mask is None else key_mask.to(device)
+        qkv = make_qkv(B, H, T, D, device, torch.bfloat16)
+        flops = 4.0 * H * D * sum(n * n for n in lengths) * (0.5 if is_causal else 1.0)
+        for mode in MODES:
+            case = {"mode": mode, "B": B, "H": H, "T": T, "D": D, "dtype": "bfloat16", "causal": is_causal}
+            group = []
+            for p in PACKED_PROVIDERS:
+                try:
+                    fn = make_fn(p, is_causal, key_mask, ids)
+                except BackendUnavailableError as exc:
+                    group.append({"name": f"{name} {mode}", "provider": p, **case, "skipped": str(exc)[:300]})
+                    continue
+                group.append({"name": f"{name} {mode}", "provider": p, **case,
+                              **measure_fn(fn, mode, qkv, device, quick, flops)})
+            add_ratios(group, "sdpa")
+            rows.extend(group)
+        del qkv
+    return rows
 
 
 def make_step(fn, q, k, v, mode: str):
@@ -128,7 +258,13 @@ def measure(provider, mode, qkv, device, quick, *, is_causal, key_mask, flops) -
         return {"skipped": "Triton runs on CUDA; on the CPU it only interprets, which times nothing useful"}
     if provider in ("naive", "sdpa-math") and T > MATERIALISED_MAX_T:
         return {"skipped": f"materialises the (B, H, T, T) scores; timed up to T={MATERIALISED_MAX_T}"}
-    step = make_step(make_fn(provider, is_causal, key_mask), *qkv, mode)
+    refused_by = provider if provider in SDPA_BACKENDS else None
+    return measure_fn(make_fn(provider, is_causal, key_mask), mode, qkv, device, quick, flops, refused_by)
+
+
+def measure_fn(fn, mode, qkv, device, quick, flops, refused_by=None) -> dict:
+    """measure() of a ready fn; a RuntimeError is a skip when ``refused_by`` names an SDPA backend."""
+    step = make_step(fn, *qkv, mode)
     try:
         step()  # warm-up: compilation, and whether the provider takes this call at all
     except BackendUnavailableError as exc:
@@ -137,8 +273,8 @@ def measure(provider, mode, qkv, device, quick, *, is_causal, key_mask, flops) -
         torch.cuda.empty_cache()
         return {"skipped": "out of GPU memory"}
     except RuntimeError as exc:
-        if provider in SDPA_BACKENDS:  # "No available kernel" and the reasons SDPA warns about
-            return {"skipped": f"{provider} refuses this call: {str(exc).splitlines()[0][:200]}"}
+        if refused_by:  # "No available kernel" and the reasons SDPA warns about
+            return {"skipped": f"{refused_by} refuses this call: {str(exc).splitlines()[0][:200]}"}
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     except Exception as exc:  # a broken provider is reported in its row; the other rows still run
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -202,7 +338,7 @@ def padded_rows(device: str, quick: bool) -> list[dict]:
 
 
 def run(device: str, quick: bool) -> list[dict]:
-    return sweep_rows(device, quick) + padded_rows(device, quick)
+    return sweep_rows(device, quick) + padded_rows(device, quick) + packed_rows(device, quick)
 
 
 def plot_tflops_vs_t(title: str, rows: list[dict], path: Path) -> Path | None:
@@ -212,7 +348,8 @@ def plot_tflops_vs_t(title: str, rows: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys(r["name"] for r in rows if not r["name"].startswith("bert") and "tflops" in r))
+    panels = list(dict.fromkeys(r["name"] for r in rows if r["name"].split()[0] in ("causal", "bidirectional")
+                                and "tflops" in r))
     if not panels:
         return None
     cols = 2

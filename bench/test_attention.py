@@ -85,3 +85,30 @@ def test_padded_rows_report_every_provider(bench_device):
     baseline = [r for r in rows if r["provider"] == bench.PADDED_BASELINE]
     assert all(r["ratio"] == 1.0 for r in baseline)
     assert any("interprets" in r.get("skipped", "") for r in rows if r["provider"] == "minipt-triton")
+
+
+def test_packed_rows_are_packed_as_described():
+    ids, key_mask, lengths = bench.packed_rows_ids(2, 8192, 256, 2048, False, "cpu")
+    assert key_mask is None and (ids.diff(dim=1) >= 0).all() and sum(lengths) == ids.numel()
+    assert all(n <= 2048 for n in lengths) and sorted(lengths)[2] >= 256  # only each row's last document is cut
+    ids, key_mask, lengths = bench.packed_rows_ids(8, 512, 32, 256, True, "cpu")
+    assert (ids.diff(dim=1) >= 0).all() and all(64 <= n <= 512 for n in lengths)
+    counts = [torch.unique_consecutive(row[real], return_counts=True)[1] for row, real in zip(ids, key_mask)]
+    assert torch.cat(counts).tolist() == lengths
+
+
+def test_packed_tile_counts_follow_the_documents():
+    gpt, bert = bench.packed_rows("cpu", quick=True)  # on the CPU: the exact tile counts alone
+    assert gpt["fwd_tiles"] < gpt["fwd_tiles_without_documents"] < gpt["dense_tiles"]
+    assert bert["fwd_tiles"] < bert["fwd_tiles_without_documents"] <= bert["dense_tiles"]
+    # Whole documents plus the blocks their edges cut: never below Σ lenᵢ² (halved when causal).
+    assert gpt["fwd_fraction"] >= gpt["sum_len2_fraction"] / 2 and bert["fwd_fraction"] >= bert["sum_len2_fraction"]
+
+
+@pytest.mark.parametrize("provider, is_causal", [("sdpa", True), ("sdpa", False), ("minipt-torch", True)])
+def test_packed_providers_compute_attention(provider, is_causal):
+    ids, key_mask, _ = bench.packed_rows_ids(2, 96, 8, 24, not is_causal, "cpu")
+    q, k, v = bench.make_qkv(2, 2, 96, 16, "cpu", torch.float32)
+    got = bench.make_fn(provider, is_causal, key_mask, ids)(q, k, v)
+    want = attention_ref(q, k, v, is_causal=is_causal, attention_mask=key_mask, document_ids=ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
