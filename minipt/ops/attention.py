@@ -624,12 +624,14 @@ def _attention_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_key_blocks(
-        dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, DocSpan_ptr, b, doc_start,
-        shared_lo, shared_hi, lo, bulk_hi, T, qk_scale, HEAD_DIM, BLOCK_N, False, IS_CAUSAL, HAS_MASK, HAS_DOCS, UPCAST,
+        dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows,
+        DocSpan_ptr, b, doc_start, shared_lo, shared_hi, lo, bulk_hi, T, qk_scale, HEAD_DIM, BLOCK_N, False,
+        IS_CAUSAL, HAS_MASK, HAS_DOCS, UPCAST,
     )
     dq = _dq_key_blocks(
-        dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows, DocSpan_ptr, b, doc_start,
-        shared_lo, shared_hi, bulk_hi, hi, T, qk_scale, HEAD_DIM, BLOCK_N, True, IS_CAUSAL, HAS_MASK, HAS_DOCS, UPCAST,
+        dq, q, do, lse, delta, K_base, V_base, mask_row, stride_kt, stride_vt, stride_mt, rows,
+        DocSpan_ptr, b, doc_start, shared_lo, shared_hi, bulk_hi, hi, T, qk_scale, HEAD_DIM, BLOCK_N, True,
+        IS_CAUSAL, HAS_MASK, HAS_DOCS, UPCAST,
     )
     dq_ptrs = (dQ_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + start_m.to(tl.int64) * stride_dqt
                + offs_m[:, None] * stride_dqt + offs_d[None, :])
