@@ -256,8 +256,8 @@ PYBIND11_MODULE(_C, m) {
   def_on<Cuda>(m, "attention_forward", &attention_forward_binding,
                "Flash-style attention forward: out in (B, T, H, D) memory and base-2 lse (B, H, T)", py::arg("q"),
                py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("doc_span"),
-               py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
-               py::arg("scale"));
+               py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"),
+               py::arg("is_causal"), py::arg("scale"));
   def_on<Cuda>(m, "attention_backward", &attention_backward_binding,
                "Attention backward: dq, dk, dv from dout, with delta (B, H, T) as float32 scratch", py::arg("q"),
                py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("doc_span"),

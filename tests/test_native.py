@@ -440,7 +440,7 @@ class TestCudaBindings:
         with pytest.raises(ValueError, match="head_dim must be 64 or 128"):
             _C.attention_forward_cuda(
                 q=q.data_ptr(), k=q.data_ptr(), v=q.data_ptr(), out=q.data_ptr(), lse=lse.data_ptr(), key_mask=0,
-                batch=1, heads=1, seq_len=4, head_dim=96, dtype=0, is_causal=False, scale=0.1,
+                doc_span=0, batch=1, heads=1, seq_len=4, head_dim=96, dtype=0, is_causal=False, scale=0.1,
                 stream=torch.cuda.current_stream().cuda_stream,
             )
 
