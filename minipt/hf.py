@@ -2,7 +2,7 @@
 
     from_hf(GPT2LMHeadModel)    -> GPT        to_hf(GPT)  -> GPT2LMHeadModel
     from_hf(BertForPreTraining) -> BERT       to_hf(BERT) -> BertForPreTraining
-    classifier_to_hf(BERT, classifier, labels) -> BertForSequenceClassification
+    to_hf(BertClassifier, labels=...) -> BertForSequenceClassification (through classifier_to_hf)
 
 The conversion goes through state dicts, so it depends only on parameter names,
 which have stayed the same from transformers 4.40 to 5.x. Two layouts differ:
@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from minipt.checkpoint import CheckpointError
-from minipt.model import BERT, GPT, BertConfig, GPTConfig
+from minipt.model import BERT, GPT, BertClassifier, BertConfig, GPTConfig
 
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # two implementations of the same tanh approximation
 BERT_ERF_GELUS = ("gelu", "gelu_python")  # both the exact erf form
@@ -112,13 +112,26 @@ def from_hf(hf_model, *, backend: str = "auto"):
     )
 
 
-def to_hf(model):
-    """The ``transformers`` model equal to minipt's ``model`` (GPT or BERT), on its device and dtype."""
+def to_hf(model, *, labels: list[str] | None = None):
+    """The ``transformers`` model equal to minipt's ``model`` (GPT, BERT or BertClassifier), on its device and dtype.
+
+    A BertClassifier becomes a BertForSequenceClassification whose ``id2label`` is
+    ``labels`` (default: ``LABEL_0``, ``LABEL_1``, ..., as transformers names them).
+    """
+    if isinstance(model, BertClassifier):
+        names = labels if labels is not None else [f"LABEL_{i}" for i in range(model.config.num_labels)]
+        if len(names) != model.config.num_labels:
+            raise ValueError(f"to_hf: labels has {len(names)} names for a classifier of {model.config.num_labels}")
+        return classifier_to_hf(model.bert, model.classifier, names)
+    if labels is not None:
+        raise TypeError("to_hf: labels apply to a minipt.model.BertClassifier only")
     if isinstance(model, GPT):
         return _gpt_to_hf(model)
     if isinstance(model, BERT):
         return _bert_to_hf(model)
-    raise TypeError(f"to_hf: model must be a minipt.model.GPT or minipt.model.BERT, got {type(model).__name__}")
+    raise TypeError(
+        f"to_hf: model must be a minipt.model.GPT or minipt.model.BERT or BertClassifier, got {type(model).__name__}"
+    )
 
 
 # ----------------------------------------------------------------------------- GPT-2

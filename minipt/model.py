@@ -1,4 +1,4 @@
-"""GPT (causal LM) and BERT (MLM + NSP), built on minipt's ops.
+"""GPT (causal LM), BERT (MLM + NSP) and a BERT sequence classifier, built on minipt's ops.
 
 Read top to bottom: the configs, the output record, then GPT from its attention
 up to the model, then BERT the same way, and last the registry of the two kinds
@@ -566,17 +566,66 @@ class BERT(nn.Module):
         return training_flops_per_token(params, cfg, seq_len or cfg.block_size)
 
 
-# ----------------------------------------------------------------------------- the two kinds
+# ----------------------------------------------------------------------------- sequence classification
+@dataclass
+class BertClassifierConfig(BertConfig):
+    num_labels: int = 2  # classes of the sequence classifier
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_positive_int("BertClassifierConfig", "num_labels", self.num_labels)
+
+
+class BertClassifier(nn.Module):
+    """BertForSequenceClassification: dropout and a linear layer on the pooled [CLS] state (pooler: dense + tanh).
+
+    The encoder keeps its MLM and NSP heads, unused here, so that the weights of a
+    pretraining run load into ``bert`` as they are.
+    """
+
+    def __init__(self, config: BertClassifierConfig):
+        super().__init__()
+        if not isinstance(config, BertClassifierConfig):
+            raise TypeError(f"BertClassifier: config must be a BertClassifierConfig, got {type(config).__name__}")
+        self.config = config
+        self.bert = BERT(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    @classmethod
+    def from_bert(cls, bert: BERT, num_labels: int) -> "BertClassifier":
+        """A classifier on ``bert``'s weights (copied), with a fresh classification layer."""
+        config = BertClassifierConfig(**{**dataclasses.asdict(bert.config), "num_labels": num_labels})
+        model = cls(config).to(next(bert.parameters()).device)
+        model.bert.load_state_dict(bert.state_dict())
+        return model
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
+        """(B, num_labels) logits."""
+        x = self.bert.encode(input_ids, token_type_ids, attention_mask)  # (B, T, C)
+        pooled = torch.tanh(self.bert.pooler(x[:, 0]))  # (B, C)
+        return self.classifier(self.dropout(pooled))
+
+    def num_params(self, non_embedding=True) -> int:
+        return self.bert.num_params(non_embedding) + sum(p.numel() for p in self.classifier.parameters())
+
+
+# ----------------------------------------------------------------------------- the kinds
 class ModelKind(NamedTuple):
     model: type[nn.Module]
     config: type
 
 
-MODEL_KINDS = {"gpt": ModelKind(GPT, GPTConfig), "bert": ModelKind(BERT, BertConfig)}
+MODEL_KINDS = {
+    "gpt": ModelKind(GPT, GPTConfig), "bert": ModelKind(BERT, BertConfig),
+    "bert_classifier": ModelKind(BertClassifier, BertClassifierConfig),
+}
 
 
-def build_model(kind: str, config: dict | GPTConfig | BertConfig) -> GPT | BERT:
-    """A GPT or BERT from its kind and its config (a dict, as saved in a run's ``config.json``)."""
+def build_model(kind: str, config: dict | GPTConfig | BertConfig) -> GPT | BERT | BertClassifier:
+    """A model from its kind and its config (a dict, as saved in a run's ``config.json``)."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"build_model: kind must be one of {sorted(MODEL_KINDS)}, got {kind!r}")
     model_cls, config_cls = MODEL_KINDS[kind]
