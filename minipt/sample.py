@@ -9,12 +9,15 @@
 * BERT fills every ``[MASK]`` of ``--text`` and prints the top candidates with
   their probabilities; with ``--text_a`` and ``--text_b`` it prints the NSP
   probability that B follows A.
+* A fine-tune run (``python -m minipt.finetune``) classifies ``--text``, or the
+  pair ``--text`` and ``--text_b``, and prints the probability of every label.
 
 Examples::
 
     python -m minipt.sample --out_dir out --prompt "ROMEO:" --max_new_tokens 100
     python -m minipt.sample --out_dir out-bert --text "The cat sits on the [MASK]."
     python -m minipt.sample --out_dir out-bert --text_a "I like cats." --text_b "They are cute."
+    python -m minipt.sample --out_dir out-finetune --text "Now is the winter of our discontent"
     python -m minipt.sample --out_dir ~/models/gpt2 --prompt "The cat sits on the" --temperature 0
 """
 
@@ -51,10 +54,10 @@ class SampleConfig:
     top_k: int | None = 200  # sample among the k most likely tokens; none: among all
     num_samples: int = 1  # samples to draw
     # ---- BERT
-    text: str = ""  # text with [MASK] tokens to fill in
+    text: str = ""  # text with [MASK] tokens to fill in; for a fine-tune run, the text to classify
     candidates: int = 5  # candidates shown for each [MASK]
     text_a: str = ""  # first segment for next sentence prediction
-    text_b: str = ""  # second segment: prints the probability that it follows text_a
+    text_b: str = ""  # second segment: the probability that it follows text_a, or the text_pair to classify
 
     def __post_init__(self):
         check_types(self)
@@ -65,8 +68,10 @@ class SampleConfig:
             raise ConfigError(f"top_k must be a positive integer or none, got {self.top_k}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if bool(self.text_a) != bool(self.text_b):
+        if self.text_a and not self.text_b:
             raise ConfigError("next sentence prediction needs both --text_a and --text_b")
+        if self.text_b and not (self.text_a or self.text):
+            raise ConfigError("--text_b needs --text_a (next sentence prediction) or --text (a fine-tune run's pair)")
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -119,7 +124,7 @@ def load_run(
         config = {"model_type": kind, "model": dataclasses.asdict(model.config), "notes": notes}
     else:
         config = ckpt.read_config(path)
-        tok = TextTokenizer.from_file(Path(path) / ckpt.TOKENIZER, kind)
+        tok = TextTokenizer.from_file(Path(path) / ckpt.TOKENIZER, "gpt" if kind == "gpt" else "bert")
         model = build_model(kind, {**model_config, **overrides})
         ckpt.load_weights(path, model, device)
     check_vocabulary(tok, model.config.vocab_size, path)
@@ -198,6 +203,22 @@ def next_sentence_probability(model, tok: TextTokenizer, text_a: str, text_b: st
     return float(_bert_forward(model, ids, types, dtype).nsp_logits[0].float().softmax(-1)[0])
 
 
+@torch.no_grad()
+def classify(model, tok: TextTokenizer, labels: list[str], text: str, text_b: str | None = None, *,
+             dtype: torch.dtype = torch.float32) -> list[tuple[str, float]]:
+    """A fine-tuned classifier: (label, probability) for every label, the likeliest first."""
+    ids, types = _encode_pair(tok, text, text_b, model.config.block_size)
+    device = _device(model)
+    input_ids = torch.tensor([ids], device=device)
+    was_training = model.training
+    model.eval()
+    with runtime.autocast(device, dtype):
+        logits = model(input_ids, torch.tensor([types], device=device), torch.ones_like(input_ids))
+    model.train(was_training)
+    probs = logits[0].float().softmax(-1).tolist()
+    return sorted(zip(labels, probs), key=lambda pair: -pair[1])
+
+
 def show_trained(model, tok: TextTokenizer, kind: str, *, sample_tokens: int, seed: int, dtype: torch.dtype,
                  log=print) -> None:
     """What a training run ends with: a GPT sample of ``sample_tokens`` (0: none), or BERT filling a [MASK]."""
@@ -229,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(text)
                 print("-" * 40)
             return 0
+        if config["model_type"] == "bert_classifier":
+            if not cfg.text or cfg.text_a:
+                raise ConfigError(f"{cfg.out_dir} is a fine-tune run: give --text (and --text_b for a pair) to "
+                                  "classify; --text_a belongs to next sentence prediction")
+            print(f"text: {cfg.text!r}" + (f"   text_b: {cfg.text_b!r}" if cfg.text_b else ""))
+            for label, p in classify(model, tok, config["labels"], cfg.text, cfg.text_b or None, dtype=rt.dtype):
+                print(f"  {label} {p:.3f}")
+            return 0
+        if cfg.text_b and not cfg.text_a:
+            raise ConfigError("--text_b without --text_a applies to a fine-tune run only")
         if not cfg.text and not cfg.text_a:
             raise ConfigError("a BERT run needs --text with [MASK] tokens, or --text_a and --text_b")
         if cfg.text:
