@@ -1,54 +1,79 @@
 """``python -m minipt.finetune --init_from DIR --data train.csv``: fine-tune BERT for sequence classification.
 
-``DIR`` is a BERT run or a Hugging Face BERT folder (read by
-:func:`minipt.sample.load_run`). The examples are a ``.csv`` with a header row
-or a ``.jsonl``, with ``text``, an optional ``text_pair`` and ``label`` (any
-string; the labels are the sorted distinct values of the training set). The
-head is ``BertForSequenceClassification``'s: dropout and a linear layer on the
-pooled [CLS] state (the pretrained pooler, dense + tanh). The optimizer and the
-schedule are the trainer's (AdamW, linear warm-up, cosine decay). After each
-epoch it reports validation accuracy and macro-F1 (F1 averaged over the labels
-that occur in the truth or the predictions, as scikit-learn does); at the end it
-writes ``metrics.jsonl`` and, in ``out_dir/hf``, the model as a
-``transformers.BertForSequenceClassification`` with its tokenizer (the export
-needs ``transformers``).
+``DIR`` is a BERT run, a fine-tune run, or a Hugging Face BERT folder (read by
+:func:`minipt.sample.load_run`); fine-tuning a GPT model is not supported. The
+examples are a ``.csv`` with a header row or a ``.jsonl``, with ``text``, an
+optional ``text_pair`` and ``label`` (any string; the labels are the sorted
+distinct values of the training set, and there must be two or more). Without
+``--val_data``, a seeded shuffle of ``--data`` gives up its last
+``val_fraction`` for validation.
+
+The model is :class:`minipt.model.BertClassifier` (``BertForSequenceClassification``:
+dropout and a linear layer on the pooled [CLS] state). The run is the trainer's:
+its optimizer and schedule (AdamW, linear warm-up, cosine decay to zero over the
+whole run), bf16 autocast on a GPU, DDP under ``torchrun`` (each rank takes its
+share of every batch), a tqdm bar on a terminal and plain lines elsewhere,
+``metrics.jsonl`` and ``loss.png``, and the run folder of
+:mod:`minipt.checkpoint`. A checkpoint is saved after every epoch; Ctrl-C or
+SIGTERM saves at the current step, and ``--resume`` continues exactly (the
+order of the examples is drawn per epoch from the seed, so a step number says
+where the run stands).
+
+After each epoch it scores the validation set: accuracy and macro-F1 (F1
+averaged over the labels that occur in the truth or the predictions, as
+scikit-learn does). The epoch with the best ``--select`` score (macro-F1 by
+default: it does not reward always guessing the commonest label) gives the
+run's final weights; its confusion matrix is printed and written to
+``confusion.json``. The run folder then serves ``python -m minipt.sample
+--out_dir DIR --text ...`` (label probabilities), and ``out_dir/hf`` holds the
+model as a ``transformers.BertForSequenceClassification`` with its tokenizer
+(the export needs ``transformers``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import json
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from minipt import checkpoint as ckpt
 from minipt import hf, runtime, sample
 from minipt.config import ConfigError, check_types, make_config, parse_overrides
-from minipt.model import BERT
+from minipt.model import BertClassifier, build_model
 from minipt.ops import cross_entropy
-from minipt.runlog import append_metrics
+from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses
 from minipt.tokenizer import TextTokenizer, TokenizerError
-from minipt.train import learning_rate, make_optimizer
+from minipt.train import (
+    EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, TrainingError, flush_window, learning_rate,
+    make_optimizer, stop_requested,
+)
 
 PROG = "python -m minipt.finetune"
+KIND = "bert_classifier"
+BEST = "best"  # subfolder: the best epoch's weights while the run goes on
+CONFUSION = "confusion.json"
+SELECT = ("macro_f1", "accuracy")
 
 
 @dataclass
 class FinetuneConfig:
     # ---- model and data
-    init_from: str = ""  # a BERT run folder or a Hugging Face BERT folder
+    init_from: str = ""  # a BERT run, a fine-tune run or a Hugging Face BERT folder
     data: str = ""  # training examples: .csv (header row) or .jsonl with text, optional text_pair, label
     val_data: str = ""  # validation examples, same format; empty: the last val_fraction of --data
     val_fraction: float = 0.1  # share of --data held out when no --val_data is given
     max_length: int | None = None  # tokens per example with [CLS] and [SEP]s (longer: cut); none: block_size
     # ---- optimization
     epochs: int = 3  # passes over the training examples
-    batch_size: int = 16  # examples per step
+    batch_size: int = 16  # examples per step, all ranks together
     learning_rate: float = 2e-5  # peak learning rate (BERT's paper: 2e-5 to 5e-5)
     warmup_iters: int = 0  # steps of linear warm-up
     weight_decay: float = 0.01  # AdamW weight decay, on matrices and embeddings only
@@ -56,12 +81,17 @@ class FinetuneConfig:
     beta2: float = 0.999  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     dropout: float | None = None  # dropout in the encoder and before the classifier; none: the checkpoint's
+    select: str = "macro_f1"  # validation score that picks the epoch kept as the final weights: macro_f1 or accuracy
     # ---- system
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on a GPU, else float32), float32 or bfloat16
     backend: str = "auto"  # minipt.ops backend: auto, torch, triton or native
-    seed: int = 1337  # seeds the classifier's initialisation and the order of the examples
-    out_dir: str = "out-finetune"  # metrics.jsonl, and the exported model in out_dir/hf
+    seed: int = 1337  # seeds the classifier's initialisation, dropout and the order of the examples
+    out_dir: str = "out-finetune"  # the run folder; the exported model goes to out_dir/hf
+    log_interval: int = 10  # steps between progress updates and train-loss rows of metrics.jsonl
+    progress: bool = True  # show a progress bar (plain lines when not on a terminal)
+    resume: bool = False  # continue the run in out_dir from its last checkpoint
+    overwrite: bool = False  # start afresh in an out_dir that already holds a run, deleting that run's files
 
     # what the trainer's schedule reads: one cosine decay over the whole run, to zero
     decay_lr = True
@@ -70,7 +100,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         check_types(self)
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 3:
@@ -79,6 +109,10 @@ class FinetuneConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.select not in SELECT:
+            raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite contradict each other: pick one")
 
 
 # ----------------------------------------------------------------------------- examples
@@ -87,6 +121,7 @@ class Example:
     text: str
     text_pair: str | None
     label: str
+    line: int = 0  # where the example is in its file, for error messages
 
 
 def read_examples(path: str) -> list[Example]:
@@ -99,6 +134,11 @@ def read_examples(path: str) -> list[Example]:
     with open(file, encoding="utf-8", newline="") as f:
         if file.suffix == ".csv":
             reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [name for name in ("text", "label") if name not in columns]
+            if columns and missing:
+                raise ConfigError(f"{path}:1: the header has no {' or '.join(map(repr, missing))} column "
+                                  f"(it has {', '.join(map(repr, columns))})")
             rows = [(reader.line_num, row) for row in reader]
         else:
             rows = []
@@ -115,10 +155,34 @@ def read_examples(path: str) -> list[Example]:
         if row.get("label") in (None, ""):
             raise ConfigError(f"{path}:{number}: every example needs a 'label'")
         pair = row.get("text_pair") or None
-        examples.append(Example(row["text"], None if pair is None else str(pair), str(row["label"])))
+        examples.append(Example(row["text"], None if pair is None else str(pair), str(row["label"]), number))
     if not examples:
         raise ConfigError(f"{path} holds no examples")
     return examples
+
+
+def split_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example], list[str]]:
+    """Training and validation examples, and the labels: checked to be two or more, all seen in training."""
+    train = read_examples(cfg.data)
+    if cfg.val_data:
+        val, val_source = read_examples(cfg.val_data), cfg.val_data
+    else:
+        train = train[:]
+        random.Random(cfg.seed).shuffle(train)
+        cut = len(train) - max(1, int(len(train) * cfg.val_fraction))
+        if cut < 1:
+            raise ConfigError(f"{cfg.data} holds {len(train)} example(s): too few to hold out a validation share; "
+                              "give more, or --val_data")
+        train, val, val_source = train[:cut], train[cut:], cfg.data
+    labels = sorted({ex.label for ex in train})
+    if len(labels) < 2:
+        raise ConfigError(f"the training examples of {cfg.data} all have the label {labels[0]!r}: "
+                          "a classifier needs two labels or more")
+    for ex in val:
+        if ex.label not in labels:
+            raise ConfigError(f"{val_source}:{ex.line}: the validation label {ex.label!r} never occurs in the "
+                              f"training examples of {cfg.data} (labels: {', '.join(labels)})")
+    return train, val, labels
 
 
 def encode(examples: list[Example], tok: TextTokenizer, label_ids: dict[str, int], max_length: int) -> list[tuple]:
@@ -148,122 +212,297 @@ def collate(rows: list[tuple], pad_id: int, device) -> dict[str, torch.Tensor]:
                                               labels=labels).items()}
 
 
-# ----------------------------------------------------------------------------- the model
-class BertClassifier(nn.Module):
-    """BertForSequenceClassification: dropout and a linear layer on the pooled [CLS] state."""
-
-    def __init__(self, bert: BERT, num_labels: int):
-        super().__init__()
-        self.bert = bert
-        self.dropout = nn.Dropout(bert.config.dropout)
-        self.classifier = nn.Linear(bert.config.n_embd, num_labels)
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
-        x = self.bert.encode(input_ids, token_type_ids, attention_mask)  # (B, T, C)
-        pooled = torch.tanh(self.bert.pooler(x[:, 0]))  # (B, C)
-        return self.classifier(self.dropout(pooled))  # (B, num_labels)
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the training examples in ``epoch``: a function of the seed alone, so a resume redraws it."""
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
 
 
-def scores(predicted: list[int], truth: list[int]) -> dict:
-    """Accuracy and macro-F1 over the labels in the truth or the predictions."""
+# ----------------------------------------------------------------------------- scores
+def confusion_matrix(predicted: list[int], truth: list[int], num_labels: int) -> list[list[int]]:
+    """Counts of (true label, predicted label): rows are the truth."""
+    matrix = [[0] * num_labels for _ in range(num_labels)]
+    for p, t in zip(predicted, truth):
+        matrix[t][p] += 1
+    return matrix
+
+
+def scores(matrix: list[list[int]]) -> dict:
+    """Accuracy and macro-F1 (over the labels in the truth or the predictions) of a confusion matrix."""
+    n = len(matrix)
+    hits, total = sum(matrix[i][i] for i in range(n)), sum(map(sum, matrix))
     f1s = []
-    for label in sorted(set(predicted) | set(truth)):
-        tp = sum(p == t == label for p, t in zip(predicted, truth))
-        fp = sum(p == label != t for p, t in zip(predicted, truth))
-        fn = sum(t == label != p for p, t in zip(predicted, truth))
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": sum(p == t for p, t in zip(predicted, truth)) / len(truth), "macro_f1": sum(f1s) / len(f1s)}
+    for i in range(n):
+        true_i, predicted_i = sum(matrix[i]), sum(row[i] for row in matrix)
+        if true_i or predicted_i:
+            f1s.append(2 * matrix[i][i] / (true_i + predicted_i))
+    return {"accuracy": hits / total, "macro_f1": sum(f1s) / len(f1s)}
 
 
-@torch.no_grad()
-def evaluate(model: BertClassifier, rows: list[tuple], cfg: FinetuneConfig, rt: runtime.Runtime, pad_id: int) -> dict:
-    model.eval()
-    predicted = []
-    for i in range(0, len(rows), cfg.batch_size):
-        batch = collate(rows[i:i + cfg.batch_size], pad_id, rt.device)
-        with rt.autocast():
-            predicted += model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).argmax(-1).tolist()
-    model.train()
-    return scores(predicted, [label for _, _, label in rows])
+def format_confusion(matrix: list[list[int]], labels: list[str]) -> str:
+    """The matrix as a table: a row per true label, a column per predicted label."""
+    corner = "true \\ predicted"
+    first = max(len(corner), *(len(name) for name in labels))
+    width = max(*(len(name) for name in labels), *(len(str(c)) for row in matrix for c in row))
+    lines = [corner.ljust(first) + " " + " ".join(name.rjust(width) for name in labels)]
+    lines += [name.ljust(first) + " " + " ".join(str(c).rjust(width) for c in row) for name, row in zip(labels, matrix)]
+    return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- the command
-def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print):
-    """Fine-tune; returns the model, its tokenizer, its labels and the last validation scores."""
-    if not cfg.init_from or not cfg.data:
+# ----------------------------------------------------------------------------- one run
+class Finetune:
+    """A fine-tune run: config, examples, model, optimizer, step and the best epoch so far.
+
+    It carries what the trainer's ``flush_window`` and ``stop_requested`` read of a
+    run (``rt``, ``cfg``, ``iter``, ``out``), so the two are shared as they are.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, rt: runtime.Runtime, log):
+        self.cfg, self.rt, self.log, self.out = cfg, rt, log, Path(cfg.out_dir)
+        rt.on_main(lambda: self._prepare_folder())
+        if cfg.resume:
+            saved = ckpt.read_config(self.out)
+            if saved.get("model_type") != KIND:
+                raise ConfigError(f"--resume: {self.out} holds a {saved.get('model_type')} run, not a fine-tune run")
+            self.tok = TextTokenizer.from_file(self.out / ckpt.TOKENIZER, "bert")
+            block_size = saved["model"]["block_size"]
+        else:
+            bert, self.tok, saved = sample.load_run(cfg.init_from, backend=cfg.backend, dropout=cfg.dropout)
+            if saved["model_type"] == "gpt":
+                raise ConfigError(f"fine-tuning a GPT model is not supported: --init_from={cfg.init_from} holds a "
+                                  "gpt model, and minipt fine-tunes BERT for sequence classification only")
+            for note in saved.get("notes", []):
+                log(note)
+            block_size = bert.config.block_size
+        self.max_length = cfg.max_length or block_size
+        if self.max_length > block_size:
+            raise ConfigError(f"max_length={self.max_length} exceeds the model's {block_size} positions")
+        train, val, labels = split_examples(cfg)
+        if cfg.resume:
+            if saved["labels"] != labels:
+                raise ConfigError(f"--resume: the labels of {cfg.data} ({', '.join(labels)}) are not the run's "
+                                  f"({', '.join(saved['labels'])})")
+            overrides = {"backend": cfg.backend, **({} if cfg.dropout is None else {"dropout": cfg.dropout})}
+            self.model = build_model(KIND, {**saved["model"], **overrides})
+        else:
+            torch.manual_seed(cfg.seed)
+            self.model = BertClassifier.from_bert(bert.bert if isinstance(bert, BertClassifier) else bert,
+                                                  len(labels))
+        self.model.to(rt.device).train()
+        self.labels = labels
+        label_ids = {name: i for i, name in enumerate(labels)}
+        self.train_rows, self.val_rows = (encode(x, self.tok, label_ids, self.max_length) for x in (train, val))
+        self.steps_per_epoch = -(-len(self.train_rows) // cfg.batch_size)
+        self.max_iters = cfg.epochs * self.steps_per_epoch
+        cfg.final_lr_decay_iters = max(self.max_iters, cfg.warmup_iters)
+        self.optimizer = make_optimizer(self.model, cfg, rt.device)
+        self.iter, self.best, self.tokens = 0, None, 0
+        self.train_model = self.model
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # the encoder's MLM and NSP heads get no gradient here
+            self.train_model = DDP(self.model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+        if cfg.resume:
+            self.load_state_dict(ckpt.load_checkpoint(self.out, self.model, rt.device))
+        elif rt.is_main:
+            ckpt.write_config(self.out, {
+                "model_type": KIND, "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(self.model.config),
+                "labels": labels, "tokenizer_vocab_size": self.tok.vocab_size,
+            })
+            ckpt.atomic_write_text(self.out / ckpt.TOKENIZER, self.tok.to_str())
+
+    def _prepare_folder(self) -> None:
+        ckpt.prepare_run_folder(self.out, resume=self.cfg.resume, overwrite=self.cfg.overwrite)
+        if not self.cfg.resume:  # a best epoch left by an interrupted earlier run is not this run's
+            shutil.rmtree(self.out / BEST, ignore_errors=True)
+
+    # ---- state
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.rt.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        return {"iter": self.iter, "best": self.best, "optimizer": self.optimizer.state_dict(), "rng": rng,
+                "finished": False}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("finished"):
+            raise ConfigError(f"--resume: the run in {self.out} has finished (its weights are its best epoch's); "
+                              f"fine-tune further with --init_from={self.out} and a new --out_dir")
+        self.iter, self.best = state["iter"], state["best"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
+
+    def save(self) -> None:
+        if self.rt.is_main:
+            ckpt.save_checkpoint(self.out, self.model, self.state_dict())
+        self.rt.barrier()
+
+    # ---- steps
+    def _logits(self, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
+        with self.rt.autocast():
+            return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step on the next batch; returns this rank's share of its mean loss, on the device."""
+        cfg, rt = self.cfg, self.rt
+        epoch, position = divmod(self.iter, self.steps_per_epoch)
+        order = epoch_order(len(self.train_rows), cfg.seed, epoch)
+        rows = [self.train_rows[j] for j in order[position * cfg.batch_size:(position + 1) * cfg.batch_size]]
+        mine = rows[rt.rank::rt.world_size]
+        # DDP needs every rank in the backward: a rank with no example of a small last batch adds a zero.
+        weight = rt.world_size / len(rows) if mine else 0.0
+        batch = collate(mine or rows[:1], self.tok.pad_id, rt.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.iter, cfg)
+        loss_sum = cross_entropy(self._logits(batch, self.train_model), batch["labels"], reduction="sum",
+                                 backend=cfg.backend)
+        # DDP averages the ranks' gradients: world_size / len(rows) makes it the batch mean.
+        loss = loss_sum * weight
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter += 1
+        self.tokens = int(batch["attention_mask"].sum()) if mine else 0
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss, scores and confusion matrix, the examples split across ranks."""
+        self.model.eval()
+        n = len(self.labels)
+        counts = torch.zeros(n * n + 1, dtype=torch.float64, device=self.rt.device)  # matrix, then the loss sum
+        mine = self.val_rows[self.rt.rank::self.rt.world_size]
+        for i in range(0, len(mine), self.cfg.batch_size):
+            batch = collate(mine[i:i + self.cfg.batch_size], self.tok.pad_id, self.rt.device)
+            logits = self._logits(batch, self.model)
+            cells = batch["labels"] * n + logits.argmax(-1)
+            counts[:n * n] += torch.bincount(cells, minlength=n * n).double()
+            counts[-1] += cross_entropy(logits, batch["labels"], reduction="sum", backend=self.cfg.backend).double()
+        self.model.train()
+        counts = self.rt.all_reduce_sum(counts).tolist()
+        matrix = [[int(c) for c in counts[i * n:(i + 1) * n]] for i in range(n)]
+        return {"val_loss": counts[-1] / len(self.val_rows), **scores(matrix), "confusion": matrix}
+
+    def end_of_epoch(self, progress: Progress) -> None:
+        """Evaluate, log, keep the weights if the epoch is the best so far, and save the checkpoint."""
+        epoch = self.iter // self.steps_per_epoch
+        result = self.evaluate()
+        matrix = result.pop("confusion")
+        if self.rt.is_main:
+            append_metrics(self.out, {"iter": self.iter, "epoch": epoch, **result})
+        select = self.cfg.select
+        improved = self.best is None or result[select] > self.best[select]
+        progress.log(f"epoch {epoch}: val loss {result['val_loss']:.4f}, accuracy {result['accuracy']:.4f}, "
+                     f"macro-F1 {result['macro_f1']:.4f}" + ("  (best so far)" if improved else ""))
+        if improved:
+            self.best = {"iter": self.iter, "epoch": epoch, **result, "confusion": matrix}
+            if self.rt.is_main:
+                (self.out / BEST).mkdir(exist_ok=True)
+                ckpt.save_checkpoint(self.out / BEST, self.model, {"iter": self.iter})
+        self.save()
+
+    def finish(self) -> None:
+        """Make the best epoch's weights the run's, mark the run finished and write its confusion matrix."""
+        ckpt.load_weights(self.out / BEST, self.model, self.rt.device)
+        self.rt.barrier()
+        if self.rt.is_main:
+            ckpt.save_checkpoint(self.out, self.model, {**self.state_dict(), "finished": True})
+            ckpt.atomic_write_text(self.out / CONFUSION, json.dumps(
+                {"labels": self.labels, "epoch": self.best["epoch"], "select": self.cfg.select,
+                 "rows": "true label", "columns": "predicted label", "matrix": self.best["confusion"]}, indent=2))
+            shutil.rmtree(self.out / BEST)
+            plot_losses(self.out)
+
+
+def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
+    """Fine-tune to the last epoch (or a stop request); the result holds the best epoch's weights."""
+    if not cfg.resume and (not cfg.init_from or not cfg.data):
         raise ConfigError("--init_from (a BERT run or Hugging Face BERT folder) and --data are required")
-    torch.manual_seed(cfg.seed)
-    bert, tok, saved = sample.load_run(cfg.init_from, backend=cfg.backend, dropout=cfg.dropout)
-    if saved["model_type"] != "bert":
-        raise ConfigError(f"--init_from={cfg.init_from} holds a {saved['model_type']} model; fine-tuning needs BERT")
-    max_length = cfg.max_length or bert.config.block_size
-    if max_length > bert.config.block_size:
-        raise ConfigError(f"max_length={max_length} exceeds the model's {bert.config.block_size} positions")
-    train = read_examples(cfg.data)
-    if cfg.val_data:
-        val = read_examples(cfg.val_data)
+    if not cfg.resume and cfg.init_from and Path(cfg.init_from).resolve() == Path(cfg.out_dir).resolve():
+        raise ConfigError("--init_from and --out_dir name the same folder: the run would be written over its start")
+    run = Finetune(cfg, rt, log)
+    if cfg.resume:
+        if rt.is_main:
+            keep_metrics_until(run.out, run.iter)
+        log(f"resuming {run.out} at step {run.iter} of {run.max_iters}")
     else:
-        cut = len(train) - max(1, int(len(train) * cfg.val_fraction))
-        train, val = train[:cut], train[cut:]
-    labels = sorted({ex.label for ex in train})
-    unseen = sorted({ex.label for ex in val} - set(labels))
-    if unseen:
-        raise ConfigError(f"validation labels {unseen} never occur in the training examples {labels}")
-    label_ids = {name: i for i, name in enumerate(labels)}
-    train_rows, val_rows = (encode(x, tok, label_ids, max_length) for x in (train, val))
-    model = BertClassifier(bert, len(labels)).to(rt.device).train()
-    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
-    cfg.final_lr_decay_iters = max(cfg.epochs * steps_per_epoch, cfg.warmup_iters)
-    optimizer = make_optimizer(model, cfg, rt.device)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ckpt.METRICS).unlink(missing_ok=True)
-    log(f"fine-tuning {cfg.init_from} on {len(train_rows)} examples, {len(labels)} labels, "
-        f"{len(val_rows)} for validation")
-    order, step, result = random.Random(cfg.seed), 0, {}
-    for epoch in range(1, cfg.epochs + 1):
-        order.shuffle(train_rows)
-        for i in range(0, len(train_rows), cfg.batch_size):
-            batch = collate(train_rows[i:i + cfg.batch_size], tok.pad_id, rt.device)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, cfg)
-            with rt.autocast():
-                logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-            loss = cross_entropy(logits.float(), batch["labels"], backend=cfg.backend)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-        result = {"epoch": epoch, "iter": step, "train_loss": loss.item(),
-                  **evaluate(model, val_rows, cfg, rt, tok.pad_id)}
-        append_metrics(out, result)
-        log(f"epoch {epoch}: train loss {result['train_loss']:.4f}, accuracy {result['accuracy']:.4f}, "
-            f"macro-F1 {result['macro_f1']:.4f}")
-    return model, tok, labels, result
+        log(f"fine-tuning {cfg.init_from}: {run.model.num_params() / 1e6:.2f}M parameters, "
+            f"{len(run.train_rows)} examples, {len(run.labels)} labels, {len(run.val_rows)} for validation, "
+            f"{rt.device} {str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es)")
+    progress = Progress(run.max_iters, run.iter, cfg.progress and rt.is_main, log)
+    window = TrainWindow(rt.device, run.iter)
+    with StopRequest() as stop, contextlib.closing(progress):
+        while run.iter < run.max_iters:
+            window.add(run.step(), run.tokens)
+            progress.step()
+            at_epoch_end = run.iter % run.steps_per_epoch == 0
+            if run.iter % cfg.log_interval == 0 or at_epoch_end:
+                flush_window(run, window, progress)
+            if at_epoch_end:
+                run.end_of_epoch(progress)
+                window.restart_clock()
+            if stop_requested(run, stop):
+                flush_window(run, window, progress)
+                run.save()
+                raise Interrupted(run.iter)
+    run.finish()
+    best = run.best
+    log(f"\nbest epoch {best['epoch']} of {cfg.epochs} by {cfg.select}: accuracy {best['accuracy']:.4f}, "
+        f"macro-F1 {best['macro_f1']:.4f}; its weights are the run's. Confusion matrix (validation):")
+    log(format_confusion(best["confusion"], run.labels))
+    return run
 
 
 def export(model: BertClassifier, tok: TextTokenizer, labels: list[str], folder: Path) -> None:
     """The model as transformers' BertForSequenceClassification, with its tokenizer.json, in ``folder``."""
-    hf.classifier_to_hf(model.bert, model.classifier, labels).save_pretrained(folder)
+    hf.to_hf(model, labels=labels).save_pretrained(folder)
     tok.save(folder / ckpt.TOKENIZER)
 
 
+def resolve_config(argv) -> FinetuneConfig:
+    """The command line; with ``--resume``, over the settings the run saved."""
+    overrides = parse_overrides(FinetuneConfig, argv, PROG, __doc__.split("\n\n")[0])
+    cfg = make_config(FinetuneConfig, overrides)
+    if not cfg.resume:
+        return cfg
+    saved = ckpt.read_config(cfg.out_dir)["train"]
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"resume", "overwrite"}
+    return make_config(FinetuneConfig, {**{k: v for k, v in saved.items() if k in known}, **overrides})
+
+
 def main(argv: list[str] | None = None) -> int:
+    rt = None
     try:
-        cfg = make_config(FinetuneConfig, parse_overrides(FinetuneConfig, argv, PROG, __doc__.split("\n\n")[0]))
+        cfg = resolve_config(argv)
         rt = runtime.setup(cfg.device, cfg.dtype)
         hf.require_transformers()  # the export at the end needs it: fail now, not after the training
-        model, tok, labels, _ = finetune(cfg, rt)
-        export(model, tok, labels, Path(cfg.out_dir) / "hf")
-        print(f"done: {Path(cfg.out_dir) / 'hf'} holds the model as a BertForSequenceClassification")
+        run = finetune(cfg, rt, log=print if rt.is_main else (lambda *a, **k: None))
+        if rt.is_main:
+            export(run.model, run.tok, run.labels, Path(cfg.out_dir) / "hf")
+            print(f"done: run saved in {cfg.out_dir} (metrics.jsonl, loss.png, {CONFUSION}); "
+                  f"{Path(cfg.out_dir) / 'hf'} holds it as a BertForSequenceClassification; classify with: "
+                  f"python -m minipt.sample --out_dir {cfg.out_dir} --text \"...\"")
         return 0
     except (ConfigError, TokenizerError, ckpt.CheckpointError, ValueError, ImportError) as exc:
         print(f"minipt.finetune: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except TrainingError as exc:
+        print(f"minipt.finetune: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Interrupted as exc:
+        if rt.is_main:
+            print(f"\ninterrupted: saved step {exc.args[0]} in {cfg.out_dir}; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if rt is not None:
+            runtime.shutdown(rt)
 
 
 if __name__ == "__main__":

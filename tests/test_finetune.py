@@ -1,6 +1,8 @@
 """``python -m minipt.finetune``: BERT sequence classification, its scores and its export to transformers."""
 
 import csv
+import os
+import signal
 import json
 import re
 from pathlib import Path
@@ -9,6 +11,9 @@ import pytest
 import torch
 
 from minipt import finetune as FT
+from minipt import hf
+from minipt import sample as S
+from minipt.model import BertClassifier, build_model
 from minipt.runtime import setup
 
 from hf_folders import bert_folder, gpt2_folder, transformers
@@ -36,20 +41,40 @@ def test_scores_follow_the_definitions():
         precision = sum(p == t == label for p, t in zip(predicted, truth)) / predicted.count(label)
         recall = sum(p == t == label for p, t in zip(predicted, truth)) / truth.count(label)
         f1s.append(2 * precision * recall / (precision + recall))
-    result = FT.scores(predicted, truth)
+    matrix = FT.confusion_matrix(predicted, truth, 3)
+    assert matrix == [[1, 1, 0], [0, 2, 0], [2, 0, 1]]
+    result = FT.scores(matrix)
     assert result["accuracy"] == pytest.approx(4 / 7) and result["macro_f1"] == pytest.approx(sum(f1s) / 3)
-    assert FT.scores([1, 1], [1, 1]) == {"accuracy": 1.0, "macro_f1": 1.0}
+    # a label absent from both the truth and the predictions does not count in the macro average
+    assert FT.scores(FT.confusion_matrix([1, 1], [1, 1], 3)) == {"accuracy": 1.0, "macro_f1": 1.0}
+    table = FT.format_confusion([[1, 3], [0, 12]], ["neg", "pos"]).splitlines()
+    assert table[1].split() == ["neg", "1", "3"] and table[2].split() == ["pos", "0", "12"]
 
 
 def test_fine_tuning_learns_the_training_labels_and_exports_with_parity(folders, tmp_path):
     cfg = FT.FinetuneConfig(init_from=str(folders["bert"]), data=str(folders["train"]), val_data=str(folders["train"]),
                             epochs=25, batch_size=8, learning_rate=3e-3, dropout=0.0, out_dir=str(tmp_path),
-                            backend="torch")
-    model, tok, labels, result = FT.finetune(cfg, setup("cpu", "float32"), log=lambda msg: None)
-    assert labels == ["neg", "pos"]
-    assert result["accuracy"] == 1.0 and result["macro_f1"] == 1.0  # 16 examples learnt by heart
+                            backend="torch", progress=False)
+    run = FT.finetune(cfg, setup("cpu", "float32"), log=lambda msg: None)
+    model, tok, labels = run.model, run.tok, run.labels
+    assert labels == ["neg", "pos"] and isinstance(model, BertClassifier)
+    assert run.best["accuracy"] == 1.0 and run.best["macro_f1"] == 1.0  # 16 examples learnt by heart
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == list(range(1, 26)) and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    evals = [r for r in rows if "epoch" in r]
+    assert [r["epoch"] for r in evals] == list(range(1, 26)) and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # a train row at every epoch's end (two steps), the log interval (10) being longer
+    assert [r["iter"] for r in rows if "train_loss" in r] == list(range(2, 51, 2))
+
+    # the final weights are the best epoch's (the first to score highest), not the last epoch's
+    best = max(evals, key=lambda r: (r["macro_f1"], -r["epoch"]))
+    assert run.best["epoch"] == best["epoch"] < 25
+    assert json.loads((tmp_path / "confusion.json").read_text())["matrix"] == [[8, 0], [0, 8]]
+    saved, _, config = S.load_run(tmp_path, backend="torch")
+    assert config["model_type"] == "bert_classifier" and isinstance(saved, BertClassifier)
+    assert run.evaluate()["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert abs(best["val_loss"] - evals[-1]["val_loss"]) > 1e-4
+    for p, q in zip(saved.parameters(), model.parameters()):
+        assert torch.equal(p, q)
 
     FT.export(model, tok, labels, tmp_path / "hf")
     theirs = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
@@ -64,51 +89,110 @@ def test_fine_tuning_learns_the_training_labels_and_exports_with_parity(folders,
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
     assert expected.abs().max() > 0.1
 
-
-def test_the_command_writes_metrics_and_the_export(folders, tmp_path, capsys):
-    args = [f"--init_from={folders['bert']}", f"--data={folders['train']}", f"--out_dir={tmp_path}", "--epochs=1",
-            "--val_fraction=0.25", "--max_length=16"]
-    assert FT.main(args) == 0
-    assert "accuracy" in capsys.readouterr().out
-    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "metrics.jsonl").is_file()
+    default = hf.to_hf(model)  # transformers' own label names when none are given
+    assert default.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+    with pytest.raises(ValueError, match="labels has 3 names for a classifier of 2"):
+        hf.to_hf(model, labels=["a", "b", "c"])
 
 
-def test_jsonl_examples_and_truncation(folders, tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in [
-        {"text": "I like cats. " * 20, "text_pair": "They are cute.", "label": 1},
-        {"text": "The sea is green.", "label": 0},
-    ]) + "\n")
-    examples = FT.read_examples(str(path))
-    assert [e.label for e in examples] == ["1", "0"] and examples[1].text_pair is None
-    _, tok, _ = FT.sample.load_run(folders["bert"])
-    (long_ids, long_types, _), (short_ids, _, _) = FT.encode(examples, tok, {"0": 0, "1": 1}, 16)
-    assert len(long_ids) == 16 and long_ids.count(tok.sep_id) == 2 and long_types[-1] == 1
-    assert short_ids == [tok.cls_id, *tok.encode("The sea is green."), tok.sep_id]
+TWO = '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n'
 
 
 @pytest.mark.parametrize(
-    "content, extra, pattern",
+    "name, content, extra, pattern",
     [
-        ('{"text": "a", "label": 1}\n{"text": "b"}\n', [], r"train.jsonl:2: every example needs a 'label'"),
-        ('{"text": "a", "label": 1}\nnot json\n', [], r"train.jsonl:2: not a JSON object"),
-        ('{"label": 1}\n', [], r"train.jsonl:1: every example needs a non-empty 'text'"),
-        ('', [], "holds no examples"),
-        ('{"text": "a", "label": 1}\n', ["--max_length=65"], "max_length=65 exceeds the model's 64 positions"),
-        ('{"text": "a", "label": 1}\n', ["--init_from=GPT"], "holds a gpt model; fine-tuning needs BERT"),
-        ('{"text": "a", "label": 1}\n', ["--val_data=VAL"], r"validation labels \['2'\] never occur"),
-        ('{"text": "a", "label": 1}\n', ["--epochs=0"], "epochs must be a positive integer"),
+        ("train.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', [],
+         r"train.jsonl:2: every example needs a 'label'"),
+        ("train.jsonl", '{"text": "a", "label": 1}\nnot json\n', [], r"train.jsonl:2: not a JSON object"),
+        ("train.jsonl", '{"label": 1}\n', [], r"train.jsonl:1: every example needs a non-empty 'text'"),
+        ("train.jsonl", "", [], r"train.jsonl holds no examples"),
+        ("train.csv", "text,labels\na,1\n", [], r"train.csv:1: the header has no 'label' column \(it has 'text', 'labels'\)"),
+        ("train.csv", "text,label\na,1\nb,\n", [], r"train.csv:3: every example needs a 'label'"),
+        ("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', ["--val_data=VAL"],
+         r"train.jsonl all have the label 'x': a classifier needs two labels or more"),
+        ("train.jsonl", '{"text": "a", "label": "x"}\n', [], r"holds 1 example\(s\): too few to hold out"),
+        ("train.jsonl", TWO, ["--val_data=VAL"],
+         r"val.jsonl:2: the validation label 'maybe' never occurs in the training examples of .*train.jsonl "
+         r"\(labels: no, yes\)"),
+        ("train.jsonl", TWO, ["--max_length=65"], "max_length=65 exceeds the model's 64 positions"),
+        ("train.jsonl", TWO, ["--init_from=GPT"], "fine-tuning a GPT model is not supported: --init_from=.* holds a gpt"),
+        ("train.jsonl", TWO, ["--epochs=0"], "epochs must be a positive integer"),
+        ("train.jsonl", TWO, ["--select=loss"], "select must be one of macro_f1, accuracy, got 'loss'"),
+        ("train.jsonl", TWO, ["--init_from="], r"--init_from \(a BERT run or Hugging Face BERT folder\) and --data"),
     ],
 )
-def test_bad_input_is_named(folders, tmp_path, capsys, content, extra, pattern):
-    (tmp_path / "train.jsonl").write_text(content)
-    (tmp_path / "val.jsonl").write_text('{"text": "b", "label": 2}\n')
+def test_bad_input_is_named(folders, tmp_path, capsys, name, content, extra, pattern):
+    (tmp_path / name).write_text(content)
+    (tmp_path / "val.jsonl").write_text('{"text": "b", "label": "yes"}\n{"text": "c", "label": "maybe"}\n')
     gpt = folders["tmp"] / "gpt2"
     if not gpt.exists():
         gpt2_folder(gpt)
     extra = [a.replace("GPT", str(gpt)).replace("VAL", str(tmp_path / "val.jsonl")) for a in extra]
-    argv = [f"--init_from={folders['bert']}", f"--data={tmp_path / 'train.jsonl'}", f"--out_dir={tmp_path / 'o'}"]
+    argv = [f"--init_from={folders['bert']}", f"--data={tmp_path / name}", f"--out_dir={tmp_path / 'o'}"]
     assert FT.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert re.search(pattern, err), err
     assert "Traceback" not in err
+
+
+def test_the_command_writes_the_run_and_sample_classifies_with_it(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [f"--init_from={folders['bert']}", f"--data={folders['train']}", f"--out_dir={out}", "--epochs=2",
+            "--val_fraction=0.25", "--max_length=16", "--batch_size=4", "--log_interval=1", "--backend=torch"]
+    assert FT.main(args) == 0
+    captured = capsys.readouterr()
+    # not a terminal: a plain line per log step instead of a bar
+    assert "step 1/6: train loss" in captured.out and "epoch 2: val loss" in captured.out
+    assert "true \\ predicted" in captured.out and "step" not in captured.err
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "state.pt", "metrics.jsonl", "loss.png",
+                 "confusion.json", "hf/config.json"):
+        assert (out / name).is_file(), name
+    assert not (out / FT.BEST).exists()
+    confusion = json.loads((out / "confusion.json").read_text())
+    assert confusion["labels"] == ["neg", "pos"] and sum(map(sum, confusion["matrix"])) == 4
+
+    model, tok, config = S.load_run(out)
+    assert config["labels"] == ["neg", "pos"]
+    rebuilt = build_model("bert_classifier", config["model"])
+    assert isinstance(rebuilt, BertClassifier) and rebuilt.config.num_labels == 2
+    assert S.main([f"--out_dir={out}", "--text=I like cats.", "--text_b=They are cute."]) == 0
+    printed = capsys.readouterr().out.splitlines()[1:]
+    probs = dict((line.split()[0], float(line.split()[1])) for line in printed)
+    ids = [tok.cls_id, *tok.encode("I like cats."), tok.sep_id, *tok.encode("They are cute."), tok.sep_id]
+    types = [0] * (len(tok.encode("I like cats.")) + 2) + [1] * (len(tok.encode("They are cute.")) + 1)
+    expected = model(torch.tensor([ids]), torch.tensor([types]), torch.ones(1, len(ids), dtype=torch.long))
+    expected = expected[0].double().softmax(-1).tolist()
+    assert probs == pytest.approx({"neg": expected[0], "pos": expected[1]}, abs=1e-3)
+    assert list(probs.values()) == sorted(probs.values(), reverse=True)
+
+    assert S.main([f"--out_dir={out}"]) == 2
+    assert "is a fine-tune run: give --text" in capsys.readouterr().err
+    assert FT.main([f"--out_dir={out}", "--resume"]) == 2
+    assert "has finished" in capsys.readouterr().err
+    assert FT.main(args) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_resumes_exactly(folders, tmp_path, capsys):
+    def run(out, interrupt_at=None):
+        def log(message):
+            if interrupt_at and message.startswith(f"step {interrupt_at}/"):
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does: the step ends, then the run saves
+        args = [f"--init_from={folders['bert']}", f"--data={folders['train']}", f"--out_dir={out}", "--epochs=2",
+                "--val_fraction=0.25", "--batch_size=5", "--log_interval=1", "--backend=torch",
+                "--learning_rate=1e-3"]
+        cfg = FT.resolve_config(args)
+        return FT.finetune(cfg, setup("cpu", "float32"), log=log)
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(FT.Interrupted):
+        run(tmp_path / "cut", interrupt_at=4)  # three steps an epoch: in the middle of the second
+    assert FT.main([f"--out_dir={tmp_path / 'cut'}", "--resume", "--progress=false"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    resumed, _, _ = S.load_run(tmp_path / "cut")
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    rows = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("straight", "cut")]
+    strip = lambda lines: [{k: v for k, v in json.loads(r).items() if k != "tokens_per_s"} for r in lines]  # noqa: E731
+    assert strip(rows[0]) == strip(rows[1]) and len(rows[0]) == 6 + 2
+    assert straight.model.config.dropout > 0  # so the restored random state matters
