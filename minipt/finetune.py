@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 
 from minipt import checkpoint as ckpt
-from minipt import hf, runtime, sample
-from minipt.config import ConfigError, check_types, make_config, parse_overrides
+from minipt import genre, hf, runtime, sample
+from minipt.config import ConfigError, TrainConfig, check_types, make_config, parse_overrides
 from minipt.model import BertClassifier, build_model
 from minipt.ops import cross_entropy
 from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses
@@ -67,7 +67,7 @@ SELECT = ("macro_f1", "accuracy")
 class FinetuneConfig:
     # ---- model and data
     init_from: str = ""  # a BERT run, a fine-tune run or a Hugging Face BERT folder
-    data: str = ""  # training examples: .csv (header row) or .jsonl with text, optional text_pair, label
+    data: str = ""  # examples: .csv (header row) or .jsonl with text, optional text_pair, label; empty: the genre task
     val_data: str = ""  # validation examples, same format; empty: the last val_fraction of --data
     val_fraction: float = 0.1  # share of --data held out when no --val_data is given
     max_length: int | None = None  # tokens per example with [CLS] and [SEP]s (longer: cut); none: block_size
@@ -250,6 +250,24 @@ def format_confusion(matrix: list[list[int]], labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- the bundled task
+def pretraining_val_fraction(init_from: str, log) -> float:
+    """The share of every play that the pretraining run ``init_from`` held out (the trainer's default if unknown)."""
+    default = TrainConfig.val_fraction
+    if sample.is_hf_folder(init_from):
+        log(f"the genre task: {init_from} is a Hugging Face model, whose pretraining data is unknown; "
+            f"its passages are the last {default:g} of every play")
+        return default
+    config = ckpt.read_config(init_from)
+    train = config["train"]
+    if config.get("model_type") != "bert":
+        return default
+    if train.get("data") or train.get("split") not in ("auto", "doc"):
+        log(f"the genre task: {init_from} was not pretrained on the bundled plays with the doc split, "
+            "so the passages may not be held out from it")
+    return train.get("val_fraction", default)
+
+
 # ----------------------------------------------------------------------------- one run
 class Finetune:
     """A fine-tune run: config, examples, model, optimizer, step and the best epoch so far.
@@ -261,6 +279,12 @@ class Finetune:
     def __init__(self, cfg: FinetuneConfig, rt: runtime.Runtime, log):
         self.cfg, self.rt, self.log, self.out = cfg, rt, log, Path(cfg.out_dir)
         rt.on_main(lambda: self._prepare_folder())
+        if not cfg.data:
+            val_fraction = pretraining_val_fraction(cfg.init_from, log)
+            cfg.data, cfg.val_data = map(str, rt.on_main(lambda: genre.build(self.out, val_fraction))
+                                         or genre.paths(self.out))
+            log(f"the genre task: passages from the held-out last {val_fraction:g} of every bundled play, "
+                f"{cfg.data} (training plays) and {cfg.val_data} (test plays)")
         if cfg.resume:
             saved = ckpt.read_config(self.out)
             if saved.get("model_type") != KIND:
@@ -423,8 +447,10 @@ class Finetune:
 
 def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
     """Fine-tune to the last epoch (or a stop request); the result holds the best epoch's weights."""
-    if not cfg.resume and (not cfg.init_from or not cfg.data):
-        raise ConfigError("--init_from (a BERT run or Hugging Face BERT folder) and --data are required")
+    if not cfg.resume and not cfg.init_from:
+        raise ConfigError("--init_from (a BERT run or Hugging Face BERT folder) is required")
+    if not cfg.data and cfg.val_data:
+        raise ConfigError("--val_data needs --data: without --data the genre task gives both")
     if not cfg.resume and cfg.init_from and Path(cfg.init_from).resolve() == Path(cfg.out_dir).resolve():
         raise ConfigError("--init_from and --out_dir name the same folder: the run would be written over its start")
     run = Finetune(cfg, rt, log)

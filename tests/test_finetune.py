@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from minipt import finetune as FT
+from minipt import genre
 from minipt import hf
 from minipt import sample as S
 from minipt.model import BertClassifier, build_model
+from minipt.data.sources import read_documents, split_tail
 from minipt.runtime import setup
 
 from hf_folders import bert_folder, gpt2_folder, transformers
@@ -106,7 +108,8 @@ TWO = '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n'
         ("train.jsonl", '{"text": "a", "label": 1}\nnot json\n', [], r"train.jsonl:2: not a JSON object"),
         ("train.jsonl", '{"label": 1}\n', [], r"train.jsonl:1: every example needs a non-empty 'text'"),
         ("train.jsonl", "", [], r"train.jsonl holds no examples"),
-        ("train.csv", "text,labels\na,1\n", [], r"train.csv:1: the header has no 'label' column \(it has 'text', 'labels'\)"),
+        ("train.csv", "text,labels\na,1\n", [],
+         r"train.csv:1: the header has no 'label' column \(it has 'text', 'labels'\)"),
         ("train.csv", "text,label\na,1\nb,\n", [], r"train.csv:3: every example needs a 'label'"),
         ("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', ["--val_data=VAL"],
          r"train.jsonl all have the label 'x': a classifier needs two labels or more"),
@@ -115,20 +118,24 @@ TWO = '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n'
          r"val.jsonl:2: the validation label 'maybe' never occurs in the training examples of .*train.jsonl "
          r"\(labels: no, yes\)"),
         ("train.jsonl", TWO, ["--max_length=65"], "max_length=65 exceeds the model's 64 positions"),
-        ("train.jsonl", TWO, ["--init_from=GPT"], "fine-tuning a GPT model is not supported: --init_from=.* holds a gpt"),
+        ("train.jsonl", TWO, ["--init_from=GPT"],
+         "fine-tuning a GPT model is not supported: --init_from=.* holds a gpt"),
         ("train.jsonl", TWO, ["--epochs=0"], "epochs must be a positive integer"),
         ("train.jsonl", TWO, ["--select=loss"], "select must be one of macro_f1, accuracy, got 'loss'"),
-        ("train.jsonl", TWO, ["--init_from="], r"--init_from \(a BERT run or Hugging Face BERT folder\) and --data"),
+        ("train.jsonl", TWO, ["--init_from="], r"--init_from \(a BERT run or Hugging Face BERT folder\) is required"),
+        ("", "", ["--val_data=VAL"], "--val_data needs --data: without --data the genre task gives both"),
     ],
 )
 def test_bad_input_is_named(folders, tmp_path, capsys, name, content, extra, pattern):
-    (tmp_path / name).write_text(content)
+    if name:
+        (tmp_path / name).write_text(content)
     (tmp_path / "val.jsonl").write_text('{"text": "b", "label": "yes"}\n{"text": "c", "label": "maybe"}\n')
     gpt = folders["tmp"] / "gpt2"
     if not gpt.exists():
         gpt2_folder(gpt)
     extra = [a.replace("GPT", str(gpt)).replace("VAL", str(tmp_path / "val.jsonl")) for a in extra]
-    argv = [f"--init_from={folders['bert']}", f"--data={tmp_path / name}", f"--out_dir={tmp_path / 'o'}"]
+    data = tmp_path / name if name else ""  # no --data: the bundled genre task
+    argv = [f"--init_from={folders['bert']}", f"--data={data}", f"--out_dir={tmp_path / 'o'}"]
     assert FT.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert re.search(pattern, err), err
@@ -193,6 +200,62 @@ def test_an_interrupted_run_resumes_exactly(folders, tmp_path, capsys):
     for (name, p), q in zip(straight.model.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
     rows = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("straight", "cut")]
-    strip = lambda lines: [{k: v for k, v in json.loads(r).items() if k != "tokens_per_s"} for r in lines]  # noqa: E731
-    assert strip(rows[0]) == strip(rows[1]) and len(rows[0]) == 6 + 2
+    # throughput is the one field that may differ
+    kept = [[{k: v for k, v in json.loads(r).items() if k != "tokens_per_s"} for r in lines] for lines in rows]
+    assert kept[0] == kept[1] and len(kept[0]) == 6 + 2
     assert straight.model.config.dropout > 0  # so the restored random state matters
+
+
+# ----------------------------------------------------------------------------- the bundled genre task
+def test_genres_follow_the_folio_and_test_plays_are_apart(tmp_path):
+    plays = {play: g for play, g, _ in genre.play_genres()}
+    counts = {label: list(plays.values()).count(label) for label in genre.LABELS}
+    assert counts == {"comedy": 16, "history": 11, "tragedy": 11}
+    assert plays["troilus-and-cressida"] == "tragedy" and plays["the-tempest"] == "comedy"
+    assert plays["measure-for-measure"] == "comedy" and plays["julius-caesar"] == "tragedy"
+    held_out = genre.test_plays()
+    assert {plays[p] for p in held_out} == set(genre.LABELS) and len(held_out) == 10
+
+    train_csv, test_csv = genre.build(tmp_path, 0.1)
+    sides = [list(csv.DictReader(open(path, encoding="utf-8"))) for path in (train_csv, test_csv)]
+    assert {r["play"] for r in sides[1]} == held_out and not {r["play"] for r in sides[0]} & held_out
+    texts = {play: read_documents(source).__next__()[2] for play, _, source in genre.play_genres()}
+    for row in sides[0][::25] + sides[1][::25]:
+        head, tail = split_tail(texts[row["play"]], 0.1)
+        assert row["label"] == plays[row["play"]]
+        first_line = row["text"].splitlines()[0]
+        assert first_line in tail and len(row["text"]) >= genre.PASSAGE_CHARS // 2
+        assert row["text"].split("\n")[-1] in tail
+    assert len(sides[0]) > 3 * len(sides[1]) / 2 > 100
+
+
+def test_passages_are_whole_speeches_of_the_minimum_length():
+    speeches = ["A:\n" + "x" * n for n in (50, 300, 100, 500, 30)]
+    out = genre.passages("\n\n".join(speeches), passage_chars=200)
+    assert out == ["\n".join(speeches[:2]), "\n".join(speeches[2:4])]  # the 33-character rest is dropped
+    assert genre.passages("\n\n".join(speeches[:1]), passage_chars=100) == [speeches[0]]  # half the minimum: kept
+
+
+def test_the_genre_task_is_the_default_data(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [f"--init_from={folders['bert']}", f"--out_dir={out}", "--epochs=1", "--batch_size=64", "--max_length=24",
+            "--backend=torch", "--progress=false"]
+    assert FT.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "whose pretraining data is unknown" in printed and "the genre task: passages from" in printed
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["labels"] == list(genre.LABELS)
+    assert saved["train"]["data"] == str(out / "genre-train.csv") and (out / "genre-test.csv").is_file()
+
+
+def test_the_pretraining_runs_held_out_share_is_used(tmp_path):
+    notes = []
+    run = tmp_path / "bert-run"
+    run.mkdir()
+    train = {"val_fraction": 0.2, "split": "doc", "data": ""}
+    (run / "config.json").write_text(json.dumps({"model_type": "bert", "train": train, "model": {}}))
+    assert FT.pretraining_val_fraction(str(run), notes.append) == 0.2 and not notes
+    (run / "config.json").write_text(json.dumps({"model_type": "bert", "train": {**train, "data": "web/"},
+                                                 "model": {}}))
+    assert FT.pretraining_val_fraction(str(run), notes.append) == 0.2
+    assert "may not be held out" in notes[0]
