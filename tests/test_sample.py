@@ -104,6 +104,7 @@ def test_sample_command_for_both_models(runs, capsys):
         (["--out_dir=nowhere"], "nowhere is not a folder: expected a minipt run or a Hugging Face model folder"),
         (["--temperature=-1"], "temperature must be >= 0"),
         (["--text_a=only a"], "needs both --text_a and --text_b"),
+        (["--text_b=only b"], "--text_b needs --text_a (next sentence prediction) or --text (a fine-tune run's pair)"),
         (["--top_k=0"], "top_k must be a positive integer or none"),
         (["--promt=x"], "did you mean --prompt"),
     ],
@@ -119,6 +120,8 @@ def test_bert_needs_text_and_fitting_inputs(runs, capsys):
     assert "needs --text with [MASK] tokens" in capsys.readouterr().err
     assert S.main([f"--out_dir={runs['bert']}", "--text=" + "word " * 60 + "[MASK]"]) == 2
     assert "more than the model's block_size 48" in capsys.readouterr().err
+    assert S.main([f"--out_dir={runs['bert']}", "--text=The [MASK] sat.", "--text_b=A pair."]) == 2
+    assert "--text_b without --text_a applies to a fine-tune run only" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- Hugging Face folders
