@@ -503,7 +503,14 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
 
 def export(model: BertClassifier, tok: TextTokenizer, labels: list[str], folder: Path) -> None:
     """The model as transformers' BertForSequenceClassification, with its tokenizer.json, in ``folder``."""
-    hf.to_hf(model, labels=labels).save_pretrained(folder)
+    logging = hf.require_transformers().utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a bar for one shard written in an instant is carriage returns in a log
+    try:
+        hf.to_hf(model, labels=labels).save_pretrained(folder)
+    finally:
+        if shown:
+            logging.enable_progress_bar()
     tok.save(folder / ckpt.TOKENIZER)
 
 

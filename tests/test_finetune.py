@@ -150,7 +150,7 @@ def test_the_command_writes_the_run_and_sample_classifies_with_it(folders, tmp_p
     captured = capsys.readouterr()
     # not a terminal: a plain line per log step instead of a bar
     assert "step 1/6: train loss" in captured.out and "epoch 2: val loss" in captured.out
-    assert "true \\ predicted" in captured.out and "step" not in captured.err
+    assert "true \\ predicted" in captured.out and "\r" not in captured.err
     for name in ("config.json", "tokenizer.json", "model.safetensors", "state.pt", "metrics.jsonl", "loss.png",
                  "confusion.json", "hf/config.json"):
         assert (out / name).is_file(), name
