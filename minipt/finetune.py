@@ -294,12 +294,6 @@ class Finetune:
     def __init__(self, cfg: FinetuneConfig, rt: runtime.Runtime, log):
         self.cfg, self.rt, self.log, self.out = cfg, rt, log, Path(cfg.out_dir)
         rt.on_main(lambda: self._prepare_folder())
-        if not cfg.data:
-            val_fraction = pretraining_val_fraction(cfg.init_from, log)
-            cfg.data, cfg.val_data = map(str, rt.on_main(lambda: genre.build(self.out, val_fraction))
-                                         or genre.paths(self.out))
-            log(f"the genre task: passages from the held-out last {val_fraction:g} of every bundled play, "
-                f"{cfg.data} (training plays) and {cfg.val_data} (test plays)")
         if cfg.resume:
             saved = ckpt.read_config(self.out)
             if saved.get("model_type") != KIND:
@@ -314,6 +308,12 @@ class Finetune:
             for note in saved.get("notes", []):
                 log(note)
             block_size = bert.config.block_size
+        if not cfg.data:
+            val_fraction = pretraining_val_fraction(cfg.init_from, log)
+            cfg.data, cfg.val_data = map(str, rt.on_main(lambda: genre.build(self.out, val_fraction))
+                                         or genre.paths(self.out))
+            log(f"the genre task: passages from the held-out last {val_fraction:g} of every bundled play, "
+                f"{cfg.data} (training plays) and {cfg.val_data} (test plays)")
         self.max_length = cfg.max_length or block_size
         if self.max_length > block_size:
             raise ConfigError(f"max_length={self.max_length} exceeds the model's {block_size} positions")

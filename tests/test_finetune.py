@@ -124,6 +124,7 @@ TWO = '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n'
         ("train.jsonl", TWO, ["--select=loss"], "select must be one of macro_f1, accuracy, got 'loss'"),
         ("train.jsonl", TWO, ["--init_from="], r"--init_from \(a BERT run or Hugging Face BERT folder\) is required"),
         ("", "", ["--val_data=VAL"], "--val_data needs --data: without --data the genre task gives both"),
+        ("", "", ["--init_from=GPT"], "fine-tuning a GPT model is not supported"),
     ],
 )
 def test_bad_input_is_named(folders, tmp_path, capsys, name, content, extra, pattern):
@@ -172,6 +173,12 @@ def test_the_command_writes_the_run_and_sample_classifies_with_it(folders, tmp_p
     assert probs == pytest.approx({"neg": expected[0], "pos": expected[1]}, abs=1e-3)
     assert list(probs.values()) == sorted(probs.values(), reverse=True)
 
+    again = tmp_path / "again"  # a fine-tune run is a starting point too: its encoder, a fresh head
+    assert FT.main([f"--init_from={out}", f"--data={folders['train']}", f"--out_dir={again}", "--epochs=1",
+                    "--backend=torch"]) == 0
+    torch.testing.assert_close(S.load_run(again)[0].bert.embeddings.word_embeddings.weight,
+                               model.bert.embeddings.word_embeddings.weight, rtol=0, atol=1e-4)
+    capsys.readouterr()
     assert S.main([f"--out_dir={out}"]) == 2
     assert "is a fine-tune run: give --text" in capsys.readouterr().err
     assert FT.main([f"--out_dir={out}", "--resume"]) == 2
