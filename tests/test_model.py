@@ -123,8 +123,8 @@ def test_build_model_from_a_saved_config_or_a_config_object():
     saved = dataclasses.asdict(GPTConfig(**GPT_TINY))
     assert isinstance(build_model("gpt", saved), GPT) and build_model("gpt", saved).config == GPTConfig(**GPT_TINY)
     assert isinstance(build_model("bert", BertConfig(**BERT_TINY)), BERT)
-    assert set(MODEL_KINDS) == {"gpt", "bert"}
-    with pytest.raises(ValueError, match=r"kind must be one of \['bert', 'gpt'\], got 't5'"):
+    assert set(MODEL_KINDS) == {"gpt", "bert", "bert_classifier"}
+    with pytest.raises(ValueError, match=r"kind must be one of \['bert', 'bert_classifier', 'gpt'\], got 't5'"):
         build_model("t5", saved)
     with pytest.raises(ValueError, match="n_layer must be a positive int"):
         build_model("bert", {**dataclasses.asdict(BertConfig(**BERT_TINY)), "n_layer": 0})
