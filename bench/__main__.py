@@ -28,7 +28,7 @@ from bench.common import RESULTS_DIR, default_device, device_slug, machine, prin
 from bench.plots import plot_rows
 
 # In run order: the ops, then training: nanoGPT's CPU recipe, and the training step on the device.
-MODULES = ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy", "native_cpu", "train_cpu", "e2e")
+MODULES = ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy", "native_cpu", "data_prep", "train_cpu", "e2e")
 
 
 def _names(parser: argparse.ArgumentParser, option: str, value: str | None) -> list[str]:

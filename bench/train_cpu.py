@@ -213,7 +213,9 @@ def run(device: str, quick: bool) -> list[dict]:
         t0 = time.perf_counter()
         prep = prepare_data(model="gpt", tokenizer="char", split="stream", cache_dir=tmp / "cache", log=lambda m: None)
         prep_s = time.perf_counter() - t0
-        paths = {split: prep.cache_path / f"{split}.bin" for split in ("train", "val")}
+        # the plays fit one shard per split: the nanoGPT loop reads each as its train.bin / val.bin
+        assert len(prep.train.shards) == len(prep.val.shards) == 1
+        paths = {split: prep.cache_path / f"{split}-00000.bin" for split in ("train", "val")}
         for provider in ("nanogpt-recipe", "minipt"):
             load = os.getloadavg()[0]
             out = tmp / provider
@@ -221,7 +223,7 @@ def run(device: str, quick: bool) -> list[dict]:
             if provider == "minipt":
                 result = minipt_run(tmp / "cache", settings, out)
             else:
-                result = nanogpt_recipe_run(paths, prep.train.tokens.dtype, prep.tokenizer.vocab_size, settings, out)
+                result = nanogpt_recipe_run(paths, prep.train.shards[0].tokens.dtype, prep.tokenizer.vocab_size, settings, out)
             note = f"under load ({load:.1f} > {cores} cores): rerun when quiet" if load > cores else None
             rows.append({"name": "shakespeare_char", "provider": provider, **size, **result, "load_1min": load,
                          **({"prep_s": prep_s} if provider == "minipt" else {}), **({"note": note} if note else {})})
