@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+MAIN_WAIT_TIMEOUT = timedelta(days=7)  # how long the other ranks wait for rank 0's solo work
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -62,6 +66,10 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    # A CPU (gloo) group whose collectives wait as long as rank 0's solo work takes
+    # (tokenizing a large corpus can take hours); training keeps the default group
+    # and its timeout, so a hung rank there still ends the run.
+    main_wait_group: object = None
 
     @property
     def distributed(self) -> bool:
@@ -93,7 +101,7 @@ class Runtime:
                 error = exc
         if self.distributed:
             box = [error]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=self.main_wait_group)
             error = box[0]
         if error is not None:
             raise error
@@ -120,6 +128,8 @@ def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if rt.distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if rt.distributed:
+        rt.main_wait_group = dist.new_group(backend="gloo", timeout=MAIN_WAIT_TIMEOUT)
     return rt
 
 

@@ -72,3 +72,41 @@ def test_bad_input_stops_every_rank_with_the_message(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("minipt.train: error: data path") == 2
     assert str(REPO / "minipt") not in proc.stderr  # no traceback from minipt; torchrun reports the exit codes
+
+
+def _wait_for_slow_main(rank: int, port: int, queue) -> None:
+    import time
+    from datetime import timedelta
+
+    import torch
+
+    from minipt.runtime import MAIN_WAIT_TIMEOUT, Runtime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # the default group's timeout is far shorter than rank 0's work, as a long tokenization is
+    # against NCCL's 10 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=1))
+    rt = Runtime(torch.device("cpu"), torch.float32, rank, rank, 2)
+    rt.main_wait_group = dist.new_group(backend="gloo", timeout=MAIN_WAIT_TIMEOUT)
+    try:
+        queue.put((rank, rt.on_main(lambda: time.sleep(3) or "prepared")))
+    except Exception as exc:  # reported to the test, which names it
+        queue.put((rank, f"{type(exc).__name__}: {exc}"))
+    dist.destroy_process_group()
+
+
+def test_ranks_wait_for_rank_0_past_the_default_timeout():
+    """The other ranks wait for rank 0's solo work (tokenizing a corpus) on a group of their own,
+    so it may outlast the default group's timeout."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_wait_for_slow_main, args=(rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results == {0: "prepared", 1: None}
