@@ -73,6 +73,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _commit([(_write_temporary(path, lambda p: p.write_text(text, encoding="utf-8")), path)])
 
 
+def rng_state(device: torch.device) -> dict:
+    """The generators a resumed run must continue: torch's CPU one, and the device's on CUDA."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, state: dict) -> None:
     """Write ``model.safetensors`` and ``state.pt`` (which must hold ``"iter"``) as one checkpoint."""
     out = Path(out_dir)

@@ -360,9 +360,7 @@ class Finetune:
 
     # ---- state
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if self.rt.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        rng = ckpt.rng_state(self.rt.device)
         return {"iter": self.iter, "best": self.best, "optimizer": self.optimizer.state_dict(), "rng": rng,
                 "finished": False}
 
@@ -372,9 +370,7 @@ class Finetune:
                               f"fine-tune further with --init_from={self.out} and a new --out_dir")
         self.iter, self.best = state["iter"], state["best"]
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
+        ckpt.restore_rng_state(state["rng"], self.rt.device)
 
     def save(self) -> None:
         if self.rt.is_main:

@@ -294,16 +294,21 @@ def _bert_from_hf(hf_model, backend: str) -> BERT:
     return model
 
 
-def _bert_to_hf(model: BERT):
-    transformers = require_transformers()
-    cfg = model.config
-    hf_config = transformers.BertConfig(
+def _hf_bert_config(transformers, cfg: BertConfig, **extra):
+    """``transformers.BertConfig`` of minipt's BERT config, plus the head's own fields."""
+    return transformers.BertConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head, intermediate_size=cfg.inner_size, hidden_act="gelu",
         hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=0.0, max_position_embeddings=cfg.block_size,
         type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id,
-        tie_word_embeddings=True,
+        **extra,
     )
+
+
+def _bert_to_hf(model: BERT):
+    transformers = require_transformers()
+    cfg = model.config
+    hf_config = _hf_bert_config(transformers, cfg, tie_word_embeddings=True)
     hf_model = _place_like(transformers.BertForPreTraining(hf_config), model)
     ours = model.state_dict()
     mapping = _bert_key_map(cfg.n_layer)
@@ -464,13 +469,9 @@ def classifier_to_hf(bert: BERT, classifier: torch.nn.Linear, labels: list[str])
     """
     transformers = require_transformers()
     cfg = bert.config
-    hf_config = transformers.BertConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, intermediate_size=cfg.inner_size, hidden_act="gelu",
-        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=0.0, max_position_embeddings=cfg.block_size,
-        type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id,
-        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
-        architectures=["BertForSequenceClassification"],
+    hf_config = _hf_bert_config(
+        transformers, cfg, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)}, architectures=["BertForSequenceClassification"],
     )
     hf_model = _place_like(transformers.BertForSequenceClassification(hf_config), bert)
     ours = bert.state_dict()

@@ -269,9 +269,7 @@ class Run(Scorer):
 
     # ---- state
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if self.rt.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        rng = ckpt.rng_state(self.rt.device)
         return {
             "iter": self.iter, "best_val": self.best_val, "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(), "rng": rng,
@@ -281,9 +279,7 @@ class Run(Scorer):
         self.iter, self.best_val = state["iter"], state["best_val"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.rt.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.rt.device)
+        ckpt.restore_rng_state(state["rng"], self.rt.device)
 
     def save(self) -> None:
         if self.rt.is_main:
