@@ -120,7 +120,7 @@ CHUNK_CROSS_ENTROPY = {"triton": _chunk_cross_entropy_triton, "native": _chunk_c
 
 # ----------------------------------------------------------------------------- chunked forward and backward
 def _chunk_rows(N: int, V: int, dtype: torch.dtype) -> int:
-    rows = CHUNK_LOGITS_BYTES // (V * torch.empty((), dtype=dtype).element_size())
+    rows = CHUNK_LOGITS_BYTES // (V * dtype.itemsize)
     rows = max(CHUNK_ROW_MULTIPLE, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
     return max(1, min(N, rows))  # at least 1: an empty batch still needs a valid step
 
