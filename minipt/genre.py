@@ -25,11 +25,22 @@ bert`` never saw these passages. Each play's tail is cut at speech boundaries
 into passages of at least ``passage_chars`` characters (whole speeches; the
 last, shorter remainder is kept if it holds ``passage_chars // 2`` or more).
 
-Plays, not passages, are split between fine-tune training and test: in each
-genre, sorted by file name, every fourth play from the second on (indices 1,
-5, 9, 13) is a test play. A character's name then never appears on both sides,
-so it cannot give the genre away. Test plays: 4 comedies, 3 histories and 3
-tragedies (see :func:`test_plays`).
+Plays, not passages, are split three ways: fine-tune training, validation (which
+picks the best epoch) and test (scored once, with the weights that validation
+picked). A character who speaks in two plays keeps both on one side, so a name
+cannot carry the genre across: the second tetralogy with *The Merry Wives of
+Windsor* (Falstaff and his company), the first tetralogy, and *Julius Caesar*
+with *Antony and Cleopatra* (see ``SHARED_CHARACTERS``). What still recurs across
+sides are titles held by different people (York, Warwick, Gloucester; there is an
+Earl of Gloucester in *King Lear* too) and common given names (Antonio,
+Sebastian): a title of the English nobility is part of what makes a history.
+
+* test (11 plays): *The Winter's Tale*, *Love's Labour's Lost*, *The Comedy of
+  Errors*, *The Tempest*; the first tetralogy (*Henry VI* 1-3, *Richard III*);
+  *Coriolanus*, *Macbeth*, *Titus Andronicus*;
+* validation (6 plays): *As You Like It*, *Twelfth Night*, *King John*, *Henry
+  VIII*, *Hamlet*, *Othello*;
+* training: the other 21 (10 comedies, 5 histories, 6 tragedies).
 """
 
 from __future__ import annotations
@@ -45,6 +56,18 @@ FOLDER_GENRES = {
     "histories": "history", "tragedies": "tragedy", "roman": "tragedy",
 }
 FOLIO_EXCEPTIONS = {"troilus-and-cressida": "tragedy"}  # a "problem" play the Folio prints as a tragedy
+TEST_PLAYS = frozenset({
+    "a-winter-s-tale", "love-s-labours-lost", "the-comedy-of-errors", "the-tempest",
+    "henry-vi-part-1", "henry-vi-part-2", "henry-vi-part-3", "richard-iii",
+    "coriolanus", "macbeth", "titus-andronicus",
+})
+VALIDATION_PLAYS = frozenset({"as-you-like-it", "twelfth-night", "king-john", "henry-viii", "hamlet", "othello"})
+SHARED_CHARACTERS = (  # plays that share characters; each group lies on one side of the split
+    {"richard-ii", "henry-iv-part-1", "henry-iv-part-2", "henry-v", "the-merry-wives-of-windsor"},
+    {"henry-vi-part-1", "henry-vi-part-2", "henry-vi-part-3", "richard-iii"},
+    {"julius-caesar", "antony-and-cleopatra"},
+)
+SIDES = ("train", "validation", "test")
 PASSAGE_CHARS = 400  # about 100 tokens: fits the CPU-sized BERT's 128 positions with [CLS] and [SEP]
 
 
@@ -61,13 +84,14 @@ def play_genres() -> list[tuple[str, str, object]]:
     return out
 
 
-def test_plays() -> set[str]:
-    """The plays whose passages are the test set: in each genre, by name, indices 1, 5, 9, ..."""
-    chosen = set()
-    for genre in LABELS:
-        plays = sorted(play for play, g, _ in play_genres() if g == genre)
-        chosen.update(plays[1::4])
-    return chosen
+def split_plays() -> dict[str, str]:
+    """The side of every play: ``"train"``, ``"validation"`` or ``"test"``."""
+    plays = {play for play, _, _ in play_genres()}
+    named = TEST_PLAYS | VALIDATION_PLAYS
+    if named - plays:
+        raise DataError(f"the genre task names plays that the bundled corpus lacks: {', '.join(sorted(named - plays))}")
+    return {play: "test" if play in TEST_PLAYS else "validation" if play in VALIDATION_PLAYS else "train"
+            for play in plays}
 
 
 def passages(text: str, passage_chars: int = PASSAGE_CHARS) -> list[str]:
@@ -84,28 +108,26 @@ def passages(text: str, passage_chars: int = PASSAGE_CHARS) -> list[str]:
     return out
 
 
-def paths(folder: str | Path) -> tuple[Path, Path]:
-    """Where :func:`build` writes the training and the test passages."""
-    return Path(folder) / "genre-train.csv", Path(folder) / "genre-test.csv"
+def paths(folder: str | Path) -> tuple[Path, Path, Path]:
+    """Where :func:`build` writes the training, validation and test passages."""
+    return tuple(Path(folder) / f"genre-{side}.csv" for side in SIDES)
 
 
-def build(folder: str | Path, val_fraction: float, passage_chars: int = PASSAGE_CHARS) -> tuple[Path, Path]:
-    """Write ``genre-train.csv`` and ``genre-test.csv`` (text, label, play) in ``folder``; return their paths.
+def build(folder: str | Path, val_fraction: float, passage_chars: int = PASSAGE_CHARS) -> tuple[Path, Path, Path]:
+    """Write ``genre-{train,validation,test}.csv`` (text, label, play) in ``folder``; return their paths.
 
     ``val_fraction`` must be the pretraining run's: the tails it held out are the passages.
     """
-    folder = Path(folder)
-    held_out_plays = test_plays()
-    rows = {"train": [], "test": []}
+    sides = split_plays()
+    rows = {side: [] for side in SIDES}
     for play, genre, source in play_genres():
         (_, _, text), = read_documents(source)
         tail = split_tail(text, val_fraction)[1]
-        side = "test" if play in held_out_plays else "train"
-        rows[side] += [(passage, genre, play) for passage in passages(tail, passage_chars)]
-    files = dict(zip(rows, paths(folder)))
-    for side, path in files.items():
+        rows[sides[play]] += [(passage, genre, play) for passage in passages(tail, passage_chars)]
+    files = paths(folder)
+    for side, path in zip(SIDES, files):
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["text", "label", "play"])
             writer.writerows(rows[side])
-    return files["train"], files["test"]
+    return files

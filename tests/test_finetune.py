@@ -70,10 +70,10 @@ def test_fine_tuning_learns_the_training_labels_and_exports_with_parity(folders,
     # the final weights are the best epoch's (the first to score highest), not the last epoch's
     best = max(evals, key=lambda r: (r["macro_f1"], -r["epoch"]))
     assert run.best["epoch"] == best["epoch"] < 25
-    assert json.loads((tmp_path / "confusion.json").read_text())["matrix"] == [[8, 0], [0, 8]]
+    assert json.loads((tmp_path / "confusion.json").read_text())["validation"]["matrix"] == [[8, 0], [0, 8]]
     saved, _, config = S.load_run(tmp_path, backend="torch")
     assert config["model_type"] == "bert_classifier" and isinstance(saved, BertClassifier)
-    assert run.evaluate()["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert run.evaluate(run.val_rows)["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     assert abs(best["val_loss"] - evals[-1]["val_loss"]) > 1e-4
     for p, q in zip(saved.parameters(), model.parameters()):
         assert torch.equal(p, q)
@@ -122,8 +122,18 @@ TWO = '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n'
          "fine-tuning a GPT model is not supported: --init_from=.* holds a gpt"),
         ("train.jsonl", TWO, ["--epochs=0"], "epochs must be a positive integer"),
         ("train.jsonl", TWO, ["--select=loss"], "select must be one of macro_f1, accuracy, got 'loss'"),
-        ("train.jsonl", TWO, ["--init_from="], r"--init_from \(a BERT run or Hugging Face BERT folder\) is required"),
-        ("", "", ["--val_data=VAL"], "--val_data needs --data: without --data the genre task gives both"),
+        ("train.jsonl", TWO, ["--init_from="],
+         r"--init_from \(a BERT run or Hugging Face BERT folder, or scratch\) is required"),
+        ("", "", ["--val_data=VAL"], "--val_data needs --data: without --data the genre task gives all three"),
+        ("", "", ["--test_data=VAL"], "--test_data needs --data"),
+        ("train.jsonl", TWO, ["--val_data=TRAIN", "--test_data=VAL"],
+         r"val.jsonl:2: the test label 'maybe' never occurs in the training examples of .*train.jsonl"),
+        ("train.jsonl", TWO, ["--init_from=scratch"], "--init_from=scratch needs --arch_from=PATH"),
+        ("train.jsonl", TWO, ["--arch_from=GPT"], "arch_from is read only with --init_from=scratch"),
+        ("train.jsonl", TWO, ["--init_from=scratch", "--arch_from=GPT"],
+         "fine-tuning a GPT model is not supported: --arch_from=.* holds a gpt"),
+        ("train.jsonl", TWO, ["--init_from=scratch", "--arch_from=MISSING"],
+         "is not a folder: expected a minipt run or a Hugging Face model folder"),
         ("", "", ["--init_from=GPT"], "fine-tuning a GPT model is not supported"),
     ],
 )
@@ -134,7 +144,8 @@ def test_bad_input_is_named(folders, tmp_path, capsys, name, content, extra, pat
     gpt = folders["tmp"] / "gpt2"
     if not gpt.exists():
         gpt2_folder(gpt)
-    extra = [a.replace("GPT", str(gpt)).replace("VAL", str(tmp_path / "val.jsonl")) for a in extra]
+    extra = [a.replace("GPT", str(gpt)).replace("VAL", str(tmp_path / "val.jsonl"))
+             .replace("MISSING", str(tmp_path / "missing")).replace("TRAIN", str(tmp_path / name)) for a in extra]
     data = tmp_path / name if name else ""  # no --data: the bundled genre task
     argv = [f"--init_from={folders['bert']}", f"--data={data}", f"--out_dir={tmp_path / 'o'}"]
     assert FT.main(argv + extra) == 2
@@ -157,7 +168,8 @@ def test_the_command_writes_the_run_and_sample_classifies_with_it(folders, tmp_p
         assert (out / name).is_file(), name
     assert not (out / FT.BEST).exists()
     confusion = json.loads((out / "confusion.json").read_text())
-    assert confusion["labels"] == ["neg", "pos"] and sum(map(sum, confusion["matrix"])) == 4
+    assert confusion["labels"] == ["neg", "pos"] and sum(map(sum, confusion["validation"]["matrix"])) == 4
+    assert "test" not in confusion  # no --test_data
 
     model, tok, config = S.load_run(out)
     assert config["labels"] == ["neg", "pos"]
@@ -214,26 +226,38 @@ def test_an_interrupted_run_resumes_exactly(folders, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- the bundled genre task
-def test_genres_follow_the_folio_and_test_plays_are_apart(tmp_path):
+def test_genres_follow_the_folio_and_the_splits_keep_characters_apart(tmp_path):
     plays = {play: g for play, g, _ in genre.play_genres()}
     counts = {label: list(plays.values()).count(label) for label in genre.LABELS}
     assert counts == {"comedy": 16, "history": 11, "tragedy": 11}
     assert plays["troilus-and-cressida"] == "tragedy" and plays["the-tempest"] == "comedy"
     assert plays["measure-for-measure"] == "comedy" and plays["julius-caesar"] == "tragedy"
-    held_out = genre.test_plays()
-    assert {plays[p] for p in held_out} == set(genre.LABELS) and len(held_out) == 10
+    sides = genre.split_plays()
+    assert set(sides) == set(plays)
+    for side, size in (("test", 11), ("validation", 6), ("train", 21)):
+        assert sum(s == side for s in sides.values()) == size
+        assert {plays[p] for p in sides if sides[p] == side} == set(genre.LABELS), side
+    for group in genre.SHARED_CHARACTERS:
+        assert len({sides[p] for p in group}) == 1, group
 
-    train_csv, test_csv = genre.build(tmp_path, 0.1)
-    sides = [list(csv.DictReader(open(path, encoding="utf-8"))) for path in (train_csv, test_csv)]
-    assert {r["play"] for r in sides[1]} == held_out and not {r["play"] for r in sides[0]} & held_out
+    files = genre.build(tmp_path, 0.1)
+    assert [f.name for f in files] == ["genre-train.csv", "genre-validation.csv", "genre-test.csv"]
+    rows = {side: list(csv.DictReader(open(path, encoding="utf-8"))) for side, path in zip(genre.SIDES, files)}
+    for side, side_rows in rows.items():
+        assert {r["play"] for r in side_rows} == {p for p in sides if sides[p] == side}
+    # Falstaff and his company speak in the histories and in a comedy: all of them train
+    speakers = {side: {line for r in side_rows for line in r["text"].splitlines() if line.endswith(":")}
+                for side, side_rows in rows.items()}
+    for name in ("FALSTAFF:", "PISTOL:", "BARDOLPH:"):
+        assert name in speakers["train"] and name not in speakers["test"] | speakers["validation"], name
     texts = {play: read_documents(source).__next__()[2] for play, _, source in genre.play_genres()}
-    for row in sides[0][::25] + sides[1][::25]:
+    for row in [r for side_rows in rows.values() for r in side_rows[::25]]:
         head, tail = split_tail(texts[row["play"]], 0.1)
         assert row["label"] == plays[row["play"]]
         first_line = row["text"].splitlines()[0]
         assert first_line in tail and len(row["text"]) >= genre.PASSAGE_CHARS // 2
         assert row["text"].split("\n")[-1] in tail
-    assert len(sides[0]) > 3 * len(sides[1]) / 2 > 100
+    assert len(rows["train"]) > len(rows["test"]) > len(rows["validation"]) > 100
 
 
 def test_passages_are_whole_speeches_of_the_minimum_length():
@@ -252,7 +276,43 @@ def test_the_genre_task_is_the_default_data(folders, tmp_path, capsys):
     assert "whose pretraining data is unknown" in printed and "the genre task: passages from" in printed
     saved = json.loads((out / "config.json").read_text())
     assert saved["labels"] == list(genre.LABELS)
-    assert saved["train"]["data"] == str(out / "genre-train.csv") and (out / "genre-test.csv").is_file()
+    assert [saved["train"][k] for k in ("data", "val_data", "test_data")] == list(map(str, genre.paths(out)))
+    results = json.loads((out / "confusion.json").read_text())
+    for split in ("validation", "test"):
+        matrix = results[split]["matrix"]
+        truth = [sum(row) for row in matrix]
+        assert results[split]["majority_rate"] == pytest.approx(max(truth) / sum(truth))
+        assert results[split]["accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(3)) / sum(truth))
+    test_rows = list(csv.DictReader(open(out / "genre-test.csv", encoding="utf-8")))
+    assert sum(map(sum, results["test"]["matrix"])) == len(test_rows)
+    assert f"test: accuracy {results['test']['accuracy']:.4f}" in printed
+    test_row = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert test_row["test_accuracy"] == results["test"]["accuracy"] and test_row["epoch"] == results["epoch"]
+
+
+def test_scratch_takes_the_architecture_and_tokenizer_and_draws_the_weights(folders, tmp_path):
+    def run(name, **kw):
+        cfg = FT.FinetuneConfig(data=str(folders["train"]), val_data=str(folders["train"]), epochs=1, batch_size=16,
+                                learning_rate=1e-9, out_dir=str(tmp_path / name), backend="torch", progress=False,
+                                **kw)
+        return FT.finetune(cfg, setup("cpu", "float32"), log=lambda msg: None)
+
+    pretrained, _, _ = S.load_run(folders["bert"], backend="torch")
+    started = run("pretrained", init_from=str(folders["bert"]))
+    scratch, again, other = (run(name, init_from="scratch", arch_from=str(folders["bert"]), seed=seed)
+                             for name, seed in (("scratch", 1), ("again", 1), ("other", 2)))
+    assert scratch.model.config == started.model.config and scratch.tok.to_str() == started.tok.to_str()
+    embedding = lambda run: run.model.bert.embeddings.word_embeddings.weight  # noqa: E731
+    # a learning rate of 1e-9 leaves every start where it was
+    torch.testing.assert_close(embedding(started), pretrained.bert.embeddings.word_embeddings.weight if hasattr(
+        pretrained, "bert") else pretrained.embeddings.word_embeddings.weight, rtol=0, atol=1e-6)
+    assert (embedding(scratch) - embedding(started)).abs().max() > 0.05
+    assert embedding(scratch).std().item() == pytest.approx(0.02, rel=0.1)  # BERT's initialiser
+    for p, q in zip(scratch.model.parameters(), again.model.parameters()):
+        assert torch.equal(p, q)  # the seed draws the weights
+    assert not torch.equal(embedding(scratch), embedding(other))
+    saved = json.loads((tmp_path / "scratch" / "config.json").read_text())["train"]
+    assert saved["init_from"] == "scratch" and saved["arch_from"] == str(folders["bert"])
 
 
 def test_the_pretraining_runs_held_out_share_is_used(tmp_path):
