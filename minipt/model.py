@@ -17,6 +17,15 @@ residual branches and (GPT) the MLP, never on the attention probabilities.
 A training step never reads a tensor on the host: BERT's MLM head runs on a
 fixed number of rows (``masked_capacity``) picked by ``masked_positions``, so the
 forward pass has static shapes and compiles into one graph.
+
+Packed rows. Both models can hold several documents in one row, each seeing only
+itself (the attention op's ``document_ids``). GPT finds its documents on the
+device: with ``doc_sep_id`` set, every occurrence of that token (<|endoftext|>)
+opens a document, so a position's document is the running count of separators
+up to it, and with ``reset_positions`` its position is its distance from the
+last separator. BERT is given its layout by the caller (``position_ids``,
+``document_ids`` and each pair's [CLS] position, see :mod:`minipt.data.packing`),
+and reads NSP at every [CLS].
 """
 
 from __future__ import annotations
@@ -86,11 +95,30 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them)
     layer_norm_eps: float = 1e-5  # GPT-2's LayerNorm epsilon
     backend: str = "auto"  # passed to every minipt.ops call: "auto" | "torch" | "triton" | "native"
+    doc_sep_id: int | None = None  # the token that opens each document (<|endoftext|>): attention stops there
+    reset_positions: bool = False  # with doc_sep_id: positions restart at 0 at each document's separator
 
     def __post_init__(self):
+        """Checks the fields; ``doc_sep_id=None`` and ``reset_positions=False`` are GPT-2's one causal stream.
+
+        Hugging Face's GPT-2 has neither field: ``minipt.hf.to_hf`` exports a model
+        trained with them all the same, and the exported model attends across
+        separators with positions counted from the start of the input.
+        """
         _check_common(self)
         if not isinstance(self.bias, bool):
             raise TypeError(f"GPTConfig: bias must be a bool, got {type(self.bias).__name__}")
+        if self.doc_sep_id is not None:
+            if isinstance(self.doc_sep_id, bool) or not isinstance(self.doc_sep_id, int):
+                raise TypeError(f"GPTConfig: doc_sep_id must be an int or None, got {type(self.doc_sep_id).__name__}")
+            if not 0 <= self.doc_sep_id < self.vocab_size:
+                raise ValueError(
+                    f"GPTConfig: doc_sep_id must be in [0, vocab_size={self.vocab_size}), got {self.doc_sep_id}"
+                )
+        if not isinstance(self.reset_positions, bool):
+            raise TypeError(f"GPTConfig: reset_positions must be a bool, got {type(self.reset_positions).__name__}")
+        if self.reset_positions and self.doc_sep_id is None:
+            raise ValueError("GPTConfig: reset_positions needs doc_sep_id: positions restart at a document's separator")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
@@ -162,7 +190,7 @@ BERT_PRESETS = {
 class ModelOutput:
     loss: torch.Tensor | None = None  # total loss: GPT's LM loss, or BERT's mlm_loss + nsp_loss
     logits: torch.Tensor | None = None  # (B, T, V) next-token (GPT) or MLM (BERT) logits
-    nsp_logits: torch.Tensor | None = None  # (B, 2) BERT: 0 = B follows A, 1 = B is random
+    nsp_logits: torch.Tensor | None = None  # (B, 2), or (B, S, 2) at cls_positions; 0 = B follows A, 1 = B is random
     mlm_loss: torch.Tensor | None = None  # BERT: mean CE over the masked positions
     nsp_loss: torch.Tensor | None = None  # BERT: mean CE of the next-sentence classifier
     # BERT with labels: the MLM head's output at the K picked rows (K >= masked positions; the
@@ -185,6 +213,18 @@ def _check_ids(model: str, name: str, ids, block_size: int, like: torch.Tensor |
             )
     elif ids.shape != like.shape:
         raise ValueError(f"{model}: {name} must have the shape of input_ids {tuple(like.shape)}, got {tuple(ids.shape)}")
+
+
+def documents_from_separators(input_ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """(B, T) int64 document ids: the separators at or before each position, so a separator opens its document."""
+    return torch.cumsum(input_ids == sep_id, dim=1)
+
+
+def positions_in_documents(input_ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """(B, T) int64: each position's distance from its document's separator (from the row's start before the first)."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    start = torch.cummax(torch.where(input_ids == sep_id, pos, 0), dim=1).values  # (B, T)
+    return pos - start
 
 
 def split_heads(qkv: torch.Tensor, n_head: int):
@@ -224,9 +264,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, document_ids=None):
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # (B, nh, T, hs) each
-        y = attention(q, k, v, is_causal=True, backend=self.backend)  # (B, nh, T, hs)
+        y = attention(q, k, v, is_causal=True, document_ids=document_ids, backend=self.backend)  # (B, nh, T, hs)
         return self.resid_dropout(self.c_proj(merge_heads(y)))  # (B, T, C)
 
 
@@ -251,8 +291,8 @@ class GPTBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = GPTMLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, document_ids=None):
+        x = x + self.attn(self.ln_1(x), document_ids)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -285,24 +325,36 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, input_ids):
-        """The final LayerNorm's output, (B, T, C): what the tied LM head reads."""
-        _check_ids("GPT", "input_ids", input_ids, self.config.block_size)
-        T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # (B, T, C)
+    def hidden_states(self, input_ids, position_ids=None):
+        """The final LayerNorm's output, (B, T, C): what the tied LM head reads.
+
+        ``position_ids`` (B, T), each in [0, block_size), replace the positions the
+        config gives (0..T-1, or with ``reset_positions`` each document's own).
+        """
+        cfg = self.config
+        _check_ids("GPT", "input_ids", input_ids, cfg.block_size)
+        document_ids = None
+        if cfg.doc_sep_id is not None:
+            document_ids = documents_from_separators(input_ids, cfg.doc_sep_id)  # (B, T)
+        if position_ids is not None:
+            _check_ids("GPT", "position_ids", position_ids, cfg.block_size, like=input_ids)
+        elif cfg.reset_positions:
+            position_ids = positions_in_documents(input_ids, cfg.doc_sep_id)  # (B, T)
+        else:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, document_ids)
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids, labels=None, *, return_logits: bool | None = None) -> ModelOutput:
+    def forward(self, input_ids, labels=None, *, position_ids=None, return_logits: bool | None = None) -> ModelOutput:
         """``labels`` (B, T) are the targets already shifted by the caller; IGNORE_INDEX (-100) is ignored.
 
         The loss reads the hidden states through ``linear_cross_entropy``, so the
         (B, T, V) logits are built only when asked for; ``return_logits=None``
-        means: only when there are no labels.
+        means: only when there are no labels. ``position_ids``: see :meth:`hidden_states`.
         """
-        x = self.hidden_states(input_ids)  # (B, T, C)
+        x = self.hidden_states(input_ids, position_ids)  # (B, T, C)
         wte = self.transformer.wte.weight  # (V, C)
         loss = None
         if labels is not None:
@@ -379,9 +431,11 @@ class BertEmbeddings(nn.Module):
         self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids, token_type_ids):
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
+    def forward(self, input_ids, token_type_ids, position_ids=None):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        x = x + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.ln(x))  # (B, T, C)
 
 
@@ -393,9 +447,9 @@ class BertSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # one matmul for q, k and v
         self.proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, document_ids=None):
         q, k, v = split_heads(self.qkv(x), self.n_head)  # (B, nh, T, hs) each
-        y = attention(q, k, v, attention_mask=mask, backend=self.backend)  # (B, nh, T, hs)
+        y = attention(q, k, v, attention_mask=mask, document_ids=document_ids, backend=self.backend)  # (B, nh, T, hs)
         return self.proj(merge_heads(y))  # (B, T, C)
 
 
@@ -411,8 +465,8 @@ class BertLayer(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask):
-        x = self.ln_1(x + self.dropout(self.attn(x, mask)))
+    def forward(self, x, mask, document_ids=None):
+        x = self.ln_1(x + self.dropout(self.attn(x, mask, document_ids)))
         return self.ln_2(x + self.dropout(self.proj(F.gelu(self.fc(x)))))  # erf GELU, as the original BERT
 
 
@@ -454,12 +508,13 @@ class BERT(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def _check_inputs(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label) -> None:
+    def _check_inputs(self, input_ids, token_type_ids, attention_mask, labels, next_sentence_label,
+                      position_ids=None, document_ids=None, cls_positions=None) -> None:
         _check_ids("BERT", "input_ids", input_ids, self.config.block_size)
-        if token_type_ids is not None:
-            _check_ids("BERT", "token_type_ids", token_type_ids, self.config.block_size, like=input_ids)
-        if labels is not None:
-            _check_ids("BERT", "labels", labels, self.config.block_size, like=input_ids)
+        for name, ids in (("token_type_ids", token_type_ids), ("labels", labels), ("position_ids", position_ids),
+                          ("document_ids", document_ids)):
+            if ids is not None:
+                _check_ids("BERT", name, ids, self.config.block_size, like=input_ids)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype.is_floating_point:
                 raise TypeError("BERT: attention_mask must be a bool or integer 0/1 tensor (1 = real token)")
@@ -468,18 +523,32 @@ class BERT(nn.Module):
                     f"BERT: attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
+        B = input_ids.shape[0]
+        shape, of = ((B,), "shape (B,) =") if cls_positions is None else (
+            tuple(cls_positions.shape), "the shape (B, S) of cls_positions,")
+        if cls_positions is not None:
+            if not isinstance(cls_positions, torch.Tensor) or cls_positions.dtype not in (torch.int32, torch.int64):
+                raise TypeError("BERT: cls_positions must be an int32 or int64 tensor of [CLS] positions")
+            if cls_positions.dim() != 2 or cls_positions.shape[0] != B or cls_positions.shape[1] == 0:
+                raise ValueError(
+                    f"BERT: cls_positions must have shape (B, S) = ({B}, S >= 1), got {tuple(cls_positions.shape)}"
+                )
         if next_sentence_label is not None:
-            if not isinstance(next_sentence_label, torch.Tensor) or next_sentence_label.shape != input_ids.shape[:1]:
-                raise ValueError(f"BERT: next_sentence_label must be a tensor of shape (B,) = ({input_ids.shape[0]},)")
+            if not isinstance(next_sentence_label, torch.Tensor) or tuple(next_sentence_label.shape) != shape:
+                raise ValueError(f"BERT: next_sentence_label must be a tensor of {of} {shape}")
 
-    def encode(self, input_ids, token_type_ids=None, attention_mask=None):
-        """The last layer's hidden states, (B, T, C)."""
+    def encode(self, input_ids, token_type_ids=None, attention_mask=None, *, position_ids=None, document_ids=None):
+        """The last layer's hidden states, (B, T, C).
+
+        ``position_ids`` (B, T) replace 0..T-1; ``document_ids`` (B, T), non-decreasing
+        along a row, keep each position to its own document of a packed row.
+        """
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         mask = None if attention_mask is None else attention_mask.bool()  # (B, T), True = real token
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, C)
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, document_ids)
         return x
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -505,7 +574,8 @@ class BERT(nn.Module):
 
     def forward(
         self, input_ids, token_type_ids=None, attention_mask=None, labels=None, next_sentence_label=None,
-        *, mlm_probability: float | None = None, return_logits: bool | None = None,
+        *, position_ids=None, document_ids=None, cls_positions=None, mlm_probability: float | None = None,
+        return_logits: bool | None = None,
     ) -> ModelOutput:
         """MLM + NSP, as Hugging Face's ``BertForPreTraining``.
 
@@ -515,14 +585,26 @@ class BERT(nn.Module):
         (None: room for every position). The loss is mlm_loss + nsp_loss when
         ``next_sentence_label`` (B,) is given, else the MLM loss alone.
         ``return_logits=None`` means: (B, T, V) logits only when there are no labels.
+
+        Packed rows (:mod:`minipt.data.packing`) add ``position_ids`` and
+        ``document_ids`` (see :meth:`encode`) and ``cls_positions`` (B, S), the
+        [CLS] of each of S pair slots per row, each in [0, T): NSP is then read at
+        every slot, ``nsp_logits`` is (B, S, 2), and ``next_sentence_label`` (B, S)
+        holds IGNORE_INDEX at the slots no pair fills.
         """
-        self._check_inputs(input_ids, token_type_ids, attention_mask, labels, next_sentence_label)
+        self._check_inputs(input_ids, token_type_ids, attention_mask, labels, next_sentence_label, position_ids,
+                           document_ids, cls_positions)
         if mlm_probability is not None and not 0.0 < mlm_probability <= 1.0:
             raise ValueError(f"BERT: mlm_probability must be in (0, 1] or None, got {mlm_probability!r}")
-        x = self.encode(input_ids, token_type_ids, attention_mask)  # (B, T, C)
+        x = self.encode(input_ids, token_type_ids, attention_mask, position_ids=position_ids,
+                        document_ids=document_ids)  # (B, T, C)
         backend = self.config.backend
 
-        nsp_logits = self.nsp_head(torch.tanh(self.pooler(x[:, 0])))  # (B, 2)
+        if cls_positions is None:
+            cls = x[:, 0]  # (B, C)
+        else:
+            cls = x.gather(1, cls_positions.long()[..., None].expand(-1, -1, x.shape[-1]))  # (B, S, C)
+        nsp_logits = self.nsp_head(torch.tanh(self.pooler(cls)))  # (B, 2) or (B, S, 2)
         out = ModelOutput(nsp_logits=nsp_logits)
         if labels is not None:
             rows, out.masked_targets = self._masked_rows(x, labels, mlm_probability)
@@ -533,7 +615,9 @@ class BERT(nn.Module):
             )
             out.loss = out.mlm_loss
         if next_sentence_label is not None:
-            out.nsp_loss = cross_entropy(nsp_logits, next_sentence_label.reshape(-1), backend=backend)
+            out.nsp_loss = cross_entropy(
+                nsp_logits.reshape(-1, 2), next_sentence_label.reshape(-1), ignore_index=IGNORE_INDEX, backend=backend
+            )
             out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
         if return_logits is None:
             return_logits = labels is None
