@@ -40,6 +40,8 @@ class TrainConfig:
     block_size: int | None = None  # context length (BERT: of [CLS] A [SEP] B [SEP]); none: the preset's, else 128
     dropout: float | None = None  # dropout rate; none: the model's default (GPT 0.0, BERT 0.1)
     bias: bool | None = None  # GPT: biases in Linear and LayerNorm layers; none: the preset's (true)
+    doc_mask: bool = False  # GPT: attention stops at each <|endoftext|>, which opens its document, inside a window
+    reset_positions: bool = False  # GPT with doc_mask: positions restart at 0 at each document's <|endoftext|>
     backend: str = "auto"  # minipt.ops backend: auto (triton on CUDA, torch on CPU), torch, triton or native
     # ---- data
     data: str = ""  # file, folder or glob: txt, md, jsonl[.gz|.zst], parquet or token .bin; empty: the bundled plays
@@ -53,6 +55,7 @@ class TrainConfig:
     cache_dir: str = ""  # cache of tokenizers and tokenized corpora; empty: $MINIPT_CACHE, else ~/.cache/minipt
     mlm_probability: float = 0.15  # BERT: share of tokens selected for the MLM loss (80% [MASK], 10% random, 10% kept)
     short_seq_prob: float = 0.1  # BERT: share of pairs built to a random shorter length
+    pack: bool = False  # BERT: several [CLS] A [SEP] B [SEP] pairs per row of block_size, each its own document
     # ---- optimization
     batch_size: int = 16  # sequences per micro-batch and process
     gradient_accumulation_steps: int = 1  # micro-batches per step; the global batch is batch_size x this x processes
@@ -116,6 +119,15 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.model == "bert" and self.bias is not None:
             raise ConfigError("bias applies to --model gpt only; BERT always has biases")
+        if self.model == "bert" and self.doc_mask:
+            raise ConfigError("doc_mask applies to --model gpt only; a BERT pair is one document: "
+                              "--pack puts several in a row, each seeing only itself")
+        if self.reset_positions and not self.doc_mask:
+            raise ConfigError("reset_positions needs doc_mask=true: positions restart where a document starts, "
+                              "and without doc_mask attention still runs across documents")
+        if self.model == "gpt" and self.pack:
+            raise ConfigError("pack applies to --model bert only; GPT windows have no padding to fill: "
+                              "--doc_mask keeps their documents apart")
         if self.init_from and self.preset:
             raise ConfigError("preset and init_from both set the architecture: init_from takes the checkpoint's")
         if self.resume and self.overwrite:

@@ -20,6 +20,10 @@ BERT: MLM loss and accuracy at ``--mlm_probability`` (80% [MASK], 10% random,
 the commoner label (what always guessing it scores). The pairs are built as
 training builds them (:func:`minipt.data.create_pair_instances`) from the same
 seed, and scored by the trainer's own evaluation (:class:`minipt.train.Scorer`).
+``pad_share`` is the share of the scored positions that are padding; with
+``--pack`` the pairs are packed several to a row as a ``--pack`` run trains
+(:mod:`minipt.data.packing`), and ``unpacked_pad_share`` is the share the same
+pairs leave unpacked, so one command compares the two layouts.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ from minipt import checkpoint as ckpt
 from minipt import runtime, sample
 from minipt.config import ConfigError, TrainConfig, check_types, make_config, parse_overrides
 from minipt.data import (
-    DataError, collate_pairs, create_pair_instances, find_sources, read_documents, segments, to_device,
+    DataError, create_pair_instances, find_sources, pair_batches, read_documents, segments, to_device,
 )
+from minipt.data.packing import MIN_PAIR_TOKENS
 from minipt.data.sources import is_tokens
 from minipt.ops._loss import IGNORE_INDEX
 from minipt.tokenizer import TextTokenizer, TokenizerError
@@ -61,6 +66,7 @@ class EvalConfig:
     batch_size: int = 8  # windows or pairs per forward pass
     mlm_probability: float | None = None  # BERT: share of tokens masked; none: the run's, else 0.15
     short_seq_prob: float | None = None  # BERT: share of pairs built shorter; none: the run's, else 0.1
+    pack: bool | None = None  # BERT: several pairs per row of block_size; none: as the run trained, else false
     seed: int = 1337  # BERT: seeds the pairs and the masks
     # ---- system
     device: str = "auto"  # auto, cpu, cuda or cuda:N
@@ -129,8 +135,8 @@ def score_gpt(scorer: Scorer, batches, n_bytes: int) -> dict:
 
 # ----------------------------------------------------------------------------- BERT
 def bert_pairs(texts: list[str], tok: TextTokenizer, block_size: int, batch_size: int, short_seq_prob: float,
-               seed: int) -> list[dict[str, np.ndarray]]:
-    """Segment pairs, half of them with a random B, built as training builds them."""
+               seed: int, pack: bool = False) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
+    """Segment pairs, half of them with a random B, built as training builds them; with their padding figures."""
     documents = []
     for text in texts:
         pieces = [np.asarray(p, np.int32) for p in tok.encode_batch(segments(text)) if p]
@@ -139,7 +145,7 @@ def bert_pairs(texts: list[str], tok: TextTokenizer, block_size: int, batch_size
     instances = create_pair_instances(documents, block_size, short_seq_prob, random.Random(seed))
     if not instances:
         raise DataError("the held-out text yields no segment pair: BERT is scored on pairs of paragraphs")
-    return [collate_pairs(instances[i:i + batch_size], tok, block_size) for i in range(0, len(instances), batch_size)]
+    return pair_batches(instances, tok, block_size, batch_size, pack)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -150,11 +156,17 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise ConfigError(f"block_size={block_size} exceeds the model's {model.config.block_size} positions")
+    if kind == "gpt" and cfg.pack:
+        raise ConfigError(f"--pack applies to BERT models only; {cfg.out_dir} holds a gpt model")
+    if kind == "bert" and block_size < MIN_PAIR_TOKENS:
+        raise ConfigError(f"block_size={block_size} holds no [CLS] A [SEP] B [SEP] pair, which needs at least "
+                          f"{MIN_PAIR_TOKENS} positions")
     trained = saved.get("train", {})  # a run's own masking rate and pair lengths; a Hugging Face folder has none
     settings = TrainConfig(
         model=kind, backend=cfg.backend, seed=cfg.seed,
         mlm_probability=cfg.mlm_probability or trained.get("mlm_probability", 0.15),
         short_seq_prob=trained.get("short_seq_prob", 0.1) if cfg.short_seq_prob is None else cfg.short_seq_prob,
+        pack=trained.get("pack", False) if cfg.pack is None else cfg.pack,
     )
     texts = read_texts(cfg)
     result = {"model": str(cfg.out_dir), "model_type": kind, "data": cfg.data, "documents": len(texts),
@@ -163,9 +175,11 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
         scorer = Scorer(settings, rt, tok, model, [])
         n_bytes = sum(len(text.encode("utf-8")) for text in texts)
         return {**result, **score_gpt(scorer, gpt_windows(texts, tok, block_size, cfg.batch_size), n_bytes)}
-    batches = bert_pairs(texts, tok, block_size, cfg.batch_size, settings.short_seq_prob, cfg.seed)
-    metrics = Scorer(settings, rt, tok, model, batches).evaluate()
-    return {**result, "mlm_probability": settings.mlm_probability, "pairs": sum(len(b["input_ids"]) for b in batches),
+    batches, padding = bert_pairs(texts, tok, block_size, cfg.batch_size, settings.short_seq_prob, cfg.seed,
+                                  settings.pack)
+    metrics = Scorer(settings, rt, tok, model, batches, padding).evaluate()
+    pairs = sum(int((b["next_sentence_label"] != IGNORE_INDEX).sum()) for b in batches)
+    return {**result, "mlm_probability": settings.mlm_probability, "pack": settings.pack, "pairs": pairs,
             **{k: v for k, v in metrics.items() if k != "val_loss"}}
 
 

@@ -36,6 +36,7 @@ from minipt import checkpoint as ckpt
 from minipt import runtime, sample
 from minipt.config import ConfigError, TrainConfig, make_config, parse_overrides
 from minipt.data import DataError, make_samplers, prepare_data, to_device
+from minipt.data.packing import MIN_PAIR_TOKENS
 from minipt.model import MODEL_KINDS, BertConfig, GPTConfig, ModelOutput, build_model
 from minipt.ops import mlm_mask
 from minipt.ops._loss import IGNORE_INDEX
@@ -59,10 +60,18 @@ class Interrupted(Exception):
 
 
 # ----------------------------------------------------------------------------- model and optimizer
-def model_config(cfg: TrainConfig, vocab_size: int, pad_id: int) -> GPTConfig | BertConfig:
+def document_settings(cfg: TrainConfig, eot_id: int | None) -> dict:
+    """GPTConfig's document fields for ``--doc_mask``/``--reset_positions``, given the tokenizer's <|endoftext|> id."""
+    if cfg.doc_mask and eot_id is None:
+        raise ConfigError("doc_mask needs <|endoftext|> in the tokenizer, the token that opens each document; "
+                          "token files come without one: pass their --tokenizer")
+    return {"doc_sep_id": eot_id if cfg.doc_mask else None, "reset_positions": cfg.reset_positions}
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, pad_id: int, eot_id: int | None = None) -> GPTConfig | BertConfig:
     """The model config: preset (or the CPU-sized default), then the fields given explicitly.
 
-    ``vocab_size`` and ``pad_id`` come from the tokenizer (pad_id is BERT's)."""
+    ``vocab_size``, ``pad_id`` (BERT's) and ``eot_id`` (GPT's document separator) come from the tokenizer."""
     cls = MODEL_KINDS[cfg.model].config
     shape = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"}
     fields = shape & {f.name for f in dataclasses.fields(cls)}
@@ -72,12 +81,16 @@ def model_config(cfg: TrainConfig, vocab_size: int, pad_id: int) -> GPTConfig | 
     overrides.update(vocab_size=-(-vocab_size // 64) * 64, backend=cfg.backend)
     if cfg.model == "bert":
         overrides["pad_token_id"] = pad_id
+    else:
+        overrides.update(document_settings(cfg, eot_id))
     try:
-        if cfg.preset:
-            return cls.preset(cfg.preset, **overrides)
-        return cls(**{**DEFAULT_SIZES, **overrides})
+        config = cls.preset(cfg.preset, **overrides) if cfg.preset else cls(**{**DEFAULT_SIZES, **overrides})
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.model == "bert" and config.block_size < MIN_PAIR_TOKENS:
+        raise ConfigError(f"block_size={config.block_size} holds no [CLS] A [SEP] B [SEP] pair, which needs at least "
+                          f"{MIN_PAIR_TOKENS} positions")
+    return config
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -120,18 +133,21 @@ class Scorer:
     """A model's loss and validation metrics on batches already made: what training evaluates with, and eval.
 
     ``cfg`` gives the model kind and, for BERT, the masking rate, the objective and
-    the seed of the validation masks.
+    the seed of the validation masks. ``padding`` holds the batches' padding figures
+    (see :func:`minipt.data.pair_batches`), reported with every evaluation.
     """
 
-    def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, tok, model, val_batches: list[dict[str, np.ndarray]]):
+    def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, tok, model, val_batches: list[dict[str, np.ndarray]],
+                 padding: dict[str, float] | None = None):
         self.cfg, self.rt, self.tok, self.val_batches = cfg, rt, tok, val_batches
+        self.padding = padding or {}
         self.model = self.train_model = model
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int, model=None) -> ModelOutput:
         """The model's output, loss included, on one batch already on the device.
 
         BERT's MLM masks are drawn here, on the device, from ``seed``; its NSP labels
-        enter the loss under the mlm+nsp objective only.
+        enter the loss under the mlm+nsp objective only; a packed batch brings its layout.
         """
         model = model or self.train_model
         if self.cfg.model == "gpt":
@@ -143,10 +159,11 @@ class Scorer:
             backend=self.cfg.backend,
         )
         nsp = batch["next_sentence_label"] if self.cfg.objective == "mlm+nsp" else None
+        layout = {k: batch[k] for k in ("position_ids", "document_ids", "cls_positions") if k in batch}
         with self.rt.autocast():
             return model(
                 masked, token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
-                labels=labels, next_sentence_label=nsp, mlm_probability=self.cfg.mlm_probability,
+                labels=labels, next_sentence_label=nsp, mlm_probability=self.cfg.mlm_probability, **layout,
             )
 
     # ---- evaluation
@@ -169,14 +186,14 @@ class Scorer:
         """One batch's share of each of EVAL_SUMS (those of GPT: loss and batches)."""
         terms = {"loss": out.loss.double(), "batches": 1}
         if self.cfg.model == "bert":
-            nsp_labels = batch["next_sentence_label"]
+            nsp_labels = batch["next_sentence_label"]  # (B,), or (B, S) with IGNORE_INDEX at empty slots
             # Scored on the rows the MLM loss read; a padding row's IGNORE_INDEX target matches no prediction.
             predicted = self.model.mlm_logits(out.masked_hidden).argmax(-1)
             terms.update(
                 mlm_loss=out.mlm_loss.double(), nsp_loss=out.nsp_loss.double() if out.nsp_loss is not None else 0.0,
                 mlm_hits=(predicted == out.masked_targets).sum(), masked=(out.masked_targets != IGNORE_INDEX).sum(),
-                nsp_hits=(out.nsp_logits.argmax(-1) == nsp_labels).sum(), pairs=nsp_labels.numel(),
-                random_b=nsp_labels.sum(),
+                nsp_hits=(out.nsp_logits.argmax(-1) == nsp_labels).sum(), pairs=(nsp_labels != IGNORE_INDEX).sum(),
+                random_b=(nsp_labels == 1).sum(),
             )
         return terms
 
@@ -194,7 +211,7 @@ class Scorer:
         )
         if self.cfg.objective == "mlm+nsp":
             metrics["nsp_loss"] = s["nsp_loss"] / s["batches"]
-        return metrics
+        return {**metrics, **self.padding}
 
 
 class Run(Scorer):
@@ -219,9 +236,9 @@ class Run(Scorer):
         self.model = (build_model(cfg.model, self.model_config) if fresh else self.pretrained.train()).to(rt.device)
         self.block_size = cfg.block_size or self.model_config.block_size
         self.optimizer = make_optimizer(self.model, cfg, rt.device)
-        self.sampler, self.val_batches = make_samplers(
+        self.sampler, self.val_batches, self.padding = make_samplers(
             cfg.model, self.data, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.short_seq_prob, cfg.seed,
-            rt.rank, rt.world_size,
+            rt.rank, rt.world_size, cfg.pack,
         )
         self.iter, self.best_val = 0, float("inf")
         self.tokens = 0  # real (non-padding) tokens of this rank's last step
@@ -238,8 +255,11 @@ class Run(Scorer):
     def _model_config(self) -> GPTConfig | BertConfig:
         cfg = self.cfg
         if not cfg.init_from:
-            return model_config(cfg, self.tok.vocab_size, self.tok.pad_id)
+            return model_config(cfg, self.tok.vocab_size, self.tok.pad_id, self.tok.eot_id)
         if self.pretrained is not None:
+            if cfg.model == "gpt":  # documents are this run's choice, not the checkpoint's
+                settings = document_settings(cfg, self.tok.eot_id)
+                self.pretrained.config = dataclasses.replace(self.pretrained.config, **settings)
             return self.pretrained.config
         # resumed: the architecture is the checkpoint's, as this run saved it
         saved = MODEL_KINDS[cfg.model].config(**ckpt.read_config(self.out)["model"])
@@ -313,12 +333,14 @@ class Run(Scorer):
 # ----------------------------------------------------------------------------- the command
 def resolve_config(argv) -> TrainConfig:
     overrides = parse_overrides(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
-    cfg = make_config(TrainConfig, overrides)
-    if cfg.init_from and not cfg.resume:
+    if overrides.get("init_from") and not overrides.get("resume"):
+        # the checkpoint's kind is the model's before any check reads it (bias, pack, doc_mask)
+        cfg = make_config(TrainConfig, {"model": sample.read_model_config(overrides["init_from"])[0], **overrides})
         return init_from_config(cfg, overrides)
+    cfg = make_config(TrainConfig, overrides)
     # The model's fields are checked before any data is read, so a typo costs no
-    # tokenization; the real vocabulary size replaces this stand-in later.
-    model_config(cfg, vocab_size=64, pad_id=0)
+    # tokenization; the tokenizer's vocabulary size and ids replace these stand-ins later.
+    model_config(cfg, vocab_size=64, pad_id=0, eot_id=0)
     if not cfg.resume:
         return cfg
     saved = ckpt.read_config(cfg.out_dir)["train"]

@@ -84,7 +84,7 @@ def test_bert_scores_match_transformers_on_the_same_masks(folders):
     result = run_eval(folders, "bert", **settings)
     hf = transformers.BertForPreTraining.from_pretrained(folders["bert"]).eval()
     _, tok, _ = E.sample.load_run(folders["bert"])
-    batches = E.bert_pairs(E.read_texts(E.EvalConfig(data=str(folders["held"]))), tok, 64, 2, 0.1, 3)
+    batches, padding = E.bert_pairs(E.read_texts(E.EvalConfig(data=str(folders["held"]))), tok, 64, 2, 0.1, 3)
     assert len(batches) >= 2 and result["pairs"] == sum(len(b["input_ids"]) for b in batches)
     mlm_losses, hits, masked, nsp_hits, labels_b = [], 0, 0, 0, []
     for i, b in enumerate(batches):
@@ -106,6 +106,20 @@ def test_bert_scores_match_transformers_on_the_same_masks(folders):
     assert result["nsp_acc"] == pytest.approx(nsp_hits / len(labels_b))
     share = sum(labels_b) / len(labels_b)
     assert result["nsp_majority"] == pytest.approx(max(share, 1 - share))
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert result["pad_share"] == padding["pad_share"] == pytest.approx(1 - real / sum(b["attention_mask"].size
+                                                                                      for b in batches))
+    assert result["pack"] is False and "unpacked_pad_share" not in result
+
+
+def test_packing_reports_both_padding_shares_of_the_same_pairs(folders):
+    plain = run_eval(folders, "bert", seed=3, batch_size=2, block_size=64)
+    packed = run_eval(folders, "bert", seed=3, batch_size=2, block_size=64, pack=True)
+    assert packed["pack"] is True and packed["pairs"] == plain["pairs"]
+    assert packed["unpacked_pad_share"] == pytest.approx(plain["pad_share"])
+    # short held-out paragraphs: unpacked rows are mostly padding, packed rows mostly text
+    assert packed["pad_share"] < plain["pad_share"]
+    assert 0 <= packed["nsp_acc"] <= 1 and math.isfinite(packed["mlm_loss"])
 
 
 def test_bert_masks_follow_the_seed(folders):
@@ -146,12 +160,15 @@ def test_the_command_prints_a_table_and_writes_json(folders, tmp_path, capsys):
         (["--data={empty}"], "holds no text to score"),
         (["--data={tokens}"], "names token files: eval scores text"),
         (["--data={held}", "--batch_size=0"], "batch_size must be a positive integer"),
+        (["--data={held}", "--block_size=4"], "block_size=4 holds no .CLS. A .SEP. B .SEP. pair"),
+        (["--data={held}", "--out_dir={gpt2}", "--pack=true"], "--pack applies to BERT models only; .* holds a gpt"),
     ],
 )
 def test_bad_input_is_named(folders, tmp_path, capsys, argv, pattern):
     (tmp_path / "empty.txt").write_text("")
     np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
-    paths = dict(held=folders["held"], empty=tmp_path / "empty.txt", tokens=tmp_path / "train.bin")
+    paths = dict(held=folders["held"], empty=tmp_path / "empty.txt", tokens=tmp_path / "train.bin",
+                 gpt2=folders["gpt2"])
     argv = [f"--out_dir={folders['bert']}"] + [a.format(**paths) for a in argv]  # a later --out_dir wins
     assert E.main(argv) == 2
     err = capsys.readouterr().err

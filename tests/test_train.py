@@ -115,7 +115,7 @@ def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
     )
     assert T.main(args) == 0
     last = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r][-1]
-    assert set(last) == {"iter", "val_loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "nsp_majority"}
+    assert set(last) == {"iter", "val_loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "nsp_majority", "pad_share"}
     assert 0.5 <= last["nsp_majority"] <= 1
     assert last["val_loss"] == pytest.approx(last["mlm_loss"] + last["nsp_loss"])
     assert 0 <= last["mlm_acc"] <= 1 and 0 <= last["nsp_acc"] <= 1

@@ -1,10 +1,11 @@
-"""Samplers: GPT windows drawn across all shards, BERT pairs built a shard at a time.
+"""Samplers: GPT windows drawn across all shards, BERT pairs built a shard at a time (packed or not).
 
 GPT batches are random windows of ``block_size + 1`` tokens of a shard's stream,
 in which ``<|endoftext|>`` follows every document; a window never spans two
 shards. BERT examples are built as in Google's ``create_pretraining_data.py``
 (see :func:`create_pair_instances`) from one shard's documents at a time, so only
-that shard's documents are ever held, as views of its memory map.
+that shard's documents are ever held, as views of its memory map; with ``pack``
+several go into each row (see :mod:`minipt.data.packing`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from minipt.data.packing import RowPacker, collate_packed, pad_share, padded_width, pair_length
 from minipt.data.prepare import PreparedData, TokenSplit
 from minipt.data.sources import DataError
 from minipt.tokenizer import TextTokenizer
@@ -161,8 +163,7 @@ def create_pair_instances(
 
 def collate_pairs(instances: list[PairInstance], tok: TextTokenizer, max_seq_length: int) -> dict[str, np.ndarray]:
     """``[CLS] A [SEP] B [SEP]`` padded to the longest pair, rounded up to a multiple of 8."""
-    longest = max(len(x.tokens_a) + len(x.tokens_b) + 3 for x in instances)
-    width = min(-(-longest // 8) * 8, max_seq_length)
+    width = padded_width([pair_length(x) for x in instances], max_seq_length)
     ids = np.full((len(instances), width), tok.pad_id, dtype=np.int64)
     types = np.zeros_like(ids)
     attention = np.zeros(ids.shape, dtype=bool)
@@ -190,15 +191,16 @@ class PairSampler:
     each shard's instances from (seed, epoch, shard), shuffled within the shard;
     with one shard that is the whole corpus shuffled. So the sampler's state is
     just (epoch, shard, position). The global batch of a step is the next
-    accumulation × ranks × batch_size instances of that stream; each rank keeps
-    its own slice, as :class:`WindowSampler` does.
+    accumulation × ranks × batch_size instances of that stream, or with ``pack``
+    as many rows, filled first-fit from its next instances; each rank keeps its
+    own slice, as :class:`WindowSampler` does.
     """
 
     def __init__(
         self, split: TokenSplit, tok: TextTokenizer, block_size: int, batch_size: int, short_seq_prob: float,
-        seed: int, rank: int = 0, world_size: int = 1,
+        seed: int, rank: int = 0, world_size: int = 1, pack: bool = False,
     ):
-        self.shards = split.shards
+        self.shards, self.pack = split.shards, pack
         self.tok, self.block_size, self.batch_size = tok, block_size, batch_size
         self.short_seq_prob, self.seed, self.rank, self.world_size = short_seq_prob, seed, rank, world_size
         self.epoch, self.shard, self.position = 0, 0, 0
@@ -245,11 +247,23 @@ class PairSampler:
             self.position += k
         return out
 
+    def _take_rows(self, n: int) -> list[list[PairInstance]]:
+        """The next instances, first-fit into ``n`` rows; the first one left out is the next step's first."""
+        packer = RowPacker(self.block_size, max_rows=n)
+        while True:
+            if self.position == len(self._instances):
+                self._advance()
+                continue
+            if not packer.add(self._instances[self.position]):
+                return packer.rows
+            self.position += 1
+
     def next_step(self, accumulation: int) -> list[dict[str, np.ndarray]]:
         b, w = self.batch_size, self.world_size
-        step = self._take(accumulation * w * b)
+        step = (self._take_rows if self.pack else self._take)(accumulation * w * b)
+        collate = collate_packed if self.pack else collate_pairs
         return [
-            collate_pairs(step[(m * w + self.rank) * b:(m * w + self.rank + 1) * b], self.tok, self.block_size)
+            collate(step[(m * w + self.rank) * b:(m * w + self.rank + 1) * b], self.tok, self.block_size)
             for m in range(accumulation)
         ]
 
@@ -261,11 +275,37 @@ class PairSampler:
         self._load()
 
 
+def pair_batches(instances: list[PairInstance], tok: TextTokenizer, block_size: int, batch_size: int, pack: bool
+                 ) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
+    """Fixed batches of ``instances`` (validation, eval) and the share of padding in them.
+
+    Unpacked: ``batch_size`` pairs per batch, in order. Packed: all the pairs
+    first-fit into rows, ``batch_size`` rows per batch. The figures are
+    ``pad_share``, of the layout in use, and when packing ``unpacked_pad_share``:
+    what the same pairs leave unpacked, the ``pad_share`` a run without packing reports.
+    """
+    lengths = [pair_length(x) for x in instances]
+    groups = [instances[i:i + batch_size] for i in range(0, len(instances), batch_size)]
+    unpacked = pad_share(lengths, [len(g) * padded_width([pair_length(x) for x in g], block_size) for g in groups])
+    if not pack:
+        return [collate_pairs(g, tok, block_size) for g in groups], {"pad_share": unpacked}
+    packer = RowPacker(block_size)
+    for x in instances:
+        packer.add(x)
+    rows = packer.rows
+    batches = [collate_packed(rows[i:i + batch_size], tok, block_size) for i in range(0, len(rows), batch_size)]
+    return batches, {"pad_share": pad_share(lengths, [block_size] * len(rows)), "unpacked_pad_share": unpacked}
+
+
 def fixed_pairs(
     split: TokenSplit, tok: TextTokenizer, block_size: int, batch_size: int, num_batches: int,
-    short_seq_prob: float, seed: int,
-) -> list[dict[str, np.ndarray]]:
-    """The validation batches: built once, from as many shards as they need, so every evaluation scores the same."""
+    short_seq_prob: float, seed: int, pack: bool = False,
+) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
+    """The validation batches, with their padding figures (see :func:`pair_batches`).
+
+    Built once, from as many shards as they need, so every evaluation scores the
+    same pairs, packed or not.
+    """
     rng, instances = random.Random(seed), []
     for shard in split.shards:
         instances += create_pair_instances(shard.documents(), block_size, short_seq_prob, rng)
@@ -273,23 +313,23 @@ def fixed_pairs(
             break
     if not instances:
         raise DataError("the validation split yields no segment pair; raise --val_fraction or use a larger corpus")
-    instances = instances[:batch_size * num_batches]
-    return [collate_pairs(instances[i:i + batch_size], tok, block_size) for i in range(0, len(instances), batch_size)]
+    return pair_batches(instances[:batch_size * num_batches], tok, block_size, batch_size, pack)
 
 
 # ----------------------------------------------------------------------------- both kinds
 def make_samplers(
     kind: str, data: PreparedData, block_size: int, batch_size: int, eval_iters: int, short_seq_prob: float,
-    seed: int, rank: int = 0, world_size: int = 1,
-) -> tuple[WindowSampler | PairSampler, list[dict[str, np.ndarray]]]:
-    """The training sampler of model ``kind`` and its ``eval_iters`` fixed validation batches.
+    seed: int, rank: int = 0, world_size: int = 1, pack: bool = False,
+) -> tuple[WindowSampler | PairSampler, list[dict[str, np.ndarray]], dict[str, float]]:
+    """The training sampler of model ``kind``, its ``eval_iters`` fixed validation batches and their padding figures.
 
     The validation batches are drawn from the validation split with ``seed + 1``,
-    apart from the training stream, and every rank holds all of them.
+    apart from the training stream, and every rank holds all of them. GPT windows
+    have no padding, and no figures.
     """
     if kind == "gpt":
         sampler = WindowSampler(data.train, block_size, batch_size, seed, rank, world_size)
-        return sampler, fixed_windows(data.val, block_size, batch_size, eval_iters, seed + 1)
+        return sampler, fixed_windows(data.val, block_size, batch_size, eval_iters, seed + 1), {}
     tok = data.tokenizer
-    sampler = PairSampler(data.train, tok, block_size, batch_size, short_seq_prob, seed, rank, world_size)
-    return sampler, fixed_pairs(data.val, tok, block_size, batch_size, eval_iters, short_seq_prob, seed + 1)
+    sampler = PairSampler(data.train, tok, block_size, batch_size, short_seq_prob, seed, rank, world_size, pack)
+    return sampler, *fixed_pairs(data.val, tok, block_size, batch_size, eval_iters, short_seq_prob, seed + 1, pack)

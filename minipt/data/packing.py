@@ -1,0 +1,112 @@
+"""BERT rows that hold several ``[CLS] A [SEP] B [SEP]`` pairs, and the padding each layout leaves.
+
+Unpacked, a batch holds one pair per row, padded to its longest pair (see
+:func:`minipt.data.collate_pairs`); a short pair leaves most of its row to
+padding, which every layer computes and throws away. Packed, each row of
+``block_size`` positions holds as many pairs as fit, each its own document: its
+positions restart at 0 at its [CLS], its token types are its own, attention
+stays inside it (the attention op's ``document_ids``), and NSP is read at its
+[CLS]. Rows have ``pair_slots(block_size)`` NSP slots, the most pairs a row can
+hold (a pair is at least 5 tokens), so every packed batch has the same shapes;
+slots no pair fills point at position 0 and carry IGNORE_INDEX labels.
+
+Strategy: first fit, in the sampler's order. Each pair goes into the first row
+with room for it; a new row opens when none has room, until the batch has its
+rows; the first pair that then fits nowhere starts the next batch. So a batch
+always takes a prefix of the stream of pairs, and the sampler's state stays one
+position in that stream (exact resume needs nothing more), while the short pairs
+of a batch fill the gaps the long ones leave. Pairs are built for ``block_size``
+as unpacked (most fill a row alone); what packing saves is the padding of the
+shorter ones (``short_seq_prob``, document ends).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minipt.ops._loss import IGNORE_INDEX
+from minipt.tokenizer import TextTokenizer
+
+MIN_PAIR_TOKENS = 5  # [CLS] a [SEP] b [SEP]: create_pair_instances keeps no pair with an empty side
+
+
+def pair_length(instance) -> int:
+    """Positions of ``[CLS] A [SEP] B [SEP]``."""
+    return len(instance.tokens_a) + len(instance.tokens_b) + 3
+
+
+def pair_slots(block_size: int) -> int:
+    """NSP slots per packed row: the most pairs ``block_size`` positions can hold."""
+    return block_size // MIN_PAIR_TOKENS
+
+
+def padded_width(lengths: list[int], max_seq_length: int) -> int:
+    """The width of an unpacked batch: its longest pair, rounded up to a multiple of 8, at most max_seq_length."""
+    return min(-(-max(lengths) // 8) * 8, max_seq_length)
+
+
+class RowPacker:
+    """First fit of pairs into rows of ``block_size`` positions, at most ``max_rows`` rows (None: no limit)."""
+
+    def __init__(self, block_size: int, max_rows: int | None = None):
+        self.block_size, self.max_rows = block_size, max_rows
+        self.rows: list[list] = []
+        self.room = np.zeros(0, dtype=np.int64)  # free positions per row
+
+    def add(self, instance) -> bool:
+        """Place ``instance``; False, leaving it out, when it fits no row and no row may open."""
+        length = pair_length(instance)
+        if length > self.block_size:
+            raise ValueError(f"a pair of {length} tokens cannot fit a row of block_size={self.block_size}")
+        fits = np.flatnonzero(self.room >= length)
+        if fits.size:
+            self.rows[fits[0]].append(instance)
+            self.room[fits[0]] -= length
+            return True
+        if self.max_rows is not None and len(self.rows) == self.max_rows:
+            return False
+        self.rows.append([instance])
+        self.room = np.append(self.room, self.block_size - length)
+        return True
+
+
+def collate_packed(rows: list[list], tok: TextTokenizer, block_size: int) -> dict[str, np.ndarray]:
+    """Packed rows as arrays: collate_pairs' five, and position_ids, document_ids and cls_positions.
+
+    Every row is ``block_size`` wide with ``pair_slots(block_size)`` NSP slots, so
+    the shapes never change. Padding is one more document after the last pair (ids
+    never decrease along a row), hidden by attention_mask.
+    """
+    B, slots = len(rows), pair_slots(block_size)
+    ids = np.full((B, block_size), tok.pad_id, dtype=np.int64)
+    types, positions, documents = np.zeros_like(ids), np.zeros_like(ids), np.zeros_like(ids)
+    attention = np.zeros(ids.shape, dtype=bool)
+    special = np.ones(ids.shape, dtype=bool)  # [CLS], [SEP] and [PAD] are never masked
+    cls_positions = np.zeros((B, slots), dtype=np.int64)
+    labels = np.full((B, slots), IGNORE_INDEX, dtype=np.int64)
+    for row, pairs in enumerate(rows):
+        start = 0
+        for slot, x in enumerate(pairs):
+            la, lb = len(x.tokens_a), len(x.tokens_b)
+            end = start + la + lb + 3
+            ids[row, start], ids[row, start + la + 1], ids[row, end - 1] = tok.cls_id, tok.sep_id, tok.sep_id
+            ids[row, start + 1:start + la + 1] = x.tokens_a
+            ids[row, start + la + 2:end - 1] = x.tokens_b
+            types[row, start + la + 2:end] = 1
+            positions[row, start:end] = np.arange(end - start)
+            documents[row, start:end] = slot
+            special[row, start + 1:start + la + 1] = special[row, start + la + 2:end - 1] = False
+            cls_positions[row, slot], labels[row, slot] = start, int(x.is_random_next)
+            start = end
+        attention[row, :start] = True
+        documents[row, start:] = len(pairs)
+    return {
+        "input_ids": ids, "token_type_ids": types, "attention_mask": attention, "special_tokens_mask": special,
+        "next_sentence_label": labels, "position_ids": positions, "document_ids": documents,
+        "cls_positions": cls_positions,
+    }
+
+
+def pad_share(lengths: list[int], widths: list[int]) -> float:
+    """The share of positions that are padding, over rows of ``widths`` that hold ``lengths`` real tokens in all."""
+    return 1.0 - sum(lengths) / sum(widths)
