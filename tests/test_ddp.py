@@ -110,3 +110,31 @@ def test_ranks_wait_for_rank_0_past_the_default_timeout():
     for p in procs:
         p.join(timeout=30)
     assert results == {0: "prepared", 1: None}
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_two_processes_follows_the_single_process_run(tmp_path):
+    """Each rank takes half of every batch; DDP's mean of the ranks' gradients is the whole batch's mean."""
+    from hf_folders import bert_folder
+
+    rows = [f'{{"text": "Example {i} speaks of {word}.", "label": "{label}"}}'
+            for i, (word, label) in enumerate([("cats", "pets"), ("dogs", "pets"), ("kings", "court"),
+                                               ("crowns", "court")] * 5)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:19]) + "\n")
+    common = [f"--init_from={bert_folder(tmp_path / 'bert')}", f"--data={tmp_path / 'train.jsonl'}",
+              f"--val_data={tmp_path / 'train.jsonl'}", "--epochs=2", "--batch_size=6", "--learning_rate=1e-3",
+              "--dropout=0", "--log_interval=1", "--progress=false", "--device=cpu"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for out, launcher in ((single, []), (ddp, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
+        cmd = [sys.executable, *launcher, "-m", "minipt.finetune", *common, f"--out_dir={out}"]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout and proc.stdout.count("done: run saved") == 1
+
+    # 19 examples, 6 a step: 4 steps an epoch, the last of one example, so rank 1 adds a zero to it
+    for key in ("train_loss", "val_loss", "accuracy"):
+        a, b = losses(single, key), losses(ddp, key)
+        assert [it for it, _ in a] == [it for it, _ in b] and len(a) >= 2
+        assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5, abs=1e-6), key
+    assert losses(single, "val_loss")[-1][1] < losses(single, "val_loss")[0][1]
