@@ -38,6 +38,7 @@ from minipt.model import build_model
 from minipt.tokenizer import TextTokenizer, TokenizerError, load_hf_tokenizer
 
 PROG = "python -m minipt.sample"
+CLASSIFIER = "bert_classifier"  # the model kind of a fine-tune run
 
 
 @dataclass
@@ -89,13 +90,19 @@ def is_hf_folder(path: str | Path) -> bool:
         raise ckpt.CheckpointError(f"{folder / ckpt.CONFIG} is corrupt: {exc}") from None
 
 
-def read_model_config(path: str | Path) -> tuple[str, dict]:
-    """(kind, model config) of a minipt run or a Hugging Face model folder, from its config.json alone."""
+def read_model_config(path: str | Path, *, encoder: bool = False) -> tuple[str, dict]:
+    """(kind, model config) of a minipt run or a Hugging Face model folder, from its config.json alone.
+
+    With ``encoder``, a fine-tune run reads as the BERT it holds (kind ``bert``, no ``num_labels``).
+    """
     if is_hf_folder(path):
         _, kind, config = hf.read_hf_config(path)
         return kind, dataclasses.asdict(config)
     config = ckpt.read_config(path)
-    return config["model_type"], config["model"]
+    kind, model = config["model_type"], config["model"]
+    if encoder and kind == CLASSIFIER:
+        return "bert", {k: v for k, v in model.items() if k != "num_labels"}
+    return kind, model
 
 
 def check_vocabulary(tok: TextTokenizer, embedding_rows: int, source) -> None:
@@ -109,12 +116,15 @@ def check_vocabulary(tok: TextTokenizer, embedding_rows: int, source) -> None:
 
 def load_run(
     path: str | Path, device: torch.device | str = "cpu", *, backend: str | None = None, dropout: float | None = None,
+    encoder: bool = False,
 ) -> tuple[torch.nn.Module, TextTokenizer, dict]:
     """The model (in eval mode, on ``device``), tokenizer and config of a run or a Hugging Face model folder.
 
     The config is the run's config.json; for a Hugging Face folder, ``model_type``,
     ``model`` and ``notes`` (what did not come from the checkpoint, such as a fresh
-    NSP head). ``backend`` and ``dropout`` replace the saved ones.
+    NSP head). ``backend`` and ``dropout`` replace the saved ones. With ``encoder``,
+    a fine-tune run gives the BERT it fine-tuned (with the MLM and NSP heads it kept
+    from its start, which the fine-tune did not train), as a ``bert`` config with a note.
     """
     kind, model_config = read_model_config(path)
     overrides = {k: v for k, v in (("backend", backend), ("dropout", dropout)) if v is not None}
@@ -127,6 +137,13 @@ def load_run(
         tok = TextTokenizer.from_file(Path(path) / ckpt.TOKENIZER, "gpt" if kind == "gpt" else "bert")
         model = build_model(kind, {**model_config, **overrides})
         ckpt.load_weights(path, model, device)
+        if encoder and kind == CLASSIFIER:
+            bert = build_model("bert", read_model_config(path, encoder=True)[1] | overrides)
+            bert.load_state_dict(model.bert.state_dict())
+            model = bert
+            config = {**config, "model_type": "bert", "model": dataclasses.asdict(bert.config), "notes": [
+                f"{path} is a fine-tune run: its BERT encoder is read, without the classification layer; its MLM "
+                "and NSP heads are those its fine-tune started from, untrained by it"]}
     check_vocabulary(tok, model.config.vocab_size, path)
     return model.to(device).eval(), tok, config
 
@@ -250,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(text)
                 print("-" * 40)
             return 0
-        if config["model_type"] == "bert_classifier":
+        if config["model_type"] == CLASSIFIER:
             if not cfg.text or cfg.text_a:
                 raise ConfigError(f"{cfg.out_dir} is a fine-tune run: give --text (and --text_b for a pair) to "
                                   "classify; --text_a belongs to next sentence prediction")

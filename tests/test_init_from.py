@@ -109,6 +109,30 @@ def test_a_minipt_run_is_a_starting_point_too(folders, tmp_path):
     assert 0 < max_change(S.load_run(second)[0], S.load_run(first)[0]) <= 1.5 * LR * STEPS
 
 
+def test_a_fine_tune_run_gives_its_encoder(folders, tmp_path):
+    from minipt import finetune as FT
+    from minipt.model import BERT, BertClassifier
+
+    rows = [f'{{"text": "{t}", "label": "{l}"}}' for t, l in (("A cat.", "pet"), ("A king.", "court")) * 4]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "finetuned"
+    assert FT.main([f"--init_from={folders['bert']}", f"--data={tmp_path / 'train.jsonl'}", f"--out_dir={run}",
+                    "--epochs=1", "--learning_rate=1e-2", "--backend=torch", "--progress=false"]) == 0
+    classifier, _, _ = S.load_run(run)
+    assert isinstance(classifier, BertClassifier)
+    kind, arch = S.read_model_config(run, encoder=True)
+    assert kind == "bert" and "num_labels" not in arch and S.read_model_config(run)[0] == "bert_classifier"
+    bert, tok, config = S.load_run(run, encoder=True)
+    assert type(bert) is BERT and type(bert.config).__name__ == "BertConfig" and config["model_type"] == "bert"
+    assert "is a fine-tune run: its BERT encoder is read" in config["notes"][0]
+    theirs = classifier.bert.state_dict()
+    assert bert.state_dict().keys() == theirs.keys()
+    for name, tensor in bert.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+    start, _, _ = S.load_run(folders["bert"])
+    assert max_change(bert, start) > 1e-3  # the fine-tune moved the encoder: these are its weights
+
+
 # ----------------------------------------------------------------------------- refusals
 def broken_copy(folders, tmp_path, name, edit) -> Path:
     folder = tmp_path / f"broken-{name}"
