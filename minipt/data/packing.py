@@ -7,8 +7,10 @@ padding, which every layer computes and throws away. Packed, each row of
 positions restart at 0 at its [CLS], its token types are its own, attention
 stays inside it (the attention op's ``document_ids``), and NSP is read at its
 [CLS]. Rows have ``pair_slots(block_size)`` NSP slots, the most pairs a row can
-hold (a pair is at least 5 tokens), so every packed batch has the same shapes;
-slots no pair fills point at position 0 and carry IGNORE_INDEX labels.
+hold (a pair is at least 5 tokens), so the NSP head's shapes never depend on the
+data; slots no pair fills point at position 0 and carry IGNORE_INDEX labels. A
+batch is as wide as its longest row rounded up to a multiple of 8, the rule of
+unpacked batches; packed rows are nearly full, so that is nearly always block_size.
 
 Strategy: first fit, in the sampler's order. Each pair goes into the first row
 with room for it; a new row opens when none has room, until the batch has its
@@ -73,12 +75,12 @@ class RowPacker:
 def collate_packed(rows: list[list], tok: TextTokenizer, block_size: int) -> dict[str, np.ndarray]:
     """Packed rows as arrays: collate_pairs' five, and position_ids, document_ids and cls_positions.
 
-    Every row is ``block_size`` wide with ``pair_slots(block_size)`` NSP slots, so
-    the shapes never change. Padding is one more document after the last pair (ids
-    never decrease along a row), hidden by attention_mask.
+    Each row has ``pair_slots(block_size)`` NSP slots. Padding is one more
+    document after the last pair (ids never decrease along a row), hidden by attention_mask.
     """
     B, slots = len(rows), pair_slots(block_size)
-    ids = np.full((B, block_size), tok.pad_id, dtype=np.int64)
+    width = padded_width([sum(pair_length(x) for x in row) for row in rows], block_size)
+    ids = np.full((B, width), tok.pad_id, dtype=np.int64)
     types, positions, documents = np.zeros_like(ids), np.zeros_like(ids), np.zeros_like(ids)
     attention = np.zeros(ids.shape, dtype=bool)
     special = np.ones(ids.shape, dtype=bool)  # [CLS], [SEP] and [PAD] are never masked
@@ -107,6 +109,6 @@ def collate_packed(rows: list[list], tok: TextTokenizer, block_size: int) -> dic
     }
 
 
-def pad_share(lengths: list[int], widths: list[int]) -> float:
-    """The share of positions that are padding, over rows of ``widths`` that hold ``lengths`` real tokens in all."""
-    return 1.0 - sum(lengths) / sum(widths)
+def pad_share(tokens: int, positions: int) -> float:
+    """The share of ``positions`` that are padding when ``tokens`` of them are real."""
+    return 1.0 - tokens / positions

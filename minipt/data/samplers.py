@@ -284,9 +284,9 @@ def pair_batches(instances: list[PairInstance], tok: TextTokenizer, block_size: 
     ``pad_share``, of the layout in use, and when packing ``unpacked_pad_share``:
     what the same pairs leave unpacked, the ``pad_share`` a run without packing reports.
     """
-    lengths = [pair_length(x) for x in instances]
     groups = [instances[i:i + batch_size] for i in range(0, len(instances), batch_size)]
-    unpacked = pad_share(lengths, [len(g) * padded_width([pair_length(x) for x in g], block_size) for g in groups])
+    lengths = [[pair_length(x) for x in g] for g in groups]
+    unpacked = pad_share(sum(map(sum, lengths)), sum(len(n) * padded_width(n, block_size) for n in lengths))
     if not pack:
         return [collate_pairs(g, tok, block_size) for g in groups], {"pad_share": unpacked}
     packer = RowPacker(block_size)
@@ -294,7 +294,9 @@ def pair_batches(instances: list[PairInstance], tok: TextTokenizer, block_size: 
         packer.add(x)
     rows = packer.rows
     batches = [collate_packed(rows[i:i + batch_size], tok, block_size) for i in range(0, len(rows), batch_size)]
-    return batches, {"pad_share": pad_share(lengths, [block_size] * len(rows)), "unpacked_pad_share": unpacked}
+    masks = [b["attention_mask"] for b in batches]
+    packed = pad_share(sum(int(m.sum()) for m in masks), sum(m.size for m in masks))
+    return batches, {"pad_share": packed, "unpacked_pad_share": unpacked}
 
 
 def fixed_pairs(
