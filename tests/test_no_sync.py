@@ -27,6 +27,15 @@ def gpt_forward():
     return model, (x,), dict(labels=labels)
 
 
+def gpt_documents_forward():
+    model = GPT(GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=3, n_embd=48, doc_sep_id=0,
+                          reset_positions=True, backend="torch"))
+    x = torch.randint(0, 61, (2, 16))
+    x[:, [0, 5, 6, 12]] = 0  # documents of 5, 1, 6 and 4 tokens, each opened by its separator
+    labels = torch.cat([x[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    return model, (x,), dict(labels=labels)
+
+
 def bert_forward():
     model = BERT(BertConfig(vocab_size=53, block_size=16, n_layer=2, n_head=3, n_embd=48, dropout=0.0, backend="torch"))
     ids = torch.randint(1, 53, (8, 16))
@@ -40,7 +49,31 @@ def bert_forward():
     return model, (ids,), kwargs
 
 
-@pytest.mark.parametrize("make", [gpt_forward, bert_forward], ids=["gpt", "bert"])
+def bert_packed_forward():
+    model, (ids,), kwargs = bert_forward()
+    kwargs.update(
+        document_ids=(torch.arange(16) >= 7).long().expand(8, 16),  # two pairs a row: positions 0-6 and 7-15
+        position_ids=torch.cat([torch.arange(7), torch.arange(9)]).expand(8, 16),
+        cls_positions=torch.tensor([0, 7, 0]).expand(8, 3),
+        next_sentence_label=torch.tensor([0, 1, IGNORE_INDEX]).repeat(8, 1),
+    )
+    return model, (ids,), kwargs
+
+
+# The attention op checks that document ids never decrease with a branch on the host for CPU tensors (on
+# CUDA it asserts on the device, which compiles); until that check asserts on the device under
+# torch.compile too, the packed layouts break the graph on a CPU, where this test runs.
+DOCUMENT_CHECK_BRANCHES = pytest.mark.xfail(
+    not HAS_CUDA, strict=True, raises=torch._dynamo.exc.Unsupported,
+    reason="attention's CPU check of document_ids branches on a tensor",
+)
+
+
+@pytest.mark.parametrize("make", [
+    gpt_forward, bert_forward,
+    pytest.param(gpt_documents_forward, marks=DOCUMENT_CHECK_BRANCHES),
+    pytest.param(bert_packed_forward, marks=DOCUMENT_CHECK_BRANCHES),
+], ids=["gpt", "bert", "gpt-doc_mask", "bert-pack"])
 def test_forward_and_loss_compile_without_a_graph_break(make):
     torch._dynamo.reset()
     model, args, kwargs = make()
@@ -51,7 +84,7 @@ def test_forward_and_loss_compile_without_a_graph_break(make):
 
 
 # ----------------------------------------------------------------------------- CUDA
-def tiny_run(tmp_path: Path, model: str) -> T.Run:
+def tiny_run(tmp_path: Path, model: str, **options) -> T.Run:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for d in range(3):
@@ -60,15 +93,17 @@ def tiny_run(tmp_path: Path, model: str) -> T.Run:
     cfg = TrainConfig(
         model=model, data=str(corpus), tokenizer="wordpiece" if model == "bert" else "char", vocab_size=200,
         cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), n_layer=2, n_head=2, n_embd=32,
-        block_size=32, batch_size=4, gradient_accumulation_steps=2, eval_iters=1, device="cuda",
+        block_size=32, batch_size=4, gradient_accumulation_steps=2, eval_iters=1, device="cuda", **options,
     )
     return T.Run(cfg, runtime.setup(cfg.device, cfg.dtype), log=lambda *a: None)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="set_sync_debug_mode watches CUDA synchronisation; a CPU has none to watch")
-@pytest.mark.parametrize("model", ["gpt", "bert"])
-def test_a_training_step_never_syncs(tmp_path, model):
-    run = tiny_run(tmp_path, model)
+@pytest.mark.parametrize("model, options", [
+    ("gpt", {}), ("bert", {}), ("gpt", dict(doc_mask=True, reset_positions=True)), ("bert", dict(pack=True)),
+], ids=["gpt", "bert", "gpt-doc_mask", "bert-pack"])
+def test_a_training_step_never_syncs(tmp_path, model, options):
+    run = tiny_run(tmp_path, model, **options)
     run.step()  # the first step compiles the Triton kernels and initialises cuBLAS, which may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -126,10 +126,23 @@ def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
     last = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r][-1]
     assert "nsp_loss" not in last and last["val_loss"] == pytest.approx(last["mlm_loss"])
 
+    assert T.main(args + ["--pack=true", "--overwrite"]) == 0
+    packed = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r][-1]
+    assert packed["unpacked_pad_share"] == pytest.approx(last["pad_share"])  # the same validation pairs
+    assert 0 <= packed["pad_share"] <= packed["unpacked_pad_share"] and 0 <= packed["nsp_acc"] <= 1
+
 
 @pytest.mark.parametrize(
     "model, extra",
-    [("gpt", ["--dropout=0.1"]), ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32"])],
+    [
+        ("gpt", ["--dropout=0.1"]),
+        ("gpt", ["--dropout=0.1", "--doc_mask=true", "--reset_positions=true"]),
+        ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32"]),
+        # short pairs in long rows: most rows hold several
+        ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=128", "--short_seq_prob=1",
+                  "--pack=true"]),
+    ],
+    ids=["gpt", "gpt-doc_mask", "bert", "bert-pack"],
 )
 def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, extra):
     common = [f"--model={model}", "--lr_decay_iters=8", *extra]
