@@ -25,7 +25,9 @@ opens a document, so a position's document is the running count of separators
 up to it, and with ``reset_positions`` its position is its distance from the
 last separator. BERT is given its layout by the caller (``position_ids``,
 ``document_ids`` and each pair's [CLS] position, see :mod:`minipt.data.packing`),
-and reads NSP at every [CLS].
+and reads NSP at every [CLS]. Hugging Face's GPT-2 has no document mask:
+``minipt.hf.to_hf`` exports a GPT trained with one all the same, and the exported
+model attends across separators, with positions counted from the input's start.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def _check_positive_int(cls_name: str, name: str, value) -> None:
         raise TypeError(f"{cls_name}: {name} must be an int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{cls_name}: {name} must be a positive int, got {value}")
+
+
+def _check_token_id(cfg, name: str) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{type(cfg).__name__}: {name} must be an int, got {type(value).__name__}")
+    if not 0 <= value < cfg.vocab_size:
+        raise ValueError(f"{type(cfg).__name__}: {name} must be in [0, vocab_size={cfg.vocab_size}), got {value}")
 
 
 def _check_common(cfg) -> None:
@@ -99,24 +109,12 @@ class GPTConfig:
     reset_positions: bool = False  # with doc_sep_id: positions restart at 0 at each document's separator
 
     def __post_init__(self):
-        """Checks the fields; ``doc_sep_id=None`` and ``reset_positions=False`` are GPT-2's one causal stream.
-
-        Hugging Face's GPT-2 has neither field: ``minipt.hf.to_hf`` exports a model
-        trained with them all the same, and the exported model attends across
-        separators with positions counted from the start of the input.
-        """
         _check_common(self)
-        if not isinstance(self.bias, bool):
-            raise TypeError(f"GPTConfig: bias must be a bool, got {type(self.bias).__name__}")
+        for name in ("bias", "reset_positions"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"GPTConfig: {name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.doc_sep_id is not None:
-            if isinstance(self.doc_sep_id, bool) or not isinstance(self.doc_sep_id, int):
-                raise TypeError(f"GPTConfig: doc_sep_id must be an int or None, got {type(self.doc_sep_id).__name__}")
-            if not 0 <= self.doc_sep_id < self.vocab_size:
-                raise ValueError(
-                    f"GPTConfig: doc_sep_id must be in [0, vocab_size={self.vocab_size}), got {self.doc_sep_id}"
-                )
-        if not isinstance(self.reset_positions, bool):
-            raise TypeError(f"GPTConfig: reset_positions must be a bool, got {type(self.reset_positions).__name__}")
+            _check_token_id(self, "doc_sep_id")
         if self.reset_positions and self.doc_sep_id is None:
             raise ValueError("GPTConfig: reset_positions needs doc_sep_id: positions restart at a document's separator")
 
@@ -157,12 +155,7 @@ class BertConfig:
         _check_positive_int("BertConfig", "type_vocab_size", self.type_vocab_size)
         if self.n_inner is not None:
             _check_positive_int("BertConfig", "n_inner", self.n_inner)
-        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
-            raise TypeError(f"BertConfig: pad_token_id must be an int, got {type(self.pad_token_id).__name__}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(
-                f"BertConfig: pad_token_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}"
-            )
+        _check_token_id(self, "pad_token_id")
 
     @property
     def inner_size(self) -> int:
@@ -523,19 +516,16 @@ class BERT(nn.Module):
                     f"BERT: attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                     f"got {tuple(attention_mask.shape)}"
                 )
-        B = input_ids.shape[0]
-        shape, of = ((B,), "shape (B,) =") if cls_positions is None else (
-            tuple(cls_positions.shape), "the shape (B, S) of cls_positions,")
+        B, shape, of = input_ids.shape[0], input_ids.shape[:1], "shape (B,) ="
         if cls_positions is not None:
             if not isinstance(cls_positions, torch.Tensor) or cls_positions.dtype not in (torch.int32, torch.int64):
                 raise TypeError("BERT: cls_positions must be an int32 or int64 tensor of [CLS] positions")
-            if cls_positions.dim() != 2 or cls_positions.shape[0] != B or cls_positions.shape[1] == 0:
-                raise ValueError(
-                    f"BERT: cls_positions must have shape (B, S) = ({B}, S >= 1), got {tuple(cls_positions.shape)}"
-                )
-        if next_sentence_label is not None:
-            if not isinstance(next_sentence_label, torch.Tensor) or tuple(next_sentence_label.shape) != shape:
-                raise ValueError(f"BERT: next_sentence_label must be a tensor of {of} {shape}")
+            shape, of = cls_positions.shape, "the shape (B, S) of cls_positions,"
+            if cls_positions.dim() != 2 or shape[0] != B or shape[1] == 0:
+                raise ValueError(f"BERT: cls_positions must have shape (B, S) = ({B}, S >= 1), got {tuple(shape)}")
+        if next_sentence_label is not None and (
+                not isinstance(next_sentence_label, torch.Tensor) or next_sentence_label.shape != shape):
+            raise ValueError(f"BERT: next_sentence_label must be a tensor of {of} {tuple(shape)}")
 
     def encode(self, input_ids, token_type_ids=None, attention_mask=None, *, position_ids=None, document_ids=None):
         """The last layer's hidden states, (B, T, C).

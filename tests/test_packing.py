@@ -269,7 +269,7 @@ def test_gpt_config_document_fields_and_old_configs():
     assert old.config.doc_sep_id is None and old.config.reset_positions is False
     with pytest.raises(ValueError, match=r"doc_sep_id must be in \[0, vocab_size=41\), got 41"):
         GPTConfig(**GPT_TINY, doc_sep_id=41)
-    with pytest.raises(TypeError, match="doc_sep_id must be an int or None, got str"):
+    with pytest.raises(TypeError, match="doc_sep_id must be an int, got str"):
         GPTConfig(**GPT_TINY, doc_sep_id="1")
     with pytest.raises(ValueError, match="reset_positions needs doc_sep_id"):
         GPTConfig(**GPT_TINY, reset_positions=True)
