@@ -349,3 +349,5 @@ def test_a_doc_mask_run_keeps_its_documents_in_its_saved_model(tmp_path):
                    f"--out_dir={again}", "--block_size=16", "--max_iters=1", "--eval_iters=1", "--progress=false",
                    "--sample_tokens=0"]) == 0
     assert ckpt.read_config(again)["model"]["doc_sep_id"] is None
+    with pytest.raises(ConfigError, match="pack applies to --model bert only"):  # the checkpoint's kind decides
+        T.resolve_config([f"--init_from={out}", "--pack=true", f"--out_dir={tmp_path / 'third'}"])
