@@ -10,7 +10,7 @@ stays inside it (the attention op's ``document_ids``), and NSP is read at its
 hold (a pair is at least 5 tokens), so the NSP head's shapes never depend on the
 data; slots no pair fills point at position 0 and carry IGNORE_INDEX labels. A
 batch is as wide as its longest row rounded up to a multiple of 8, the rule of
-unpacked batches; packed rows are nearly full, so that is nearly always block_size.
+unpacked batches; with many rows to a batch, usually block_size.
 
 Strategy: first fit, in the sampler's order. Each pair goes into the first row
 with room for it; a new row opens when none has room, until the batch has its
