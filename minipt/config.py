@@ -119,9 +119,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.model == "bert" and self.bias is not None:
             raise ConfigError("bias applies to --model gpt only; BERT always has biases")
-        if self.model == "bert" and self.doc_mask:
-            raise ConfigError("doc_mask applies to --model gpt only; a BERT pair is one document: "
-                              "--pack puts several in a row, each seeing only itself")
+        for name in ("doc_mask", "reset_positions"):
+            if self.model == "bert" and getattr(self, name):
+                raise ConfigError(f"{name} applies to --model gpt only; a BERT pair is one document: "
+                                  "--pack puts several in a row, each seeing only itself")
         if self.reset_positions and not self.doc_mask:
             raise ConfigError("reset_positions needs doc_mask=true: positions restart where a document starts, "
                               "and without doc_mask attention still runs across documents")

@@ -293,6 +293,7 @@ def test_bert_packed_inputs_are_checked():
 @pytest.mark.parametrize("settings, message", [
     (dict(model="gpt", pack=True), "pack applies to --model bert only"),
     (dict(model="bert", doc_mask=True), "doc_mask applies to --model gpt only"),
+    (dict(model="bert", reset_positions=True), "reset_positions applies to --model gpt only"),
     (dict(model="gpt", reset_positions=True), "reset_positions needs doc_mask=true"),
 ])
 def test_options_that_do_not_apply_are_named(settings, message):
