@@ -252,15 +252,34 @@ def test_packed_sampler_resumes_exactly_and_splits_rows_across_ranks():
         assert np.array_equal(whole[k], np.concatenate([h[k] for h in halves])), k
 
 
-def test_packed_sampler_takes_the_same_pairs_as_the_unpacked_one():
-    packed = PairSampler(token_split(), TOK, 32, 4, 0.5, seed=3, pack=True)
-    plain = PairSampler(token_split(), TOK, 32, 1, 0.5, seed=3)
-    rows = packed.next_step(1)[0]
-    n = int((rows["next_sentence_label"] != IGNORE_INDEX).sum())
-    assert packed.state_dict() == {"epoch": 0, "shard": 0, "position": n}  # a prefix of the stream, nothing skipped
-    tokens = sorted(int(t) for t in rows["input_ids"][rows["attention_mask"]])
-    singles = [plain.next_step(1)[0] for _ in range(n)]
-    assert tokens == sorted(int(t) for b in singles for t in b["input_ids"][b["attention_mask"]])
+def packed_pairs(batch: dict) -> list[tuple]:
+    """Each pair of a packed batch, read back from its row by its document id."""
+    out = []
+    for ids, documents, labels in zip(batch["input_ids"], batch["document_ids"], batch["next_sentence_label"]):
+        out += [tuple(ids[documents == slot].tolist()) for slot in np.flatnonzero(labels != IGNORE_INDEX)]
+    return out
+
+
+def as_pair(x: PairInstance) -> tuple:
+    return (TOK.cls_id, *x.tokens_a.tolist(), TOK.sep_id, *x.tokens_b.tolist(), TOK.sep_id)
+
+
+def test_packed_sampler_drops_no_pair_and_holds_none_back_more_than_one_step():
+    split = token_split(n_docs=8, n_segments=20)  # 56 pairs: six steps stay in the first epoch
+    packed = PairSampler(split, TOK, 32, 4, 0.5, seed=3, pack=True)
+    placed, waited, waits = [], [], []
+    for _ in range(6):
+        step = packed_pairs(packed.next_step(1)[0])
+        assert set(waited) <= set(step)  # the pairs the last step left waiting come first
+        waited = [as_pair(x) for x in packed.waiting]
+        assert len(waited) <= 4  # so each fits the next step's 4 rows
+        placed += step
+        waits.append(len(waited))
+    assert packed.state_dict()["epoch"] == 0 and max(waits) > 0  # the look-ahead was used
+    plain = PairSampler(split, TOK, 32, 1, 0.5, seed=3)
+    read = [plain.next_step(1)[0] for _ in range(packed.state_dict()["position"])]
+    # every pair read is placed or waiting, none twice
+    assert sorted(placed + waited) == sorted(tuple(b["input_ids"][0][b["attention_mask"][0]].tolist()) for b in read)
 
 
 # ----------------------------------------------------------------------------- configs and bad input

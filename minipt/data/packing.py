@@ -12,14 +12,17 @@ data; slots no pair fills point at position 0 and carry IGNORE_INDEX labels. A
 batch is as wide as its longest row rounded up to a multiple of 8, the rule of
 unpacked batches; with many rows to a batch, usually block_size.
 
-Strategy: first fit, in the sampler's order. Each pair goes into the first row
-with room for it; a new row opens when none has room, until the batch has its
-rows; the first pair that then fits nowhere starts the next batch. So a batch
-always takes a prefix of the stream of pairs, and the sampler's state stays one
-position in that stream (exact resume needs nothing more), while the short pairs
-of a batch fill the gaps the long ones leave. Pairs are built for ``block_size``
-as unpacked (most fill a row alone); what packing saves is the padding of the
-shorter ones (``short_seq_prob``, document ends).
+Strategy: first fit, in the sampler's order, with a bounded look-ahead. Each
+pair goes into the first row with room for it; a new row opens when none has
+room, until the step has its N rows. A pair that then fits nowhere waits for the
+next step, and the step reads on, so later short pairs still fill its gaps, until
+every row is full (less room than the shortest pair) or N pairs wait. The next
+step places the waiting pairs first; at most N wait, so each fits then: no pair
+is dropped or held back more than one step. The sampler's state is its position
+in the stream plus the waiting pairs, so resuming is exact. Pairs are built for
+``block_size`` as unpacked (most fill a row alone); what packing saves is the
+padding of the shorter ones (``short_seq_prob``, document ends). Validation and
+eval pairs, fixed once, are packed all at once, without the step's bound.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ class RowPacker:
         self.block_size, self.max_rows = block_size, max_rows
         self.rows: list[list] = []
         self.room = np.zeros(0, dtype=np.int64)  # free positions per row
+
+    @property
+    def full(self) -> bool:
+        """Whether no pair can be added: every row allowed is open, none with room for the shortest pair."""
+        return len(self.rows) == self.max_rows and int(self.room.max()) < MIN_PAIR_TOKENS
 
     def add(self, instance) -> bool:
         """Place ``instance``; False, leaving it out, when it fits no row and no row may open."""

@@ -192,8 +192,9 @@ class PairSampler:
     with one shard that is the whole corpus shuffled. So the sampler's state is
     just (epoch, shard, position). The global batch of a step is the next
     accumulation × ranks × batch_size instances of that stream, or with ``pack``
-    as many rows, filled first-fit from its next instances; each rank keeps its
-    own slice, as :class:`WindowSampler` does.
+    as many rows, filled first-fit from its next instances (and the ones the last
+    step left waiting, see :mod:`minipt.data.packing`); each rank keeps its own
+    slice, as :class:`WindowSampler` does.
     """
 
     def __init__(
@@ -204,6 +205,7 @@ class PairSampler:
         self.tok, self.block_size, self.batch_size = tok, block_size, batch_size
         self.short_seq_prob, self.seed, self.rank, self.world_size = short_seq_prob, seed, rank, world_size
         self.epoch, self.shard, self.position = 0, 0, 0
+        self.waiting: list[PairInstance] = []  # packing: pairs the last step could not place
         self._load()
         for _ in range(len(self.shards)):
             if self._instances:
@@ -248,15 +250,20 @@ class PairSampler:
         return out
 
     def _take_rows(self, n: int) -> list[list[PairInstance]]:
-        """The next instances, first-fit into ``n`` rows; the first one left out is the next step's first."""
+        """``n`` rows: the waiting pairs, then the next instances, first fit; what fits nowhere waits."""
         packer = RowPacker(self.block_size, max_rows=n)
-        while True:
+        for x in self.waiting:  # at most n, each a row at worst: all are placed
+            packer.add(x)
+        self.waiting = []
+        while not packer.full and len(self.waiting) < n:
             if self.position == len(self._instances):
                 self._advance()
                 continue
-            if not packer.add(self._instances[self.position]):
-                return packer.rows
+            x = self._instances[self.position]
             self.position += 1
+            if not packer.add(x):
+                self.waiting.append(x)
+        return packer.rows
 
     def next_step(self, accumulation: int) -> list[dict[str, np.ndarray]]:
         b, w = self.batch_size, self.world_size
@@ -268,10 +275,13 @@ class PairSampler:
         ]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "shard": self.shard, "position": self.position}
+        waiting = [[x.tokens_a.tolist(), x.tokens_b.tolist(), x.is_random_next] for x in self.waiting]
+        return {"epoch": self.epoch, "shard": self.shard, "position": self.position, "waiting": waiting}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.shard, self.position = state["epoch"], state.get("shard", 0), state["position"]
+        self.waiting = [PairInstance(np.asarray(a, np.int32), np.asarray(b, np.int32), r)
+                        for a, b, r in state.get("waiting", [])]
         self._load()
 
 
