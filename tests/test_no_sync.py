@@ -60,20 +60,7 @@ def bert_packed_forward():
     return model, (ids,), kwargs
 
 
-# The attention op checks that document ids never decrease with a branch on the host for CPU tensors (on
-# CUDA it asserts on the device, which compiles); until that check asserts on the device under
-# torch.compile too, the packed layouts break the graph on a CPU, where this test runs.
-DOCUMENT_CHECK_BRANCHES = pytest.mark.xfail(
-    not HAS_CUDA, strict=True, raises=torch._dynamo.exc.Unsupported,
-    reason="attention's CPU check of document_ids branches on a tensor",
-)
-
-
-@pytest.mark.parametrize("make", [
-    gpt_forward, bert_forward,
-    pytest.param(gpt_documents_forward, marks=DOCUMENT_CHECK_BRANCHES),
-    pytest.param(bert_packed_forward, marks=DOCUMENT_CHECK_BRANCHES),
-], ids=["gpt", "bert", "gpt-doc_mask", "bert-pack"])
+@pytest.mark.parametrize("make", [gpt_forward, bert_forward, gpt_documents_forward, bert_packed_forward], ids=["gpt", "bert", "gpt-doc_mask", "bert-pack"])
 def test_forward_and_loss_compile_without_a_graph_break(make):
     torch._dynamo.reset()
     model, args, kwargs = make()
@@ -112,3 +99,16 @@ def test_a_training_step_never_syncs(tmp_path, model, options):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss).item()
+
+
+def test_decreasing_document_ids_stop_a_compiled_graph_too():
+    from minipt.ops import attention
+
+    torch._dynamo.reset()
+    q = torch.randn(2, 1, 8, 4)
+    ordered, unordered = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2]] * 2), torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1]] * 2)
+    attend = torch.compile(lambda d: attention(q, q, q, document_ids=d, backend="torch"), fullgraph=True,
+                           backend="eager")
+    torch.testing.assert_close(attend(ordered), attention(q, q, q, document_ids=ordered, backend="torch"))
+    with pytest.raises(RuntimeError, match="document_ids must be non-decreasing along each row"):
+        attend(unordered)
