@@ -1,7 +1,7 @@
 """``python -m minipt.eval --out_dir DIR --data HELD_OUT``: score a model on held-out text.
 
-``DIR`` is a minipt run or a Hugging Face GPT-2/BERT folder (read by
-:func:`minipt.sample.load_run`); ``--data`` is text in any format the trainer
+``DIR`` is a minipt run (a fine-tune run is scored as the BERT it fine-tuned)
+or a Hugging Face GPT-2/BERT folder (read by :func:`minipt.sample.load_run`); ``--data`` is text in any format the trainer
 reads (txt, md, jsonl[.gz|.zst], parquet; a file, folder or glob), read whole:
 every document is held out. It prints a table, and ``--json PATH`` writes it too.
 
@@ -151,7 +151,7 @@ def bert_pairs(texts: list[str], tok: TextTokenizer, block_size: int, batch_size
 # ----------------------------------------------------------------------------- the command
 def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
     """The metrics of the model in ``cfg.out_dir`` on ``cfg.data``, with what was scored."""
-    model, tok, saved = sample.load_run(cfg.out_dir, rt.device, backend=cfg.backend)
+    model, tok, saved = sample.load_run(cfg.out_dir, rt.device, backend=cfg.backend, encoder=True)
     kind = saved["model_type"]
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:

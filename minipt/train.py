@@ -16,9 +16,10 @@ last checkpoint on disk is always a good one). Ctrl-C or SIGTERM finishes the
 current step, saves and exits with status 130; ``--resume`` continues exactly
 where the run stopped, data order and MLM masks included.
 
-``--init_from=PATH`` continues pretraining from a minipt run or a Hugging Face
-GPT-2/BERT folder (read by :func:`minipt.sample.load_run`): its architecture,
-weights and tokenizer, which tokenizes the data; the optimizer starts fresh.
+``--init_from=PATH`` continues pretraining from a minipt run (a fine-tune run
+gives its BERT encoder) or a Hugging Face GPT-2/BERT folder (read by
+:func:`minipt.sample.load_run`): its architecture, weights and tokenizer, which
+tokenizes the data; the optimizer starts fresh.
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ class Run(Scorer):
         self.pretrained = None
         if cfg.init_from and not cfg.resume:
             torch.manual_seed(cfg.seed)  # what the checkpoint lacks (BertForMaskedLM's NSP head) starts alike
-            self.pretrained, tok, loaded = sample.load_run(cfg.init_from, backend=cfg.backend, dropout=cfg.dropout)
+            self.pretrained, tok, loaded = sample.load_run(
+                cfg.init_from, backend=cfg.backend, dropout=cfg.dropout, encoder=True)
             for note in [f"initialised from {cfg.init_from}; the optimizer starts fresh", *loaded.get("notes", [])]:
                 log(note)
             # the data is tokenized with the checkpoint's tokenizer, read from the run folder as on resume
@@ -335,7 +337,7 @@ def resolve_config(argv) -> TrainConfig:
     overrides = parse_overrides(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
     if overrides.get("init_from") and not overrides.get("resume"):
         # the checkpoint's kind is the model's before any check reads it (bias, pack, doc_mask)
-        cfg = make_config(TrainConfig, {"model": sample.read_model_config(overrides["init_from"])[0], **overrides})
+        cfg = make_config(TrainConfig, {"model": sample.read_model_config(overrides["init_from"], encoder=True)[0], **overrides})
         return init_from_config(cfg, overrides)
     cfg = make_config(TrainConfig, overrides)
     # The model's fields are checked before any data is read, so a typo costs no
@@ -350,7 +352,7 @@ def resolve_config(argv) -> TrainConfig:
 
 def init_from_config(cfg: TrainConfig, given: dict) -> TrainConfig:
     """``cfg`` with the model kind of ``--init_from``; a setting that contradicts the checkpoint is an error."""
-    kind, arch = sample.read_model_config(cfg.init_from)
+    kind, arch = sample.read_model_config(cfg.init_from, encoder=True)
     where = f"--init_from={cfg.init_from}"
     if "model" in given and given["model"] != kind:
         raise ConfigError(f"--model={given['model']} contradicts {where}, which holds a {kind} model")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minipt import checkpoint as ckpt
+from minipt import eval as E
 from minipt import sample as S
 from minipt import train as T
 from minipt.tokenizer import TextTokenizer
@@ -109,7 +110,7 @@ def test_a_minipt_run_is_a_starting_point_too(folders, tmp_path):
     assert 0 < max_change(S.load_run(second)[0], S.load_run(first)[0]) <= 1.5 * LR * STEPS
 
 
-def test_a_fine_tune_run_gives_its_encoder(folders, tmp_path):
+def test_a_fine_tune_run_gives_its_encoder(folders, tmp_path, capsys):
     from minipt import finetune as FT
     from minipt.model import BERT, BertClassifier
 
@@ -131,6 +132,14 @@ def test_a_fine_tune_run_gives_its_encoder(folders, tmp_path):
         assert torch.equal(tensor, theirs[name]), name
     start, _, _ = S.load_run(folders["bert"])
     assert max_change(bert, start) > 1e-3  # the fine-tune moved the encoder: these are its weights
+
+    continued = tmp_path / "continued"  # pretraining goes on from the fine-tuned encoder
+    assert T.main(train_args(folders, continued, run)) == 0
+    assert ckpt.read_config(continued)["model_type"] == "bert"
+    assert 0 < max_change(S.load_run(continued)[0], bert) <= 1.5 * LR * STEPS
+    assert E.main([f"--out_dir={run}", f"--data={folders['corpus']}", "--backend=torch", "--block_size=32"]) == 0
+    printed = capsys.readouterr().out
+    assert "model_type" in printed and "bert" in printed and "mlm_acc" in printed
 
 
 # ----------------------------------------------------------------------------- refusals
