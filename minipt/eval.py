@@ -1,9 +1,11 @@
 """``python -m minipt.eval --out_dir DIR --data HELD_OUT``: score a model on held-out text.
 
 ``DIR`` is a minipt run (a fine-tune run is scored as the BERT it fine-tuned)
-or a Hugging Face GPT-2/BERT folder (read by :func:`minipt.sample.load_run`); ``--data`` is text in any format the trainer
-reads (txt, md, jsonl[.gz|.zst], parquet; a file, folder or glob), read whole:
-every document is held out. It prints a table, and ``--json PATH`` writes it too.
+or a Hugging Face GPT-2/BERT folder (read by :func:`minipt.sample.load_run`);
+``--data`` is in any format the trainer reads (txt, md, jsonl[.gz|.zst],
+parquet, and for GPT nanoGPT/llm.c ``.bin`` token files; a file, folder or
+glob), read whole: every document is held out. It prints a table, and ``--json
+PATH`` writes it too.
 
 GPT: loss, perplexity and bits per byte. The documents are tokenized with the
 model's tokenizer and joined with ``<|endoftext|>`` before each, as in training;
@@ -13,7 +15,9 @@ overlap, so every token is scored once). Every token of every document is
 scored, the separators are not. Bits per byte is the total loss in nats / ln 2 /
 the UTF-8 bytes of the documents' text as read (after ``--strip_markup``, the
 separators not counted): it does not depend on the tokenizer, so models with
-different vocabularies compare on it.
+different vocabularies compare on it. Token files are one stream of ids, taken
+to be the model's tokenizer's (each is checked against its vocabulary), scored
+the same way; their bytes are those of the text the ids decode to.
 
 BERT: MLM loss and accuracy at ``--mlm_probability`` (80% [MASK], 10% random,
 10% kept), with masks drawn from ``--seed``, and NSP accuracy beside the share of
@@ -46,6 +50,7 @@ from minipt.data import (
 )
 from minipt.data.packing import MIN_PAIR_TOKENS
 from minipt.data.sources import is_tokens
+from minipt.data.tokens import token_files
 from minipt.ops._loss import IGNORE_INDEX
 from minipt.tokenizer import TextTokenizer, TokenizerError
 from minipt.train import Scorer
@@ -81,13 +86,18 @@ class EvalConfig:
             raise ConfigError(f"block_size must be >= 2 or none, got {self.block_size}")
 
 
-def read_texts(cfg: EvalConfig) -> list[str]:
-    """The documents of ``--data``, every one of them, in the trainer's reading."""
+def held_out_sources(cfg: EvalConfig) -> list:
     if not cfg.data:  # never the bundled plays by default: the trainer learns from them
         raise ConfigError("--data is required: the held-out text to score")
-    sources = find_sources(cfg.data)
+    return find_sources(cfg.data)
+
+
+def read_texts(cfg: EvalConfig, sources: list | None = None) -> list[str]:
+    """The documents of ``--data``, every one of them, in the trainer's reading."""
+    sources = held_out_sources(cfg) if sources is None else sources
     if is_tokens(sources):
-        raise DataError(f"--data={cfg.data} names token files: eval scores text, whose bytes bits per byte count")
+        raise DataError(f"--data={cfg.data} names token files, which hold GPT token ids; BERT is scored on text, "
+                        "whose segments make its pairs")
     texts = [text for source in sources for _, _, text in read_documents(source, cfg.text_field, cfg.strip_markup)]
     if not any(texts):
         raise DataError(f"--data={cfg.data} holds no text to score")
@@ -95,15 +105,42 @@ def read_texts(cfg: EvalConfig) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- GPT
-def gpt_windows(texts: list[str], tok: TextTokenizer, block_size: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Batches of consecutive windows over ``<|endoftext|> doc <|endoftext|> doc ...``; separators get no target."""
+def text_stream(texts: list[str], tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(ids, targets, bytes, documents) of ``<|endoftext|> doc <|endoftext|> doc ...``: separators get no target."""
     if tok.eot_id is None:
         raise TokenizerError("scoring GPT needs <|endoftext|> in the tokenizer, to separate the documents")
     ids, targets = [], []
     for piece in tok.encode_batch(texts):
         ids += [tok.eot_id, *piece]
         targets += [IGNORE_INDEX, *piece]
-    ids, targets = np.asarray(ids, np.int64), np.asarray(targets, np.int64)
+    n_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    return np.asarray(ids, np.int64), np.asarray(targets, np.int64), n_bytes, len(texts)
+
+
+def token_stream(sources: list, tok: TextTokenizer) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(ids, targets, bytes, documents) of token files read whole, one stream in file order.
+
+    The ids are taken to be the model's tokenizer's (a token file names no
+    tokenizer); each is checked against its vocabulary. ``<|endoftext|>`` ids, if
+    the tokenizer has one, get no target, as in :func:`text_stream`. The bytes are
+    the UTF-8 bytes of the text the ids decode to, document by document.
+    """
+    files = token_files(sources, tok.vocab_size)
+    ids = np.concatenate([np.memmap(f.path, dtype=np.uint16, mode="r", offset=f.offset, shape=(f.num_tokens,))
+                          for f in files]).astype(np.int64)
+    separators = ids == tok.eot_id if tok.eot_id is not None else np.zeros(len(ids), bool)
+    targets = np.where(separators, IGNORE_INDEX, ids)
+    documents = [doc for doc in np.split(ids, np.flatnonzero(separators)) if (doc != tok.eot_id).any()]
+    n_bytes = sum(len(tok.decode(doc[doc != tok.eot_id].tolist()).encode("utf-8")) for doc in documents)
+    if not n_bytes:
+        raise DataError(f"--data: the token files {', '.join(f.path for f in files)} hold no text to score")
+    return ids, targets, n_bytes, len(documents)
+
+
+def gpt_windows(ids: np.ndarray, targets: np.ndarray, block_size: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Batches of consecutive windows over the stream, each token predicted from those before it in its window."""
+    if len(ids) < 2:
+        raise DataError(f"the held-out stream holds {len(ids)} token(s): nothing to predict")
     starts = range(0, len(ids) - 1, block_size)
     windows = [(ids[i:i + block_size], targets[i + 1:i + block_size + 1]) for i in starts]
     windows[-1] = (windows[-1][0][:len(windows[-1][1])], windows[-1][1])  # the last one ends with the text
@@ -168,13 +205,16 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
         short_seq_prob=trained.get("short_seq_prob", 0.1) if cfg.short_seq_prob is None else cfg.short_seq_prob,
         pack=trained.get("pack", False) if cfg.pack is None else cfg.pack,
     )
-    texts = read_texts(cfg)
-    result = {"model": str(cfg.out_dir), "model_type": kind, "data": cfg.data, "documents": len(texts),
-              "block_size": block_size}
+    sources = held_out_sources(cfg)
+    result = {"model": str(cfg.out_dir), "model_type": kind, "data": cfg.data}
     if kind == "gpt":
+        stream = token_stream(sources, tok) if is_tokens(sources) else text_stream(read_texts(cfg, sources), tok)
+        ids, targets, n_bytes, result["documents"] = stream
         scorer = Scorer(settings, rt, tok, model, [])
-        n_bytes = sum(len(text.encode("utf-8")) for text in texts)
-        return {**result, **score_gpt(scorer, gpt_windows(texts, tok, block_size, cfg.batch_size), n_bytes)}
+        batches = gpt_windows(ids, targets, block_size, cfg.batch_size)
+        return {**result, "block_size": block_size, **score_gpt(scorer, batches, n_bytes)}
+    texts = read_texts(cfg, sources)
+    result.update(documents=len(texts), block_size=block_size)
     batches, padding = bert_pairs(texts, tok, block_size, cfg.batch_size, settings.short_seq_prob, cfg.seed,
                                   settings.pack)
     metrics = Scorer(settings, rt, tok, model, batches, padding).evaluate()

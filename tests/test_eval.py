@@ -69,13 +69,48 @@ def test_gpt_scores_match_transformers_and_count_utf8_bytes(folders):
 def test_gpt_windows_score_every_document_token_once():
     bpe = TextTokenizer.wrap(train_tokenizer("bpe", HELD_OUT, 280, "gpt"), "gpt")
     for block_size, batch_size in [(5, 2), (7, 3), (200, 4)]:
-        batches = E.gpt_windows(HELD_OUT, bpe, block_size, batch_size)
+        ids, targets, n_bytes, documents = E.text_stream(HELD_OUT, bpe)
+        assert n_bytes == sum(len(t.encode("utf-8")) for t in HELD_OUT) and documents == len(HELD_OUT)
+        batches = E.gpt_windows(ids, targets, block_size, batch_size)
         x = np.concatenate([b["x"].reshape(-1) for b in batches])
         y = np.concatenate([b["y"].reshape(-1) for b in batches])
         stream = [t for text in HELD_OUT for t in [bpe.eot_id, *bpe.encode(text)]]
         assert x.tolist() == stream[:-1]  # consecutive windows, no overlap
         assert y[y != IGNORE_INDEX].tolist() == [t for text in HELD_OUT for t in bpe.encode(text)]
         assert all(b["x"].shape == b["y"].shape and b["x"].shape[1] <= block_size for b in batches)
+
+
+def write_tokens(path: Path, ids: list[int], llmc: bool = False) -> Path:
+    body = np.asarray(ids, np.uint16).tobytes()
+    header = np.zeros(256, np.int32)
+    header[:3] = (20240520, 1, len(ids))
+    path.write_bytes((header.tobytes() if llmc else b"") + body)
+    return path
+
+
+def test_gpt_token_files_score_as_the_text_they_hold(folders, tmp_path):
+    tok = E.sample.load_run(folders["gpt2"])[1]
+    stream = [t for text in HELD_OUT for t in [tok.eot_id, *tok.encode(text)]]
+    half = len(stream) // 2  # two files, one of them llm.c's, read as one stream
+    write_tokens(tmp_path / "a.bin", stream[:half])
+    write_tokens(tmp_path / "b.bin", stream[half:], llmc=True)
+    text = run_eval(folders, "gpt2")
+    tokens = E.evaluate(E.EvalConfig(out_dir=str(folders["gpt2"]), data=str(tmp_path)), setup("cpu", "float32"))
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert tokens[key] == pytest.approx(text[key], rel=1e-6), key
+    assert (tokens["tokens"], tokens["bytes"], tokens["documents"]) == (text["tokens"], text["bytes"], len(HELD_OUT))
+
+
+@pytest.mark.parametrize("model, ids, pattern", [
+    ("gpt2", [5, 299, 300, 7], r"x.bin: token id 300 at token 2 \(byte offset 4\) is not below the vocabulary size"),
+    ("gpt2", [5], "holds 1 token"),
+    ("bert", [5, 6, 7], "names token files, which hold GPT token ids; BERT is scored on text"),
+])
+def test_token_files_that_cannot_be_scored_are_named(folders, tmp_path, capsys, model, ids, pattern):
+    write_tokens(tmp_path / "x.bin", ids)
+    assert E.main([f"--out_dir={folders[model]}", f"--data={tmp_path / 'x.bin'}"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err), err
 
 
 # ----------------------------------------------------------------------------- BERT
@@ -158,7 +193,6 @@ def test_the_command_prints_a_table_and_writes_json(folders, tmp_path, capsys):
         (["--data={held}", "--block_size=65"], "block_size=65 exceeds the model's 64 positions"),
         (["--data={held}", "--mlm_probability=1.5"], "mlm_probability must be in \\(0.0, 1.0\\)"),
         (["--data={empty}"], "holds no text to score"),
-        (["--data={tokens}"], "names token files: eval scores text"),
         (["--data={held}", "--batch_size=0"], "batch_size must be a positive integer"),
         (["--data={held}", "--block_size=4"], "block_size=4 holds no .CLS. A .SEP. B .SEP. pair"),
         (["--data={held}", "--out_dir={gpt2}", "--pack=true"], "--pack applies to BERT models only; .* holds a gpt"),
