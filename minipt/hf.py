@@ -117,6 +117,9 @@ def to_hf(model, *, labels: list[str] | None = None):
 
     A BertClassifier becomes a BertForSequenceClassification whose ``id2label`` is
     ``labels`` (default: ``LABEL_0``, ``LABEL_1``, ..., as transformers names them).
+    A GPT trained with a document mask (``doc_sep_id``, ``reset_positions``) exports
+    as plain GPT-2, which attends across separators and counts positions from the
+    window's start: equal to minipt's model on a window that holds one document.
     """
     if isinstance(model, BertClassifier):
         names = labels if labels is not None else [f"LABEL_{i}" for i in range(model.config.num_labels)]
