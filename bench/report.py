@@ -62,6 +62,18 @@ ROOFLINES = {
     ),
 }
 
+# What a results file measures when it is not a speed: printed above its table.
+ABOUT = {
+    "transfer": (
+        "`python -m bench.transfer --pretrained RUN`: the bundled genre task (comedy, history or tragedy of a "
+        "passage held out from pretraining; validation and test on plays of their own, plays that share "
+        "characters on one side) fine-tuned from the pretrained BERT RUN and from random weights of the same "
+        "architecture and tokenizer (`--init_from=scratch --arch_from=RUN`), with the same budget, for each seed. "
+        "Test accuracy is scored once with the epoch validation picked; `majority_rate` is what always "
+        "guessing the commonest genre scores; `margin_points` is the difference of the mean test accuracies"
+    ),
+}
+
 HIDDEN = ("loss", "warmup_s")  # the e2e run's sanity checks, not results
 
 HOW_TO_GPU = """\
@@ -193,6 +205,8 @@ def _section(folder: str, tables: list[tuple[str, dict, list[dict]]], gpu: bool)
         lines += [f"#### {name}", "", f"{_machine_line(machine)}, measured {machine.get('date', '?')}.", ""]
         if name in ROOFLINES:
             lines += [f"{'Roofline' if gpu else 'Work counted'}: {ROOFLINES[name]}.", ""]
+        if name in ABOUT:
+            lines += [f"{ABOUT[name]}.", ""]
         lines += [table(rows, limits) if rows else "(no rows)", ""]
     return lines
 
