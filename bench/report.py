@@ -62,7 +62,7 @@ ROOFLINES = {
     ),
 }
 
-# What a results file measures when it is not a speed: printed above its table.
+# What a results file measures when it is not a speed, by name (before any "_"): printed above its table.
 ABOUT = {
     "transfer": (
         "`python -m bench.transfer --pretrained RUN`: the bundled genre task (comedy, history or tragedy of a "
@@ -205,8 +205,9 @@ def _section(folder: str, tables: list[tuple[str, dict, list[dict]]], gpu: bool)
         lines += [f"#### {name}", "", f"{_machine_line(machine)}, measured {machine.get('date', '?')}.", ""]
         if name in ROOFLINES:
             lines += [f"{'Roofline' if gpu else 'Work counted'}: {ROOFLINES[name]}.", ""]
-        if name in ABOUT:
-            lines += [f"{ABOUT[name]}.", ""]
+        about = ABOUT.get(name.split("_", 1)[0])  # transfer_<budget> is described as transfer is
+        if about:
+            lines += [f"{about}.", ""]
         lines += [table(rows, limits) if rows else "(no rows)", ""]
     return lines
 
