@@ -42,9 +42,12 @@ STARTS = ("pretrained", "scratch")
 
 def describe(pretrained: Path) -> str:
     """The pretrained run in a few words: its steps and its last validation scores."""
-    config = json.loads((pretrained / "config.json").read_text())
-    if config.get("model_type") != "bert":
-        raise SystemExit(f"--pretrained={pretrained}: expected a minipt BERT run, got {config.get('model_type')}")
+    try:
+        config = json.loads((pretrained / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{pretrained} is not a minipt run: {exc}") from None
+    if config.get("model_type") != "bert" or "train" not in config:
+        raise ValueError(f"{pretrained}: expected a minipt BERT run, got {config.get('model_type')}")
     evals = [r for r in read_metrics(pretrained) if "mlm_acc" in r]
     last = evals[-1] if evals else {}
     train = config["train"]
@@ -113,6 +116,10 @@ def main(argv=None) -> int:
         settings = parse_overrides(FinetuneConfig, [f"--{item}" for item in args.set], "--set", "")
     except ConfigError as exc:
         parser.error(f"--set: {exc}")
+    try:
+        describe(args.pretrained)
+    except ValueError as exc:
+        parser.error(f"--pretrained: {exc}")
     with tempfile.TemporaryDirectory() as work:
         rows = run(args.pretrained, seeds, args.device, settings, Path(work))
     print_table(f"{args.name} on {machine()['device']}", rows, table_columns(rows))
