@@ -205,7 +205,8 @@ def _check_ids(model: str, name: str, ids, block_size: int, like: torch.Tensor |
                 f"{model}: {name} has {ids.shape[1]} positions but the model's block_size is {block_size}"
             )
     elif ids.shape != like.shape:
-        raise ValueError(f"{model}: {name} must have the shape of input_ids {tuple(like.shape)}, got {tuple(ids.shape)}")
+        raise ValueError(
+            f"{model}: {name} must have the shape of input_ids {tuple(like.shape)}, got {tuple(ids.shape)}")
 
 
 def documents_from_separators(input_ids: torch.Tensor, sep_id: int) -> torch.Tensor:

@@ -337,7 +337,8 @@ def resolve_config(argv) -> TrainConfig:
     overrides = parse_overrides(TrainConfig, argv, PROG, __doc__.split("\n\n")[0])
     if overrides.get("init_from") and not overrides.get("resume"):
         # the checkpoint's kind is the model's before any check reads it (bias, pack, doc_mask)
-        cfg = make_config(TrainConfig, {"model": sample.read_model_config(overrides["init_from"], encoder=True)[0], **overrides})
+        kind, _ = sample.read_model_config(overrides["init_from"], encoder=True)
+        cfg = make_config(TrainConfig, {"model": kind, **overrides})
         return init_from_config(cfg, overrides)
     cfg = make_config(TrainConfig, overrides)
     # The model's fields are checked before any data is read, so a typo costs no
