@@ -1,5 +1,6 @@
-"""The CPU training benchmark: pytest-benchmark timings of one training step, and checks
-that the nanoGPT-recipe baseline is the model and schedule it claims to be.
+"""The CPU training benchmark: pytest-benchmark timings of one training step, checks
+that the nanoGPT-recipe baseline is the model and schedule it claims to be, and a
+20-step run of the benchmark itself, both loops, to its table.
 
 ``pytest bench/test_train_cpu.py --benchmark-only`` times one optimizer step of
 minipt's trainer (data sampling included) and of the recipe baseline, at tiny sizes
@@ -71,3 +72,22 @@ def test_recipe_schedule_is_minipts_schedule():
     ours = np.array([T.learning_rate(it, cfg) for it in range(s["max_iters"] + 1)])
     recipe = np.array([train_cpu.recipe_lr(it, s) for it in range(s["max_iters"] + 1)])
     np.testing.assert_allclose(ours, recipe, rtol=1e-12)
+
+
+def test_the_quick_run_compares_both_loops_on_the_same_tokens(cpu_only, monkeypatch):
+    # the quick schedule, with fewer evaluations, is all the table needs to be built
+    monkeypatch.setattr(train_cpu, "QUICK", {**train_cpu.QUICK, "max_iters": 20, "lr_decay_iters": 20,
+                                             "eval_interval": 10, "eval_iters": 2})
+    rows = train_cpu.run("cpu", quick=True)
+    recipe, ours, published = rows
+    assert [r["provider"] for r in rows] == ["nanogpt-recipe", "minipt", "nanogpt (published, not rerun)"]
+    assert recipe["ratio"] == recipe["run_ratio"] == 1.0
+    assert ours["ratio"] == pytest.approx(recipe["median_ms"] / ours["median_ms"])
+    assert ours["run_ratio"] == pytest.approx(recipe["run_s"] / ours["run_s"])
+    for r in (recipe, ours):
+        assert r["max_iters"] == 20 and r["n_layer"] == train_cpu.RECIPE["n_layer"]
+        # the plays have 78 characters: after 20 steps both loops are below ln 65, nanoGPT's uniform guess
+        assert 0 < r["val_loss"] < math.log(65)
+        assert r["median_ms"] > 0 and r["run_s"] > 0
+    assert ours["prep_s"] > 0 and published == {**published, **train_cpu.ANCHOR}
+    assert train_cpu.run("cuda", quick=True)[0]["skipped"].startswith("nanoGPT's CPU recipe runs on the CPU")
