@@ -114,6 +114,18 @@ def test_small_chunks_reach_every_backend(backend, small_chunks, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_are_checked_once_a_call_not_once_a_chunk(backend, small_chunks, monkeypatch):
+    ce_module = importlib.import_module("minipt.ops.cross_entropy")
+    checks = []
+    for module in (lce_module, ce_module):
+        check = module.check_targets
+        monkeypatch.setattr(module, "check_targets", lambda *a, check=check: checks.append(a[0]) or check(*a))
+    hidden, weight, bias, target = make_inputs(33, 8, 4099, True, "some")
+    loss_and_grads(linear_cross_entropy, hidden, weight, bias, target, "mean", backend=backend)
+    assert checks == ["linear_cross_entropy"]  # 7 chunks, forward and backward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_sums_over_chunks_stay_float32(backend, monkeypatch):
     """bf16, 256 one-row chunks summed into grad_weight and grad_bias: as close to float64 as one chunk,
     and within the three-way rule.

@@ -285,17 +285,23 @@ def _native_ce_args(logits, target, ignore_index, label_smoothing) -> dict:
     )
 
 
+def native_forward_of_checked_targets(logits, target, ignore_index, label_smoothing):
+    """The native forward kernel, for a caller that has already checked ``target`` (linear_cross_entropy
+    checks its targets once, not once per chunk)."""
+    args = _native_ce_args(logits, target, ignore_index, label_smoothing)
+    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    run_kernel("cross_entropy_forward", logits.device, loss=loss.data_ptr(), lse=lse.data_ptr(), **args)
+    return loss, lse
+
+
 @torch.library.custom_op("minipt::native_cross_entropy_fwd", mutates_args=())
 def native_cross_entropy_forward(
     logits: torch.Tensor, target: torch.Tensor, ignore_index: int, label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses (N,) and log-sum-exps (N,), both float32; ignored rows have loss 0."""
-    args = _native_ce_args(logits, target, ignore_index, label_smoothing)
     check_targets(OP, target, logits.shape[1], ignore_index)
-    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(loss)
-    run_kernel("cross_entropy_forward", logits.device, loss=loss.data_ptr(), lse=lse.data_ptr(), **args)
-    return loss, lse
+    return native_forward_of_checked_targets(logits, target, ignore_index, label_smoothing)
 
 
 @native_cross_entropy_forward.register_fake

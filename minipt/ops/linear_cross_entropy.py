@@ -70,7 +70,7 @@ from minipt.ops.cross_entropy import (
     check_ce_args,
     cross_entropy_ref,
     native_cross_entropy_backward,
-    native_cross_entropy_forward,
+    native_forward_of_checked_targets,
 )
 
 OP = "linear_cross_entropy"
@@ -107,7 +107,7 @@ def _chunk_cross_entropy_triton(logits, target, ignore_index, label_smoothing, g
 def _chunk_cross_entropy_native(logits, target, ignore_index, label_smoothing, grad_scale):
     """The same through the native kernels: the forward, then the backward from its lse."""
     target = target.contiguous()
-    loss, lse = native_cross_entropy_forward(logits, target, ignore_index, label_smoothing)
+    loss, lse = native_forward_of_checked_targets(logits, target, ignore_index, label_smoothing)
     if grad_scale is None:
         return loss, None
     grad_rows = grad_scale.float().expand(logits.shape[0]).contiguous()
