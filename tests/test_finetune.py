@@ -134,6 +134,8 @@ TWO = '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n'
          "fine-tuning a GPT model is not supported: --arch_from=.* holds a gpt"),
         ("train.jsonl", TWO, ["--init_from=scratch", "--arch_from=MISSING"],
          "is not a folder: expected a minipt run or a Hugging Face model folder"),
+        ("train.jsonl", TWO, ["--init_from=scratch", "--arch_from=OUT"],
+         "--arch_from and --out_dir name the same folder"),
         ("", "", ["--init_from=GPT"], "fine-tuning a GPT model is not supported"),
     ],
 )
@@ -144,8 +146,10 @@ def test_bad_input_is_named(folders, tmp_path, capsys, name, content, extra, pat
     gpt = folders["tmp"] / "gpt2"
     if not gpt.exists():
         gpt2_folder(gpt)
-    extra = [a.replace("GPT", str(gpt)).replace("VAL", str(tmp_path / "val.jsonl"))
-             .replace("MISSING", str(tmp_path / "missing")).replace("TRAIN", str(tmp_path / name)) for a in extra]
+    names = {"GPT": gpt, "VAL": tmp_path / "val.jsonl", "MISSING": tmp_path / "missing",
+             "TRAIN": tmp_path / name, "OUT": tmp_path / "o"}
+    for key, path in names.items():
+        extra = [a.replace(key, str(path)) for a in extra]
     data = tmp_path / name if name else ""  # no --data: the bundled genre task
     argv = [f"--init_from={folders['bert']}", f"--data={data}", f"--out_dir={tmp_path / 'o'}"]
     assert FT.main(argv + extra) == 2
