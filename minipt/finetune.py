@@ -143,6 +143,11 @@ class FinetuneConfig:
             raise ConfigError(f"--init_from={SCRATCH} needs --arch_from=PATH: the BERT run or Hugging Face folder "
                               "whose architecture and tokenizer the randomly initialised model takes")
 
+    @property
+    def start(self) -> tuple[str, str]:
+        """(the folder the model is read from, the argument that names it): --arch_from for a scratch start."""
+        return (self.arch_from, "arch_from") if self.init_from == SCRATCH else (self.init_from, "init_from")
+
 
 # ----------------------------------------------------------------------------- examples
 @dataclass
@@ -317,8 +322,7 @@ class Finetune:
             self.tok = TextTokenizer.from_file(self.out / ckpt.TOKENIZER, "bert")
             block_size = saved["model"]["block_size"]
         else:
-            start = cfg.arch_from if cfg.init_from == SCRATCH else cfg.init_from
-            argument = "arch_from" if cfg.init_from == SCRATCH else "init_from"
+            start, argument = cfg.start
             bert, self.tok, saved = sample.load_run(start, backend=cfg.backend, dropout=cfg.dropout)
             if saved["model_type"] == "gpt":
                 raise ConfigError(f"fine-tuning a GPT model is not supported: --{argument}={start} holds a "
@@ -329,7 +333,7 @@ class Finetune:
                     log(note)
             block_size = bert.config.block_size
         if not cfg.data:
-            val_fraction = pretraining_val_fraction(cfg.arch_from or cfg.init_from, log)
+            val_fraction = pretraining_val_fraction(cfg.start[0], log)
             cfg.data, cfg.val_data, cfg.test_data = map(
                 str, rt.on_main(lambda: genre.build(self.out, val_fraction)) or genre.paths(self.out))
             log(f"the genre task: passages from the held-out last {val_fraction:g} of every bundled play: "
@@ -504,7 +508,7 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
     for name in ("val_data", "test_data"):
         if not cfg.data and getattr(cfg, name):
             raise ConfigError(f"--{name} needs --data: without --data the genre task gives all three splits")
-    start, argument = (cfg.arch_from, "arch_from") if cfg.init_from == SCRATCH else (cfg.init_from, "init_from")
+    start, argument = cfg.start
     if not cfg.resume and Path(start).resolve() == Path(cfg.out_dir).resolve():
         raise ConfigError(f"--{argument} and --out_dir name the same folder: the run would be written over its start")
     run = Finetune(cfg, rt, log)
