@@ -80,6 +80,29 @@ class RowPacker:
         return True
 
 
+def empty_pair_arrays(shape: tuple[int, int], tok: TextTokenizer) -> dict[str, np.ndarray]:
+    """All padding: input_ids, token_type_ids, attention_mask and special_tokens_mask of ``shape``."""
+    ids = np.full(shape, tok.pad_id, dtype=np.int64)
+    return {
+        "input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.zeros(shape, dtype=bool),
+        "special_tokens_mask": np.ones(shape, dtype=bool),  # [CLS], [SEP] and [PAD] are never masked
+    }
+
+
+def write_pair(arrays: dict[str, np.ndarray], row: int, start: int, instance, tok: TextTokenizer) -> int:
+    """``[CLS] A [SEP] B [SEP]`` into ``row`` of input_ids, token_type_ids and special_tokens_mask from
+    ``start``; returns where it ends. The arrays hold padding, type 0 and "special" there before."""
+    la, lb = len(instance.tokens_a), len(instance.tokens_b)
+    end = start + la + lb + 3
+    ids, special = arrays["input_ids"][row], arrays["special_tokens_mask"][row]
+    ids[start], ids[start + la + 1], ids[end - 1] = tok.cls_id, tok.sep_id, tok.sep_id
+    ids[start + 1:start + la + 1] = instance.tokens_a
+    ids[start + la + 2:end - 1] = instance.tokens_b
+    arrays["token_type_ids"][row, start + la + 2:end] = 1
+    special[start + 1:start + la + 1] = special[start + la + 2:end - 1] = False
+    return end
+
+
 def collate_packed(rows: list[list], tok: TextTokenizer, block_size: int) -> dict[str, np.ndarray]:
     """Packed rows as arrays: collate_pairs' five, and position_ids, document_ids and cls_positions.
 
@@ -88,33 +111,22 @@ def collate_packed(rows: list[list], tok: TextTokenizer, block_size: int) -> dic
     """
     B, slots = len(rows), pair_slots(block_size)
     width = padded_width([sum(pair_length(x) for x in row) for row in rows], block_size)
-    ids = np.full((B, width), tok.pad_id, dtype=np.int64)
-    types, positions, documents = np.zeros_like(ids), np.zeros_like(ids), np.zeros_like(ids)
-    attention = np.zeros(ids.shape, dtype=bool)
-    special = np.ones(ids.shape, dtype=bool)  # [CLS], [SEP] and [PAD] are never masked
+    out = empty_pair_arrays((B, width), tok)
+    positions, documents = np.zeros((B, width), dtype=np.int64), np.zeros((B, width), dtype=np.int64)
     cls_positions = np.zeros((B, slots), dtype=np.int64)
     labels = np.full((B, slots), IGNORE_INDEX, dtype=np.int64)
     for row, pairs in enumerate(rows):
         start = 0
         for slot, x in enumerate(pairs):
-            la, lb = len(x.tokens_a), len(x.tokens_b)
-            end = start + la + lb + 3
-            ids[row, start], ids[row, start + la + 1], ids[row, end - 1] = tok.cls_id, tok.sep_id, tok.sep_id
-            ids[row, start + 1:start + la + 1] = x.tokens_a
-            ids[row, start + la + 2:end - 1] = x.tokens_b
-            types[row, start + la + 2:end] = 1
+            end = write_pair(out, row, start, x, tok)
             positions[row, start:end] = np.arange(end - start)
             documents[row, start:end] = slot
-            special[row, start + 1:start + la + 1] = special[row, start + la + 2:end - 1] = False
             cls_positions[row, slot], labels[row, slot] = start, int(x.is_random_next)
             start = end
-        attention[row, :start] = True
+        out["attention_mask"][row, :start] = True
         documents[row, start:] = len(pairs)
-    return {
-        "input_ids": ids, "token_type_ids": types, "attention_mask": attention, "special_tokens_mask": special,
-        "next_sentence_label": labels, "position_ids": positions, "document_ids": documents,
-        "cls_positions": cls_positions,
-    }
+    return {**out, "next_sentence_label": labels, "position_ids": positions, "document_ids": documents,
+            "cls_positions": cls_positions}
 
 
 def pad_share(tokens: int, positions: int) -> float:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minipt.data.packing import RowPacker, collate_packed, pad_share, padded_width, pair_length
+from minipt.data.packing import (
+    RowPacker, collate_packed, empty_pair_arrays, pad_share, padded_width, pair_length, write_pair,
+)
 from minipt.data.prepare import PreparedData, TokenSplit
 from minipt.data.sources import DataError
 from minipt.tokenizer import TextTokenizer
@@ -164,24 +166,11 @@ def create_pair_instances(
 def collate_pairs(instances: list[PairInstance], tok: TextTokenizer, max_seq_length: int) -> dict[str, np.ndarray]:
     """``[CLS] A [SEP] B [SEP]`` padded to the longest pair, rounded up to a multiple of 8."""
     width = padded_width([pair_length(x) for x in instances], max_seq_length)
-    ids = np.full((len(instances), width), tok.pad_id, dtype=np.int64)
-    types = np.zeros_like(ids)
-    attention = np.zeros(ids.shape, dtype=bool)
-    special = np.ones(ids.shape, dtype=bool)  # [CLS], [SEP] and [PAD] are never masked
+    out = empty_pair_arrays((len(instances), width), tok)
     for row, x in enumerate(instances):
-        la, lb = len(x.tokens_a), len(x.tokens_b)
-        end = la + lb + 3
-        ids[row, 0], ids[row, la + 1], ids[row, end - 1] = tok.cls_id, tok.sep_id, tok.sep_id
-        ids[row, 1:la + 1] = x.tokens_a
-        ids[row, la + 2:end - 1] = x.tokens_b
-        types[row, la + 2:end] = 1
-        attention[row, :end] = True
-        special[row, 1:la + 1] = special[row, la + 2:end - 1] = False
+        out["attention_mask"][row, :write_pair(out, row, 0, x, tok)] = True
     labels = np.asarray([int(x.is_random_next) for x in instances], dtype=np.int64)
-    return {
-        "input_ids": ids, "token_type_ids": types, "attention_mask": attention,
-        "special_tokens_mask": special, "next_sentence_label": labels,
-    }
+    return {**out, "next_sentence_label": labels}
 
 
 class PairSampler:
