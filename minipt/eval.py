@@ -48,7 +48,7 @@ from minipt.config import ConfigError, TrainConfig, check_types, make_config, pa
 from minipt.data import (
     DataError, create_pair_instances, find_sources, pair_batches, read_documents, segments, to_device,
 )
-from minipt.data.packing import MIN_PAIR_TOKENS
+from minipt.data.packing import check_pair_room
 from minipt.data.sources import is_tokens
 from minipt.data.tokens import token_files
 from minipt.ops._loss import IGNORE_INDEX
@@ -195,9 +195,8 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
         raise ConfigError(f"block_size={block_size} exceeds the model's {model.config.block_size} positions")
     if kind == "gpt" and cfg.pack:
         raise ConfigError(f"--pack applies to BERT models only; {cfg.out_dir} holds a gpt model")
-    if kind == "bert" and block_size < MIN_PAIR_TOKENS:
-        raise ConfigError(f"block_size={block_size} holds no [CLS] A [SEP] B [SEP] pair, which needs at least "
-                          f"{MIN_PAIR_TOKENS} positions")
+    if kind == "bert":
+        check_pair_room(block_size)
     trained = saved.get("train", {})  # a run's own masking rate and pair lengths; a Hugging Face folder has none
     settings = TrainConfig(
         model=kind, backend=cfg.backend, seed=cfg.seed,

@@ -37,7 +37,7 @@ from minipt import checkpoint as ckpt
 from minipt import runtime, sample
 from minipt.config import ConfigError, TrainConfig, make_config, parse_overrides
 from minipt.data import DataError, make_samplers, prepare_data, to_device
-from minipt.data.packing import MIN_PAIR_TOKENS
+from minipt.data.packing import check_pair_room
 from minipt.model import MODEL_KINDS, BertConfig, GPTConfig, ModelOutput, build_model
 from minipt.ops import mlm_mask
 from minipt.ops._loss import IGNORE_INDEX
@@ -88,9 +88,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, pad_id: int, eot_id: int | N
         config = cls.preset(cfg.preset, **overrides) if cfg.preset else cls(**{**DEFAULT_SIZES, **overrides})
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.model == "bert" and config.block_size < MIN_PAIR_TOKENS:
-        raise ConfigError(f"block_size={config.block_size} holds no [CLS] A [SEP] B [SEP] pair, which needs at least "
-                          f"{MIN_PAIR_TOKENS} positions")
+    if cfg.model == "bert":
+        check_pair_room(config.block_size)
     return config
 
 

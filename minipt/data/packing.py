@@ -29,10 +29,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from minipt.config import ConfigError
 from minipt.ops._loss import IGNORE_INDEX
 from minipt.tokenizer import TextTokenizer
 
 MIN_PAIR_TOKENS = 5  # [CLS] a [SEP] b [SEP]: create_pair_instances keeps no pair with an empty side
+
+
+def check_pair_room(block_size: int) -> None:
+    """A BERT row must hold at least one pair: the ConfigError train and eval give for a shorter block_size."""
+    if block_size < MIN_PAIR_TOKENS:
+        raise ConfigError(f"block_size={block_size} holds no [CLS] A [SEP] B [SEP] pair, which needs at least "
+                          f"{MIN_PAIR_TOKENS} positions")
 
 
 def pair_length(instance) -> int:
