@@ -77,7 +77,7 @@ from minipt.train import (
 )
 
 PROG = "python -m minipt.finetune"
-KIND = "bert_classifier"
+KIND = sample.CLASSIFIER  # the model kind of a fine-tune run, as sample and train read it
 BEST = "best"  # subfolder: the best epoch's weights while the run goes on
 CONFUSION = "confusion.json"
 SELECT = ("macro_f1", "accuracy")
