@@ -55,10 +55,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
-from minipt.ops._attention_configs import _CONFIGS
 from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import attention
-from minipt.ops.attention import attention_tiles
+from minipt.ops.attention._tiles import attention_tiles
+from minipt.ops.attention.triton import _CONFIGS
 
 SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,

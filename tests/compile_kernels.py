@@ -20,7 +20,6 @@ under the interpreter (the launchers themselves still see no interpreter).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -39,9 +38,7 @@ from triton.runtime.jit import JITFunction
 
 import minipt.ops._backend as backend_module
 from minipt.ops import attention, cross_entropy, linear_cross_entropy, mlm_mask
-
-# The module, not the function that minipt.ops re-exports under the same name.
-attention_module = importlib.import_module("minipt.ops.attention")
+from minipt.ops.attention import triton as attention_triton
 
 ARCH = int(sys.argv[1])
 CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
@@ -62,7 +59,7 @@ class TargetDriver:
 
 driver.set_active(TargetDriver())
 backend_module.triton_interpreting = lambda: True
-attention_module._device_capability = lambda device_index: divmod(ARCH, 10)
+attention_triton._device_capability = lambda device_index: divmod(ARCH, 10)
 
 _launch = JITFunction.run
 compiled_in_variant: list = []

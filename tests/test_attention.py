@@ -6,8 +6,6 @@ fp16). bf16 there needs the kernels' interpreter upcast, because the interpreter
 one small bf16 case checks that upcast, and the bf16 matrix runs on CUDA only.
 """
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,9 +13,10 @@ import torch.nn.functional as F
 from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
 from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import attention, attention_ref
+from minipt.ops.attention import triton as attention_triton
+from minipt.ops.attention._common import document_spans
+from minipt.ops.attention._tiles import attention_tiles
 
-# The module, not the function that minipt.ops re-exports under the same name.
-attention_module = importlib.import_module("minipt.ops.attention")
 DEVICE = TRITON_DEVICE
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -327,7 +326,7 @@ def test_tile_counts_are_the_tiles_the_forward_reads(is_causal, mask, pattern):
     """NaN in V reaches a query block's output exactly when the kernel reads that key block
     (p = 0 times NaN is NaN), so poisoning one key block per batch row counts the visits."""
     T, B0 = 100, 2
-    block_m, block_n = attention_module._INTERPRETER_CONFIGS["fwd"][:2]
+    block_m, block_n = attention_triton._INTERPRETER_CONFIGS["fwd"][:2]
     num_n = -(-T // block_n)
     ids = make_document_ids(pattern, B0, T, seed=3).repeat_interleave(num_n, 0)  # row b·num_n + n poisons block n
     key_mask = make_mask(mask, B0, T)
@@ -339,9 +338,8 @@ def test_tile_counts_are_the_tiles_the_forward_reads(is_causal, mask, pattern):
     out = attention(q, k, v, is_causal=is_causal, attention_mask=key_mask, document_ids=ids, backend="triton")
     pad = -T % block_m
     blocks = F.pad(out.isnan().any(-1)[:, 0], (0, pad)).view(B0 * num_n, -1, block_m).any(-1)
-    want = attention_module.attention_tiles(T, block_m, block_n, is_causal=is_causal,
-                                            attention_mask=make_mask(mask, B0, T),
-                                            document_ids=make_document_ids(pattern, B0, T, seed=3))
+    want = attention_tiles(T, block_m, block_n, is_causal=is_causal, attention_mask=make_mask(mask, B0, T),
+                           document_ids=make_document_ids(pattern, B0, T, seed=3))
     assert int(blocks.sum()) == want["forward"]
     assert want["forward"] < want["dense"] or pattern == "one" and not is_causal and mask is None
 
@@ -350,26 +348,24 @@ def test_tile_counts_are_the_tiles_the_forward_reads(is_causal, mask, pattern):
 def test_tile_counts_are_the_tiles_the_dkdv_pass_reads(is_causal, mask, pattern):
     """The mirror image: NaN in dO reaches a key block's dK and dV exactly when the pass reads that query block."""
     T, B0 = 100, 2
-    block_m, block_n = attention_module._INTERPRETER_CONFIGS["dkdv"][:2]
+    block_m, block_n = attention_triton._INTERPRETER_CONFIGS["dkdv"][:2]
     num_m = -(-T // block_m)
     ids = make_document_ids(pattern, B0, T, seed=4)
     key_mask = make_mask(mask, B0, T)
     q, k, v = make_qkv(B0, 1, T, 16, torch.float32)
-    out, lse, key_range = attention_module._attention_forward(
-        q, k, v, key_mask, attention_module.document_spans(ids), is_causal, 0.25)
+    out, lse, key_range = attention_triton._attention_forward(q, k, v, key_mask, document_spans(ids), is_causal, 0.25)
     grad_out = torch.randn(B0 * num_m, 1, T, 16, device=DEVICE)
     for row in range(B0 * num_m):
         m = row % num_m
         grad_out[row, :, m * block_m:(m + 1) * block_m] = float("nan")
     tile = lambda x: x.repeat_interleave(num_m, 0)  # row b·num_m + m poisons query block m
-    _, dk, dv = attention_module._attention_backward(
+    _, dk, dv = attention_triton._attention_backward(
         grad_out, tile(q), tile(k), tile(v), tile(out), tile(lse), None if key_mask is None else tile(key_mask),
-        tile(key_range), attention_module.document_spans(tile(ids)), is_causal, 0.25)
+        tile(key_range), document_spans(tile(ids)), is_causal, 0.25)
     pad = -T % block_n
     poisoned = (dk.isnan() | dv.isnan()).any(-1)[:, 0]
     blocks = F.pad(poisoned, (0, pad)).view(B0 * num_m, -1, block_n).any(-1)
-    want = attention_module.attention_tiles(T, block_m, block_n, is_causal=is_causal, attention_mask=key_mask,
-                                            document_ids=ids)
+    want = attention_tiles(T, block_m, block_n, is_causal=is_causal, attention_mask=key_mask, document_ids=ids)
     assert int(blocks.sum()) == want["dkdv"]
 
 
@@ -377,9 +373,9 @@ def test_tile_counts_follow_document_lengths():
     """Equal documents of length L in a row of T: the dense count over T/L, to the block."""
     T, L = 1024, 128
     ids = (torch.arange(T) // L)[None]
-    tiles = attention_module.attention_tiles(T, 64, 32, document_ids=ids)
+    tiles = attention_tiles(T, 64, 32, document_ids=ids)
     assert tiles == {"forward": (T // 64) * (L // 32), "dkdv": (T // 32) * (L // 64), "dense": (T // 64) * (T // 32)}
-    causal = attention_module.attention_tiles(T, 64, 32, is_causal=True, document_ids=ids)
+    causal = attention_tiles(T, 64, 32, is_causal=True, document_ids=ids)
     assert causal["forward"] == (T // L) * sum(min(2 * (m + 1), L // 32) for m in range(L // 64))
 
 
@@ -478,12 +474,12 @@ def test_cuda_offsets_past_int32():
 # ----------------------------------------------------------------------------- launch configs
 def test_launch_table_covers_every_kernel_and_falls_back_to_the_nearest_lower_capability():
     keys = {(kind, dim, size) for kind in ("fwd", "dkdv", "dq") for dim in (64, 128) for size in (2, 4)}
-    assert {(8, 0), (8, 6), (8, 9), (9, 0)} <= set(attention_module._CONFIGS)
-    for capability, table in attention_module._CONFIGS.items():
+    assert {(8, 0), (8, 6), (8, 9), (9, 0)} <= set(attention_triton._CONFIGS)
+    for capability, table in attention_triton._CONFIGS.items():
         assert set(table) == keys, capability
     expected = {(8, 0): (8, 0), (8, 6): (8, 6), (8, 7): (8, 6), (8, 9): (8, 9), (9, 0): (9, 0), (10, 0): (9, 0),
                 (12, 1): (9, 0), (7, 5): (8, 0)}
-    assert {c: attention_module._table_capability(c) for c in expected} == expected
+    assert {c: attention_triton._table_capability(c) for c in expected} == expected
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,10 +1,13 @@
 """minipt's ops. Each takes ``backend="auto" | "torch" | "triton" | "native"``.
 
-One op, one file: ``attention.py``, ``cross_entropy.py``, ``linear_cross_entropy.py``
-and ``mlm_mask.py`` each hold, in this order, a header on the algorithm and its
+One op, one file: ``cross_entropy.py``, ``linear_cross_entropy.py`` and
+``mlm_mask.py`` each hold, in this order, a header on the algorithm and its
 memory traffic, the PyTorch reference, the Triton kernels, their launchers, the
-autograd, the native (pybind11) wrapper and the public function. The private
-modules beside them hold plumbing that several ops share and import no op:
+autograd, the native (pybind11) wrapper and the public function. ``attention``
+outgrew one file and is a folder of that name, ``attention/``: its ``__init__``
+holds the header, the reference and the public function, ``triton.py`` and
+``native.py`` its two kernel backends. The private modules beside them hold
+plumbing that several ops share and import no op:
 ``_backend`` (which backend runs a call), ``_checks`` (argument checks),
 ``_loss`` (``IGNORE_INDEX``, loss reduction), ``_native`` (the call into
 ``minipt._C``) and ``_triton`` (Triton, or stand-ins where it is not installed).

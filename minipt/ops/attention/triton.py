@@ -1,67 +1,6 @@
-"""Masked softmax attention: bidirectional with key padding (BERT) or causal (GPT).
-
-    out = softmax(scale · Q Kᵀ + mask) V,   Q, K, V: (B, H, T, D)
-
-The mask combines key padding (``attention_mask[b, j] == 0`` hides key j from
-every query of sequence b), when ``is_causal`` hides keys j > i from query i, and
-with ``document_ids`` hides every key of another document.
-A query row with no visible key returns zeros, and its gradients are zero.
-
-Memory traffic of a materialising attention (SDPA's math path, taken whenever a
-mask is given): read 3·BHTD, write and re-read the (B, H, T, T) scores and
-probabilities, write BHTD. The (T, T) matrices dominate once T > D, which is why
-the Triton kernel never materialises them.
-
-The Triton kernels (FlashAttention-2, Dao 2023):
-
-* Forward. One program owns BLOCK_M queries of one (b, h) and streams BLOCK_N keys
-  at a time through an online softmax in base 2: scores are scaled by
-  scale·log2(e) so ``exp2`` replaces ``exp``, and the running max m and sum l
-  rescale the accumulator as the max grows. It writes the output and the row
-  log-sum-exp lse = m + log2(l), the one statistic the backward needs.
-  Traffic: read Q once, K and V once per query block (T/BLOCK_M times), write O.
-* Backward. ``delta_i = rowsum(dO_i · O_i)`` first (read 2·BHTD). Then one pass
-  per key block accumulates dK and dV over the query blocks, and one pass per
-  query block accumulates dQ over the key blocks; both recompute
-  P = exp2(s - lse) from Q, K and the saved lse. Each output block has one owner,
-  so the backward needs no atomics and is deterministic. Traffic: the dK/dV pass
-  reads Q and dO once per key block, the dQ pass K and V once per query block.
-* Masks. Causal programs skip every block above the diagonal. With key padding a
-  small pre-pass finds each sequence's first and last real key, and programs skip
-  the key blocks outside that span, so the cost follows the real lengths of
-  right- (or left-) padded batches; inside the span the per-key mask is read for
-  each block, so masks with holes stay exact. Only the blocks that cross the
-  diagonal or the end of the sequence pay for elementwise causal and bound masks.
-* Packed documents. ``document_ids`` (B, T) never decrease along a row, so each
-  position's document is one span [start, end), found by a binary search per
-  position (``document_spans``), and a block of positions sees one contiguous
-  span too: from its first position's document start to its last one's end. The
-  forward and dQ programs skip the key blocks outside their query block's span,
-  the dK/dV programs the query blocks outside their key block's span, so the cost
-  follows Σ lenᵢ² (halved when causal) rather than T². Only tiles that reach past
-  the span every row of the block shares compare positions with spans.
-  ``attention_tiles`` counts the tiles visited, as the kernels' bounds do.
-* A row that sees no key keeps m = -inf and l = 0: its output is 0 and its lse is
-  +inf, which makes every recomputed probability of the row exp2(-inf) = 0, so
-  its gradients vanish without a special case in the backward.
-* Precision: fp16/bf16 tiles go through the tensor cores with fp32 accumulation,
-  P and dS rounded to the input dtype before their matmuls (as FlashAttention
-  does); fp32 inputs use exact fp32 dots.
-* Launch configs (tile sizes, warps, pipeline stages) come from a table keyed on
-  the GPU's compute capability, read at the first launch on each device.
-
-Layout. Inputs may have any B, H and T strides (a (B, T, H, D) projection
-transposed, or slices of a packed qkv); D must be the unit stride, or is made so
-by one copy. The output of the Triton and native kernels is written as dense
-(B, T, H, D) memory and returned as its (B, H, T, D) view, so a model's
-``out.transpose(1, 2).reshape(B, T, H * D)`` merges the heads without copying
-B·T·C elements per layer, and the gradient that comes back through that reshape
-reaches the backward in the same layout, again without a copy (the Triton
-kernels take any B, H and T strides of it). The torch
-backend returns what SDPA returns and adds no copy for layout: SDPA's CUDA flash
-and memory-efficient kernels also write (B, T, H, D) memory, its CPU kernels follow
-q's layout, and where it returns dense (B, H, T, D) merging heads copies.
-"""
+"""attention's Triton backend, in reading order: the kernels, their launch table, the
+launchers and the autograd. The algorithm, its memory traffic and its precision are
+described in the package's header (``__init__.py``)."""
 
 from __future__ import annotations
 
@@ -70,129 +9,14 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from minipt.ops._attention_configs import (
-    _AMPERE_DOCUMENT_CONFIGS, _CONFIGS, _INTERPRETER_CONFIGS, _SHORT_CONFIGS, _SHORT_T, _table_capability,
-)
-from minipt.ops._backend import BackendUnavailableError, resolve_backend, triton_interpreting
-from minipt.ops._native import check_contiguous, check_device, float_code, run_kernel
-from minipt.ops._checks import FLOAT_DTYPES, check_same, check_tensor
+from minipt.ops._backend import triton_interpreting
 from minipt.ops._triton import jit, tl, triton, triton_op
+from minipt.ops.attention._common import OP
 
-OP = "attention"
 HEAD_DIMS = (16, 32, 64, 128)
-NATIVE_HEAD_DIMS = (64, 128)  # the CUDA kernels of backend="native"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-# ----------------------------------------------------------------------------- reference
-def visible_keys(T: int, attention_mask: torch.Tensor | None, is_causal: bool, device,
-                 document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Boolean (B or 1, 1, T, T) mask of the keys each query may see, or None when all are visible."""
-    visible = None
-    if attention_mask is not None:
-        visible = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-    if document_ids is not None:
-        same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, T, T)
-        visible = same if visible is None else visible & same
-    if is_causal:
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, T, T)
-        visible = causal if visible is None else visible & causal
-    return visible
-
-
-def attention_ref(q, k, v, *, is_causal=False, attention_mask=None, document_ids=None, scale=None, upcast=True):
-    """PyTorch reference on ``F.scaled_dot_product_attention``.
-
-    With ``upcast`` it computes in at least float32 and casts back; without, it is
-    what PyTorch itself does in the input dtype (the baseline of the low-precision
-    tolerance rule, and ``backend="torch"``).
-    """
-    out_dtype = q.dtype
-    if upcast:
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    T = q.shape[-2]
-    # SDPA's is_causal path returns NaN for a scale <= 0 (torch 2.13, CPU: the scale
-    # multiplies the -inf of masked scores); its explicit-mask path below does not.
-    if attention_mask is None and document_ids is None and not (is_causal and scale is not None and scale <= 0):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
-        return out.to(out_dtype)
-    visible = visible_keys(T, attention_mask, is_causal, q.device, document_ids)  # (B, 1, T, T)
-    # A row with no visible key would be softmax(all -inf) = NaN, in the output and
-    # in every gradient. Let such rows see every key, then zero their output: the
-    # zeroed output sends no gradient back, so q, k and v get none from them.
-    any_visible = visible.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~any_visible, scale=scale)
-    return (out * any_visible).to(out_dtype)  # (B, H, T, D)
-
-
-# ----------------------------------------------------------------------------- schedule
-def document_spans(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 2, T) int32: for each position, the first position of its document and the one past its last.
-
-    Ids never decrease along a row, so a binary search finds both ends. The kernels
-    read these spans instead of the ids: one compare per score, whatever the id dtype.
-    """
-    ids = document_ids.contiguous()
-    start = torch.searchsorted(ids, ids, side="left", out_int32=True)
-    end = torch.searchsorted(ids, ids, side="right", out_int32=True)
-    return torch.stack((start, end), 1)
-
-
-def attention_tiles(T, block_m, block_n, *, is_causal=False, attention_mask=None, document_ids=None) -> dict:
-    """(query block, key block) tiles the Triton kernels visit per head, summed over the batch.
-
-    "forward" counts the forward's tiles (the dQ pass visits the same), "dkdv" the
-    dK/dV pass's (it walks query blocks of ``block_m`` rows per key block of
-    ``block_n`` keys), "dense" the tiles of a (T, T) score matrix. The bounds
-    mirror _key_block_range and _attention_bwd_dkdv_kernel line for line;
-    tests/test_attention.py checks them against what the kernels read.
-    """
-    given = attention_mask if attention_mask is not None else document_ids
-    B, device = (1, "cpu") if given is None else (given.shape[0], given.device)
-    span = None if document_ids is None else document_spans(document_ids).long()
-    if attention_mask is not None:
-        real = attention_mask.bool()
-        pos = torch.arange(T, device=device)
-        first = torch.where(real, pos, T).amin(1, keepdim=True)  # _key_range_kernel's (first, end)
-        end = torch.where(real, pos + 1, 0).amax(1, keepdim=True)
-
-    def cdiv(a, b):
-        return -(-a // b)
-
-    start_m = torch.arange(0, T, block_m, device=device)[None, :]  # forward: one row per query block
-    lo = torch.zeros_like(start_m)
-    hi = torch.full_like(start_m, T)
-    if is_causal:
-        hi = torch.clamp(start_m + block_m, max=T)
-    if attention_mask is not None:
-        lo = first // block_n * block_n
-        hi = torch.minimum(hi, end)
-    if span is not None:
-        last = torch.clamp(start_m + block_m, max=T) - 1
-        lo = torch.maximum(lo, span[:, 0, start_m[0]] // block_n * block_n)
-        hi = torch.minimum(hi, span[:, 1, last[0]])
-    forward = cdiv(hi - lo, block_n).clamp(min=0).expand(B, -1).sum()
-
-    start_n = torch.arange(0, T, block_n, device=device)[None, :]  # dK/dV: one row per key block
-    lo = torch.zeros_like(start_n)
-    hi = torch.full_like(start_n, T)
-    if is_causal:
-        lo = start_n // block_m * block_m
-    if span is not None:
-        last = torch.clamp(start_n + block_n, max=T) - 1
-        hi = span[:, 1, last[0]]
-        lo = torch.maximum(lo, span[:, 0, start_n[0]] // block_m * block_m)
-    if attention_mask is not None:
-        dead = (start_n + block_n <= first) | (start_n >= end)
-        lo = torch.where(dead, T, lo)
-        hi = torch.where(dead, T, hi)
-    dkdv = cdiv(hi - lo, block_m).clamp(min=0).expand(B, -1).sum()
-    dense = B * cdiv(T, block_m) * cdiv(T, block_n)
-    return {"forward": int(forward), "dkdv": int(dkdv), "dense": int(dense)}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -327,8 +151,6 @@ def _key_block_range(KeyRange_ptr, b, start_m, T, doc_start, doc_end, BLOCK_M: t
         bulk_hi = tl.minimum(bulk_hi, start_m // BLOCK_N * BLOCK_N)
     bulk_hi = tl.maximum(tl.minimum(bulk_hi, hi), lo)
     return lo, bulk_hi, hi
-
-
 
 @jit
 def _attention_fwd_kernel(
@@ -639,7 +461,83 @@ def _attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------- launch configs
-# The table, and why each entry is what it is, live in _attention_configs.py.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per compute capability, kernel, head
+# dim class (up to 64, or 128) and bytes per element. The tiles follow the Triton
+# tutorial's and FlashAttention-2's: 128-row query blocks on tensor cores for the
+# forward and the dQ pass; the dK/dV pass holds a wide key block and walks thin
+# query blocks (the mirror image). Where the tutorial's 4 warps run out of
+# registers, 8 warps share the same tile. fp32 inputs run exact fp32 dots
+# (input_precision="ieee"), which live in registers, hence the small tiles.
+#
+# Checked by tests/test_compile_gate.py, which compiles the kernels without a GPU
+# (fp16/bf16 exhaustively: head dims 16-128, causal or not, key mask or not; fp32
+# and short sequences sampled, fp32 compiled exhaustively once for sm_80 and
+# sm_90 when the table was chosen) and passes with Triton 3.6 and 3.9: no spilled
+# register on sm_80 and sm_90, shared memory within 163 KB (sm_80) and 227 KB
+# (sm_90) per block, tensor-core instructions for fp16/bf16; the 16-bit variants
+# of the 8.6 and 8.9 entries (head dims 64 and 128) also compile spill-free within
+# their 99 KB. A capability between entries takes the nearest lower one. A fixed
+# table rather than an autotuner: each config is one compile, where tuning would
+# compile and time every candidate for every shape class.
+_FP32_CONFIGS = {
+    ("fwd", 64, 4): (32, 32, 8, 2),
+    ("fwd", 128, 4): (32, 16, 8, 2),
+    ("dkdv", 64, 4): (32, 32, 8, 2),
+    ("dkdv", 128, 4): (16, 32, 8, 2),
+    ("dq", 64, 4): (32, 32, 8, 2),
+    ("dq", 128, 4): (32, 16, 8, 2),
+}
+_AMPERE_CONFIGS = {
+    ("fwd", 64, 2): (128, 32, 8, 3),
+    ("fwd", 128, 2): (128, 32, 8, 3),
+    ("dkdv", 64, 2): (16, 128, 8, 3),
+    ("dkdv", 128, 2): (32, 64, 8, 3),
+    ("dq", 64, 2): (128, 32, 8, 3),
+    ("dq", 128, 2): (128, 32, 8, 3),
+    **_FP32_CONFIGS,
+    # With 8 warps ptxas holds some fp32 kernels to 80 registers and spills on
+    # sm_8x; 4 warps do not spill there (but spill 256-448 B on sm_90).
+    ("fwd", 64, 4): (32, 32, 4, 2),
+    ("dkdv", 64, 4): (16, 32, 4, 2),
+    ("dkdv", 128, 4): (16, 32, 4, 2),
+}
+# 8.6 and 8.9 have about 100 KB per SM: two stages bring the D = 128 forward from
+# 64 to 48 KB, two blocks per SM. Elsewhere two stages gained no second block, and
+# once made ptxas spill (the D = 64 forward, Triton 3.9).
+_SMALL_SHARED_CONFIGS = {**_AMPERE_CONFIGS, ("fwd", 128, 2): (128, 32, 8, 2)}
+_CONFIGS = {
+    (8, 0): _AMPERE_CONFIGS,
+    (8, 6): _SMALL_SHARED_CONFIGS,
+    (8, 9): _SMALL_SHARED_CONFIGS,
+    (9, 0): {
+        ("fwd", 64, 2): (128, 64, 8, 3),
+        ("fwd", 128, 2): (128, 64, 8, 3),
+        ("dkdv", 64, 2): (64, 128, 8, 3),
+        ("dkdv", 128, 2): (32, 128, 8, 3),
+        ("dq", 64, 2): (128, 32, 4, 4),
+        ("dq", 128, 2): (128, 32, 8, 3),
+        **_FP32_CONFIGS,
+        ("dq", 64, 4): (32, 32, 4, 2),  # 8 warps: 80 registers and a spill (Triton 3.6)
+    },
+}
+# Packed documents keep each query row's document start live through the dQ loop:
+# on sm_80 the D = 128 dQ kernel then needed more than 255 registers and spilled
+# 16-48 B (Triton 3.9); 64-row query blocks on 4 warps use 230-248 and spill none.
+# Capabilities below 9.0 take these entries when document_ids are given.
+_AMPERE_DOCUMENT_CONFIGS = {("dq", 128, 2): (64, 32, 4, 3)}
+# Sequences of at most 64 tokens fill a 128-row query block only half: 64 rows.
+_SHORT_T = 64
+_SHORT_CONFIGS = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3)}
+# The interpreter runs small unequal blocks, so that test sizes cross diagonal and tail blocks.
+_INTERPRETER_CONFIGS = {"fwd": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "dq": (32, 16, 1, 1)}
+
+
+def _table_capability(capability: tuple[int, int]) -> tuple[int, int]:
+    """The table's entry for ``capability``: itself, else the nearest lower one (the lowest below 8.0)."""
+    lower = [c for c in _CONFIGS if c <= capability]
+    return max(lower) if lower else min(_CONFIGS)
+
+
 @functools.cache
 def _device_capability(device_index: int | None) -> tuple[int, int]:
     # Read at the first launch on each device, never at import: importing minipt must not touch a GPU.
@@ -773,7 +671,8 @@ def _backward(ctx, grad_out, _grad_lse, _grad_key_range):
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention_triton(q, k, v, is_causal, attention_mask, document_ids, scale):
+def attention_triton(q, k, v, attention_mask, doc_span, is_causal: bool, scale: float):
+    """backend="triton" on checked inputs; doc_span is ``document_spans`` of the ids, or None."""
     if q.dtype not in TRITON_DTYPES:
         raise TypeError(
             f"{OP}: backend='triton' supports float16, bfloat16 and float32 inputs, got {str(q.dtype).replace('torch.', '')}"
@@ -781,192 +680,5 @@ def _attention_triton(q, k, v, is_causal, attention_mask, document_ids, scale):
     D = q.shape[-1]
     if D not in HEAD_DIMS:
         raise ValueError(f"{OP}: backend='triton' supports head dims {HEAD_DIMS}, got head dim D = {D}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    doc_span = None if document_ids is None else document_spans(document_ids)
-    out, _, _ = _attention_forward(q, k, v, attention_mask, doc_span, bool(is_causal), float(scale))
+    out, _, _ = _attention_forward(q, k, v, attention_mask, doc_span, is_causal, scale)
     return out
-
-
-# ----------------------------------------------------------------------------- native
-# backend="native": the CUDA kernels of kernels/attention.cu (SIMT, head dims 64 and
-# 128; there is no CPU kernel). They read q, k and v as dense (B, H, T, D) and write
-# the output as dense (B, T, H, D), returned as the same (B, H, T, D) view as the
-# Triton output's; the backward reads the incoming gradient in that layout too.
-def _bthd_dense(x: torch.Tensor) -> torch.Tensor:
-    """A (B, H, T, D) view of dense (B, T, H, D) memory: ``x`` itself when it is one, else a copy."""
-    return x if x.transpose(1, 2).is_contiguous() else x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale) -> dict:
-    """The kernels' arguments, after every check: the custom ops below may be called directly."""
-    named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)]
-    named += [(name, x) for name, x in (("key_mask", key_mask), ("doc_span", doc_span)) if x is not None]
-    check_device(OP, *named)
-    if q.device.type != "cuda":
-        raise BackendUnavailableError(
-            f"{OP}: backend='native' has CUDA kernels only (there is no C++ CPU attention); got tensors on "
-            f"{q.device}. Use backend='torch' on the CPU."
-        )
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"{OP}: q, k, v and out must share one (B, H, T, D) shape, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(out.shape)}")
-    B, H, T, D = q.shape
-    if D not in NATIVE_HEAD_DIMS:
-        raise BackendUnavailableError(f"{OP}: backend='native' supports head dims {NATIVE_HEAD_DIMS}, got {D}")
-    check_contiguous(OP, *[(name, x) for name, x in named if name != "out"])
-    check_contiguous(OP, ("out.transpose(1, 2)", out.transpose(1, 2)))
-    if not (k.dtype == v.dtype == out.dtype == q.dtype):
-        raise TypeError(f"{OP}: q, k, v and out must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {out.dtype}")
-    if lse.dtype != torch.float32 or lse.shape != (B, H, T):
-        raise ValueError(f"{OP}: lse must be float32 of shape {(B, H, T)}, got {lse.dtype} {tuple(lse.shape)}")
-    if key_mask is not None and (key_mask.dtype != torch.uint8 or key_mask.shape != (B, T)):
-        raise ValueError(f"{OP}: key_mask must be uint8 of shape {(B, T)}, got {key_mask.dtype} {tuple(key_mask.shape)}")
-    if doc_span is not None and (doc_span.dtype != torch.int32 or doc_span.shape != (B, 2, T)):
-        raise ValueError(f"{OP}: doc_span must be int32 of shape {(B, 2, T)} (document_spans of the ids), "
-                         f"got {doc_span.dtype} {tuple(doc_span.shape)}")
-    return dict(
-        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
-        key_mask=0 if key_mask is None else key_mask.data_ptr(),
-        doc_span=0 if doc_span is None else doc_span.data_ptr(), batch=B, heads=H, seq_len=T,
-        head_dim=D, dtype=float_code(OP, "q, k and v", q), is_causal=is_causal, scale=scale,
-    )
-
-
-def _native_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, T, D = q.shape
-    return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B, H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("minipt::native_attention_fwd", mutates_args=())
-def native_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
-    doc_span: Optional[torch.Tensor], is_causal: bool, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """out, a (B, H, T, D) view of (B, T, H, D) memory, and the base-2 log-sum-exp of each
-    row's scaled scores (B, H, T), float32. key_mask is (B, T) uint8 with 1 for a real token, or None;
-    doc_span the (B, 2, T) int32 ``document_spans`` of packed rows, or None."""
-    out, lse = _native_outputs(q)
-    args = _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale)
-    run_kernel("attention_forward", q.device, **args)
-    return out, lse
-
-
-@native_attention_forward.register_fake
-def _(q, k, v, key_mask, doc_span, is_causal, scale):
-    return _native_outputs(q)
-
-
-@torch.library.custom_op("minipt::native_attention_bwd", mutates_args=())
-def native_attention_backward(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    key_mask: Optional[torch.Tensor], doc_span: Optional[torch.Tensor], is_causal: bool, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from grad_out, laid out as out is, deterministically (no atomics)."""
-    args = _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale)
-    check_device(OP, ("q", q), ("grad_out", grad_out))
-    if grad_out.shape != q.shape or grad_out.dtype != q.dtype:
-        raise ValueError(f"{OP}: grad_out must match q's shape and dtype, got {grad_out.dtype} {tuple(grad_out.shape)}")
-    check_contiguous(OP, ("grad_out.transpose(1, 2)", grad_out.transpose(1, 2)))
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)
-    run_kernel("attention_backward", q.device, grad_out=grad_out.data_ptr(), delta=delta.data_ptr(),
-               grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(), grad_v=grad_v.data_ptr(), **args)
-    return grad_q, grad_k, grad_v
-
-
-@native_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, key_mask, doc_span, is_causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _native_setup_context(ctx, inputs, output):
-    q, k, v, key_mask, doc_span, ctx.is_causal, ctx.scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, key_mask, doc_span, out, lse)
-
-
-def _native_backward(ctx, grad_out, _grad_lse):
-    q, k, v, key_mask, doc_span, out, lse = ctx.saved_tensors
-    grads = native_attention_backward(
-        _bthd_dense(grad_out), q, k, v, out, lse, key_mask, doc_span, ctx.is_causal, ctx.scale
-    )
-    return (*grads, None, None, None, None)
-
-
-native_attention_forward.register_autograd(_native_backward, setup_context=_native_setup_context)
-
-
-def _attention_native(q, k, v, is_causal, attention_mask, document_ids, scale):
-    # Device, head dim and dtype are checked once, by the custom op.
-    key_mask = None if attention_mask is None else attention_mask.ne(0).to(torch.uint8).contiguous()
-    doc_span = None if document_ids is None else document_spans(document_ids)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = native_attention_forward(
-        q.contiguous(), k.contiguous(), v.contiguous(), key_mask, doc_span, bool(is_causal), scale
-    )
-    return out
-
-
-# ----------------------------------------------------------------------------- public op
-def _check_document_ids(q, document_ids) -> None:
-    B, _, T, _ = q.shape
-    check_tensor(OP, "document_ids", document_ids)
-    if document_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{OP}: document_ids must be int32 or int64, got {document_ids.dtype}")
-    if tuple(document_ids.shape) != (B, T):
-        raise ValueError(f"{OP}: document_ids must have shape (B, T) = ({B}, {T}), got {tuple(document_ids.shape)}")
-    check_same(OP, ("q", q), ("document_ids", document_ids), dtype=False)
-    message = f"{OP}: document_ids must be non-decreasing along each row (one document after another)"
-    ordered = (document_ids[:, 1:] >= document_ids[:, :-1]).all()
-    if document_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not ordered:
-            raise ValueError(message)
-    else:
-        # Checked on the device, in stream order: no host sync on the training step's path, and
-        # no branch on a tensor to break a compiled graph (on a CPU it raises a RuntimeError).
-        torch._assert_async(ordered, message)
-
-
-def _check_inputs(q, k, v, attention_mask, document_ids, scale) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(OP, name, x, ndim=4, dtypes=FLOAT_DTYPES)
-    check_same(OP, ("q", q), ("k", k), ("v", v))
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"{OP}: q, k and v must share one shape (B, H, T, D); got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    B, _, T, _ = q.shape
-    if attention_mask is not None:
-        check_tensor(OP, "attention_mask", attention_mask)
-        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-            raise TypeError(
-                f"{OP}: attention_mask must be bool or integer 0/1 (1 = real token), got {attention_mask.dtype}; "
-                "additive float masks are not accepted"
-            )
-        if tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"{OP}: attention_mask must have shape (B, T) = ({B}, {T}), got {tuple(attention_mask.shape)}")
-        check_same(OP, ("q", q), ("attention_mask", attention_mask), dtype=False)
-    if document_ids is not None:
-        _check_document_ids(q, document_ids)
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise ValueError(f"{OP}: scale must be a finite float or None, got {scale!r}")
-
-
-def attention(q, k, v, *, is_causal=False, attention_mask=None, document_ids=None, scale=None, backend="auto"):
-    """Scaled dot-product attention over (B, H, T, D) tensors; see the module docstring.
-
-    ``document_ids`` (B, T), int32 or int64 and non-decreasing along each row, packs
-    several documents into one row: a position sees only its own document's keys.
-    Returns a (B, H, T, D) tensor; with backend="triton" or "native" it is a view of
-    (B, T, H, D) memory, so ``out.transpose(1, 2)`` is contiguous.
-    """
-    _check_inputs(q, k, v, attention_mask, document_ids, scale)
-    backend = resolve_backend(backend, q.device, OP)
-    if backend == "torch":
-        return attention_ref(q, k, v, is_causal=is_causal, attention_mask=attention_mask, document_ids=document_ids,
-                             scale=scale, upcast=False)
-    if backend == "triton":
-        return _attention_triton(q, k, v, is_causal, attention_mask, document_ids, scale)
-    return _attention_native(q, k, v, is_causal, attention_mask, document_ids, scale)
