@@ -28,12 +28,16 @@ How kernels meet torch, the same way in every op:
   ``minipt::<backend>_<op>`` for an op without a backward.
 """
 
+from minipt.ops._backend import BackendUnavailableError
+from minipt.ops._loss import IGNORE_INDEX
 from minipt.ops.attention import attention, attention_ref
 from minipt.ops.cross_entropy import cross_entropy, cross_entropy_ref
 from minipt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from minipt.ops.mlm_mask import masked_capacity, masked_positions, mlm_mask, mlm_mask_ref
 
 __all__ = [
+    "IGNORE_INDEX",
+    "BackendUnavailableError",
     "attention",
     "attention_ref",
     "cross_entropy",

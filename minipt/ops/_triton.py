@@ -4,8 +4,8 @@ Triton ships wheels for Linux only. On macOS or Windows ``minipt`` must still
 import, so that the torch and native backends run there; the kernels below are
 then defined as plain functions and never launched, because
 :func:`minipt.ops._backend.resolve_backend` refuses ``backend="triton"`` without
-Triton. Kernel modules import ``triton``, ``tl``, ``jit``, ``constexpr`` and
-``triton_op`` from here instead of from Triton and torch.library.
+Triton. Kernel modules import ``triton``, ``tl``, ``jit`` and ``triton_op`` from here
+instead of from Triton and torch.library.
 """
 
 from __future__ import annotations
@@ -26,11 +26,6 @@ def jit(fn=None, **kwargs):
     if triton is not None:
         return triton.jit(fn, **kwargs) if fn is not None else triton.jit(**kwargs)
     return fn if fn is not None else (lambda f: f)
-
-
-def constexpr(value):
-    """A module-level ``tl.constexpr`` kernels can read; the plain value without Triton."""
-    return tl.constexpr(value) if tl is not None else value
 
 
 def triton_op(name: str, *, mutates_args):
