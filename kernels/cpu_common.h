@@ -33,12 +33,18 @@ inline int thread_index() {
 constexpr int64_t PARALLEL_MIN_ELEMENTS = int64_t{1} << 15;
 
 // exp(x) in float32 within 2 ulp, written so that a loop over it vectorises (no
-// libm call, no float->int conversion). Cody-Waite reduction x = n·ln2 + r with
-// |r| <= ln2/2, Cephes' degree-6 polynomial for e^r, and 2^n built in the exponent
-// bits. Inputs are clamped to [-87, 88], where 2^n stays a normal float: e^-87 is
-// 1.6e-38, which is zero for every sum it enters. NaN passes through the clamp.
+// libm call, no float->int conversion). Cody-Waite reduction
+// x = n·ln2 + r with |r| <= ln2/2, Cephes' degree-6 polynomial for e^r, and 2^n
+// built in the exponent bits. Loops over it vectorise without AVX-512 only with
+// -fno-trapping-math (CMakeLists.txt says why).
+//
+// Inputs are clamped to [-88, 88]. Below about -87.68, where e^x is under 2^-126
+// (the smallest normal float), n is -127, whose exponent field is 0: 2^n is built
+// as +0 and e^x comes out exactly 0, as with flush-to-zero. So exp_approx(-inf)
+// is 0, which a masked logit's softmax and gradient need, with no select per
+// element. NaN passes through the clamp.
 inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = std::min(std::max(x, -88.0f), 88.0f);
   // Adding 1.5·2^23 rounds x·log2(e) to an integer held in the low mantissa bits.
   const float shifted = x * 1.44269504088896341f + 12582912.0f;
   const float n = shifted - 12582912.0f;

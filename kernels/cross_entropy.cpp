@@ -80,14 +80,11 @@ MINIPT_CPU_CLONES void row_stats(const float* x, int64_t V, float* lse, float* s
 }
 
 // out may alias x: each element is read before it is written, at the same index.
-// exp_approx stops at e^-87, so below that softmax is taken as 0: a masked (-inf)
-// logit must get exactly zero gradient, as in torch.
+// A masked (-inf) logit gets exactly zero softmax, as in torch, because exp_approx
+// flushes to 0 below 2^-126; no branch here, so the loop stays vector code.
 MINIPT_CPU_CLONES void row_grad(const float* x, int64_t V, float lse, float smooth_per_class, float g, float* out) {
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
-    const float d = x[j] - lse;
-    out[j] = ((d < -87.0f ? 0.0f : exp_approx(d)) - smooth_per_class) * g;
-  }
+  for (int64_t j = 0; j < V; ++j) out[j] = (exp_approx(x[j] - lse) - smooth_per_class) * g;
 }
 
 MINIPT_CPU_CLONES void widen_row(const uint16_t* src, FloatType dtype, int64_t V, float* dst) {
