@@ -66,6 +66,38 @@ def test_cross_entropy_extreme_logits(device):
     assert torch.isnan(got[2])
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_cpu_softmax_is_exactly_zero_where_it_underflows(label_smoothing):
+    """The C++ kernels take softmax as exactly 0 at -inf logits and wherever it is below float32's smallest
+    normal (2^-126), in a row's vector body and its scalar tail alike: the gradient there is exactly
+    -ε/V (0 without smoothing), and losses and gradients are float64's. A row whose target is -inf has
+    torch's infinite loss and a finite gradient; with smoothing Σ x is -inf and every loss is +inf, as in torch."""
+    N, V = 4, 1024 + 16 + 7  # past one 1024-column chunk, a 16-lane body and a 7-column tail
+    logits = torch.randn(N, V, dtype=torch.float64) * 4
+    far = torch.zeros(N, V, dtype=torch.bool)
+    far[:, 3::5] = True  # a fifth of every row, tail columns included
+    n_far = int(far.sum())
+    logits[far] = torch.tensor([-math.inf, -1e30, -120.0, -90.0], dtype=torch.float64).repeat(n_far // 4 + 1)[:n_far]
+    logits[3, 3] = -math.inf
+    target = torch.tensor([0, 1, 1032, 3])  # row 3's target is that -inf column
+    assert far[3, 3] and not far[torch.arange(3), target[:3]].any()
+    x = logits.float().requires_grad_()
+    loss = cross_entropy(x, target, reduction="none", label_smoothing=label_smoothing, backend="native")
+    (grad,) = torch.autograd.grad(loss, x, torch.ones(N))
+    x64 = logits.clone().requires_grad_()
+    want = cross_entropy_ref(x64, target, reduction="none", label_smoothing=label_smoothing)
+    (want_grad,) = torch.autograd.grad(want, x64, torch.ones(N, dtype=torch.float64))
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(loss)) and (loss[~finite] == math.inf).all()
+    torch.testing.assert_close(loss[finite].double(), want[finite].detach(), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+    off_target = far.clone()
+    off_target[3, 3] = False
+    # ε/V in float32, as the kernel forms it
+    assert (grad[off_target] == -(torch.tensor(label_smoothing, dtype=torch.float32) / V)).all()
+
+
 def test_cross_entropy_cpu_is_identical_for_any_thread_count():
     logits, target = ce_inputs(513, 777, "cpu")
     threads = torch.get_num_threads()
