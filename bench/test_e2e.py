@@ -24,7 +24,7 @@ from bench import e2e, report
 from bench.e2e import BASELINE, CLS_ID, FIRST_WORD_ID, MASK_ID, PROVIDERS, SEP_ID, Case
 from minipt.ops._backend import BackendUnavailableError
 from minipt.ops._loss import IGNORE_INDEX
-from minipt.model import BERT, BertConfig, GPTConfig
+from minipt.models import BERT, BertConfig, GPTConfig
 
 TINY_CASES = (
     Case("gpt-tiny", "gpt", "gpt-tiny", seq_len=32, batch=8),

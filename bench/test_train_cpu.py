@@ -19,7 +19,7 @@ from bench import train_cpu
 from minipt import runtime
 from minipt import train as T
 from minipt.config import TrainConfig
-from minipt.model import GPT, GPTConfig
+from minipt.models import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4)
 

@@ -43,7 +43,7 @@ from types import SimpleNamespace
 import torch
 
 from minipt.checkpoint import CheckpointError
-from minipt.model import BERT, GPT, BertClassifier, BertConfig, GPTConfig
+from minipt.models import BERT, GPT, BertClassifier, BertConfig, GPTConfig
 
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # two implementations of the same tanh approximation
 BERT_ERF_GELUS = ("gelu", "gelu_python")  # both the exact erf form
@@ -127,13 +127,13 @@ def to_hf(model, *, labels: list[str] | None = None):
             raise ValueError(f"to_hf: labels has {len(names)} names for a classifier of {model.config.num_labels}")
         return classifier_to_hf(model.bert, model.classifier, names)
     if labels is not None:
-        raise TypeError("to_hf: labels apply to a minipt.model.BertClassifier only")
+        raise TypeError("to_hf: labels apply to a minipt.models.BertClassifier only")
     if isinstance(model, GPT):
         return _gpt_to_hf(model)
     if isinstance(model, BERT):
         return _bert_to_hf(model)
     raise TypeError(
-        f"to_hf: model must be a minipt.model.GPT or minipt.model.BERT or BertClassifier, got {type(model).__name__}"
+        f"to_hf: model must be a minipt.models.GPT, BERT or BertClassifier, got {type(model).__name__}"
     )
 
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from minipt.model import build_model
+from minipt.models import build_model
 from minipt.ops import mlm_mask
 from minipt.ops._backend import BackendUnavailableError
 

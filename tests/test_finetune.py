@@ -14,7 +14,7 @@ from minipt import finetune as FT
 from minipt import genre
 from minipt import hf
 from minipt import sample as S
-from minipt.model import BertClassifier, build_model
+from minipt.models import CLASSIFIER, BertClassifier, build_model
 from minipt.data.sources import read_documents, split_tail
 from minipt.runtime import setup
 
@@ -72,7 +72,7 @@ def test_fine_tuning_learns_the_training_labels_and_exports_with_parity(folders,
     assert run.best["epoch"] == best["epoch"] < 25
     assert json.loads((tmp_path / "confusion.json").read_text())["validation"]["matrix"] == [[8, 0], [0, 8]]
     saved, _, config = S.load_run(tmp_path, backend="torch")
-    assert config["model_type"] == "bert_classifier" and isinstance(saved, BertClassifier)
+    assert config["model_type"] == CLASSIFIER and isinstance(saved, BertClassifier)
     assert run.evaluate(run.val_rows)["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     assert abs(best["val_loss"] - evals[-1]["val_loss"]) > 1e-4
     for p, q in zip(saved.parameters(), model.parameters()):
@@ -177,7 +177,7 @@ def test_the_command_writes_the_run_and_sample_classifies_with_it(folders, tmp_p
 
     model, tok, config = S.load_run(out)
     assert config["labels"] == ["neg", "pos"]
-    rebuilt = build_model("bert_classifier", config["model"])
+    rebuilt = build_model(CLASSIFIER, config["model"])
     assert isinstance(rebuilt, BertClassifier) and rebuilt.config.num_labels == 2
     assert S.main([f"--out_dir={out}", "--text=I like cats.", "--text_b=They are cute."]) == 0
     printed = capsys.readouterr().out.splitlines()[1:]

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from minipt.hf import from_hf, to_hf
-from minipt.model import BERT, GPT, BertConfig, GPTConfig
+from minipt.models import BERT, GPT, BertConfig, GPTConfig
 from minipt.ops._loss import IGNORE_INDEX
 
 V, T_MAX, C, H, L = 97, 40, 48, 3, 2
@@ -209,7 +209,7 @@ def test_unrepresentable_configs_are_refused(build, overrides, pattern):
 def test_wrong_model_types_are_refused():
     with pytest.raises(TypeError, match="GPT2LMHeadModel or transformers.BertForPreTraining"):
         from_hf(transformers.GPT2Model(transformers.GPT2Config(vocab_size=V, n_embd=C, n_layer=1, n_head=H)))
-    with pytest.raises(TypeError, match="minipt.model.GPT or minipt.model.BERT"):
+    with pytest.raises(TypeError, match="minipt.models.GPT, BERT or BertClassifier"):
         to_hf(torch.nn.Linear(2, 2))
 
 

@@ -112,7 +112,7 @@ def test_a_minipt_run_is_a_starting_point_too(folders, tmp_path):
 
 def test_a_fine_tune_run_gives_its_encoder(folders, tmp_path, capsys):
     from minipt import finetune as FT
-    from minipt.model import BERT, BertClassifier
+    from minipt.models import BERT, CLASSIFIER, BertClassifier
 
     rows = [f'{{"text": "{t}", "label": "{l}"}}' for t, l in (("A cat.", "pet"), ("A king.", "court")) * 4]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
@@ -122,7 +122,7 @@ def test_a_fine_tune_run_gives_its_encoder(folders, tmp_path, capsys):
     classifier, _, _ = S.load_run(run)
     assert isinstance(classifier, BertClassifier)
     kind, arch = S.read_model_config(run, encoder=True)
-    assert kind == "bert" and "num_labels" not in arch and S.read_model_config(run)[0] == "bert_classifier"
+    assert kind == "bert" and "num_labels" not in arch and S.read_model_config(run)[0] == CLASSIFIER
     bert, tok, config = S.load_run(run, encoder=True)
     assert type(bert) is BERT and type(bert.config).__name__ == "BertConfig" and config["model_type"] == "bert"
     assert "is a fine-tune run: its BERT encoder is read" in config["notes"][0]

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_CUDA, TRITON_DEVICE
-from minipt.model import (
+from minipt.models import (
     BERT, BERT_PRESETS, GPT, GPT_PRESETS, MODEL_KINDS, BertConfig, GPTConfig, ModelOutput, build_model,
 )
+from minipt.models import bert as bert_module, gpt as gpt_module
 from minipt.ops import attention
 from minipt.ops._loss import IGNORE_INDEX
 from minipt.ops.mlm_mask import masked_capacity
@@ -423,19 +424,18 @@ def test_bert_flops_per_token_count_the_decoder_where_mlm_runs():
 @pytest.mark.parametrize("build, loss_fn", [(tiny_gpt, gpt_loss), (tiny_bert, bert_loss)], ids=["gpt", "bert"])
 def test_merging_heads_after_triton_attention_makes_no_copy(build, loss_fn, monkeypatch):
     """The op returns (B, nh, T, hs) over (B, T, nh, hs) memory: the output projection reads it in place."""
-    import minipt.model as model_module
-
     outputs, projected = [], []
 
     def recording_attention(*args, **kwargs):
         outputs.append(attention(*args, **kwargs))
         return outputs[-1]
 
-    monkeypatch.setattr(model_module, "attention", recording_attention)
+    for model_module in (gpt_module, bert_module):
+        monkeypatch.setattr(model_module, "attention", recording_attention)
     model = build(backend="triton").to(TRITON_DEVICE)
     for module in model.modules():
-        if isinstance(module, (model_module.CausalSelfAttention, model_module.BertSelfAttention)):
-            proj = module.c_proj if isinstance(module, model_module.CausalSelfAttention) else module.proj
+        if isinstance(module, (gpt_module.CausalSelfAttention, bert_module.BertSelfAttention)):
+            proj = module.c_proj if isinstance(module, gpt_module.CausalSelfAttention) else module.proj
             proj.register_forward_pre_hook(lambda mod, args: projected.append(args[0]))
     with torch.no_grad():
         loss_fn(model, TRITON_DEVICE)
@@ -470,8 +470,6 @@ def test_models_run_on_every_backend(backend, build, loss_fn, poisoned_empty):
 
 @pytest.mark.parametrize("build, loss_fn", [(tiny_gpt, gpt_loss), (tiny_bert, bert_loss)], ids=["gpt", "bert"])
 def test_config_backend_reaches_every_op_call(build, loss_fn, monkeypatch):
-    import minipt.model as model_module
-
     seen = []
 
     def recording(op):
@@ -481,8 +479,10 @@ def test_config_backend_reaches_every_op_call(build, loss_fn, monkeypatch):
 
         return call
 
-    for name in ("attention", "cross_entropy", "linear_cross_entropy"):
-        monkeypatch.setattr(model_module, name, recording(getattr(model_module, name)))
+    for model_module in (gpt_module, bert_module):
+        for name in ("attention", "cross_entropy", "linear_cross_entropy"):
+            if hasattr(model_module, name):
+                monkeypatch.setattr(model_module, name, recording(getattr(model_module, name)))
     loss_fn(build(backend="native"), "cpu")
     assert {backend for _, backend in seen} == {"native"}
     expected = {"attention", "linear_cross_entropy"} | ({"cross_entropy"} if build is tiny_bert else set())

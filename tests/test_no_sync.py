@@ -16,7 +16,7 @@ from conftest import HAS_CUDA
 from minipt import runtime
 from minipt import train as T
 from minipt.config import TrainConfig
-from minipt.model import BERT, GPT, BertConfig, GPTConfig
+from minipt.models import BERT, GPT, BertConfig, GPTConfig
 from minipt.ops._loss import IGNORE_INDEX
 
 

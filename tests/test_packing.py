@@ -14,7 +14,7 @@ from minipt import train as T
 from minipt.config import ConfigError, TrainConfig
 from minipt.data import PairInstance, PairSampler, RowPacker, TokenShard, TokenSplit, collate_packed, collate_pairs
 from minipt.data import pair_batches, pair_slots
-from minipt.model import BERT, GPT, BertConfig, GPTConfig, build_model
+from minipt.models import BERT, GPT, BertConfig, GPTConfig, build_model
 from minipt.ops import mlm_mask
 from minipt.ops._loss import IGNORE_INDEX
 from minipt.runtime import setup

@@ -18,7 +18,7 @@ from minipt import checkpoint as ckpt
 from minipt import train as T
 from minipt.runlog import Progress, read_metrics
 from minipt.config import ConfigError, TrainConfig
-from minipt.model import GPT, GPTConfig, build_model
+from minipt.models import GPT, GPTConfig, build_model
 from minipt.tokenizer import TextTokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     import torch
     import minipt.ops as ops
     from minipt.ops._backend import BackendUnavailableError
-    from minipt.model import BERT, GPT, BertConfig, GPTConfig
+    from minipt.models import BERT, GPT, BertConfig, GPTConfig
 
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
