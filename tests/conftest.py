@@ -73,3 +73,10 @@ def assert_lowp_close(got, ref, lowp, name, *, elementwise=True):
         f"{name}: |kernel - ref| = {err.flatten()[worst].item():.3g} exceeds 2·|torch in {dtype} - ref| + atol "
         f"= {bound.flatten()[worst].item():.3g}"
     )
+
+
+def assert_rounding_would_fail(want, dtype, rtol):
+    """A check that ``want`` is matched to ``rtol`` must fail a value rounded to ``dtype``, or it proves
+    nothing about that rounding (a float32 loss of 16-bit inputs against one rounded to 16 bits)."""
+    rounded = want.to(dtype).double()
+    assert not torch.allclose(rounded, want.double(), rtol=rtol, atol=0), f"a {dtype} value would pass rtol={rtol} here"

@@ -7,8 +7,9 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import HAS_CUDA, TRITON_DEVICE, assert_lowp_close, requires_cuda
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_lowp_close, assert_rounding_would_fail, requires_cuda
 from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import cross_entropy, cross_entropy_ref
 from minipt.ops.cross_entropy import MAX_BLOCK_V
@@ -85,11 +86,64 @@ def test_low_precision_three_way(backend, dtype, reduction, poisoned_empty):
     target = make_target(N, V, "some")
     kw = dict(label_smoothing=0.1)
     loss, grad = loss_and_grad(cross_entropy, logits, target, reduction, backend=backend, **kw)
-    assert loss.dtype == dtype and grad.dtype == dtype
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
     ref_loss, ref_grad = loss_and_grad(cross_entropy_ref, logits.float(), target, reduction, **kw)
     low_loss, low_grad = loss_and_grad(cross_entropy_ref, logits, target, reduction, upcast=False, **kw)
     assert_lowp_close(loss, ref_loss, low_loss, "loss")
     assert_lowp_close(grad, ref_grad, low_grad, "grad")
+
+
+def assert_rounded_once(grad, want):
+    """``grad`` is ``want`` computed in float32 and rounded once to grad's 16-bit dtype: within one unit in
+    the last place, plus float32's error relative to the largest element (softmax(x) - ε/V cancels where
+    the two are close) and one subnormal step (fp16)."""
+    info = torch.finfo(grad.dtype)
+    atol = max(info.smallest_normal * info.eps, torch.finfo(torch.float32).eps * want.abs().max().item())
+    torch.testing.assert_close(grad.double(), want.double(), rtol=info.eps, atol=atol)
+
+
+# The kernels load 16-bit logits and upcast them before any arithmetic, with no
+# tl.dot (whose bf16 form the interpreter gets wrong), so bf16 runs in the
+# interpreter as well as on CUDA.
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_loss_of_16_bit_logits_is_float32(backend, dtype, reduction, poisoned_empty):
+    """The loss of fp16/bf16 logits is float32 and equals the float64 loss of the same logits to 1e-5,
+    which a loss rounded to 16 bits misses (bf16 steps by 0.03 between 4 and 8). The gradient keeps the
+    logits' dtype and is the float64 one rounded once."""
+    N, V = 37, 1003
+    logits = (torch.randn(N, V, device=DEVICE) * 4).to(dtype)
+    target = make_target(N, V, "some")
+    loss, grad = loss_and_grad(cross_entropy, logits, target, reduction, backend=backend, label_smoothing=0.1)
+    want_loss, want_grad = reference(logits, target, reduction, label_smoothing=0.1)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_rounding_would_fail(want_loss, dtype, rtol=1e-5)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=0)
+    assert_rounded_once(grad, want_grad)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_autocast_loss_is_float32_as_torch_gives_it(backend, reduction, poisoned_empty):
+    """Logits from a Linear under bf16 autocast, as an LM head in training: the loss is what
+    ``F.cross_entropy`` gives under the same autocast, float32 to 1e-5, and the logits' gradient is bf16."""
+    N, D, V = 37, 48, 1003
+    layer = torch.nn.Linear(D, V, device=DEVICE)  # float32 parameters
+    hidden = torch.randn(N, D, device=DEVICE) * 3
+    target = make_target(N, V, "some")
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        logits = layer(hidden)
+        loss = cross_entropy(logits, target, reduction=reduction, backend=backend, label_smoothing=0.1)
+        want = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == want.dtype == torch.float32
+    assert_rounding_would_fail(want, torch.bfloat16, rtol=1e-5)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    upstream = torch.randn(loss.shape, device=DEVICE)
+    (grad,) = torch.autograd.grad(loss, logits, upstream)
+    (want_grad,) = torch.autograd.grad(want, logits, upstream)
+    assert grad.dtype == torch.bfloat16
+    assert_rounded_once(grad, want_grad)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -9,8 +9,16 @@ mean. Unlike torch, a mean over zero counted rows is 0.0, not NaN.
 
 Memory traffic of the reference: read NV (logits), write NV (log-probs), read NV
 again for the gather and the smoothing sum; the backward reads and writes NV once
-more. A fused kernel needs one read for the forward and one read + one write for
-the backward.
+more (16-bit logits add a float32 copy: write NV). A fused kernel needs one read
+for the forward and one read + one write for the backward.
+
+Dtypes: the loss of fp16/bf16 logits is float32 on every backend, as
+``F.cross_entropy`` gives under autocast, and it is never rounded to 16 bits on
+the way: a bf16 loss moves in steps of 0.03 between 4 and 8, which would round
+the train and validation losses, perplexity and bits per byte. float64 logits
+give a float64 loss (torch and Triton). The gradient keeps the logits' dtype,
+computed in float32 and rounded once; the backward takes the float32
+grad_output that autograd hands it.
 
 The Triton forward gives each row one program that walks V in blocks with an
 online log-sum-exp (running max and rescaled sum, in float32 for half inputs and
@@ -75,15 +83,17 @@ OP = "cross_entropy"
 def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, upcast=True):
     """PyTorch reference on ``F.cross_entropy``, with minipt's mean over zero rows = 0.
 
-    With ``upcast`` it computes in at least float32 and casts back; without, it is
-    what PyTorch itself does in the input dtype (``backend="torch"``).
+    With ``upcast`` (``backend="torch"``) it computes in at least float32 and
+    returns that: the loss of 16-bit logits is float32, as under autocast, and
+    their gradient comes back in their own dtype. Without, it is what PyTorch
+    itself does in the input dtype, loss included: the low-precision baseline of
+    the tests' three-way rule.
     """
-    out_dtype = logits.dtype
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) if upcast else logits
     loss = F.cross_entropy(
         x, target.long(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
     )  # (N,), 0 on ignored rows
-    return reduce_loss(loss, target != ignore_index, reduction).to(out_dtype)
+    return reduce_loss(loss, target != ignore_index, reduction)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -262,7 +272,7 @@ _cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _cross_entropy_triton(logits, target, ignore_index, reduction, label_smoothing):
     loss, _ = _cross_entropy_fwd_op(logits, target, ignore_index, label_smoothing)  # (N,), 0 on ignored rows
-    return reduce_loss(loss, target != ignore_index, reduction).to(logits.dtype)
+    return reduce_loss(loss, target != ignore_index, reduction)  # float32, float64 for float64 logits
 
 
 # ----------------------------------------------------------------------------- native
@@ -355,7 +365,7 @@ def _cross_entropy_native(logits, target, *, ignore_index, reduction, label_smoo
     float_code("cross_entropy", "logits", logits)
     logits, target = logits.contiguous(), target.contiguous()
     loss, _ = native_cross_entropy_forward(logits, target, ignore_index, float(label_smoothing))
-    return reduce_loss(loss, target != ignore_index, reduction).to(logits.dtype)
+    return reduce_loss(loss, target != ignore_index, reduction)  # float32
 
 
 # ----------------------------------------------------------------------------- public op
@@ -374,7 +384,11 @@ def check_ce_args(op, logits, target, ignore_index, reduction, label_smoothing, 
 
 
 def cross_entropy(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, backend="auto"):
-    """Cross-entropy of (N, V) ``logits`` against (N,) class ids ``target``."""
+    """Cross-entropy of (N, V) ``logits`` against (N,) class ids ``target``.
+
+    The loss of fp16/bf16 logits is float32, as ``F.cross_entropy`` gives under
+    autocast (float64 logits give float64); the gradient keeps the logits' dtype.
+    """
     check_ce_args(OP, logits, target, ignore_index, reduction, label_smoothing)
     if logits.shape[1] == 0:
         raise ValueError(f"{OP}: logits must have at least one class, got shape {tuple(logits.shape)}")
@@ -385,8 +399,7 @@ def cross_entropy(logits, target, *, ignore_index=-100, reduction="mean", label_
         if not torch.compiler.is_compiling():  # compiled, torch's own op checks (see check_targets)
             check_targets(OP, target, logits.shape[1], ignore_index)
         return cross_entropy_ref(
-            logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            upcast=False,
+            logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
         )
     return _cross_entropy_native(
         logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing)
