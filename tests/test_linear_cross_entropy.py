@@ -4,10 +4,11 @@ import importlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import HAS_CUDA, TRITON_DEVICE, assert_lowp_close, requires_cuda
+from conftest import HAS_CUDA, TRITON_DEVICE, assert_lowp_close, assert_rounding_would_fail, requires_cuda
 from minipt.ops._backend import BackendUnavailableError
-from minipt.ops import linear_cross_entropy, linear_cross_entropy_ref
+from minipt.ops import cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 lce_module = importlib.import_module("minipt.ops.linear_cross_entropy")
@@ -69,7 +70,10 @@ def assert_three_way(got, hidden, weight, bias, target, reduction, **kw):
     up = [t.float() for t in (hidden, weight, bias)]
     ref_loss, ref_grads = loss_and_grads(linear_cross_entropy_ref, *up, target, reduction, **kw)
     low = loss_and_grads(linear_cross_entropy_ref, hidden, weight, bias, target, reduction, upcast=False, **kw)
-    named = zip(("loss", "hidden", "weight", "bias"), (got[0], *got[1]), (ref_loss, *ref_grads), (low[0], *low[1]))
+    # The loss is float32, but of logits rounded to the inputs' dtype, which the float32 reference leaves
+    # unrounded: the rule's atol is that dtype's (test_loss_of_16_bit_inputs_is_float32 checks the loss).
+    got = (got[0].to(hidden.dtype), *got[1])
+    named = zip(("loss", "hidden", "weight", "bias"), got, (ref_loss, *ref_grads), (low[0], *low[1]))
     for name, g, ref, lo in named:
         assert_lowp_close(g, ref, lo, name)
 
@@ -97,8 +101,58 @@ def test_low_precision_three_way(backend, dtype, reduction, small_chunks, poison
     hidden, weight, bias, target = make_inputs(33, 64, 4099, True, "some", dtype)
     kw = dict(label_smoothing=0.1)
     got = loss_and_grads(linear_cross_entropy, hidden, weight, bias, target, reduction, backend=backend, **kw)
-    assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[1])
+    assert got[0].dtype == torch.float32 and all(g.dtype == dtype for g in got[1])
     assert_three_way(got, hidden, weight, bias, target, reduction, **kw)
+
+
+# The chunk GEMMs run on torch and the cross-entropy kernels use no tl.dot (whose
+# bf16 form the interpreter gets wrong), so bf16 runs in the interpreter as well as on CUDA.
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_loss_of_16_bit_inputs_is_float32(backend, dtype, reduction, small_chunks, poisoned_empty):
+    """The loss of fp16/bf16 hidden and weight is float32, equal to the float64 cross-entropy of the same
+    16-bit logits to 1e-5, which a loss rounded to 16 bits misses, over several chunks (10 rows each). The
+    gradients keep their inputs' dtype, within the three-way rule."""
+    hidden, weight, bias, target = make_inputs(33, 24, 4099, True, "some", dtype)
+    kw = dict(label_smoothing=0.1)
+    got = loss_and_grads(linear_cross_entropy, hidden, weight, bias, target, reduction, backend=backend, **kw)
+    assert got[0].dtype == torch.float32 and all(g.dtype == dtype for g in got[1])
+    logits = F.linear(hidden, weight, bias)  # (N, V) in dtype, as every backend computes them
+    want = cross_entropy_ref(logits.double(), target, reduction=reduction, **kw)
+    assert_rounding_would_fail(want, dtype, rtol=1e-5)
+    torch.testing.assert_close(got[0].double(), want, rtol=1e-5, atol=0)
+    assert_three_way(got, hidden, weight, bias, target, reduction, **kw)
+
+
+def torch_under_autocast(hidden, weight, target, *, bias, reduction, label_smoothing):
+    """What a model without minipt's op computes: an LM head's logits, then ``F.cross_entropy``."""
+    return F.cross_entropy(F.linear(hidden, weight, bias), target, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_autocast_loss_is_float32_as_torch_gives_it(backend, reduction, small_chunks, poisoned_empty):
+    """A Linear's float32 parameters under bf16 autocast, as training runs the LM head: the loss is what
+    ``F.cross_entropy`` of the Linear's logits gives under the same autocast, float32 to 1e-5; the float32
+    gradients are within the three-way rule of torch's own under autocast."""
+    N, D, V = 33, 48, 4099
+    layer = torch.nn.Linear(D, V, device=DEVICE)
+    inputs = (torch.randn(N, D, device=DEVICE) * 3, layer.weight.detach(), layer.bias.detach())
+    target = torch.randint(0, V, (N,), device=DEVICE)
+    target[::3] = -100
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(linear_cross_entropy, *inputs, target, backend=backend, **kw)
+        want_loss, want_grads = loss_and_grads(torch_under_autocast, *inputs, target, **kw)
+    assert loss.dtype == want_loss.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in (*grads, *want_grads))
+    assert_rounding_would_fail(want_loss, torch.bfloat16, rtol=1e-5)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+    _, ref_grads = reference(*[t.to(torch.bfloat16) for t in inputs], target, **kw)
+    for name, g, ref, low in zip(("hidden", "weight", "bias"), grads, ref_grads, want_grads):
+        # bf16 gradients cast to their float32 inputs' dtype: the rule's atol is bf16's
+        assert_lowp_close(g.to(torch.bfloat16), ref, low, name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -11,6 +11,14 @@ Memory traffic of the reference: write NV logits, then everything the
 cross-entropy reference reads and writes; peak memory holds the logits, their
 float32 copy and their gradient at once.
 
+Dtypes, as ``F.cross_entropy(F.linear(hidden, weight, bias), target)`` under
+autocast: the logits are computed in the inputs' dtype (the autocast dtype
+under autocast), the cross-entropy in float32, and the loss of fp16/bf16
+inputs is returned in float32. Per-row losses are kept in float32 across the
+chunks, never rounded to 16 bits before they are summed. The gradients of
+hidden, weight and bias keep their own dtype; the backward takes the float32
+grad_output that autograd hands it.
+
 Both kernel backends run one chunk loop, which takes C rows at a time (the
 approach of Liger-Kernel's fused linear cross-entropy):
 
@@ -82,17 +90,18 @@ CHUNK_ROW_MULTIPLE = 64  # keeps the chunk GEMMs on whole tiles
 def linear_cross_entropy_ref(
     hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, upcast=True
 ):
-    """PyTorch reference: materialises the logits (in at least float32 with ``upcast``)."""
-    out_dtype = hidden.dtype
-    if upcast:
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    """PyTorch reference: materialises the (N, V) logits in the inputs' dtype, as ``F.linear`` does.
+
+    With ``upcast`` (``backend="torch"``) their cross-entropy runs in at least
+    float32, so the loss of 16-bit inputs is float32, as ``F.cross_entropy``
+    gives under autocast; without, everything stays in the input dtype
+    (``cross_entropy_ref``'s low-precision baseline). A float32 reference for
+    16-bit inputs is this on inputs the caller has upcast.
+    """
     logits = torch.nn.functional.linear(hidden, weight, bias)  # (N, V)
-    loss = cross_entropy_ref(
-        logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, upcast=False
+    return cross_entropy_ref(
+        logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, upcast=upcast
     )
-    return loss.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- per-chunk cross-entropy
@@ -202,11 +211,12 @@ def _define_ops(backend: str):
             backend, hidden, weight, bias, target, ignore_index, label_smoothing, grad_scale, needs
         )
         grads = [g if g is not None else hidden.new_empty(0) for g in grads]
-        return reduce_loss(loss_rows, counted, reduction).to(hidden.dtype), *grads
+        return reduce_loss(loss_rows, counted, reduction), *grads  # float32 loss for 16-bit inputs
 
     @forward.register_fake
     def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, needs):
-        loss = hidden.new_empty(hidden.shape[0]) if reduction == "none" else hidden.new_empty(())
+        shape = hidden.shape[:1] if reduction == "none" else ()
+        loss = hidden.new_empty(shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
         if reduction == "none":
             needs = [False, False, False]
         return loss, *_empty_grads(hidden, weight, bias, needs)
@@ -237,8 +247,8 @@ def _define_ops(backend: str):
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             grads = backward(grad_loss, hidden, weight, bias, target, ctx.ignore_index, ctx.label_smoothing, needs)
-        else:  # the forward's gradients are for d(loss) = 1
-            grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        else:  # the forward's gradients are for d(loss) = 1; a float32 grad_loss leaves them in their dtype
+            grads = [g * grad_loss for g in ctx.saved_tensors]
         grads = [g if need else None for g, need in zip(grads, needs)]
         return *grads, None, None, None, None, None
 
@@ -296,21 +306,21 @@ def linear_cross_entropy(
     """``cross_entropy(hidden @ weight.T + bias, target)`` without materialising the logits.
 
     Under autocast the linear layer runs in the autocast dtype, as ``F.linear``
-    would, and the loss comes back in ``hidden``'s own dtype, as the reference's.
+    would. The loss of fp16/bf16 inputs (or of any under 16-bit autocast) is
+    float32, as ``F.cross_entropy`` gives under autocast; the gradients keep the
+    dtype of hidden, weight and bias.
     """
     device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        out_dtype = hidden.dtype
         hidden, weight, bias = (
             t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (hidden, weight, bias)
         )
         with torch.autocast(device_type, enabled=False):
-            loss = linear_cross_entropy(
+            return linear_cross_entropy(
                 hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
                 label_smoothing=label_smoothing, backend=backend,
             )
-        return loss.to(out_dtype)
     _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
     backend = resolve_backend(backend, hidden.device, OP)
     if backend == "torch":
@@ -318,7 +328,7 @@ def linear_cross_entropy(
             check_targets(OP, target, weight.shape[0], ignore_index)
         return linear_cross_entropy_ref(
             hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, upcast=False,
+            label_smoothing=label_smoothing,
         )
     if backend == "native":
         _check_native(hidden, weight, target, bias)
