@@ -18,11 +18,15 @@ Providers take turns, round after round, and each reports the median over its
 rounds, so load from elsewhere on the machine falls on all of them alike. These
 are CPU figures: with ``--device cuda`` the module reports itself skipped (the
 GPU comparisons of native against Triton and torch live in the op benchmarks).
+Every row records ``simd``, the widest vector extension of the CPU: the C++
+kernels are compiled for AVX-512, AVX2 and baseline x86-64 and pick one when the
+extension loads, so machines sold under one name can give different figures.
 """
 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,21 @@ CE_SHAPE = (4096, 8192)  # (N, V)
 MLM_SHAPE = (256, 512)  # (B, T)
 MLM_VOCAB, MLM_MASK_ID = 30522, 103  # bert-base-uncased
 LCE_SHAPE = (2048, 256, 8192)  # (N, D, V)
+
+
+def cpu_simd() -> str:
+    """``avx512``, ``avx2`` or ``baseline``: which of the C++ kernels' builds this CPU can run, widest first."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    # Enough of the features of GCC's x86-64-v4 and x86-64-v3 levels to tell the three apart.
+    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= set(flags):
+        return "avx512"
+    if {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"} <= set(flags):
+        return "avx2"
+    return "baseline"
 
 
 def interleaved_ms(fns: dict, rounds: int, rep: int) -> dict:
@@ -51,6 +70,7 @@ def interleaved_ms(fns: dict, rounds: int, rep: int) -> dict:
 def rows_for(name: str, fns: dict, baseline: str, rounds: int, rep: int, fields: dict, work=None) -> list[dict]:
     """One row per provider; ``work`` = (metric, amount per call) turns a time into gbps or tflops."""
     ms = interleaved_ms(fns, rounds, rep)
+    fields = {**fields, "simd": cpu_simd()}
     rows = []
     for provider, t in ms.items():
         row = {"name": name, "provider": provider, **fields, "median_ms": t, "ratio": ms[baseline] / t}
