@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
-from minipt.ops._backend import BackendUnavailableError
-from minipt.ops import cross_entropy
+from minipt.ops import BackendUnavailableError, cross_entropy
 
 BASELINE = "torch"
 PROVIDERS = (BASELINE, "torch-compile", "triton", "native")

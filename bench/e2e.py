@@ -43,10 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import cli, peak_memory_bytes, sync, time_ms, time_steps_ms
-from minipt.ops._backend import BackendUnavailableError
+from minipt.ops import BackendUnavailableError, IGNORE_INDEX, mlm_mask
 from minipt.models import BertConfig, GPTConfig, build_model
-from minipt.ops import mlm_mask
-from minipt.ops._loss import IGNORE_INDEX
 from minipt.runtime import autocast, resolve_dtype
 
 PROVIDERS = ("torch", "minipt", "hf", "torch-compile")  # the baseline first; compilation, the slowest, last

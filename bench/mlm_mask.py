@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
-from minipt.ops._backend import BackendUnavailableError
-from minipt.ops import mlm_mask
+from minipt.ops import BackendUnavailableError, mlm_mask
 
 BASELINE = "hf-recipe"
 PROVIDERS = (BASELINE, "torch", "triton", "native", "copy")

@@ -22,8 +22,7 @@ import torch
 import bench.__main__ as bench_main
 from bench import e2e, report
 from bench.e2e import BASELINE, CLS_ID, FIRST_WORD_ID, MASK_ID, PROVIDERS, SEP_ID, Case
-from minipt.ops._backend import BackendUnavailableError
-from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops import BackendUnavailableError, IGNORE_INDEX
 from minipt.models import BERT, BertConfig, GPTConfig
 
 TINY_CASES = (

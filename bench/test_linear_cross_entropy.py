@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import linear_cross_entropy as bench
-from minipt.ops._backend import BackendUnavailableError
+from minipt.ops import BackendUnavailableError
 
 
 def _case(device: str):

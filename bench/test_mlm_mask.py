@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench import mlm_mask as bench
-from minipt.ops._backend import BackendUnavailableError
+from minipt.ops import BackendUnavailableError
 
 
 def _size(device: str) -> tuple[int, int]:

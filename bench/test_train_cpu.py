@@ -17,9 +17,9 @@ import torch
 
 from bench import train_cpu
 from minipt import runtime
-from minipt import train as T
 from minipt.config import TrainConfig
 from minipt.models import GPT, GPTConfig
+from minipt import pretraining as P
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4)
 
@@ -35,7 +35,7 @@ def test_minipt_trainer_step(benchmark, measure, cpu_only, tmp_path):
     corpus.write_text("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 40)
     cfg = TrainConfig(data=str(corpus), tokenizer="char", split="stream", cache_dir=str(tmp_path / "cache"),
                       out_dir=str(tmp_path / "run"), backend="torch", bias=False, eval_iters=1, **TINY)
-    run = T.Run(cfg, runtime.setup("cpu", "float32"), log=lambda *a: None)
+    run = P.Run(cfg, runtime.setup("cpu", "float32"), log=lambda *a: None)
     loss = measure(run.step)
     assert math.isfinite(loss.item())
 
@@ -69,7 +69,7 @@ def test_recipe_model_is_nanogpts_size_and_minipts_shape():
 def test_recipe_schedule_is_minipts_schedule():
     s = train_cpu.RECIPE
     cfg = TrainConfig(**{k: s[k] for k in ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "max_iters")})
-    ours = np.array([T.learning_rate(it, cfg) for it in range(s["max_iters"] + 1)])
+    ours = np.array([P.schedule(cfg).lr(it) for it in range(s["max_iters"] + 1)])
     recipe = np.array([train_cpu.recipe_lr(it, s) for it in range(s["max_iters"] + 1)])
     np.testing.assert_allclose(ours, recipe, rtol=1e-12)
 

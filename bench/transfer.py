@@ -34,7 +34,8 @@ from pathlib import Path
 from bench.common import RESULTS_DIR, default_device, machine, print_table, table_columns, write_json
 from minipt import runtime
 from minipt.config import ConfigError, make_config, parse_overrides
-from minipt.finetune import SCRATCH, FinetuneConfig, finetune
+from minipt.config import SCRATCH, FinetuneConfig
+from minipt.finetuning import finetune
 from minipt.runlog import read_metrics
 
 STARTS = ("pretrained", "scratch")
@@ -50,7 +51,6 @@ def describe(pretrained: Path) -> str:
         raise ValueError(f"{pretrained}: expected a minipt BERT run, got {config.get('model_type')}")
     evals = [r for r in read_metrics(pretrained) if "mlm_acc" in r]
     last = evals[-1] if evals else {}
-    train = config["train"]
     words = f"{pretrained.name}: {last.get('iter', '?')} steps, dropout {config['model'].get('dropout')}"
     if last:
         words += f", MLM acc {last['mlm_acc']:.3f}, NSP acc {last['nsp_acc']:.3f} (majority {last['nsp_majority']:.3f})"

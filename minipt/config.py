@@ -1,10 +1,14 @@
-"""The training config, and command lines built from config dataclasses.
+"""The settings of every command, and command lines built from config dataclasses.
 
-Every field of :class:`TrainConfig` is a command-line option (``--key=value`` or
-``--key value``) and a key of a TOML or JSON ``--config`` file; later sources win:
-defaults, then the file, then the command line. The comment after each field is
-its ``--help`` text, so the dataclass is the one place a setting is described.
-Names follow nanoGPT's ``train.py`` where the two overlap.
+Every field of a command's config (:class:`TrainConfig`, :class:`FinetuneConfig`,
+:class:`EvalConfig`, :class:`SampleConfig`) is a command-line option
+(``--key=value`` or ``--key value``) and a key of a TOML or JSON ``--config``
+file; later sources win: defaults, then the file, then the command line. The
+comment after each field is its ``--help`` text, so the dataclass is the one
+place a setting is described. What every command shares (device, precision,
+backend, seed, run folder, compile) is declared once, in :class:`CommandConfig`.
+Names follow nanoGPT's ``train.py`` where the two overlap. A config is a value:
+it is checked when it is made and never gains or changes a field afterwards.
 """
 
 from __future__ import annotations
@@ -20,15 +24,38 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from minipt.errors import MiniptError
 from minipt.ops._backend import BACKENDS
 
 
-class ConfigError(ValueError):
+class ConfigError(MiniptError, ValueError):
     """A setting that cannot be used: unknown key, wrong type or a value out of range."""
+
+    points_to_help = True
 
 
 @dataclass
-class TrainConfig:
+class CommandConfig:
+    """What every command shares; each command's config adds its own fields before these."""
+
+    # ---- system
+    device: str = "auto"  # auto, cpu, cuda or cuda:N; auto: this process's GPU if there is one, else the CPU
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on a GPU, else float32), float32 or bfloat16
+    backend: str = "auto"  # minipt.ops backend: auto (triton on CUDA, torch on CPU), torch, triton or native
+    compile: bool = False  # run the model through torch.compile
+    seed: int = 1337  # seeds everything random the command does
+    out_dir: str = "out"  # the run folder
+
+    def __post_init__(self):
+        check_types(self)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+
+
+@dataclass
+class TrainConfig(CommandConfig):
     # ---- what to train
     model: str = "gpt"  # gpt (causal LM) or bert (masked LM + next sentence prediction)
     preset: str = ""  # a named size (gpt2, gpt-mini, bert-base, bert-mini, ...); empty: the CPU-sized default
@@ -42,7 +69,6 @@ class TrainConfig:
     bias: bool | None = None  # GPT: biases in Linear and LayerNorm layers; none: the preset's (true)
     doc_mask: bool = False  # GPT: attention stops at each <|endoftext|>, which opens its document, inside a window
     reset_positions: bool = False  # GPT with doc_mask: positions restart at 0 at each document's <|endoftext|>
-    backend: str = "auto"  # minipt.ops backend: auto (triton on CUDA, torch on CPU), torch, triton or native
     # ---- data
     data: str = ""  # file, folder or glob: txt, md, jsonl[.gz|.zst], parquet or token .bin; empty: the bundled plays
     text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text
@@ -77,28 +103,23 @@ class TrainConfig:
     sample_tokens: int = 200  # GPT: tokens sampled at the end of the run; 0: no sample
     progress: bool = True  # show a progress bar
     # ---- system
-    device: str = "auto"  # auto, cpu, cuda or cuda:N; auto: this process's GPU if there is one, else the CPU
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on a GPU, else float32), float32 or bfloat16
-    compile: bool = False  # run the model through torch.compile
     seed: int = 1337  # seeds the initialisation, the data order and the MLM masks
     out_dir: str = "out"  # run folder: config, tokenizer, checkpoint, metrics and loss plot
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     overwrite: bool = False  # start afresh in an out_dir that already holds a run, deleting that run's files
 
     def __post_init__(self):
-        check_types(self)
+        super().__post_init__()
         _choice("model", self.model, ("gpt", "bert"))
         _choice("objective", self.objective, ("mlm+nsp", "mlm"))
         _choice("split", self.split, ("auto", "doc", "holdout", "stream"))
-        _choice("backend", self.backend, BACKENDS)
-        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
         # The model's own fields (n_layer, n_head, n_embd, block_size, dropout) are checked by its
-        # config class, which train.model_config builds; the errors name the field alike.
+        # config class, which minipt.pretraining.model_config builds; the errors name the field alike.
         for name in ("vocab_size", "batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
                      "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("warmup_iters", "sample_tokens", "seed"):
+        for name in ("warmup_iters", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr_decay_iters is not None and self.lr_decay_iters < self.warmup_iters:
@@ -139,13 +160,126 @@ class TrainConfig:
                 f"init_from and out_dir name the same folder ({self.out_dir}): write the new run to another out_dir"
             )
 
-    @property
-    def final_min_lr(self) -> float:
-        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+SCRATCH = "scratch"  # FinetuneConfig.init_from: random weights, for comparison with a pretrained start
+SELECT = ("macro_f1", "accuracy")  # the validation scores that can pick a fine-tune's epoch
+
+
+@dataclass
+class FinetuneConfig(CommandConfig):
+    # ---- model and data
+    init_from: str = ""  # a BERT run, a fine-tune run or a Hugging Face BERT folder; "scratch": random weights
+    arch_from: str = ""  # with --init_from=scratch: the run or folder whose architecture and tokenizer to take
+    data: str = ""  # examples: .csv (header row) or .jsonl with text, optional text_pair, label; empty: the genre task
+    val_data: str = ""  # validation examples, same format; empty: the last val_fraction of --data
+    test_data: str = ""  # test examples, scored once at the end with the weights validation picked; empty: none
+    val_fraction: float = 0.1  # share of --data held out when no --val_data is given
+    max_length: int | None = None  # tokens per example with [CLS] and [SEP]s (longer: cut); none: block_size
+    # ---- optimization
+    epochs: int = 3  # passes over the training examples
+    batch_size: int = 16  # examples per step, all ranks together
+    learning_rate: float = 2e-5  # peak learning rate (BERT's paper: 2e-5 to 5e-5)
+    warmup_iters: int = 0  # steps of linear warm-up
+    weight_decay: float = 0.01  # AdamW weight decay, on matrices and embeddings only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    dropout: float | None = None  # dropout in the encoder and before the classifier; none: the checkpoint's
+    select: str = "macro_f1"  # validation score that picks the epoch kept as the final weights: macro_f1 or accuracy
+    # ---- system
+    seed: int = 1337  # seeds the classifier's initialisation, dropout and the order of the examples
+    out_dir: str = "out-finetune"  # the run folder; the exported model goes to out_dir/hf
+    log_interval: int = 10  # steps between progress updates and train-loss rows of metrics.jsonl
+    progress: bool = True  # show a progress bar (plain lines when not on a terminal)
+    resume: bool = False  # continue the run in out_dir from its last checkpoint
+    overwrite: bool = False  # start afresh in an out_dir that already holds a run, deleting that run's files
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("epochs", "batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 3:
+            raise ConfigError(f"max_length must be >= 3 ([CLS], a token, [SEP]), got {self.max_length}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.select not in SELECT:
+            raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite contradict each other: pick one")
+        if self.arch_from and self.init_from != SCRATCH:
+            raise ConfigError(f"arch_from is read only with --init_from={SCRATCH} (the weights of --init_from "
+                              "bring their own architecture)")
+        if self.init_from == SCRATCH and not self.arch_from and not self.resume:
+            raise ConfigError(f"--init_from={SCRATCH} needs --arch_from=PATH: the BERT run or Hugging Face folder "
+                              "whose architecture and tokenizer the randomly initialised model takes")
 
     @property
-    def final_lr_decay_iters(self) -> int:
-        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+    def start(self) -> tuple[str, str]:
+        """(the folder the model is read from, the argument that names it): --arch_from for a scratch start."""
+        return (self.arch_from, "arch_from") if self.init_from == SCRATCH else (self.init_from, "init_from")
+
+
+@dataclass
+class EvalConfig(CommandConfig):
+    # ---- model and data
+    out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
+    data: str = ""  # the held-out text: file, folder or glob of txt, md, jsonl[.gz|.zst] or parquet
+    text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text
+    strip_markup: bool = True  # bundled plays as "SPEAKER:" text, no headings or stage directions
+    json: str = ""  # also write the results to this JSON file
+    # ---- scoring
+    block_size: int | None = None  # tokens per window (GPT) or pair (BERT); none: the model's block_size
+    batch_size: int = 8  # windows or pairs per forward pass
+    mlm_probability: float | None = None  # BERT: share of tokens masked; none: the run's, else 0.15
+    short_seq_prob: float | None = None  # BERT: share of pairs built shorter; none: the run's, else 0.1
+    pack: bool | None = None  # BERT: several pairs per row of block_size; none: as the run trained, else false
+    seed: int = 1337  # BERT: seeds the pairs and the masks
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}")
+        if self.block_size is not None and self.block_size < 2:
+            raise ConfigError(f"block_size must be >= 2 or none, got {self.block_size}")
+        if self.mlm_probability is not None:
+            _interval("mlm_probability", self.mlm_probability, 0.0, 1.0, closed=False)
+        if self.short_seq_prob is not None:
+            _interval("short_seq_prob", self.short_seq_prob, 0.0, 1.0)
+
+
+@dataclass
+class SampleConfig(CommandConfig):
+    # ---- run
+    out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
+    seed: int = 1337  # seeds the sampling
+    # ---- GPT
+    prompt: str = ""  # text to continue; empty: start a new document
+    max_new_tokens: int = 200  # tokens to generate per sample
+    temperature: float = 0.8  # softmax temperature; 0: always the most likely token
+    top_k: int | None = 200  # sample among the k most likely tokens; none: among all
+    num_samples: int = 1  # samples to draw
+    # ---- BERT
+    text: str = ""  # text with [MASK] tokens to fill in; for a fine-tune run, the text to classify
+    candidates: int = 5  # candidates shown for each [MASK]
+    text_a: str = ""  # first segment for next sentence prediction
+    text_b: str = ""  # second segment: the probability that it follows text_a, or the text_pair to classify
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("max_new_tokens", "num_samples", "candidates"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be a positive integer or none, got {self.top_k}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.text_a and not self.text_b:
+            raise ConfigError("next sentence prediction needs both --text_a and --text_b")
+        if self.text_b and not (self.text_a or self.text):
+            raise ConfigError("--text_b needs --text_a (next sentence prediction) or --text (a fine-tune run's pair)")
 
 
 def _choice(name: str, value, choices) -> None:
@@ -161,11 +295,18 @@ def _interval(name, value, lo, hi, *, closed=True, upper_open=False) -> None:
 
 
 # ----------------------------------------------------------------------------- field types and help
+def _field_order(cls) -> list[dataclasses.Field]:
+    """The fields of ``cls``: those a command declares itself first, then the shared ones it inherits."""
+    fields = dataclasses.fields(cls)
+    own = [f for f in fields if f.name in vars(cls).get("__annotations__", {})]
+    return own + [f for f in fields if f not in own]
+
+
 def field_types(cls) -> dict[str, tuple[type, bool]]:
-    """``{name: (base type, accepts None)}`` for each field of a config dataclass."""
+    """``{name: (base type, accepts None)}`` for each field of a config dataclass, in ``--help`` order."""
     hints = typing.get_type_hints(cls)
     out = {}
-    for f in dataclasses.fields(cls):
+    for f in _field_order(cls):
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         out[f.name] = (args[0], True) if args else (hint, False)
@@ -189,14 +330,17 @@ def check_types(config) -> None:
 
 def field_help(cls) -> tuple[dict[str, str], dict[str, str]]:
     """The comment after each field (its help) and the section comment above it."""
-    helps, sections, section = {}, {}, ""
-    for line in inspect.getsource(cls).splitlines():
-        heading = re.match(r"\s+# -+ (.+)$", line)
-        if heading:
-            section = heading.group(1)
-        m = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
-        if m:
-            helps[m.group(1)], sections[m.group(1)] = m.group(2), section
+    helps, sections = {}, {}
+    # The shared base first, so that a command's own comment on a field it redeclares wins.
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        section = ""
+        for line in inspect.getsource(klass).splitlines():
+            heading = re.match(r"\s+# -+ (.+)$", line)
+            if heading:
+                section = heading.group(1)
+            m = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+            if m:
+                helps[m.group(1)], sections[m.group(1)] = m.group(2), section
     return helps, sections
 
 

@@ -43,20 +43,25 @@ from types import SimpleNamespace
 import torch
 
 from minipt.checkpoint import CheckpointError
+from minipt.errors import MiniptError
 from minipt.models import BERT, GPT, BertClassifier, BertConfig, GPTConfig
 
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # two implementations of the same tanh approximation
 BERT_ERF_GELUS = ("gelu", "gelu_python")  # both the exact erf form
 
 
+class MissingDependency(MiniptError, ImportError):
+    """An optional dependency that the call needs is not installed."""
+
+
 def require_transformers():
-    """The ``transformers`` module, or an ImportError that says how to install it."""
+    """The ``transformers`` module, or a MissingDependency that says how to install it."""
     try:
         import transformers
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependency(
             "minipt.hf needs the optional dependency `transformers` (>= 4.40); "
-            "install it with `pip install transformers` or `pip install minipt[test]`"
+            "install it with `pip install transformers` or `pip install minipt[hf]`"
         ) from exc
     return transformers
 

@@ -19,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from minipt.config import ConfigError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -29,12 +31,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for, but this torch build sees no CUDA device")
+            raise ConfigError(f"device {name!r} was asked for, but this torch build sees no CUDA device")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
@@ -45,7 +47,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
     return DTYPES[name]
 
 

@@ -30,13 +30,15 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from minipt.errors import MiniptError
+
 KINDS = ("bpe", "wordpiece", "char")
 EOT = "<|endoftext|>"
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 BERT_SPECIALS = (PAD, UNK, CLS, SEP, MASK)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MiniptError, ValueError):
     """A tokenizer that cannot serve this model (missing special tokens, bad file)."""
 
 

@@ -13,6 +13,14 @@ import pytest
 from minipt import checkpoint as ckpt
 from minipt import train as T
 from minipt.config import TrainConfig, field_help
+from minipt.errors import EXIT_USAGE
+from minipt.config import parse_overrides
+from minipt import pretraining as P
+
+
+def resolve_config(argv):
+    """The config ``python -m minipt.train`` resolves from ``argv``."""
+    return P.resolve_config(parse_overrides(TrainConfig, argv, "", ""))
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +43,7 @@ def base_args(tmp_path: Path, **overrides) -> list[str]:
     return [f"--{k}={v}" for k, v in settings.items()]
 
 
-def fails(argv, capsys, pattern: str, code: int = T.EXIT_USAGE) -> str:
+def fails(argv, capsys, pattern: str, code: int = EXIT_USAGE) -> str:
     assert T.main(argv) == code
     err = capsys.readouterr().err
     assert err.startswith("minipt.train: error: ") and "Traceback" not in err
@@ -58,11 +66,11 @@ def test_help_lists_every_field_with_its_default_and_description(capsys):
 def test_both_option_spellings_and_config_files(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('n_layer = 3\nlearning_rate = 2e-3\nmodel = "bert"\ncompile = true\n')
-    cfg = T.resolve_config([f"--config={toml}", "--n_layer", "2", "--seed=7", "--compile=false"])
+    cfg = resolve_config([f"--config={toml}", "--n_layer", "2", "--seed=7", "--compile=false"])
     assert (cfg.n_layer, cfg.learning_rate, cfg.model, cfg.seed, cfg.compile) == (2, 2e-3, "bert", 7, False)
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"max_iters": 5, "min_lr": None, "warmup_iters": 1}))
-    cfg = T.resolve_config(["--config", str(js)])
+    cfg = resolve_config(["--config", str(js)])
     assert (cfg.max_iters, cfg.min_lr, cfg.warmup_iters) == (5, None, 1)
 
 
@@ -168,5 +176,5 @@ def test_the_module_exits_without_a_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "minipt.train", "--n_layr=2"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == T.EXIT_USAGE
+    assert proc.returncode == EXIT_USAGE
     assert "unknown setting 'n_layr'; did you mean --n_layer" in proc.stderr and "Traceback" not in proc.stderr

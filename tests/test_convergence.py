@@ -25,8 +25,7 @@ import torch
 
 from conftest import HAS_CUDA
 from minipt.models import build_model
-from minipt.ops import mlm_mask
-from minipt.ops._backend import BackendUnavailableError
+from minipt.ops import BackendUnavailableError, mlm_mask
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 STEPS, TRITON_CPU_STEPS = 100, 30

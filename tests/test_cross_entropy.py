@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_CUDA, TRITON_DEVICE, assert_lowp_close, assert_rounding_would_fail, requires_cuda
-from minipt.ops._backend import BackendUnavailableError
-from minipt.ops import cross_entropy, cross_entropy_ref
+from minipt.ops import BackendUnavailableError, cross_entropy, cross_entropy_ref
 from minipt.ops.cross_entropy import MAX_BLOCK_V
 
 BACKENDS = ["triton", "native"]

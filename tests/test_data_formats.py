@@ -26,6 +26,7 @@ from minipt.data.sources import DataError, segments
 from minipt.data.tokens import LLMC_MAGIC
 from minipt.runlog import read_metrics
 from minipt.tokenizer import TextTokenizer, train_tokenizer
+from minipt.errors import EXIT_USAGE
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the king queen fool sword crown night day love war peace heart hand eye".split()
@@ -281,7 +282,7 @@ def test_the_cli_names_bad_input_without_a_traceback(tmp_path, capsys):
     code = T.main([f"--data={data}", f"--cache_dir={tmp_path / 'c'}", f"--out_dir={tmp_path / 'run'}",
                    "--progress=false"])
     err = capsys.readouterr().err
-    assert code == T.EXIT_USAGE and f"error: {data}:2: expected an object" in err and "Traceback" not in err
+    assert code == EXIT_USAGE and f"error: {data}:2: expected an object" in err and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- training from each format

@@ -12,10 +12,13 @@ import torch.nn.functional as F
 
 from minipt import eval as E
 from minipt import train as T
-from minipt.ops import mlm_mask
-from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops import IGNORE_INDEX, mlm_mask
 from minipt.runtime import setup
 from minipt.tokenizer import TextTokenizer, train_tokenizer
+from minipt import evaluation as EV
+from minipt.config import EvalConfig
+from minipt.load import load_run
+from minipt.scoring import mask_seed
 
 from hf_folders import bert_folder, gpt2_folder, transformers
 
@@ -37,15 +40,15 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 def run_eval(folders, name, **settings) -> dict:
-    cfg = E.EvalConfig(out_dir=str(folders[name]), data=str(folders["held"]), **settings)
-    return E.evaluate(cfg, setup("cpu", "float32"))
+    cfg = EvalConfig(out_dir=str(folders[name]), data=str(folders["held"]), **settings)
+    return EV.evaluate(cfg, setup("cpu", "float32"))
 
 
 # ----------------------------------------------------------------------------- GPT
 def test_gpt_scores_match_transformers_and_count_utf8_bytes(folders):
     result = run_eval(folders, "gpt2")
     hf = transformers.GPT2LMHeadModel.from_pretrained(folders["gpt2"]).eval().double()
-    tok = E.sample.load_run(folders["gpt2"])[1]
+    tok = load_run(folders["gpt2"])[1]
     stream, targets = [], []
     for text in HELD_OUT:
         ids = tok.encode(text)
@@ -69,9 +72,9 @@ def test_gpt_scores_match_transformers_and_count_utf8_bytes(folders):
 def test_gpt_windows_score_every_document_token_once():
     bpe = TextTokenizer.wrap(train_tokenizer("bpe", HELD_OUT, 280, "gpt"), "gpt")
     for block_size, batch_size in [(5, 2), (7, 3), (200, 4)]:
-        ids, targets, n_bytes, documents = E.text_stream(HELD_OUT, bpe)
+        ids, targets, n_bytes, documents = EV.text_stream(HELD_OUT, bpe)
         assert n_bytes == sum(len(t.encode("utf-8")) for t in HELD_OUT) and documents == len(HELD_OUT)
-        batches = E.gpt_windows(ids, targets, block_size, batch_size)
+        batches = EV.gpt_windows(ids, targets, block_size, batch_size)
         x = np.concatenate([b["x"].reshape(-1) for b in batches])
         y = np.concatenate([b["y"].reshape(-1) for b in batches])
         stream = [t for text in HELD_OUT for t in [bpe.eot_id, *bpe.encode(text)]]
@@ -89,13 +92,13 @@ def write_tokens(path: Path, ids: list[int], llmc: bool = False) -> Path:
 
 
 def test_gpt_token_files_score_as_the_text_they_hold(folders, tmp_path):
-    tok = E.sample.load_run(folders["gpt2"])[1]
+    tok = load_run(folders["gpt2"])[1]
     stream = [t for text in HELD_OUT for t in [tok.eot_id, *tok.encode(text)]]
     half = len(stream) // 2  # two files, one of them llm.c's, read as one stream
     write_tokens(tmp_path / "a.bin", stream[:half])
     write_tokens(tmp_path / "b.bin", stream[half:], llmc=True)
     text = run_eval(folders, "gpt2")
-    tokens = E.evaluate(E.EvalConfig(out_dir=str(folders["gpt2"]), data=str(tmp_path)), setup("cpu", "float32"))
+    tokens = EV.evaluate(EvalConfig(out_dir=str(folders["gpt2"]), data=str(tmp_path)), setup("cpu", "float32"))
     for key in ("loss", "perplexity", "bits_per_byte"):
         assert tokens[key] == pytest.approx(text[key], rel=1e-6), key
     assert (tokens["tokens"], tokens["bytes"], tokens["documents"]) == (text["tokens"], text["bytes"], len(HELD_OUT))
@@ -118,15 +121,15 @@ def test_bert_scores_match_transformers_on_the_same_masks(folders):
     settings = dict(seed=3, mlm_probability=0.3, batch_size=2)
     result = run_eval(folders, "bert", **settings)
     hf = transformers.BertForPreTraining.from_pretrained(folders["bert"]).eval()
-    _, tok, _ = E.sample.load_run(folders["bert"])
-    batches, padding = E.bert_pairs(E.read_texts(E.EvalConfig(data=str(folders["held"]))), tok, 64, 2, 0.1, 3)
+    _, tok, _ = load_run(folders["bert"])
+    batches, padding = EV.bert_pairs(EV.read_texts(EvalConfig(data=str(folders["held"]))), tok, 64, 2, 0.1, 3)
     assert len(batches) >= 2 and result["pairs"] == sum(len(b["input_ids"]) for b in batches)
     mlm_losses, hits, masked, nsp_hits, labels_b = [], 0, 0, 0, []
     for i, b in enumerate(batches):
         batch = {k: torch.from_numpy(v).long() for k, v in b.items()}
         ids, labels = mlm_mask(batch["input_ids"], mask_token_id=tok.mask_id, vocab_size=tok.vocab_size,
                                special_tokens_mask=batch["special_tokens_mask"].bool(), mlm_probability=0.3,
-                               seed=T.mask_seed(3, 2**32, i), backend="torch")
+                               seed=mask_seed(3, 2**32, i), backend="torch")
         with torch.no_grad():
             out = hf(ids, token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"])
         chosen = labels != IGNORE_INDEX
@@ -169,7 +172,7 @@ def test_a_run_is_scored_at_its_own_masking_rate(folders, tmp_path):
             f"--cache_dir={tmp_path / 'cache'}", "--mlm_probability=0.25", "--max_iters=1", "--eval_iters=1",
             "--batch_size=2", "--progress=false", "--val_fraction=0.3"]
     assert T.main(args) == 0
-    assert E.evaluate(E.EvalConfig(out_dir=str(out), data=str(folders["held"])), setup("cpu", "float32"))[
+    assert EV.evaluate(EvalConfig(out_dir=str(out), data=str(folders["held"])), setup("cpu", "float32"))[
         "mlm_probability"] == 0.25
 
 

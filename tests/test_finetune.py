@@ -11,12 +11,16 @@ import pytest
 import torch
 
 from minipt import finetune as FT
-from minipt import genre
+from minipt.data import genre
 from minipt import hf
 from minipt import sample as S
 from minipt.models import CLASSIFIER, BertClassifier, build_model
 from minipt.data.sources import read_documents, split_tail
 from minipt.runtime import setup
+from minipt import finetuning as FTL
+from minipt.config import FinetuneConfig, parse_overrides
+from minipt.errors import Interrupted
+from minipt.load import load_run
 
 from hf_folders import bert_folder, gpt2_folder, transformers
 
@@ -43,21 +47,22 @@ def test_scores_follow_the_definitions():
         precision = sum(p == t == label for p, t in zip(predicted, truth)) / predicted.count(label)
         recall = sum(p == t == label for p, t in zip(predicted, truth)) / truth.count(label)
         f1s.append(2 * precision * recall / (precision + recall))
-    matrix = FT.confusion_matrix(predicted, truth, 3)
-    assert matrix == [[1, 1, 0], [0, 2, 0], [2, 0, 1]]
-    result = FT.scores(matrix)
+    matrix = [[0] * 3 for _ in range(3)]
+    for p, t in zip(predicted, truth):
+        matrix[t][p] += 1
+    result = FTL.scores(matrix)
     assert result["accuracy"] == pytest.approx(4 / 7) and result["macro_f1"] == pytest.approx(sum(f1s) / 3)
     # a label absent from both the truth and the predictions does not count in the macro average
-    assert FT.scores(FT.confusion_matrix([1, 1], [1, 1], 3)) == {"accuracy": 1.0, "macro_f1": 1.0}
-    table = FT.format_confusion([[1, 3], [0, 12]], ["neg", "pos"]).splitlines()
+    assert FTL.scores([[0, 0, 0], [0, 2, 0], [0, 0, 0]]) == {"accuracy": 1.0, "macro_f1": 1.0}
+    table = FTL.format_confusion([[1, 3], [0, 12]], ["neg", "pos"]).splitlines()
     assert table[1].split() == ["neg", "1", "3"] and table[2].split() == ["pos", "0", "12"]
 
 
 def test_fine_tuning_learns_the_training_labels_and_exports_with_parity(folders, tmp_path):
-    cfg = FT.FinetuneConfig(init_from=str(folders["bert"]), data=str(folders["train"]), val_data=str(folders["train"]),
+    cfg = FinetuneConfig(init_from=str(folders["bert"]), data=str(folders["train"]), val_data=str(folders["train"]),
                             epochs=25, batch_size=8, learning_rate=3e-3, dropout=0.0, out_dir=str(tmp_path),
                             backend="torch", progress=False)
-    run = FT.finetune(cfg, setup("cpu", "float32"), log=lambda msg: None)
+    run = FTL.finetune(cfg, setup("cpu", "float32"), log=lambda msg: None)
     model, tok, labels = run.model, run.tok, run.labels
     assert labels == ["neg", "pos"] and isinstance(model, BertClassifier)
     assert run.best["accuracy"] == 1.0 and run.best["macro_f1"] == 1.0  # 16 examples learnt by heart
@@ -71,14 +76,14 @@ def test_fine_tuning_learns_the_training_labels_and_exports_with_parity(folders,
     best = max(evals, key=lambda r: (r["macro_f1"], -r["epoch"]))
     assert run.best["epoch"] == best["epoch"] < 25
     assert json.loads((tmp_path / "confusion.json").read_text())["validation"]["matrix"] == [[8, 0], [0, 8]]
-    saved, _, config = S.load_run(tmp_path, backend="torch")
+    saved, _, config = load_run(tmp_path, backend="torch")
     assert config["model_type"] == CLASSIFIER and isinstance(saved, BertClassifier)
     assert run.evaluate(run.val_rows)["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     assert abs(best["val_loss"] - evals[-1]["val_loss"]) > 1e-4
     for p, q in zip(saved.parameters(), model.parameters()):
         assert torch.equal(p, q)
 
-    FT.export(model, tok, labels, tmp_path / "hf")
+    FTL.export(model, tok, labels, tmp_path / "hf")
     theirs = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert theirs.config.id2label == {0: "neg", 1: "pos"}
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -170,12 +175,12 @@ def test_the_command_writes_the_run_and_sample_classifies_with_it(folders, tmp_p
     for name in ("config.json", "tokenizer.json", "model.safetensors", "state.pt", "metrics.jsonl", "loss.png",
                  "confusion.json", "hf/config.json"):
         assert (out / name).is_file(), name
-    assert not (out / FT.BEST).exists()
+    assert not (out / FTL.BEST).exists()
     confusion = json.loads((out / "confusion.json").read_text())
     assert confusion["labels"] == ["neg", "pos"] and sum(map(sum, confusion["validation"]["matrix"])) == 4
     assert "test" not in confusion  # no --test_data
 
-    model, tok, config = S.load_run(out)
+    model, tok, config = load_run(out)
     assert config["labels"] == ["neg", "pos"]
     rebuilt = build_model(CLASSIFIER, config["model"])
     assert isinstance(rebuilt, BertClassifier) and rebuilt.config.num_labels == 2
@@ -192,7 +197,7 @@ def test_the_command_writes_the_run_and_sample_classifies_with_it(folders, tmp_p
     again = tmp_path / "again"  # a fine-tune run is a starting point too: its encoder, a fresh head
     assert FT.main([f"--init_from={out}", f"--data={folders['train']}", f"--out_dir={again}", "--epochs=1",
                     "--backend=torch"]) == 0
-    torch.testing.assert_close(S.load_run(again)[0].bert.embeddings.word_embeddings.weight,
+    torch.testing.assert_close(load_run(again)[0].bert.embeddings.word_embeddings.weight,
                                model.bert.embeddings.word_embeddings.weight, rtol=0, atol=1e-4)
     capsys.readouterr()
     assert S.main([f"--out_dir={out}"]) == 2
@@ -211,15 +216,15 @@ def test_an_interrupted_run_resumes_exactly(folders, tmp_path, capsys):
         args = [f"--init_from={folders['bert']}", f"--data={folders['train']}", f"--out_dir={out}", "--epochs=2",
                 "--val_fraction=0.25", "--batch_size=5", "--log_interval=1", "--backend=torch",
                 "--learning_rate=1e-3"]
-        cfg = FT.resolve_config(args)
-        return FT.finetune(cfg, setup("cpu", "float32"), log=log)
+        cfg = FinetuneConfig(**parse_overrides(FinetuneConfig, args, "", ""))
+        return FTL.finetune(cfg, setup("cpu", "float32"), log=log)
 
     straight = run(tmp_path / "straight")
-    with pytest.raises(FT.Interrupted):
+    with pytest.raises(Interrupted):
         run(tmp_path / "cut", interrupt_at=4)  # three steps an epoch: in the middle of the second
     assert FT.main([f"--out_dir={tmp_path / 'cut'}", "--resume", "--progress=false"]) == 0
     assert "resuming" in capsys.readouterr().out
-    resumed, _, _ = S.load_run(tmp_path / "cut")
+    resumed, _, _ = load_run(tmp_path / "cut")
     for (name, p), q in zip(straight.model.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
     rows = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("straight", "cut")]
@@ -296,12 +301,12 @@ def test_the_genre_task_is_the_default_data(folders, tmp_path, capsys):
 
 def test_scratch_takes_the_architecture_and_tokenizer_and_draws_the_weights(folders, tmp_path):
     def run(name, **kw):
-        cfg = FT.FinetuneConfig(data=str(folders["train"]), val_data=str(folders["train"]), epochs=1, batch_size=16,
+        cfg = FinetuneConfig(data=str(folders["train"]), val_data=str(folders["train"]), epochs=1, batch_size=16,
                                 learning_rate=1e-9, out_dir=str(tmp_path / name), backend="torch", progress=False,
                                 **kw)
-        return FT.finetune(cfg, setup("cpu", "float32"), log=lambda msg: None)
+        return FTL.finetune(cfg, setup("cpu", "float32"), log=lambda msg: None)
 
-    pretrained, _, _ = S.load_run(folders["bert"], backend="torch")
+    pretrained, _, _ = load_run(folders["bert"], backend="torch")
     started = run("pretrained", init_from=str(folders["bert"]))
     scratch, again, other = (run(name, init_from="scratch", arch_from=str(folders["bert"]), seed=seed)
                              for name, seed in (("scratch", 1), ("again", 1), ("other", 2)))
@@ -325,8 +330,8 @@ def test_the_pretraining_runs_held_out_share_is_used(tmp_path):
     run.mkdir()
     train = {"val_fraction": 0.2, "split": "doc", "data": ""}
     (run / "config.json").write_text(json.dumps({"model_type": "bert", "train": train, "model": {}}))
-    assert FT.pretraining_val_fraction(str(run), notes.append) == 0.2 and not notes
+    assert FTL.pretraining_val_fraction(str(run), notes.append) == 0.2 and not notes
     (run / "config.json").write_text(json.dumps({"model_type": "bert", "train": {**train, "data": "web/"},
                                                  "model": {}}))
-    assert FT.pretraining_val_fraction(str(run), notes.append) == 0.2
+    assert FTL.pretraining_val_fraction(str(run), notes.append) == 0.2
     assert "may not be held out" in notes[0]

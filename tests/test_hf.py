@@ -13,7 +13,7 @@ import transformers
 
 from minipt.hf import from_hf, to_hf
 from minipt.models import BERT, GPT, BertConfig, GPTConfig
-from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops import IGNORE_INDEX
 
 V, T_MAX, C, H, L = 97, 40, 48, 3, 2
 TOL = dict(rtol=1e-4, atol=1e-5)

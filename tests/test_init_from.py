@@ -10,9 +10,9 @@ import torch
 
 from minipt import checkpoint as ckpt
 from minipt import eval as E
-from minipt import sample as S
 from minipt import train as T
 from minipt.tokenizer import TextTokenizer
+from minipt.load import load_run, read_model_config
 
 from hf_folders import bert_folder, gpt2_folder, hf_tokenizer, transformers
 from test_train import write_corpus
@@ -62,8 +62,8 @@ def test_gpt2_folder_continues_pretraining_with_its_tokenizer(folders, tmp_path,
     text = "The cat sits on the mat by the door."
     assert TextTokenizer.from_file(out / ckpt.TOKENIZER, "gpt").encode(text) == hf_tokenizer(folders["gpt2"])(text)[
         "input_ids"]
-    trained, _, _ = S.load_run(out)
-    start, _, _ = S.load_run(folders["gpt2"])
+    trained, _, _ = load_run(out)
+    start, _, _ = load_run(folders["gpt2"])
     # Adam moves each weight by about the learning rate a step: the run started from the checkpoint
     change = max_change(trained, start)
     assert 0 < change <= 1.5 * LR * STEPS
@@ -76,8 +76,8 @@ def test_bert_for_masked_lm_gets_a_fresh_nsp_head_and_says_so(folders, tmp_path,
     assert "the BertForMaskedLM in " in log
     assert "has no pooler or NSP head (pooler.weight, pooler.bias, nsp_head.weight, nsp_head.bias): they start" in log
     assert ckpt.read_config(out)["model_type"] == "bert"
-    trained, _, _ = S.load_run(out)
-    start, _, _ = S.load_run(folders["bert-mlm"])
+    trained, _, _ = load_run(out)
+    start, _, _ = load_run(folders["bert-mlm"])
     encoder = {k for k in trained.state_dict() if k.startswith(("embeddings.", "layers.", "mlm_head."))}
     change = max((trained.state_dict()[k] - start.state_dict()[k]).abs().max().item() for k in encoder)
     assert 0 < change <= 1.5 * LR * STEPS
@@ -86,7 +86,7 @@ def test_bert_for_masked_lm_gets_a_fresh_nsp_head_and_says_so(folders, tmp_path,
 def test_a_masked_lm_config_over_pretraining_weights_keeps_its_nsp_head(folders, tmp_path):
     """bert-base-uncased's config.json names BertForMaskedLM while its file holds the pooler and NSP head."""
     folder = broken_copy(folders, tmp_path, "bert", edit_config(architectures=["BertForMaskedLM"]))
-    model, _, config = S.load_run(folder)
+    model, _, config = load_run(folder)
     assert config["notes"] == []
     hf = transformers.BertForPreTraining.from_pretrained(folders["bert"])
     assert torch.equal(model.nsp_head.weight, hf.cls.seq_relationship.weight)
@@ -107,7 +107,7 @@ def test_a_minipt_run_is_a_starting_point_too(folders, tmp_path):
     assert T.main(train_args(folders, first, folders["gpt2"], dropout=0.0)) == 0
     assert T.main(train_args(folders, second, first, block_size=16)) == 0
     assert ckpt.read_config(second)["model"]["block_size"] == 64  # shorter windows, the same positions
-    assert 0 < max_change(S.load_run(second)[0], S.load_run(first)[0]) <= 1.5 * LR * STEPS
+    assert 0 < max_change(load_run(second)[0], load_run(first)[0]) <= 1.5 * LR * STEPS
 
 
 def test_a_fine_tune_run_gives_its_encoder(folders, tmp_path, capsys):
@@ -119,24 +119,24 @@ def test_a_fine_tune_run_gives_its_encoder(folders, tmp_path, capsys):
     run = tmp_path / "finetuned"
     assert FT.main([f"--init_from={folders['bert']}", f"--data={tmp_path / 'train.jsonl'}", f"--out_dir={run}",
                     "--epochs=1", "--learning_rate=1e-2", "--backend=torch", "--progress=false"]) == 0
-    classifier, _, _ = S.load_run(run)
+    classifier, _, _ = load_run(run)
     assert isinstance(classifier, BertClassifier)
-    kind, arch = S.read_model_config(run, encoder=True)
-    assert kind == "bert" and "num_labels" not in arch and S.read_model_config(run)[0] == CLASSIFIER
-    bert, tok, config = S.load_run(run, encoder=True)
+    kind, arch = read_model_config(run, encoder=True)
+    assert kind == "bert" and "num_labels" not in arch and read_model_config(run)[0] == CLASSIFIER
+    bert, tok, config = load_run(run, encoder=True)
     assert type(bert) is BERT and type(bert.config).__name__ == "BertConfig" and config["model_type"] == "bert"
     assert "is a fine-tune run: its BERT encoder is read" in config["notes"][0]
     theirs = classifier.bert.state_dict()
     assert bert.state_dict().keys() == theirs.keys()
     for name, tensor in bert.state_dict().items():
         assert torch.equal(tensor, theirs[name]), name
-    start, _, _ = S.load_run(folders["bert"])
+    start, _, _ = load_run(folders["bert"])
     assert max_change(bert, start) > 1e-3  # the fine-tune moved the encoder: these are its weights
 
     continued = tmp_path / "continued"  # pretraining goes on from the fine-tuned encoder
     assert T.main(train_args(folders, continued, run)) == 0
     assert ckpt.read_config(continued)["model_type"] == "bert"
-    assert 0 < max_change(S.load_run(continued)[0], bert) <= 1.5 * LR * STEPS
+    assert 0 < max_change(load_run(continued)[0], bert) <= 1.5 * LR * STEPS
     assert E.main([f"--out_dir={run}", f"--data={folders['corpus']}", "--backend=torch", "--block_size=32"]) == 0
     printed = capsys.readouterr().out
     assert "model_type" in printed and "bert" in printed and "mlm_acc" in printed

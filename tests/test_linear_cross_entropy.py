@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_CUDA, TRITON_DEVICE, assert_lowp_close, assert_rounding_would_fail, requires_cuda
-from minipt.ops._backend import BackendUnavailableError
-from minipt.ops import cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
+from minipt.ops import BackendUnavailableError, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 lce_module = importlib.import_module("minipt.ops.linear_cross_entropy")

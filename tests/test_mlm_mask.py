@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, TRITON_DEVICE
-from minipt.ops import mlm_mask
-from minipt.ops._backend import BackendUnavailableError
+from minipt.ops import BackendUnavailableError, mlm_mask
 from minipt.ops._triton import jit, tl
 from minipt.ops.mlm_mask import (
     IGNORE_INDEX, masked_capacity, masked_positions, mlm_mask_ref, philox4x32_10,

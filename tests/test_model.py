@@ -13,8 +13,7 @@ from minipt.models import (
     BERT, BERT_PRESETS, GPT, GPT_PRESETS, MODEL_KINDS, BertConfig, GPTConfig, ModelOutput, build_model,
 )
 from minipt.models import bert as bert_module, gpt as gpt_module
-from minipt.ops import attention
-from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops import IGNORE_INDEX, attention
 from minipt.ops.mlm_mask import masked_capacity
 
 # Odd sizes, so that a transposed or mis-split dimension shows up as a shape error or a wrong value;

@@ -14,10 +14,10 @@ import torch
 
 from conftest import HAS_CUDA
 from minipt import runtime
-from minipt import train as T
 from minipt.config import TrainConfig
 from minipt.models import BERT, GPT, BertConfig, GPTConfig
-from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops import IGNORE_INDEX
+from minipt import pretraining as P
 
 
 def gpt_forward():
@@ -71,7 +71,7 @@ def test_forward_and_loss_compile_without_a_graph_break(make):
 
 
 # ----------------------------------------------------------------------------- CUDA
-def tiny_run(tmp_path: Path, model: str, **options) -> T.Run:
+def tiny_run(tmp_path: Path, model: str, **options) -> P.Run:
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for d in range(3):
@@ -82,7 +82,7 @@ def tiny_run(tmp_path: Path, model: str, **options) -> T.Run:
         cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), n_layer=2, n_head=2, n_embd=32,
         block_size=32, batch_size=4, gradient_accumulation_steps=2, eval_iters=1, device="cuda", **options,
     )
-    return T.Run(cfg, runtime.setup(cfg.device, cfg.dtype), log=lambda *a: None)
+    return P.Run(cfg, runtime.setup(cfg.device, cfg.dtype), log=lambda *a: None)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="set_sync_debug_mode watches CUDA synchronisation; a CPU has none to watch")

@@ -9,15 +9,22 @@ import pytest
 import torch
 
 from conftest import TRITON_DEVICE
-from minipt import eval as E
 from minipt import train as T
 from minipt.config import ConfigError, TrainConfig
 from minipt.data import PairInstance, PairSampler, RowPacker, TokenShard, TokenSplit, collate_packed, collate_pairs
 from minipt.data import pair_batches, pair_slots
 from minipt.models import BERT, GPT, BertConfig, GPTConfig, build_model
-from minipt.ops import mlm_mask
-from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops import IGNORE_INDEX, mlm_mask
 from minipt.runtime import setup
+from minipt import pretraining as P
+from minipt import evaluation as EV
+from minipt.config import EvalConfig, parse_overrides
+from minipt.load import load_run
+
+
+def resolve_config(argv):
+    """The config ``python -m minipt.train`` resolves from ``argv``."""
+    return P.resolve_config(parse_overrides(TrainConfig, argv, "", ""))
 
 SEP = 1  # the GPT models' <|endoftext|>
 TOK = SimpleNamespace(pad_id=0, cls_id=2, sep_id=3, mask_id=4)  # what the collates read of a BERT tokenizer
@@ -322,12 +329,12 @@ def test_options_that_do_not_apply_are_named(settings, message):
 
 def test_a_block_too_small_for_one_pair_and_a_tokenizer_without_a_separator_are_named():
     with pytest.raises(ConfigError, match="block_size=4 holds no .CLS. A .SEP. B .SEP. pair, which needs at least 5"):
-        T.resolve_config(["--model=bert", "--pack=true", "--block_size=4"])
+        resolve_config(["--model=bert", "--pack=true", "--block_size=4"])
     with pytest.raises(ConfigError, match="doc_mask needs <.endoftext.> in the tokenizer"):
-        T.model_config(TrainConfig(doc_mask=True), vocab_size=64, pad_id=0, eot_id=None)
-    config = T.model_config(TrainConfig(doc_mask=True, reset_positions=True), vocab_size=64, pad_id=0, eot_id=7)
+        P.model_config(TrainConfig(doc_mask=True), vocab_size=64, pad_id=0, eot_id=None)
+    config = P.model_config(TrainConfig(doc_mask=True, reset_positions=True), vocab_size=64, pad_id=0, eot_id=7)
     assert (config.doc_sep_id, config.reset_positions) == (7, True)
-    assert T.model_config(TrainConfig(), vocab_size=64, pad_id=0, eot_id=7).doc_sep_id is None
+    assert P.model_config(TrainConfig(), vocab_size=64, pad_id=0, eot_id=7).doc_sep_id is None
 
 
 def test_doc_mask_on_token_files_without_a_tokenizer_is_refused(tmp_path, capsys):
@@ -354,14 +361,13 @@ def test_a_doc_mask_run_keeps_its_documents_in_its_saved_model(tmp_path):
     from test_train import tiny_args
 
     from minipt import checkpoint as ckpt
-    from minipt import sample
 
     out = tmp_path / "run"
     assert T.main(tiny_args(tmp_path, max_iters=2, eval_interval=2, doc_mask="true", reset_positions="true")) == 0
-    model, tok, saved = sample.load_run(out)
+    model, tok, saved = load_run(out)
     assert saved["train"]["doc_mask"] and model.config.doc_sep_id == tok.eot_id is not None
     assert model.config.reset_positions and ckpt.read_config(out)["model"]["doc_sep_id"] == tok.eot_id
-    result = E.evaluate(E.EvalConfig(out_dir=str(out), data=str(tmp_path / "corpus")), setup("cpu", "float32"))
+    result = EV.evaluate(EvalConfig(out_dir=str(out), data=str(tmp_path / "corpus")), setup("cpu", "float32"))
     assert np.isfinite(result["loss"]) and result["tokens"] > 0
     # a run started from it keeps documents apart only if it asks to
     again = tmp_path / "again"
@@ -370,4 +376,4 @@ def test_a_doc_mask_run_keeps_its_documents_in_its_saved_model(tmp_path):
                    "--sample_tokens=0"]) == 0
     assert ckpt.read_config(again)["model"]["doc_sep_id"] is None
     with pytest.raises(ConfigError, match="pack applies to --model bert only"):  # the checkpoint's kind decides
-        T.resolve_config([f"--init_from={out}", "--pack=true", f"--out_dir={tmp_path / 'third'}"])
+        resolve_config([f"--init_from={out}", "--pack=true", f"--out_dir={tmp_path / 'third'}"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minipt.ops._backend import BackendUnavailableError
+from minipt.ops import BackendUnavailableError
 from minipt.ops import (
     attention,
     attention_ref,

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from minipt import sample as S
 from minipt import train as T
+from minipt.inference import fill_mask, generate_text, next_sentence_probability
+from minipt.load import load_run
 
 from hf_folders import bert_folder, gpt2_folder, hf_tokenizer, transformers
 
@@ -37,25 +39,25 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_load_run_restores_the_saved_weights(runs):
-    model, tok, config = S.load_run(runs["gpt"])
+    model, tok, config = load_run(runs["gpt"])
     assert not model.training and config["model_type"] == "gpt"
-    again, _, _ = S.load_run(runs["gpt"])
+    again, _, _ = load_run(runs["gpt"])
     for p, q in zip(model.parameters(), again.parameters()):
         assert torch.equal(p, q)
     assert model.transformer.wte.weight.data_ptr() != again.transformer.wte.weight.data_ptr()
 
 
 def test_generate_continues_the_prompt_reproducibly(runs):
-    model, tok, _ = S.load_run(runs["gpt"])
-    a = S.generate_text(model, tok, "The cat", max_new_tokens=12, seed=3)
-    assert a.startswith("The cat") and a == S.generate_text(model, tok, "The cat", max_new_tokens=12, seed=3)
-    many = S.generate_text(model, tok, "", max_new_tokens=5, seed=4, num_samples=3)
+    model, tok, _ = load_run(runs["gpt"])
+    a = generate_text(model, tok, "The cat", max_new_tokens=12, seed=3)
+    assert a.startswith("The cat") and a == generate_text(model, tok, "The cat", max_new_tokens=12, seed=3)
+    many = generate_text(model, tok, "", max_new_tokens=5, seed=4, num_samples=3)
     assert len(many) == 3 and all(isinstance(t, str) for t in many)
 
 
 def test_greedy_generation_follows_the_argmax(runs):
-    model, tok, _ = S.load_run(runs["gpt"])
-    text = S.generate_text(model, tok, "The", max_new_tokens=4, temperature=0.0)
+    model, tok, _ = load_run(runs["gpt"])
+    text = generate_text(model, tok, "The", max_new_tokens=4, temperature=0.0)
     ids = [tok.eot_id, *tok.encode("The")]
     for _ in range(4):
         logits = model(torch.tensor([ids])).logits[0, -1]
@@ -64,9 +66,9 @@ def test_greedy_generation_follows_the_argmax(runs):
 
 
 def test_fill_mask_ranks_the_mlm_probabilities(runs):
-    model, tok, _ = S.load_run(runs["bert"])
+    model, tok, _ = load_run(runs["bert"])
     text = "The cat sits on the [MASK]. The [MASK] lies on the rug."
-    result = S.fill_mask(model, tok, text, top_k=4)
+    result = fill_mask(model, tok, text, top_k=4)
     assert len(result) == 2 and all(len(c) == 4 for c in result)
     ids = [tok.cls_id, *tok.encode(text), tok.sep_id]
     logits = model(torch.tensor([ids]), return_logits=True).logits[0]
@@ -76,12 +78,12 @@ def test_fill_mask_ranks_the_mlm_probabilities(runs):
         assert [c[0] for c in candidates] == [tok.id_to_token(i) for i in best.indices.tolist()]
         assert [c[1] for c in candidates] == pytest.approx(best.values.tolist(), rel=1e-5)
     with pytest.raises(ValueError, match="holds no \\[MASK\\]"):
-        S.fill_mask(model, tok, "nothing to fill")
+        fill_mask(model, tok, "nothing to fill")
 
 
 def test_next_sentence_probability_is_the_nsp_softmax(runs):
-    model, tok, _ = S.load_run(runs["bert"])
-    p = S.next_sentence_probability(model, tok, "I like cats.", "They are cute.")
+    model, tok, _ = load_run(runs["bert"])
+    p = next_sentence_probability(model, tok, "I like cats.", "They are cute.")
     a, b = tok.encode("I like cats."), tok.encode("They are cute.")
     ids = [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
     types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
@@ -133,7 +135,7 @@ def hf_folders(tmp_path_factory) -> dict[str, Path]:
 
 def test_fill_mask_matches_transformers_on_a_saved_bert(hf_folders):
     folder = hf_folders["bert"]
-    model, tok, _ = S.load_run(folder)
+    model, tok, _ = load_run(folder)
     theirs_tok, theirs = hf_tokenizer(folder), transformers.BertForPreTraining.from_pretrained(folder).eval()
     text = "The cat sits on the [MASK]."
     batch = theirs_tok(text, return_tensors="pt")
@@ -143,7 +145,7 @@ def test_fill_mask_matches_transformers_on_a_saved_bert(hf_folders):
         logits = theirs(**batch).prediction_logits[0].double()
     position = batch["input_ids"][0].tolist().index(tok.mask_id)
     expected = logits[position, : tok.vocab_size].softmax(-1).topk(5)
-    (candidates,) = S.fill_mask(model, tok, text, top_k=5)
+    (candidates,) = fill_mask(model, tok, text, top_k=5)
     assert [t for t, _ in candidates] == theirs_tok.convert_ids_to_tokens(expected.indices.tolist())
     assert [p for _, p in candidates] == pytest.approx(expected.values.tolist(), abs=1e-4)
     assert expected.values[0] > 2 * expected.values[-1]  # a sharp ranking, not a tie broken by rounding
@@ -151,24 +153,24 @@ def test_fill_mask_matches_transformers_on_a_saved_bert(hf_folders):
 
 def test_next_sentence_probability_matches_transformers_on_a_saved_bert(hf_folders):
     folder = hf_folders["bert"]
-    model, tok, _ = S.load_run(folder)
+    model, tok, _ = load_run(folder)
     theirs_tok, theirs = hf_tokenizer(folder), transformers.BertForPreTraining.from_pretrained(folder).eval()
     batch = theirs_tok("I like cats.", "They are cute.", return_tensors="pt")
     with torch.no_grad():
         expected = theirs(**batch).seq_relationship_logits[0].double().softmax(-1)[0].item()
-    p = S.next_sentence_probability(model, tok, "I like cats.", "They are cute.")
+    p = next_sentence_probability(model, tok, "I like cats.", "They are cute.")
     assert p == pytest.approx(expected, abs=1e-4)
 
 
 def test_greedy_generation_matches_transformers_on_a_saved_gpt2(hf_folders):
     folder = hf_folders["gpt2"]
-    model, tok, _ = S.load_run(folder)
+    model, tok, _ = load_run(folder)
     theirs_tok, theirs = hf_tokenizer(folder), transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     prompt = "The cat sits on the"
     ids = [tok.eot_id, *theirs_tok(prompt)["input_ids"]]
     assert ids[1:] == tok.encode(prompt)
     expected = theirs.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eot_id)
-    text = S.generate_text(model, tok, prompt, max_new_tokens=12, temperature=0.0)
+    text = generate_text(model, tok, prompt, max_new_tokens=12, temperature=0.0)
     assert text == prompt + theirs_tok.decode(expected[0, len(ids):])
     produced = tok.encode(text)[len(ids) - 1:]
     assert len(set(produced)) > 2  # the continuation is not one token repeated
@@ -188,7 +190,7 @@ def test_a_masked_lm_folder_with_a_tokenizer_json(tmp_path, capsys):
     folder = bert_folder(tmp_path / "mlm", architecture="BertForMaskedLM")
     hf_tokenizer(folder).save_pretrained(folder)  # tokenizer.json, which is read before vocab.txt
     (folder / "vocab.txt").unlink()
-    model, tok, config = S.load_run(folder)
+    model, tok, config = load_run(folder)
     assert "no pooler or NSP head" in config["notes"][0]
     theirs = transformers.BertForMaskedLM.from_pretrained(folder).eval()
     text = "I like [MASK]."
@@ -197,7 +199,7 @@ def test_a_masked_lm_folder_with_a_tokenizer_json(tmp_path, capsys):
     position = batch["input_ids"][0].tolist().index(tok.mask_id)
     with torch.no_grad():
         probs = theirs(**batch).logits[0, position, : tok.vocab_size].softmax(-1)
-    (candidates,) = S.fill_mask(model, tok, text, top_k=3)
+    (candidates,) = fill_mask(model, tok, text, top_k=3)
     assert [p for _, p in candidates] == pytest.approx(probs.topk(3).values.tolist(), abs=1e-4)
     assert S.main([f"--out_dir={folder}", "--text_a=I like cats.", "--text_b=They are cute."]) == 0
     assert "note: the BertForMaskedLM in " in capsys.readouterr().err

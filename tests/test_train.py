@@ -20,6 +20,10 @@ from minipt.runlog import Progress, read_metrics
 from minipt.config import ConfigError, TrainConfig
 from minipt.models import GPT, GPTConfig, build_model
 from minipt.tokenizer import TextTokenizer, train_tokenizer
+from minipt import pretraining as P
+from minipt.errors import EXIT_FAILED, EXIT_INTERRUPTED
+from minipt.loop import make_optimizer
+from minipt.scoring import mask_seed
 
 REPO = Path(__file__).resolve().parents[1]
 VERSES = [
@@ -55,19 +59,19 @@ def rows(out: Path, key: str) -> list[tuple[int, float]]:
 
 # ----------------------------------------------------------------------------- pieces
 def test_learning_rate_warms_up_then_follows_the_cosine_to_min_lr():
-    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
-    assert T.learning_rate(0, cfg) == pytest.approx(1 / 11)
-    assert T.learning_rate(9, cfg) == pytest.approx(10 / 11)
-    assert T.learning_rate(10, cfg) == pytest.approx(1.0)
-    assert T.learning_rate(60, cfg) == pytest.approx(0.55)  # half way down the cosine
-    assert T.learning_rate(110, cfg) == T.learning_rate(500, cfg) == pytest.approx(0.1)
-    assert TrainConfig(learning_rate=2.0).final_min_lr == pytest.approx(0.2)
-    assert T.learning_rate(3, TrainConfig(learning_rate=0.5, decay_lr=False)) == 0.5
+    lr = P.schedule(TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)).lr
+    assert lr(0) == pytest.approx(1 / 11)
+    assert lr(9) == pytest.approx(10 / 11)
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.55)  # half way down the cosine
+    assert lr(110) == lr(500) == pytest.approx(0.1)
+    assert P.schedule(TrainConfig(learning_rate=2.0)).min_lr == pytest.approx(0.2)
+    assert P.schedule(TrainConfig(learning_rate=0.5, decay_lr=False)).lr(3) == 0.5
 
 
 def test_weight_decay_reaches_matrices_and_embeddings_only():
     model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
-    opt = T.make_optimizer(model, TrainConfig(weight_decay=0.3), torch.device("cpu"))
+    opt = make_optimizer(model, learning_rate=1e-3, betas=(0.9, 0.99), weight_decay=0.3, device=torch.device("cpu"))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.3 and plain["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
@@ -77,20 +81,20 @@ def test_weight_decay_reaches_matrices_and_embeddings_only():
 
 def test_model_config_from_defaults_preset_and_overrides():
     tok = TextTokenizer.wrap(train_tokenizer("char", ["abc"], 0, "gpt"), "gpt")
-    cfg = T.model_config(TrainConfig(), tok.vocab_size, tok.pad_id)
+    cfg = P.model_config(TrainConfig(), tok.vocab_size, tok.pad_id)
     assert (cfg.n_layer, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (4, 128, 128, 64)
-    cfg = T.model_config(TrainConfig(preset="gpt2", n_layer=2, dropout=0.2), tok.vocab_size, tok.pad_id)
+    cfg = P.model_config(TrainConfig(preset="gpt2", n_layer=2, dropout=0.2), tok.vocab_size, tok.pad_id)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.block_size) == (2, 12, 768, 0.2, 1024)
     with pytest.raises(ConfigError, match=r"n_embd \(100\) must be divisible by n_head \(3\)"):
-        T.model_config(TrainConfig(n_embd=100, n_head=3), tok.vocab_size, tok.pad_id)
+        P.model_config(TrainConfig(n_embd=100, n_head=3), tok.vocab_size, tok.pad_id)
     with pytest.raises(ConfigError, match="unknown preset 'gpt5'"):
-        T.model_config(TrainConfig(preset="gpt5"), tok.vocab_size, tok.pad_id)
+        P.model_config(TrainConfig(preset="gpt5"), tok.vocab_size, tok.pad_id)
 
 
 def test_mlm_mask_seeds_differ_per_step_microstep_and_rank():
-    seeds = {T.mask_seed(1337, it, m, r) for it in range(50) for m in range(3) for r in range(2)}
+    seeds = {mask_seed(1337, it, m, r) for it in range(50) for m in range(3) for r in range(2)}
     assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)
-    assert T.mask_seed(1, 2, 3) == T.mask_seed(1, 2, 3)
+    assert mask_seed(1, 2, 3) == mask_seed(1, 2, 3)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -231,14 +235,14 @@ def test_tied_weights_survive_the_safetensors_round_trip(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real_step = T.Run.step
+    real_step = P.Run.step
 
     def step(self):
         loss = real_step(self)
         return loss * float("nan") if self.iter == 5 else loss
 
-    monkeypatch.setattr(T.Run, "step", step)
-    assert T.main(tiny_args(tmp_path, max_iters=10, eval_interval=2)) == T.EXIT_FAILED
+    monkeypatch.setattr(P.Run, "step", step)
+    assert T.main(tiny_args(tmp_path, max_iters=10, eval_interval=2)) == EXIT_FAILED
     err = capsys.readouterr().err
     assert "training loss became nan between steps 4 and 5" in err and "Traceback" not in err
     assert ckpt.load_state(tmp_path / "run")["iter"] == 4
@@ -257,7 +261,7 @@ def test_sigint_saves_and_exits_cleanly(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == T.EXIT_INTERRUPTED, err
+    assert proc.returncode == EXIT_INTERRUPTED, err
     assert "interrupted: saved step" in err and "Traceback" not in err
     saved = ckpt.load_state(out)["iter"]
     assert saved >= 1 and f"saved step {saved} " in err

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent(
 
     import torch
     import minipt.ops as ops
-    from minipt.ops._backend import BackendUnavailableError
+    from minipt.ops import BackendUnavailableError
     from minipt.models import BERT, GPT, BertConfig, GPTConfig
 
     torch.manual_seed(0)

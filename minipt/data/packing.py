@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from minipt.config import ConfigError
-from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops import IGNORE_INDEX
 from minipt.tokenizer import TextTokenizer
 
 MIN_PAIR_TOKENS = 5  # [CLS] a [SEP] b [SEP]: create_pair_instances keeps no pair with an empty side

@@ -31,8 +31,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from minipt.errors import MiniptError
 
-class DataError(ValueError):
+
+class DataError(MiniptError, ValueError):
     """The corpus cannot be used: missing, unreadable, malformed, empty or too small."""
 
 

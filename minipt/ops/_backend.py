@@ -18,12 +18,13 @@ import os
 
 import torch
 
+from minipt.errors import MiniptError
 from minipt.ops._triton import IMPORT_ERROR
 
 BACKENDS = ("auto", "torch", "triton", "native")
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(MiniptError, RuntimeError):
     """The requested backend cannot run this call (names the backend and why)."""
 
 

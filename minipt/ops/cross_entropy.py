@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from minipt.ops._backend import resolve_backend
-from minipt.ops._loss import reduce_loss
+from minipt.ops._loss import IGNORE_INDEX, reduce_loss
 from minipt.ops._native import check_contiguous, check_device, float_code, run_kernel
 from minipt.ops._checks import (
     FLOAT_DTYPES,
@@ -80,7 +80,9 @@ OP = "cross_entropy"
 
 
 # ----------------------------------------------------------------------------- reference
-def cross_entropy_ref(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, upcast=True):
+def cross_entropy_ref(
+    logits, target, *, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, upcast=True
+):
     """PyTorch reference on ``F.cross_entropy``, with minipt's mean over zero rows = 0.
 
     With ``upcast`` (``backend="torch"``) it computes in at least float32 and
@@ -383,7 +385,9 @@ def check_ce_args(op, logits, target, ignore_index, reduction, label_smoothing, 
     check_label_smoothing(op, label_smoothing)
 
 
-def cross_entropy(logits, target, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, backend="auto"):
+def cross_entropy(
+    logits, target, *, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, backend="auto"
+):
     """Cross-entropy of (N, V) ``logits`` against (N,) class ids ``target``.
 
     The loss of fp16/bf16 logits is float32, as ``F.cross_entropy`` gives under

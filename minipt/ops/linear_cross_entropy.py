@@ -70,7 +70,7 @@ from __future__ import annotations
 import torch
 
 from minipt.ops._backend import resolve_backend
-from minipt.ops._loss import reduce_loss
+from minipt.ops._loss import IGNORE_INDEX, reduce_loss
 from minipt.ops._native import check_device, float_code
 from minipt.ops._checks import FLOAT_DTYPES, check_same, check_targets, check_tensor
 from minipt.ops.cross_entropy import (
@@ -88,7 +88,7 @@ CHUNK_ROW_MULTIPLE = 64  # keeps the chunk GEMMs on whole tiles
 
 # ----------------------------------------------------------------------------- reference
 def linear_cross_entropy_ref(
-    hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, upcast=True
+    hidden, weight, target, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, upcast=True
 ):
     """PyTorch reference: materialises the (N, V) logits in the inputs' dtype, as ``F.linear`` does.
 
@@ -301,7 +301,7 @@ def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_s
 
 
 def linear_cross_entropy(
-    hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, backend="auto"
+    hidden, weight, target, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, backend="auto"
 ):
     """``cross_entropy(hidden @ weight.T + bias, target)`` without materialising the logits.
 

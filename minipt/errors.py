@@ -1,0 +1,39 @@
+"""minipt's own errors, and the exit codes the commands map them to.
+
+Every error minipt raises on purpose (bad settings, data, tokenizer, checkpoint,
+an unavailable backend, a diverged run) derives from :class:`MiniptError` and
+carries the exit code of its kind. The commands catch ``MiniptError`` and
+``KeyboardInterrupt`` only: anything else is a bug, and keeps its traceback.
+
+This module imports nothing from minipt, so every layer may import it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class MiniptError(Exception):
+    """An error minipt reports as one line: what was wrong and what to do."""
+
+    exit_code = EXIT_USAGE
+    points_to_help = False  # a bad setting: the report points to the command's --help
+
+
+class TrainingError(MiniptError, RuntimeError):
+    """The run cannot go on (a non-finite loss); its last checkpoint is kept."""
+
+    exit_code = EXIT_FAILED
+
+
+class Interrupted(Exception):
+    """A stop request (Ctrl-C, SIGTERM) was honoured: the run saved its state at step ``args[0]``."""
+
+
+def report(command: str, exc: MiniptError) -> int:
+    """Print ``exc`` as the error of ``python -m {command}`` and return its exit code."""
+    hint = f"\n(see python -m {command} --help)" if exc.points_to_help else ""
+    print(f"{command}: error: {exc}{hint}", file=sys.stderr)
+    return exc.exit_code

@@ -1,0 +1,353 @@
+"""Fine-tuning BERT for sequence classification, from a pretrained start or from random weights.
+
+``python -m minipt.finetune`` is the command around :func:`finetune` and
+:func:`export`. The model is :class:`minipt.models.BertClassifier`
+(``BertForSequenceClassification``: dropout and a linear layer on the pooled
+[CLS] state), started from a BERT run, a fine-tune run or a Hugging Face BERT
+folder, or with ``--init_from=scratch --arch_from=DIR`` from random weights in
+the architecture of ``DIR``: the comparison that shows what pretraining brings.
+
+The loop is the trainer's (:mod:`minipt.loop`): AdamW, linear warm-up and one
+cosine decay to zero over the whole run, bf16 autocast on a GPU, DDP under
+``torchrun`` (each rank takes its share of every batch). A checkpoint is saved
+after every epoch; Ctrl-C or SIGTERM saves at the current step, and ``--resume``
+continues exactly (the order of the examples is drawn per epoch from the seed,
+so a step number says where the run stands).
+
+After each epoch it scores the validation set: accuracy and macro-F1 (F1
+averaged over the labels that occur in the truth or the predictions, as
+scikit-learn does). The epoch with the best ``--select`` score gives the run's
+final weights, which then score the test set, if there is one. Without
+``--data`` the examples are the bundled genre task (:mod:`minipt.data.genre`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from minipt import checkpoint as ckpt
+from minipt import hf, runtime
+from minipt.config import SCRATCH, ConfigError, FinetuneConfig, TrainConfig
+from minipt.data import genre
+from minipt.data.examples import collate, encode, epoch_order, split_examples
+from minipt.errors import Interrupted
+from minipt.load import is_hf_folder, load_run
+from minipt.loop import Schedule, flush_window, make_optimizer, stop_requested, wrap_ddp
+from minipt.models import CLASSIFIER, BertClassifier, BertClassifierConfig, build_model
+from minipt.ops import cross_entropy
+from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses
+from minipt.tokenizer import TextTokenizer
+
+BEST = "best"  # subfolder: the best epoch's weights while the run goes on
+CONFUSION = "confusion.json"
+
+
+# ----------------------------------------------------------------------------- scores
+def scores(matrix: list[list[int]]) -> dict:
+    """Accuracy and macro-F1 (over the labels in the truth or the predictions) of a confusion matrix."""
+    n = len(matrix)
+    hits, total = sum(matrix[i][i] for i in range(n)), sum(map(sum, matrix))
+    f1s = []
+    for i in range(n):
+        true_i, predicted_i = sum(matrix[i]), sum(row[i] for row in matrix)
+        if true_i or predicted_i:
+            f1s.append(2 * matrix[i][i] / (true_i + predicted_i))
+    return {"accuracy": hits / total, "macro_f1": sum(f1s) / len(f1s)}
+
+
+def format_confusion(matrix: list[list[int]], labels: list[str]) -> str:
+    """The matrix as a table: a row per true label, a column per predicted label."""
+    corner = "true \\ predicted"
+    first = max(len(corner), *(len(name) for name in labels))
+    width = max(*(len(name) for name in labels), *(len(str(c)) for row in matrix for c in row))
+    lines = [corner.ljust(first) + " " + " ".join(name.rjust(width) for name in labels)]
+    lines += [name.ljust(first) + " " + " ".join(str(c).rjust(width) for c in row) for name, row in zip(labels, matrix)]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the bundled task
+def pretraining_val_fraction(init_from: str, log) -> float:
+    """The share of every play that the pretraining run ``init_from`` held out (the trainer's default if unknown)."""
+    default = TrainConfig.val_fraction
+    if is_hf_folder(init_from):
+        log(f"the genre task: {init_from} is a Hugging Face model, whose pretraining data is unknown; "
+            f"its passages are the last {default:g} of every play")
+        return default
+    config = ckpt.read_config(init_from)
+    train = config["train"]
+    if config.get("model_type") != "bert":
+        return default
+    if train.get("data") or train.get("split") not in ("auto", "doc"):
+        log(f"the genre task: {init_from} was not pretrained on the bundled plays with the doc split, "
+            "so the passages may not be held out from it")
+    return train.get("val_fraction", default)
+
+
+# ----------------------------------------------------------------------------- one run
+class Finetune:
+    """A fine-tune run: config, examples, model, optimizer, step and the best epoch so far."""
+
+    def __init__(self, cfg: FinetuneConfig, rt: runtime.Runtime, log):
+        self.cfg, self.rt, self.log, self.out = cfg, rt, log, Path(cfg.out_dir)
+        rt.on_main(lambda: self._prepare_folder())
+        if cfg.resume:
+            saved = ckpt.read_config(self.out)
+            if saved.get("model_type") != CLASSIFIER:
+                raise ConfigError(f"--resume: {self.out} holds a {saved.get('model_type')} run, not a fine-tune run")
+            self.tok = TextTokenizer.from_file(self.out / ckpt.TOKENIZER, "bert")
+            block_size = saved["model"]["block_size"]
+        else:
+            start, argument = cfg.start
+            bert, self.tok, saved = load_run(start, backend=cfg.backend, dropout=cfg.dropout)
+            if saved["model_type"] == "gpt":
+                raise ConfigError(f"fine-tuning a GPT model is not supported: --{argument}={start} holds a "
+                                  "gpt model, and minipt fine-tunes BERT for sequence classification only")
+            bert = bert.bert if isinstance(bert, BertClassifier) else bert
+            if cfg.init_from != SCRATCH:
+                for note in saved.get("notes", []):
+                    log(note)
+            block_size = bert.config.block_size
+        if not cfg.data:
+            val_fraction = pretraining_val_fraction(cfg.start[0], log)
+            paths = rt.on_main(lambda: genre.build(self.out, val_fraction)) or genre.paths(self.out)
+            # the run records the files it read, as if they had been given
+            self.cfg = cfg = dataclasses.replace(cfg, **dict(zip(("data", "val_data", "test_data"), map(str, paths))))
+            log(f"the genre task: passages from the held-out last {val_fraction:g} of every bundled play: "
+                f"{cfg.data} (training plays), {cfg.val_data} (validation plays) and {cfg.test_data} (test plays)")
+        self.max_length = cfg.max_length or block_size
+        if self.max_length > block_size:
+            raise ConfigError(f"max_length={self.max_length} exceeds the model's {block_size} positions")
+        train, val, test, labels = split_examples(cfg.data, cfg.val_data, cfg.test_data,
+                                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
+        if cfg.resume:
+            if saved["labels"] != labels:
+                raise ConfigError(f"--resume: the labels of {cfg.data} ({', '.join(labels)}) are not the run's "
+                                  f"({', '.join(saved['labels'])})")
+            overrides = {"backend": cfg.backend, **({} if cfg.dropout is None else {"dropout": cfg.dropout})}
+            self.model = build_model(CLASSIFIER, {**saved["model"], **overrides})
+        else:
+            torch.manual_seed(cfg.seed)
+            if cfg.init_from == SCRATCH:
+                arch = {**dataclasses.asdict(bert.config), "num_labels": len(labels)}
+                self.model = BertClassifier(BertClassifierConfig(**arch))
+            else:
+                self.model = BertClassifier.from_bert(bert, len(labels))
+        self.model.to(rt.device).train()
+        self.labels = labels
+        label_ids = {name: i for i, name in enumerate(labels)}
+        self.train_rows, self.val_rows, self.test_rows = (
+            encode(x, self.tok, label_ids, self.max_length) for x in (train, val, test))
+        self.steps_per_epoch = -(-len(self.train_rows) // cfg.batch_size)
+        self.max_iters = cfg.epochs * self.steps_per_epoch
+        # one cosine decay over the whole run, to zero
+        self.schedule = Schedule(learning_rate=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
+                                 decay_iters=max(self.max_iters, cfg.warmup_iters), min_lr=0.0)
+        self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                        weight_decay=cfg.weight_decay, device=rt.device)
+        self.iter, self.best, self.tokens = 0, None, 0
+        # the encoder's MLM and NSP heads get no gradient here
+        self.train_model = wrap_ddp(torch.compile(self.model) if cfg.compile else self.model, rt,
+                                    find_unused_parameters=True)
+        if cfg.resume:
+            self.load_state_dict(ckpt.load_checkpoint(self.out, self.model, rt.device))
+        elif rt.is_main:
+            ckpt.write_config(self.out, {
+                "model_type": CLASSIFIER, "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(self.model.config),
+                "labels": labels, "tokenizer_vocab_size": self.tok.vocab_size,
+            })
+            ckpt.atomic_write_text(self.out / ckpt.TOKENIZER, self.tok.to_str())
+
+    def _prepare_folder(self) -> None:
+        ckpt.prepare_run_folder(self.out, resume=self.cfg.resume, overwrite=self.cfg.overwrite)
+        if not self.cfg.resume:  # a best epoch left by an interrupted earlier run is not this run's
+            shutil.rmtree(self.out / BEST, ignore_errors=True)
+
+    # ---- state
+    def state_dict(self) -> dict:
+        rng = ckpt.rng_state(self.rt.device)
+        return {"iter": self.iter, "best": self.best, "optimizer": self.optimizer.state_dict(), "rng": rng,
+                "finished": False}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("finished"):
+            raise ConfigError(f"--resume: the run in {self.out} has finished (its weights are its best epoch's); "
+                              f"fine-tune further with --init_from={self.out} and a new --out_dir")
+        self.iter, self.best = state["iter"], state["best"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.restore_rng_state(state["rng"], self.rt.device)
+
+    def save(self) -> None:
+        if self.rt.is_main:
+            ckpt.save_checkpoint(self.out, self.model, self.state_dict())
+        self.rt.barrier()
+
+    def flush(self, window: TrainWindow, progress: Progress) -> None:
+        flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1), out=self.out)
+
+    # ---- steps
+    def _logits(self, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
+        with self.rt.autocast():
+            return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step on the next batch; returns this rank's share of its mean loss, on the device."""
+        cfg, rt = self.cfg, self.rt
+        epoch, position = divmod(self.iter, self.steps_per_epoch)
+        order = epoch_order(len(self.train_rows), cfg.seed, epoch)
+        rows = [self.train_rows[j] for j in order[position * cfg.batch_size:(position + 1) * cfg.batch_size]]
+        mine = rows[rt.rank::rt.world_size]
+        # DDP needs every rank in the backward: a rank with no example of a small last batch adds a zero.
+        weight = rt.world_size / len(rows) if mine else 0.0
+        batch = collate(mine or rows[:1], self.tok.pad_id, rt.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule.lr(self.iter)
+        loss_sum = cross_entropy(self._logits(batch, self.train_model), batch["labels"], reduction="sum",
+                                 backend=cfg.backend)
+        # DDP averages the ranks' gradients: world_size / len(rows) makes it the batch mean.
+        loss = loss_sum * weight
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter += 1
+        self.tokens = int(batch["attention_mask"].sum()) if mine else 0
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[tuple]) -> dict:
+        """Loss, scores and confusion matrix on ``rows``, the examples split across ranks."""
+        self.model.eval()
+        n = len(self.labels)
+        counts = torch.zeros(n * n + 1, dtype=torch.float64, device=self.rt.device)  # matrix, then the loss sum
+        mine = rows[self.rt.rank::self.rt.world_size]
+        for i in range(0, len(mine), self.cfg.batch_size):
+            batch = collate(mine[i:i + self.cfg.batch_size], self.tok.pad_id, self.rt.device)
+            logits = self._logits(batch, self.model)
+            cells = batch["labels"] * n + logits.argmax(-1)
+            counts[:n * n] += torch.bincount(cells, minlength=n * n).double()
+            counts[-1] += cross_entropy(logits, batch["labels"], reduction="sum", backend=self.cfg.backend).double()
+        self.model.train()
+        counts = self.rt.all_reduce_sum(counts).tolist()
+        matrix = [[int(c) for c in counts[i * n:(i + 1) * n]] for i in range(n)]
+        return {"loss": counts[-1] / len(rows), **scores(matrix), "confusion": matrix}
+
+    def end_of_epoch(self, progress: Progress) -> None:
+        """Evaluate, log, keep the weights if the epoch is the best so far, and save the checkpoint."""
+        epoch = self.iter // self.steps_per_epoch
+        result = self.evaluate(self.val_rows)
+        result["val_loss"] = result.pop("loss")
+        matrix = result.pop("confusion")
+        if self.rt.is_main:
+            append_metrics(self.out, {"iter": self.iter, "epoch": epoch, **result})
+        select = self.cfg.select
+        improved = self.best is None or result[select] > self.best[select]
+        progress.log(f"epoch {epoch}: val loss {result['val_loss']:.4f}, accuracy {result['accuracy']:.4f}, "
+                     f"macro-F1 {result['macro_f1']:.4f}" + ("  (best so far)" if improved else ""))
+        if improved:
+            self.best = {"iter": self.iter, "epoch": epoch, **result, "confusion": matrix}
+            if self.rt.is_main:
+                (self.out / BEST).mkdir(exist_ok=True)
+                ckpt.save_checkpoint(self.out / BEST, self.model, {"iter": self.iter})
+        self.save()
+
+    def finish(self) -> None:
+        """Make the best epoch's weights the run's, score the test examples with them, and mark the run finished.
+
+        ``confusion.json`` gets the labels, the chosen epoch, and per split
+        (``validation``, and ``test`` when there are test examples) the loss,
+        accuracy, macro-F1, the share of the commonest true label
+        (``majority_rate``: what always guessing it scores) and the matrix.
+        """
+        ckpt.load_weights(self.out / BEST, self.model, self.rt.device)
+        self.rt.barrier()
+        best = {k: v for k, v in self.best.items() if k not in ("iter", "epoch")}
+        self.results = {"validation": {"loss": best.pop("val_loss"), **best}}
+        if self.test_rows:
+            self.results["test"] = self.evaluate(self.test_rows)
+        for result in self.results.values():
+            result["majority_rate"] = max(map(sum, result["confusion"])) / sum(map(sum, result["confusion"]))
+            result["matrix"] = result.pop("confusion")
+        if self.rt.is_main:
+            if "test" in self.results:
+                append_metrics(self.out, {"iter": self.iter, "epoch": self.best["epoch"], **{
+                    f"test_{k}": v for k, v in self.results["test"].items() if k != "matrix"}})
+            ckpt.save_checkpoint(self.out, self.model, {**self.state_dict(), "finished": True})
+            ckpt.atomic_write_text(self.out / CONFUSION, json.dumps(
+                {"labels": self.labels, "epoch": self.best["epoch"], "select": self.cfg.select,
+                 "rows": "true label", "columns": "predicted label", **self.results}, indent=2))
+            shutil.rmtree(self.out / BEST)
+            plot_losses(self.out)
+
+
+def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
+    """Fine-tune to the last epoch (or a stop request); the result holds the best epoch's weights."""
+    if not cfg.resume and not cfg.init_from:
+        raise ConfigError(f"--init_from (a BERT run or Hugging Face BERT folder, or {SCRATCH}) is required")
+    for name in ("val_data", "test_data"):
+        if not cfg.data and getattr(cfg, name):
+            raise ConfigError(f"--{name} needs --data: without --data the genre task gives all three splits")
+    start, argument = cfg.start
+    if not cfg.resume and Path(start).resolve() == Path(cfg.out_dir).resolve():
+        raise ConfigError(f"--{argument} and --out_dir name the same folder: the run would be written over its start")
+    run = Finetune(cfg, rt, log)
+    if cfg.resume:
+        if rt.is_main:
+            keep_metrics_until(run.out, run.iter)
+        log(f"resuming {run.out} at step {run.iter} of {run.max_iters}")
+    else:
+        if cfg.init_from == SCRATCH:
+            start = f"a randomly initialised BERT shaped like {cfg.arch_from}"
+        log(f"fine-tuning {start}: {run.model.num_params() / 1e6:.2f}M parameters, "
+            f"{len(run.train_rows)} examples, {len(run.labels)} labels, {len(run.val_rows)} for validation, "
+            f"{len(run.test_rows)} for test, "
+            f"{rt.device} {str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es)")
+    progress = Progress(run.max_iters, run.iter, cfg.progress and rt.is_main, log)
+    window = TrainWindow(rt.device, run.iter)
+    with StopRequest() as stop, contextlib.closing(progress):
+        while run.iter < run.max_iters:
+            window.add(run.step(), run.tokens)
+            progress.step()
+            at_epoch_end = run.iter % run.steps_per_epoch == 0
+            if run.iter % cfg.log_interval == 0 or at_epoch_end:
+                run.flush(window, progress)
+            if at_epoch_end:
+                run.end_of_epoch(progress)
+                window.restart_clock()
+            if stop_requested(stop, rt, step=run.iter, log_interval=cfg.log_interval):
+                run.flush(window, progress)
+                run.save()
+                raise Interrupted(run.iter)
+    run.finish()
+    log(f"\nbest epoch {run.best['epoch']} of {cfg.epochs} by {cfg.select}; its weights are the run's.")
+    for split, result in run.results.items():
+        log(f"{split}: accuracy {result['accuracy']:.4f} (the commonest label: {result['majority_rate']:.4f}), "
+            f"macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}; confusion matrix:")
+        log(format_confusion(result["matrix"], run.labels))
+    return run
+
+
+def export(model: BertClassifier, tok: TextTokenizer, labels: list[str], folder: Path, log=print) -> bool:
+    """The model as transformers' BertForSequenceClassification, with its tokenizer.json, in ``folder``.
+
+    Without ``transformers`` installed, says how to get it and returns False: the run is saved either way."""
+    try:
+        logging = hf.require_transformers().utils.logging
+    except hf.MissingDependency as exc:
+        log(f"note: no Hugging Face export: {exc}")
+        return False
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a bar for one shard written in an instant is carriage returns in a log
+    try:
+        hf.to_hf(model, labels=labels).save_pretrained(folder)
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+    tok.save(folder / ckpt.TOKENIZER)
+    return True

@@ -1,0 +1,121 @@
+"""Using a trained model: GPT continues a prompt, BERT fills [MASK]s and judges a pair, a fine-tune classifies.
+
+``python -m minipt.sample`` is the command around these; a training run ends
+with :func:`show_trained`. Each function puts the model in eval mode for the
+call and restores its mode after, and runs under the autocast of ``dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minipt import runtime
+from minipt.config import ConfigError
+from minipt.tokenizer import TextTokenizer
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_text(
+    model, tok: TextTokenizer, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+    top_k: int | None = 200, seed: int = 1337, num_samples: int = 1, dtype: torch.dtype = torch.float32,
+) -> list[str] | str:
+    """GPT: ``prompt`` and its continuation; a list when ``num_samples > 1``."""
+    ids = ([tok.eot_id] if tok.eot_id is not None else []) + tok.encode(prompt)
+    if not ids:
+        raise ConfigError("the prompt is empty and the tokenizer has no <|endoftext|> to start from; give a prompt")
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    context = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with runtime.autocast(device, dtype):
+        out = model.generate(context, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    model.train(was_training)
+    texts = [prompt + tok.decode(row[len(ids):].tolist()) for row in out]
+    return texts if num_samples > 1 else texts[0]
+
+
+def _encode_pair(tok: TextTokenizer, a: str, b: str | None, block_size: int) -> tuple[list[int], list[int]]:
+    ids = [tok.cls_id, *tok.encode(a), tok.sep_id]
+    types = [0] * len(ids)
+    if b is not None:
+        tail = [*tok.encode(b), tok.sep_id]
+        ids, types = ids + tail, types + [1] * len(tail)
+    if len(ids) > block_size:
+        raise ConfigError(
+            f"the input is {len(ids)} tokens with [CLS] and [SEP], more than the model's block_size {block_size}"
+        )
+    return ids, types
+
+
+def _bert_forward(model, ids: list[int], types: list[int], dtype: torch.dtype):
+    device = _device(model)
+    input_ids = torch.tensor([ids], device=device)
+    was_training = model.training
+    model.eval()
+    with runtime.autocast(device, dtype):
+        out = model(input_ids, token_type_ids=torch.tensor([types], device=device),
+                    attention_mask=torch.ones_like(input_ids), return_logits=True)
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def fill_mask(model, tok: TextTokenizer, text: str, *, top_k: int = 5, dtype: torch.dtype = torch.float32):
+    """BERT: for each [MASK] of ``text``, the ``top_k`` (token, probability) candidates."""
+    ids, types = _encode_pair(tok, text, None, model.config.block_size)
+    positions = [i for i, t in enumerate(ids) if t == tok.mask_id]
+    if not positions:
+        raise ConfigError(f"the text holds no [MASK] token to fill: {text!r}")
+    logits = _bert_forward(model, ids, types, dtype).logits[0, positions, : tok.vocab_size].float()  # (M, V)
+    probs, best = logits.softmax(-1).topk(min(top_k, tok.vocab_size), dim=-1)
+    return [
+        [(tok.id_to_token(i), p) for i, p in zip(row_ids.tolist(), row_p.tolist())]
+        for row_ids, row_p in zip(best, probs)
+    ]
+
+
+@torch.no_grad()
+def next_sentence_probability(model, tok: TextTokenizer, text_a: str, text_b: str, *, dtype=torch.float32) -> float:
+    """BERT: the probability that ``text_b`` follows ``text_a`` (NSP label 0)."""
+    ids, types = _encode_pair(tok, text_a, text_b, model.config.block_size)
+    return float(_bert_forward(model, ids, types, dtype).nsp_logits[0].float().softmax(-1)[0])
+
+
+@torch.no_grad()
+def classify(model, tok: TextTokenizer, labels: list[str], text: str, text_b: str | None = None, *,
+             dtype: torch.dtype = torch.float32) -> list[tuple[str, float]]:
+    """A fine-tuned classifier: (label, probability) for every label, the likeliest first."""
+    ids, types = _encode_pair(tok, text, text_b, model.config.block_size)
+    device = _device(model)
+    input_ids = torch.tensor([ids], device=device)
+    was_training = model.training
+    model.eval()
+    with runtime.autocast(device, dtype):
+        logits = model(input_ids, torch.tensor([types], device=device), torch.ones_like(input_ids))
+    model.train(was_training)
+    probs = logits[0].float().softmax(-1).tolist()
+    return sorted(zip(labels, probs), key=lambda pair: -pair[1])
+
+
+def show_trained(model, tok: TextTokenizer, kind: str, *, sample_tokens: int, seed: int, dtype: torch.dtype,
+                 log=print) -> None:
+    """What a training run ends with: a GPT sample of ``sample_tokens`` (0: none), or BERT filling a [MASK]."""
+    if kind == "gpt":
+        if sample_tokens and tok.eot_id is None:
+            # token files bring ids without a tokenizer that marks where a document starts
+            log("\nno sample: the tokenizer has no <|endoftext|> to start a document from; sample with a prompt: "
+                "python -m minipt.sample --prompt \"...\"")
+        elif sample_tokens:
+            text = generate_text(model, tok, "", max_new_tokens=sample_tokens, temperature=0.8, top_k=200, seed=seed,
+                                 dtype=dtype)
+            log(f"\nsample:\n{text}\n")
+        return
+    text = "to be, or not to be, that is the [MASK]."
+    log(f"\nfill-mask: {text}")
+    for candidates in fill_mask(model, tok, text, top_k=5, dtype=dtype):
+        log("  " + ", ".join(f"{token} {p:.3f}" for token, p in candidates))

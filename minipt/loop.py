@@ -1,0 +1,101 @@
+"""The parts of a training loop that pretraining and fine-tuning share.
+
+* :class:`Schedule`: linear warm-up, then cosine decay to a floor (nanoGPT's).
+* :func:`make_optimizer`: AdamW, weight decay on matrices and embeddings only.
+* :func:`wrap_ddp`: the model as DistributedDataParallel under ``torchrun``.
+* :func:`flush_window`: the train-loss row logged every ``log_interval`` steps,
+  the one place the host reads the loss, and where a non-finite one stops the run.
+* :func:`stop_requested`: Ctrl-C or SIGTERM, agreed on by every rank.
+* :func:`resumed_config`: a ``--resume`` command line over the settings a run saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minipt import checkpoint as ckpt
+from minipt.config import make_config
+from minipt.errors import TrainingError
+from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics
+from minipt.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warm-up to ``learning_rate``, cosine decay to ``min_lr`` at ``decay_iters``, then flat (nanoGPT)."""
+
+    learning_rate: float
+    warmup_iters: int
+    decay_iters: int
+    min_lr: float
+    decay: bool = True  # false: learning_rate throughout
+
+    def lr(self, it: int) -> float:
+        if not self.decay:
+            return self.learning_rate
+        if it < self.warmup_iters:
+            return self.learning_rate * (it + 1) / (self.warmup_iters + 1)
+        if it >= self.decay_iters:
+            return self.min_lr
+        ratio = (it - self.warmup_iters) / max(self.decay_iters - self.warmup_iters, 1)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.learning_rate - self.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, *, learning_rate: float, betas: tuple[float, float], weight_decay: float,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings, none on biases and LayerNorm (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # fused AdamW runs on CPU and CUDA tensors since torch 2.4, one kernel for all parameters.
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.type in ("cpu", "cuda"))
+
+
+def wrap_ddp(model: torch.nn.Module, rt: Runtime, *, find_unused_parameters: bool) -> torch.nn.Module:
+    """``model`` as DistributedDataParallel when the run has several ranks, else as it is."""
+    if not rt.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+               find_unused_parameters=find_unused_parameters)
+
+
+def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: int, lr: float, out: Path) -> None:
+    """Log the mean train loss of the steps since the last log; stop on a non-finite one."""
+    if window.steps == 0:
+        return
+    loss = float(rt.all_reduce_sum(window.loss.clone()).item()) / (window.steps * rt.world_size)
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"the training loss became {loss} between steps {window.first_step} and {step}; stopping. "
+            f"The last checkpoint in {out} is kept; try a lower --learning_rate or --grad_clip"
+        )
+    row = {"iter": step, "train_loss": loss, "lr": lr, "tokens_per_s": window.tokens * rt.world_size / window.seconds()}
+    if rt.is_main:
+        append_metrics(out, row)
+    progress.train_row(row)
+    window.reset(step)
+
+
+def stop_requested(stop: StopRequest, rt: Runtime, *, step: int, log_interval: int) -> bool:
+    if not rt.distributed:
+        return stop.requested
+    # Ranks agree on stopping at log steps only, where they meet anyway.
+    if step % log_interval != 0:
+        return False
+    return bool(rt.all_reduce_sum(torch.tensor(float(stop.requested), device=rt.device)).item() > 0)
+
+
+def resumed_config(cls, overrides: dict):
+    """The config of ``--resume``: the settings the run in ``out_dir`` saved, under those given now."""
+    saved = ckpt.read_config(overrides.get("out_dir", cls.out_dir))["train"]
+    known = {f.name for f in dataclasses.fields(cls)} - {"resume", "overwrite"}
+    return make_config(cls, {**{k: v for k, v in saved.items() if k in known}, **overrides})
