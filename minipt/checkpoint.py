@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
+
+from minipt.errors import MiniptError
 
 CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT = (
     "config.json", "tokenizer.json", "model.safetensors", "state.pt", "metrics.jsonl", "loss.png",
@@ -37,7 +39,7 @@ CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT = (
 RUN_FILES = (CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MiniptError, RuntimeError):
     """A run folder that cannot be resumed or loaded: files missing, corrupt or mismatched."""
 
 
@@ -104,16 +106,29 @@ def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, state: dict) ->
 
 
 def load_weights(out_dir: str | Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> int:
-    """Load ``model.safetensors`` into ``model``; return the iteration it was saved at."""
+    """Load ``model.safetensors`` into ``model``; return the iteration it was saved at.
+
+    What does not fit is named: a file that is not safetensors (or is cut short), a
+    tensor of another shape, a tensor missing or extra. Other errors (out of memory)
+    are not checkpoint errors and pass through as they are."""
     path = Path(out_dir) / MODEL
     if not path.is_file():
         raise CheckpointError(f"no checkpoint in {out_dir}: {MODEL} is missing")
     try:
         with safe_open(str(path), framework="pt") as f:
             saved_iter = int((f.metadata() or {}).get("iter", -1))
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = [f"{name} is {list(shape)}, the model's {list(expected[name])}"
+             for name, shape in shapes.items() if name in expected and shape != expected[name]]
+    if wrong:
+        raise CheckpointError(f"{path} does not fit this model: {'; '.join(wrong[:5])}")
+    try:
         missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
-    except Exception as exc:  # safetensors raises its own error types for a truncated or garbled file
-        raise CheckpointError(f"{path} is corrupt or does not fit this model: {exc}") from None
+    except SafetensorError as exc:  # a header that reads but data that does not: a file cut short
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
