@@ -40,7 +40,7 @@ from minipt.data.packing import check_pair_room
 from minipt.data.sources import is_tokens
 from minipt.data.tokens import token_files
 from minipt.load import load_run
-from minipt.ops import IGNORE_INDEX
+from minipt.ops import IGNORE_INDEX, resolve_backends
 from minipt.scoring import Scorer
 from minipt.tokenizer import TextTokenizer, TokenizerError
 
@@ -150,6 +150,7 @@ def bert_pairs(texts: list[str], tok: TextTokenizer, block_size: int, batch_size
 # ----------------------------------------------------------------------------- the command
 def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
     """The metrics of the model in ``cfg.out_dir`` on ``cfg.data``, with what was scored."""
+    resolve_backends(cfg.backend, rt.device)  # a backend that cannot serve is refused before the model is read
     model, tok, saved = load_run(cfg.out_dir, rt.device, backend=cfg.backend, encoder=True)
     if cfg.compile:
         model.compile()

@@ -40,7 +40,7 @@ from minipt.errors import Interrupted
 from minipt.load import is_hf_folder, load_run
 from minipt.loop import Schedule, flush_window, make_optimizer, stop_requested, wrap_ddp
 from minipt.models import CLASSIFIER, BertClassifier, BertClassifierConfig, build_model
-from minipt.ops import cross_entropy
+from minipt.ops import cross_entropy, resolve_backends
 from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses
 from minipt.tokenizer import TextTokenizer
 
@@ -93,7 +93,7 @@ def pretraining_val_fraction(init_from: str, log) -> float:
 class Finetune:
     """A fine-tune run: config, examples, model, optimizer, step and the best epoch so far."""
 
-    def __init__(self, cfg: FinetuneConfig, rt: runtime.Runtime, log):
+    def __init__(self, cfg: FinetuneConfig, rt: runtime.Runtime, log, backends: dict[str, str]):
         self.cfg, self.rt, self.log, self.out = cfg, rt, log, Path(cfg.out_dir)
         rt.on_main(lambda: self._prepare_folder())
         if cfg.resume:
@@ -159,7 +159,7 @@ class Finetune:
         elif rt.is_main:
             ckpt.write_config(self.out, {
                 "model_type": CLASSIFIER, "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(self.model.config),
-                "labels": labels, "tokenizer_vocab_size": self.tok.vocab_size,
+                "labels": labels, "tokenizer_vocab_size": self.tok.vocab_size, "backends": backends,
             })
             ckpt.atomic_write_text(self.out / ckpt.TOKENIZER, self.tok.to_str())
 
@@ -296,7 +296,9 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
     start, argument = cfg.start
     if not cfg.resume and Path(start).resolve() == Path(cfg.out_dir).resolve():
         raise ConfigError(f"--{argument} and --out_dir name the same folder: the run would be written over its start")
-    run = Finetune(cfg, rt, log)
+    backends = resolve_backends(cfg.backend, rt.device)  # a backend that cannot serve is refused before any work
+    log("backends: " + ", ".join(f"{op} {backend}" for op, backend in backends.items()))
+    run = Finetune(cfg, rt, log, backends)
     if cfg.resume:
         if rt.is_main:
             keep_metrics_until(run.out, run.iter)

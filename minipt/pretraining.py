@@ -39,6 +39,7 @@ from minipt.inference import show_trained
 from minipt.load import load_run, read_model_config
 from minipt.loop import Schedule, flush_window, make_optimizer, resumed_config, stop_requested, wrap_ddp
 from minipt.models import MODEL_KINDS, BertConfig, GPTConfig, build_model
+from minipt.ops import resolve_backends
 from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses, read_metrics
 from minipt.scoring import Scorer, mask_seed
 
@@ -253,7 +254,11 @@ class Run:
 
 
 def start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
-    """The run folder made ready, and the run built in it: resumed from its checkpoint, or new and saved."""
+    """The run folder made ready, and the run built in it: resumed from its checkpoint, or new and saved.
+
+    Every op's backend is resolved first, so that one which cannot serve the run is refused before any work."""
+    backends = resolve_backends(cfg.backend, rt.device)
+    log("backends: " + ", ".join(f"{op} {backend}" for op, backend in backends.items()))
     rt.on_main(lambda: ckpt.prepare_run_folder(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite))
     run = Run(cfg, rt, log)
     if cfg.resume:
@@ -261,12 +266,14 @@ def start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
         if rt.is_main:
             keep_metrics_until(run.out, run.iter)
             # the resumed settings (a longer max_iters, say) are the run's settings now
-            ckpt.write_config(run.out, {**ckpt.read_config(run.out), "train": dataclasses.asdict(cfg)})
+            ckpt.write_config(run.out, {**ckpt.read_config(run.out), "train": dataclasses.asdict(cfg),
+                                        "backends": backends})
         log(f"resuming {run.out} at step {run.iter}")
     elif rt.is_main:
         ckpt.write_config(run.out, {
             "model_type": cfg.model, "train": dataclasses.asdict(cfg),
             "model": dataclasses.asdict(run.model_config), "tokenizer_vocab_size": run.tok.vocab_size,
+            "backends": backends,
         })
         ckpt.atomic_write_text(run.out / ckpt.TOKENIZER, run.tok.to_str())
     return run

@@ -30,6 +30,7 @@ from minipt.errors import MiniptError, report
 from minipt.inference import classify, fill_mask, generate_text, next_sentence_probability
 from minipt.load import load_run
 from minipt.models import CLASSIFIER
+from minipt.ops import resolve_backends
 
 PROG = "python -m minipt.sample"
 
@@ -37,7 +38,8 @@ PROG = "python -m minipt.sample"
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(SampleConfig, parse_overrides(SampleConfig, argv, PROG, __doc__))
-        rt = runtime.setup(cfg.device, cfg.dtype)
+        rt = runtime.setup(cfg.device, cfg.dtype, cfg.tf32)
+        resolve_backends(cfg.backend, rt.device)  # a backend that cannot serve is refused before the model is read
         model, tok, config = load_run(cfg.out_dir, rt.device, backend=cfg.backend)
         if cfg.compile:
             model.compile()

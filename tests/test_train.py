@@ -21,7 +21,7 @@ from minipt.config import ConfigError, TrainConfig
 from minipt.models import GPT, GPTConfig, build_model
 from minipt.tokenizer import TextTokenizer, train_tokenizer
 from minipt import pretraining as P
-from minipt.errors import EXIT_FAILED, EXIT_INTERRUPTED
+from minipt.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from minipt.loop import make_optimizer
 from minipt.scoring import mask_seed
 
@@ -270,3 +270,48 @@ def test_sigint_saves_and_exits_cleanly(tmp_path):
     assert ckpt.read_config(out)["train"]["max_iters"] == saved + 2  # the next --resume goes on from here
     assert [it for it, _ in rows(out, "train_loss")][-3:] == [saved, saved + 1, saved + 2]
     assert math.isfinite(rows(out, "val_loss")[-1][1])
+
+
+# ----------------------------------------------------------------------------- backends
+def test_the_backend_of_every_op_is_printed_and_recorded_with_the_run(tmp_path, capsys):
+    assert T.main(tiny_args(tmp_path, max_iters=2, eval_interval=2, backend="torch")) == 0
+    expected = {op: "torch" for op in ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy")}
+    assert ckpt.read_config(tmp_path / "run")["backends"] == expected
+    assert "backends: attention torch, mlm_mask torch, cross_entropy torch, linear_cross_entropy torch" in (
+        capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("how", ["--backend=triton", "MINIPT_BACKEND=triton"])
+def test_a_backend_that_cannot_serve_the_run_is_refused_before_any_work(tmp_path, how):
+    # Outside the interpreter, Triton serves CUDA tensors only: on this CPU it is refused at once.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO)}
+    args = [a for a in tiny_args(tmp_path, max_iters=2) if not a.startswith("--backend")]
+    if how.startswith("--"):
+        args.append(how)
+    else:
+        env["MINIPT_BACKEND"] = how.split("=")[1]
+    proc = subprocess.run([sys.executable, "-m", "minipt.train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "attention: backend='triton' runs on CUDA tensors; got a tensor on cpu" in proc.stderr
+    assert "data:" not in proc.stdout and not (tmp_path / "run").exists()  # nothing tokenized, no folder made
+
+
+def test_resume_builds_the_model_its_run_saved_not_todays_defaults(tmp_path, monkeypatch):
+    shape = ("n_layer", "n_head", "n_embd", "block_size")
+    args = [a for a in tiny_args(tmp_path, max_iters=4, eval_interval=2) if a.lstrip("-").split("=")[0] not in shape]
+    monkeypatch.setattr(P, "DEFAULT_SIZES", dict(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    assert T.main([*args, "--max_iters=2"]) == 0
+    # the sizes a new run would get change; the run in the folder keeps its own
+    monkeypatch.setattr(P, "DEFAULT_SIZES", dict(n_layer=2, n_head=4, n_embd=64, block_size=16))
+    assert T.main([f"--out_dir={tmp_path / 'run'}", "--resume", "--max_iters=4"]) == 0
+    assert ckpt.read_config(tmp_path / "run")["model"]["n_layer"] == 1
+    assert ckpt.load_state(tmp_path / "run")["iter"] == 4
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_is_the_runs_setting_recorded_with_it(tmp_path, tf32):
+    assert T.main(tiny_args(tmp_path, max_iters=1, eval_interval=1, tf32=str(tf32).lower())) == 0
+    assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    assert ckpt.read_config(tmp_path / "run")["train"]["tf32"] is tf32

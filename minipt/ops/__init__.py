@@ -28,16 +28,33 @@ How kernels meet torch, the same way in every op:
   ``minipt::<backend>_<op>`` for an op without a backward.
 """
 
-from minipt.ops._backend import BackendUnavailableError
+import torch
+
+from minipt.ops._backend import BackendUnavailableError, resolve_backend
 from minipt.ops._loss import IGNORE_INDEX
 from minipt.ops.attention import attention, attention_ref
 from minipt.ops.cross_entropy import cross_entropy, cross_entropy_ref
 from minipt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from minipt.ops.mlm_mask import masked_capacity, masked_positions, mlm_mask, mlm_mask_ref
 
+OPS = ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy")
+
+
+def resolve_backends(backend: str, device: torch.device | str) -> dict[str, str]:
+    """The backend each op runs on ``device`` when asked for ``backend`` (``MINIPT_BACKEND`` applied).
+
+    A run calls this before any work, so that a backend which cannot serve one
+    of its ops is refused at once, by a BackendUnavailableError that names the
+    op, the backend and why, rather than after its data is tokenized.
+    """
+    return {op: resolve_backend(backend, torch.device(device), op) for op in OPS}
+
+
 __all__ = [
     "IGNORE_INDEX",
+    "OPS",
     "BackendUnavailableError",
+    "resolve_backends",
     "attention",
     "attention_ref",
     "cross_entropy",

@@ -28,6 +28,10 @@ class BackendUnavailableError(MiniptError, RuntimeError):
     """The requested backend cannot run this call (names the backend and why)."""
 
 
+class BackendSettingError(MiniptError, ValueError):
+    """``MINIPT_BACKEND`` names no backend."""
+
+
 def triton_interpreting() -> bool:
     # Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, so what
     # counts is the value at import time; the conftest sets it before any import.
@@ -59,7 +63,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         override = os.environ.get("MINIPT_BACKEND", "").strip()
         if override:
             if override not in BACKENDS:
-                raise ValueError(
+                raise BackendSettingError(
                     f"{op}: environment variable MINIPT_BACKEND must be one of {BACKENDS}, got {override!r}"
                 )
             backend = override
