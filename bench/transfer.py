@@ -62,7 +62,7 @@ def one_run(pretrained: Path, start: str, seed: int, device: str, settings: dict
                                                                          "arch_from": str(pretrained)}
     cfg = make_config(FinetuneConfig, {**settings, **given, "seed": seed, "out_dir": str(out), "device": device,
                                        "progress": False})
-    rt = runtime.setup(cfg.device, cfg.dtype)
+    rt = runtime.setup(cfg.device, cfg.dtype, cfg.tf32)
     began = time.perf_counter()
     run = finetune(cfg, rt, log=lambda *a, **k: None)
     test, validation = run.results["test"], run.results["validation"]

@@ -37,7 +37,7 @@ PROG = "python -m minipt.eval"
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(EvalConfig, parse_overrides(EvalConfig, argv, PROG, __doc__))
-        rt = runtime.setup(cfg.device, cfg.dtype)
+        rt = runtime.setup(cfg.device, cfg.dtype, cfg.tf32)
         result = evaluate(cfg, rt)
         print(table(result))
         if cfg.json:

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(FinetuneConfig, argv, PROG, __doc__)
         cfg = make_config(FinetuneConfig, overrides)
         cfg = resumed_config(FinetuneConfig, overrides) if cfg.resume else cfg
-        rt = runtime.setup(cfg.device, cfg.dtype)
+        rt = runtime.setup(cfg.device, cfg.dtype, cfg.tf32)
         run = finetune(cfg, rt, log=print if rt.is_main else (lambda *a, **k: None))
         if rt.is_main:
             folder = Path(cfg.out_dir) / "hf"

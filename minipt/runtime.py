@@ -115,8 +115,12 @@ class Runtime:
         return t
 
 
-def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Pick device and dtype, and join the process group when launched by ``torchrun``."""
+def setup(device: str = "auto", dtype: str = "auto", tf32: bool = True) -> Runtime:
+    """Pick device and dtype, set TF32, and join the process group when launched by ``torchrun``.
+
+    ``tf32`` is the command's setting of that name, applied here whatever the
+    device, so that a run's matmul precision is what its config says.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -124,10 +128,8 @@ def setup(device: str = "auto", dtype: str = "auto") -> Runtime:
     rt = Runtime(dev, resolve_dtype(dtype, dev), rank, local_rank, world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        # TF32 matmuls for whatever runs in float32 (nanoGPT does the same): about 3e-4
-        # relative error, far below the noise of SGD.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     if rt.distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     if rt.distributed:

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     rt = None
     try:
         cfg = resolve_config(parse_overrides(TrainConfig, argv, PROG, __doc__))
-        rt = runtime.setup(cfg.device, cfg.dtype)
+        rt = runtime.setup(cfg.device, cfg.dtype, cfg.tf32)
         log = print if rt.is_main else (lambda *a, **k: None)
         run = train(cfg, rt, log)
         final_report(run, log)

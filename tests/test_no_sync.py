@@ -82,7 +82,7 @@ def tiny_run(tmp_path: Path, model: str, **options) -> P.Run:
         cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"), n_layer=2, n_head=2, n_embd=32,
         block_size=32, batch_size=4, gradient_accumulation_steps=2, eval_iters=1, device="cuda", **options,
     )
-    return P.Run(cfg, runtime.setup(cfg.device, cfg.dtype), log=lambda *a: None)
+    return P.Run(cfg, runtime.setup(cfg.device, cfg.dtype, cfg.tf32), log=lambda *a: None)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="set_sync_debug_mode watches CUDA synchronisation; a CPU has none to watch")
