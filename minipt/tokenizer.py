@@ -81,9 +81,20 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int, model: str) ->
     return tok
 
 
+GPT2_VOCAB_SIZE, GPT2_EOT_ID = 50257, 50256  # GPT-2's BPE, which llm.c's and nanoGPT's GPT-2 token files hold
+
+
 def id_tokenizer(vocab_size: int) -> Tokenizer:
-    """A stand-in for token files that come without their tokenizer: id i reads as ``<i>``."""
-    tok = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    """A stand-in for token files that come without their tokenizer: id i reads as ``<i>``.
+
+    GPT-2's vocabulary size says the ids are GPT-2's BPE, whose last id is
+    ``<|endoftext|>``: it is named so, and a run on such files can start a sample
+    at a document's start as a run on text does."""
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    if vocab_size == GPT2_VOCAB_SIZE:
+        del vocab[f"<{GPT2_EOT_ID}>"]
+        vocab[EOT] = GPT2_EOT_ID
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
     tok.decoder = decoders.Fuse()
     return tok
 

@@ -320,3 +320,28 @@ def test_two_ranks_read_one_shared_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("(holdout split), cached in") == 1  # rank 0 tokenized; rank 1 read its cache
     assert len([p for p in (tmp_path / "c").iterdir() if not p.is_symlink()]) == 1
+
+
+@pytest.mark.parametrize("fmt", ["nanogpt", "llm.c"])
+def test_a_run_on_token_files_ends_cleanly_with_its_default_final_sample(tmp_path, capsys, fmt):
+    data = tmp_path / "in"
+    data.mkdir()
+    ids = np.random.default_rng(0).integers(0, 300, 3000)
+    if fmt == "llm.c":
+        # llm.c's GPT-2 shards: documents open with <|endoftext|>, id 50256 of GPT-2's 50257
+        ids[::100] = 50256
+        write_llmc(data / "fineweb_train_000001.bin", ids)
+        vocab = "--vocab_size=50257"
+    else:  # nanoGPT's prepare.py writes bare ids; a small vocabulary has no <|endoftext|>
+        ids.astype(np.uint16).tofile(data / "train.bin")
+        vocab = "--vocab_size=300"
+    defaults_kept = [a for a in TINY if not a.startswith(("--sample_tokens", "--progress", "--vocab_size"))]
+    code = T.main([f"--data={data}", f"--cache_dir={tmp_path / 'c'}", f"--out_dir={tmp_path / 'run'}", vocab,
+                   *defaults_kept])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Traceback" not in err and "done: run saved" in out
+    if fmt == "llm.c":
+        assert "\nsample:\n" in out
+    else:
+        assert "no sample: the tokenizer has no <|endoftext|> to start a document from" in out
