@@ -119,7 +119,7 @@ def load_weights(out_dir: str | Path, model: torch.nn.Module, device: torch.devi
             saved_iter = int((f.metadata() or {}).get("iter", -1))
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+        raise CheckpointError(f"{path} is corrupt: not a readable safetensors file ({exc})") from None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     wrong = [f"{name} is {list(shape)}, the model's {list(expected[name])}"
              for name, shape in shapes.items() if name in expected and shape != expected[name]]
@@ -128,7 +128,7 @@ def load_weights(out_dir: str | Path, model: torch.nn.Module, device: torch.devi
     try:
         missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
     except SafetensorError as exc:  # a header that reads but data that does not: a file cut short
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+        raise CheckpointError(f"{path} is corrupt: not a readable safetensors file ({exc})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"

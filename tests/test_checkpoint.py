@@ -20,8 +20,8 @@ def test_weights_round_trip_with_their_iteration(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(b"not a safetensors file at all"), "is not a readable safetensors file"),
-    (lambda p: p.write_bytes(p.read_bytes()[:-8]), "is not a readable safetensors file"),
+    (lambda p: p.write_bytes(b"not a safetensors file at all"), "is corrupt: not a readable safetensors file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-8]), "is corrupt: not a readable safetensors file"),
 ])
 def test_a_file_that_is_not_safetensors_is_named(tmp_path, damage, message):
     saved(tmp_path, torch.nn.Linear(4, 3))
