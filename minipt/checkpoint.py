@@ -83,7 +83,15 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
-def restore_rng_state(state: dict, device: torch.device) -> None:
+def restore_rng_state(states: list[dict] | dict, device: torch.device, rank: int = 0) -> None:
+    """Restore ``rank``'s generators from a checkpoint's ``rng`` entry: one state per rank.
+
+    Each rank draws its own dropout masks, so each saves and restores its own
+    generators. A checkpoint from a run with fewer ranks gives rank r the state
+    of rank r modulo its count (the run cannot then continue exactly); one
+    written before states were kept per rank holds a single state, rank 0's.
+    """
+    state = states[rank % len(states)] if isinstance(states, list) else states
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)

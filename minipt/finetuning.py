@@ -170,7 +170,8 @@ class Finetune:
 
     # ---- state
     def state_dict(self) -> dict:
-        rng = ckpt.rng_state(self.rt.device)
+        """The training state; ``rng`` holds every rank's generators, so each is gathered on rank 0 first."""
+        rng = self.rt.gather_on_main(ckpt.rng_state(self.rt.device))
         return {"iter": self.iter, "best": self.best, "optimizer": self.optimizer.state_dict(), "rng": rng,
                 "finished": False}
 
@@ -180,11 +181,12 @@ class Finetune:
                               f"fine-tune further with --init_from={self.out} and a new --out_dir")
         self.iter, self.best = state["iter"], state["best"]
         self.optimizer.load_state_dict(state["optimizer"])
-        ckpt.restore_rng_state(state["rng"], self.rt.device)
+        ckpt.restore_rng_state(state["rng"], self.rt.device, self.rt.rank)
 
     def save(self) -> None:
+        state = self.state_dict()  # on every rank: the generators are gathered
         if self.rt.is_main:
-            ckpt.save_checkpoint(self.out, self.model, self.state_dict())
+            ckpt.save_checkpoint(self.out, self.model, state)
         self.rt.barrier()
 
     def flush(self, window: TrainWindow, progress: Progress) -> None:
@@ -274,11 +276,12 @@ class Finetune:
         for result in self.results.values():
             result["majority_rate"] = max(map(sum, result["confusion"])) / sum(map(sum, result["confusion"]))
             result["matrix"] = result.pop("confusion")
+        state = {**self.state_dict(), "finished": True}  # on every rank: the generators are gathered
         if self.rt.is_main:
             if "test" in self.results:
                 append_metrics(self.out, {"iter": self.iter, "epoch": self.best["epoch"], **{
                     f"test_{k}": v for k, v in self.results["test"].items() if k != "matrix"}})
-            ckpt.save_checkpoint(self.out, self.model, {**self.state_dict(), "finished": True})
+            ckpt.save_checkpoint(self.out, self.model, state)
             ckpt.atomic_write_text(self.out / CONFUSION, json.dumps(
                 {"labels": self.labels, "epoch": self.best["epoch"], "select": self.cfg.select,
                  "rows": "true label", "columns": "predicted label", **self.results}, indent=2))

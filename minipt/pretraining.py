@@ -198,20 +198,22 @@ class Run:
 
     # ---- state
     def state_dict(self) -> dict:
+        """The training state; ``rng`` holds every rank's generators, so each is gathered on rank 0 first."""
         return {
             "iter": self.iter, "best_val": self.best_val, "optimizer": self.optimizer.state_dict(),
-            "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(self.rt.device),
+            "sampler": self.sampler.state_dict(), "rng": self.rt.gather_on_main(ckpt.rng_state(self.rt.device)),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.iter, self.best_val = state["iter"], state["best_val"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
-        ckpt.restore_rng_state(state["rng"], self.rt.device)
+        ckpt.restore_rng_state(state["rng"], self.rt.device, self.rt.rank)
 
     def save(self) -> None:
+        state = self.state_dict()  # on every rank: the generators are gathered
         if self.rt.is_main:
-            ckpt.save_checkpoint(self.out, self.model, self.state_dict())
+            ckpt.save_checkpoint(self.out, self.model, state)
         self.rt.barrier()
 
     # ---- steps

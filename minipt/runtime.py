@@ -109,6 +109,14 @@ class Runtime:
             raise error
         return result
 
+    def gather_on_main(self, obj) -> list | None:
+        """Every rank's ``obj``, in rank order, on rank 0 (None on the others); ``[obj]`` alone."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0, group=self.main_wait_group)
+        return gathered
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -138,3 +138,98 @@ def test_fine_tuning_on_two_processes_follows_the_single_process_run(tmp_path):
         assert [it for it, _ in a] == [it for it, _ in b] and len(a) >= 2
         assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5, abs=1e-6), key
     assert losses(single, "val_loss")[-1][1] < losses(single, "val_loss")[0][1]
+
+
+def torchrun(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_rng(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) == 2  # one state per rank
+    for rank_a, rank_b in zip(a, b):
+        assert rank_a.keys() == rank_b.keys() and all((rank_a[k] == rank_b[k]).all() for k in rank_a)
+    assert not (a[0]["torch"] == a[1]["torch"]).all()  # the ranks draw different dropout masks
+
+
+@pytest.mark.slow
+def test_a_resumed_ddp_run_continues_every_ranks_dropout_exactly(tmp_path):
+    """40 + 40 steps equal 80 straight, bit for bit: each rank saves and restores its own generators."""
+    common = [
+        f"--data={write_corpus(tmp_path / 'corpus')}", f"--cache_dir={tmp_path / 'cache'}", "--tokenizer=char",
+        "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=2", "--dropout=0.2",
+        "--eval_interval=40", "--eval_iters=1", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=80",
+        "--progress=false", "--sample_tokens=0",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun("minipt.train", [*common, f"--out_dir={straight}", "--max_iters=80"], tmp_path)
+    torchrun("minipt.train", [*common, f"--out_dir={resumed}", "--max_iters=40"], tmp_path)
+    torchrun("minipt.train", [f"--out_dir={resumed}", "--resume", "--max_iters=80"], tmp_path)
+    a, b = losses(straight, "train_loss"), losses(resumed, "train_loss")
+    assert len(a) == 80 and a == b
+    assert_same_rng(ckpt.load_state(straight)["rng"], ckpt.load_state(resumed)["rng"])
+
+
+def _finetune_rank(rank: int, port: int, args: list[str], stop_at: int | None) -> None:
+    """One rank of a two-process fine-tune; rank 0 asks to stop (as Ctrl-C does) when it logs step ``stop_at``."""
+    import signal
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from minipt import runtime
+    from minipt.config import FinetuneConfig, parse_overrides
+    from minipt.errors import Interrupted
+    from minipt.finetuning import finetune
+    from minipt.loop import resumed_config
+
+    overrides = parse_overrides(FinetuneConfig, args, "", "")
+    cfg = resumed_config(FinetuneConfig, overrides) if "--resume" in args else FinetuneConfig(**overrides)
+    rt = runtime.setup("cpu", "float32")
+
+    def log(message: str) -> None:
+        if stop_at is not None and message.startswith(f"step {stop_at}/"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        finetune(cfg, rt, log=log if rt.is_main else (lambda *a: None))
+    except Interrupted:
+        pass
+    finally:
+        runtime.shutdown(rt)
+
+
+def run_ranks(args: list[str], stop_at: int | None = None) -> None:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = 29500 + (os.getpid() + (stop_at or 0) + len(args)) % 1000
+    procs = [ctx.Process(target=_finetune_rank, args=(rank, port, args, stop_at)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+@pytest.mark.slow
+def test_a_resumed_ddp_fine_tune_continues_every_ranks_dropout_exactly(tmp_path):
+    from hf_folders import bert_folder
+
+    rows = [f'{{"text": "Example {i} speaks of {word}.", "label": "{label}"}}'
+            for i, (word, label) in enumerate([("cats", "pets"), ("dogs", "pets"), ("kings", "court"),
+                                               ("crowns", "court")] * 10)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    common = [f"--init_from={bert_folder(tmp_path / 'bert')}", f"--data={tmp_path / 'train.jsonl'}",
+              f"--val_data={tmp_path / 'train.jsonl'}", "--epochs=8", "--batch_size=4", "--learning_rate=1e-3",
+              "--dropout=0.2", "--log_interval=1", "--backend=torch"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ranks([*common, f"--out_dir={straight}"])  # 10 steps an epoch, 80 in all
+    run_ranks([*common, f"--out_dir={resumed}"], stop_at=40)
+    assert ckpt.load_state(resumed)["iter"] == 40
+    run_ranks([f"--out_dir={resumed}", "--resume"])
+    a, b = losses(straight, "train_loss"), losses(resumed, "train_loss")
+    assert len(a) == 80 and a == b
+    assert_same_rng(ckpt.load_state(straight)["rng"], ckpt.load_state(resumed)["rng"])
