@@ -1,4 +1,5 @@
-// What the C++ CPU kernels share: threading, SIMD dispatch and a vectorisable exp.
+// What the C++ CPU kernels share: threading, SIMD dispatch, a vectorisable exp and a
+// huge-page hint for large outputs.
 #pragma once
 
 #include <algorithm>
@@ -8,6 +9,10 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+#ifdef __linux__
+#include <sys/mman.h>
 #endif
 
 // The wheel must run on any x86-64, but the row loops are 2-4x faster with
@@ -26,6 +31,25 @@ inline int thread_index() {
   return omp_get_thread_num();
 #else
   return 0;
+#endif
+}
+
+// A large output is usually fresh memory: torch maps big CPU tensors straight from
+// the OS, so a kernel's first writes fault its pages in 4 KiB at a time. On our
+// 2-core machines that costs about 2 µs a page, some 70 ms for a 4096 x 8192 float32
+// gradient, several times the kernel that fills it (cross-entropy fwd+bwd went from
+// 2.5x to 5x torch's speed with this hint). Transparent huge pages cut the faults
+// 512-fold; where the system grants them only on request (enabled = madvise), ask.
+// Only whole 2 MiB pages inside the buffer are advised, so no neighbouring
+// allocation is touched. A hint: it changes no data, and a refusal (a file mapping,
+// an old kernel) is ignored.
+inline void advise_huge_pages(uintptr_t ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t HUGE_PAGE = uintptr_t{2} << 20;
+  if (bytes < static_cast<int64_t>(4 * HUGE_PAGE)) return;
+  const uintptr_t begin = (ptr + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+  const uintptr_t end = (ptr + static_cast<uintptr_t>(bytes)) & ~(HUGE_PAGE - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #endif
 }
 

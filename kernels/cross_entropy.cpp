@@ -163,6 +163,7 @@ void backward(const CrossEntropyArgs& a, const float* grad_rows, uintptr_t grad_
   const bool parallel = num_threads > 1 && N > 1 && N * V >= PARALLEL_MIN_ELEMENTS;
   const bool wide = a.dtype == FloatType::f32;
   std::vector<float> buffers(wide ? 0 : static_cast<size_t>(num_threads) * V);
+  advise_huge_pages(grad_logits, N * V * (wide ? 4 : 2));
 
 #pragma omp parallel for schedule(dynamic, ROWS_PER_GRAB) num_threads(num_threads) if (parallel)
   for (int64_t i = 0; i < N; ++i) {
