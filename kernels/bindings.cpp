@@ -65,6 +65,13 @@ struct Cpu {
     cross_entropy_backward_cpu(a, grad_rows, grad_logits, num_threads);
   }
   static void mlm_mask(const MlmMaskArgs& a, int num_threads) { mlm_mask_cpu(a, num_threads); }
+  static void check_head_dim(int64_t head_dim, const char* op) {
+    minipt::check(head_dim >= 1, op, "head_dim must be >= 1, got " + std::to_string(head_dim));
+  }
+  static void attention_forward(const AttentionArgs& a, int num_threads) { attention_forward_cpu(a, num_threads); }
+  static void attention_backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) {
+    attention_backward_cpu(a, g, num_threads);
+  }
 };
 
 #ifdef MINIPT_WITH_CUDA
@@ -83,6 +90,14 @@ struct Cuda {
     cross_entropy_backward_cuda(a, grad_rows, grad_logits, stream);
   }
   static void mlm_mask(const MlmMaskArgs& a, uintptr_t stream) { mlm_mask_cuda(a, stream); }
+  static void check_head_dim(int64_t head_dim, const char* op) {
+    minipt::check(head_dim == 64 || head_dim == 128, op,
+                  "head_dim must be 64 or 128, got " + std::to_string(head_dim));
+  }
+  static void attention_forward(const AttentionArgs& a, uintptr_t stream) { attention_forward_cuda(a, stream); }
+  static void attention_backward(const AttentionArgs& a, const AttentionGrads& g, uintptr_t stream) {
+    attention_backward_cuda(a, g, stream);
+  }
 };
 #endif
 
@@ -170,45 +185,52 @@ py::tuple philox_binding(std::array<uint32_t, 4> counter, std::array<uint32_t, 2
   return py::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
 }
 
-#ifdef MINIPT_WITH_CUDA
+template <class Device>
 AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t key_mask,
                              uintptr_t doc_span, int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim,
-                             int dtype, bool is_causal, double scale) {
+                             int dtype, bool is_causal, double scale, typename Device::Handle handle) {
   const char* op = "attention";
   check(batch >= 0 && heads >= 0 && seq_len >= 0, op,
         "batch, heads and seq_len must be >= 0, got " + std::to_string(batch) + ", " + std::to_string(heads) + ", " +
             std::to_string(seq_len));
-  check(head_dim == 64 || head_dim == 128, op, "head_dim must be 64 or 128, got " + std::to_string(head_dim));
+  Device::check_head_dim(head_dim, op);
   check(std::isfinite(scale), op, "scale must be finite, got " + std::to_string(scale));
   check_product(batch, heads, op, "batch * heads");
   check_product(batch * heads, seq_len, op, "batch * heads * seq_len");
   check_product(batch * heads * seq_len, head_dim, op, "batch * heads * seq_len * head_dim");
+  // doc_span holds positions as int32.
+  check(seq_len <= std::numeric_limits<int32_t>::max(), op, "seq_len must fit int32, got " + std::to_string(seq_len));
   const FloatType t = float_type(dtype, op, "q, k, v");
   const int64_t n = batch * heads * seq_len * head_dim;
   for (const auto& [ptr, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{out, "out"}}) {
     check_tensor(ptr, n, float_size(t), op, name);
   }
   check_tensor(lse, batch * heads * seq_len, 4, op, "lse");
+  if (doc_span != 0) check_tensor(doc_span, batch * 2 * seq_len, 4, op, "doc_span");
+  Device::check(handle, op);
   return AttentionArgs{q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len, head_dim, t, is_causal,
                        static_cast<float>(scale)};
 }
 
+template <class Device>
 void attention_forward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                                uintptr_t key_mask, uintptr_t doc_span, int64_t batch, int64_t heads, int64_t seq_len,
-                               int64_t head_dim, int dtype, bool is_causal, double scale, uintptr_t stream) {
-  const AttentionArgs a = attention_args(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len, head_dim,
-                                         dtype, is_causal, scale);
+                               int64_t head_dim, int dtype, bool is_causal, double scale,
+                               typename Device::Handle handle) {
+  const AttentionArgs a = attention_args<Device>(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len,
+                                                 head_dim, dtype, is_causal, scale, handle);
   py::gil_scoped_release release;
-  attention_forward_cuda(a, stream);
+  Device::attention_forward(a, handle);
 }
 
+template <class Device>
 void attention_backward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                                 uintptr_t key_mask, uintptr_t doc_span, uintptr_t grad_out, uintptr_t delta,
                                 uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t batch, int64_t heads,
                                 int64_t seq_len, int64_t head_dim, int dtype, bool is_causal, double scale,
-                                uintptr_t stream) {
-  const AttentionArgs a = attention_args(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len, head_dim,
-                                         dtype, is_causal, scale);
+                                typename Device::Handle handle) {
+  const AttentionArgs a = attention_args<Device>(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len,
+                                                 head_dim, dtype, is_causal, scale, handle);
   const int64_t n = batch * heads * seq_len * head_dim;
   for (const auto& [ptr, name] : {std::pair{grad_out, "grad_out"}, std::pair{grad_q, "grad_q"},
                                   std::pair{grad_k, "grad_k"}, std::pair{grad_v, "grad_v"}}) {
@@ -216,9 +238,8 @@ void attention_backward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t
   }
   check_tensor(delta, batch * heads * seq_len, 4, "attention", "delta");
   py::gil_scoped_release release;
-  attention_backward_cuda(a, AttentionGrads{grad_out, delta, grad_q, grad_k, grad_v}, stream);
+  Device::attention_backward(a, AttentionGrads{grad_out, delta, grad_q, grad_k, grad_v}, handle);
 }
-#endif
 
 // Binds `<kernel>_cpu` or `<kernel>_cuda`: the kernel's keyword arguments, then the device's.
 template <class Device, class Fn, class... Args>
@@ -240,6 +261,17 @@ void def_kernels(py::module_& m) {
                  py::arg("input_ids"), py::arg("special"), py::arg("masked"), py::arg("labels"), py::arg("numel"),
                  py::arg("id_size"), py::arg("special_size"), py::arg("mask_token_id"), py::arg("vocab_size"),
                  py::arg("mlm_probability"), py::arg("seed"));
+  def_on<Device>(m, "attention_forward", &attention_forward_binding<Device>,
+                 "Flash-style attention forward: out in (B, T, H, D) memory and base-2 lse (B, H, T)", py::arg("q"),
+                 py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("doc_span"),
+                 py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"),
+                 py::arg("is_causal"), py::arg("scale"));
+  def_on<Device>(m, "attention_backward", &attention_backward_binding<Device>,
+                 "Attention backward: dq, dk, dv from dout, with delta (B, H, T) as float32 scratch", py::arg("q"),
+                 py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"),
+                 py::arg("doc_span"), py::arg("grad_out"), py::arg("delta"), py::arg("grad_q"), py::arg("grad_k"),
+                 py::arg("grad_v"), py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"),
+                 py::arg("dtype"), py::arg("is_causal"), py::arg("scale"));
 }
 
 }  // namespace
@@ -249,22 +281,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox4x32_10", &philox_binding, "Philox4x32-10 of a counter under a key (for known-answer tests)",
         py::arg("counter"), py::arg("key"));
   def_kernels<Cpu>(m);
+  m.attr("attention_cpu_tile") = py::make_tuple(ATTENTION_CPU_BLOCK_Q, ATTENTION_CPU_BLOCK_K);
 #ifdef MINIPT_WITH_CUDA
   m.attr("has_cuda") = true;
   def_kernels<Cuda>(m);
-  // Attention has CUDA kernels only.
-  def_on<Cuda>(m, "attention_forward", &attention_forward_binding,
-               "Flash-style attention forward: out in (B, T, H, D) memory and base-2 lse (B, H, T)", py::arg("q"),
-               py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("doc_span"),
-               py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"),
-               py::arg("is_causal"), py::arg("scale"));
-  def_on<Cuda>(m, "attention_backward", &attention_backward_binding,
-               "Attention backward: dq, dk, dv from dout, with delta (B, H, T) as float32 scratch", py::arg("q"),
-               py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("doc_span"),
-               py::arg("grad_out"),
-               py::arg("delta"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("batch"),
-               py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"), py::arg("is_causal"),
-               py::arg("scale"));
 #else
   m.attr("has_cuda") = false;
 #endif

@@ -56,23 +56,10 @@ inline void advise_huge_pages(uintptr_t ptr, int64_t bytes) {
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t PARALLEL_MIN_ELEMENTS = int64_t{1} << 15;
 
-// exp(x) in float32 within 2 ulp, written so that a loop over it vectorises (no
-// libm call, no float->int conversion). Cody-Waite reduction
-// x = n·ln2 + r with |r| <= ln2/2, Cephes' degree-6 polynomial for e^r, and 2^n
-// built in the exponent bits. Loops over it vectorise without AVX-512 only with
-// -fno-trapping-math (CMakeLists.txt says why).
-//
-// Inputs are clamped to [-88, 88]. Below about -87.68, where e^x is under 2^-126
-// (the smallest normal float), n is -127, whose exponent field is 0: 2^n is built
-// as +0 and e^x comes out exactly 0, as with flush-to-zero. So exp_approx(-inf)
-// is 0, which a masked logit's softmax and gradient need, with no select per
-// element. NaN passes through the clamp.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -88.0f), 88.0f);
-  // Adding 1.5·2^23 rounds x·log2(e) to an integer held in the low mantissa bits.
-  const float shifted = x * 1.44269504088896341f + 12582912.0f;
-  const float n = shifted - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+// e^r·2^n, |r| <= ln2/2, n an integer held in the low mantissa bits of
+// shifted = n + 1.5·2^23: Cephes' degree-6 polynomial for e^r, and 2^n built in
+// the exponent bits. The common tail of exp_approx and exp2_approx.
+inline float exp_reduced(float r, float shifted) {
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -86,6 +73,37 @@ inline float exp_approx(float x) {
   float two_n;
   std::memcpy(&two_n, &bits, 4);
   return p * two_n;
+}
+
+// exp(x) in float32 within 2 ulp, written so that a loop over it vectorises (no
+// libm call, no float->int conversion). Cody-Waite reduction
+// x = n·ln2 + r with |r| <= ln2/2, then exp_reduced. Loops over it vectorise
+// without AVX-512 only with -fno-trapping-math (CMakeLists.txt says why).
+//
+// Inputs are clamped to [-88, 88]. Below about -87.68, where e^x is under 2^-126
+// (the smallest normal float), n is -127, whose exponent field is 0: 2^n is built
+// as +0 and e^x comes out exactly 0, as with flush-to-zero. So exp_approx(-inf)
+// is 0, which a masked logit's softmax and gradient need, with no select per
+// element. NaN passes through the clamp.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -88.0f), 88.0f);
+  // Adding 1.5·2^23 rounds x·log2(e) to an integer held in the low mantissa bits.
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  return exp_reduced(r, shifted);
+}
+
+// 2^x in float32 within 2 ulp, vectorisable like exp_approx, for a softmax in
+// base 2 (scores pre-scaled by log2(e)). With n = round(x), x - n is exact, so
+// there is no Cody-Waite split: r = (x - n)·ln2. Clamped to [-127, 127]: below
+// about 2^-126.5 the result is exactly 0, so exp2_approx(-inf) == 0, which masked
+// scores rely on; NaN passes through.
+inline float exp2_approx(float x) {
+  x = std::min(std::max(x, -127.0f), 127.0f);
+  const float shifted = x + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  return exp_reduced((x - n) * 0.693147180559945309f, shifted);
 }
 
 }  // namespace minipt

@@ -61,7 +61,7 @@ void mlm_mask_cpu(const MlmMaskArgs& a, int num_threads);
 void mlm_mask_cuda(const MlmMaskArgs& a, uintptr_t stream);
 #endif
 
-// ---------------------------------------------------------------- attention (CUDA only)
+// ---------------------------------------------------------------- attention
 struct AttentionArgs {
   uintptr_t q, k, v;   // (B, H, T, D), FloatType, contiguous
   uintptr_t out;       // dense (B, T, H, D) memory, FloatType: heads merge for free
@@ -80,6 +80,14 @@ struct AttentionGrads {
   uintptr_t grad_q, grad_k, grad_v;  // (B, H, T, D), FloatType
 };
 
+// The C++ kernels' tiles (queries, keys), bound as _C.attention_cpu_tile for tests
+// that poison what a skipped tile would read. Any head_dim >= 1.
+constexpr int64_t ATTENTION_CPU_BLOCK_Q = 64;
+constexpr int64_t ATTENTION_CPU_BLOCK_K = 64;
+void attention_forward_cpu(const AttentionArgs& a, int num_threads);
+void attention_backward_cpu(const AttentionArgs& a, const AttentionGrads& g, int num_threads);
+
+// head_dim 64 or 128.
 #ifdef MINIPT_WITH_CUDA
 void attention_forward_cuda(const AttentionArgs& a, uintptr_t stream);
 void attention_backward_cuda(const AttentionArgs& a, const AttentionGrads& g, uintptr_t stream);
