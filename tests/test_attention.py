@@ -1,9 +1,14 @@
 """attention kernels against a float64 reference: output and all three gradients, masks, layouts, errors.
 
-Without CUDA the Triton kernels run in the interpreter at small sizes (fp32 and
-fp16). bf16 there needs the kernels' interpreter upcast, because the interpreter's
-``tl.dot`` multiplies the raw bits of bf16 operands (triton-lang/triton#11584):
-one small bf16 case checks that upcast, and the bf16 matrix runs on CUDA only.
+The op tests run on two backends, each on its own device (``BACKENDS``): Triton on
+the GPU, or without one in the interpreter at small sizes, and the native
+backend's C++ kernels on the CPU. The native CUDA kernels take head dims 64 and
+128 only; they run in the CUDA tests at the end.
+
+In the interpreter bf16 needs the Triton kernels' upcast, because the
+interpreter's ``tl.dot`` multiplies the raw bits of bf16 operands
+(triton-lang/triton#11584): one small bf16 case checks that upcast, and the
+Triton bf16 matrix runs on CUDA only. The C++ kernels run every dtype on the CPU.
 """
 
 import pytest
@@ -11,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
-from minipt.ops._backend import BackendUnavailableError
+from minipt.ops._backend import BackendUnavailableError, native_module
 from minipt.ops import attention, attention_ref
 from minipt.ops.attention import triton as attention_triton
 from minipt.ops.attention._common import document_spans
@@ -19,6 +24,8 @@ from minipt.ops.attention._tiles import attention_tiles
 
 DEVICE = TRITON_DEVICE
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# (backend, the device its op tests run on)
+BACKENDS = [pytest.param("triton", TRITON_DEVICE, id="triton"), pytest.param("native", "cpu", id="native-cpu")]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -102,43 +109,59 @@ def check_against_reference(q, k, v, *, backend="triton", **kw):
     return out, grads
 
 
-# ----------------------------------------------------------------------------- Triton, small sizes
+# ----------------------------------------------------------------------------- small sizes
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("D", [16, 64])
 @pytest.mark.parametrize("T", [1, 17, 64, 129])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_matches_reference(T, D, is_causal, dtype, poisoned_empty):
-    q, k, v = make_qkv(1, 2, T, D, dtype)
-    check_against_reference(q, k, v, is_causal=is_causal)
+def test_matches_reference(backend, device, T, D, is_causal, dtype, poisoned_empty):
+    q, k, v = make_qkv(1, 2, T, D, dtype, device=device)
+    check_against_reference(q, k, v, backend=backend, is_causal=is_causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [16, 40, 64, 80])
+@pytest.mark.parametrize("T", [1, 7, 65, 130])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_native_cpu_any_head_dim_and_length(T, D, is_causal, dtype, poisoned_empty):
+    """The C++ kernels take any D (40 and 80 end in a narrower column loop) and any T around their 64-row tiles."""
+    q, k, v = make_qkv(2, 3, T, D, dtype, device="cpu")
+    check_against_reference(q, k, v, backend="native", is_causal=is_causal,
+                            attention_mask=make_mask("right", 2, T, "cpu"))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("pattern", ["right", "left", "holes"])
 @pytest.mark.parametrize("T", [17, 129])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_key_padding(pattern, T, is_causal, poisoned_empty):
+def test_key_padding(backend, device, pattern, T, is_causal, poisoned_empty):
     B, H, D = 4, 2, 32
-    q, k, v = make_qkv(B, H, T, D, torch.float32)
-    mask = make_mask(pattern, B, T)
-    _, (dq, dk, dv) = check_against_reference(q, k, v, is_causal=is_causal, attention_mask=mask)
+    q, k, v = make_qkv(B, H, T, D, torch.float32, device=device)
+    mask = make_mask(pattern, B, T, device)
+    _, (dq, dk, dv) = check_against_reference(q, k, v, backend=backend, is_causal=is_causal, attention_mask=mask)
     hidden = ~mask.bool()[:, None, :, None].expand_as(dk)
     assert (dk[hidden] == 0).all() and (dv[hidden] == 0).all(), "padded keys must get exactly zero gradient"
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_key_padding_fp16(is_causal, poisoned_empty):
-    q, k, v = make_qkv(4, 2, 50, 64, torch.float16)
-    check_against_reference(q, k, v, is_causal=is_causal, attention_mask=make_mask("right", 4, 50))
+def test_key_padding_fp16(backend, device, is_causal, poisoned_empty):
+    q, k, v = make_qkv(4, 2, 50, 64, torch.float16, device=device)
+    check_against_reference(q, k, v, backend=backend, is_causal=is_causal,
+                            attention_mask=make_mask("right", 4, 50, device))
 
 
-def test_rows_without_keys_are_zero_with_zero_gradients(poisoned_empty):
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_rows_without_keys_are_zero_with_zero_gradients(backend, device, poisoned_empty):
     """Sequence 1 has no real key; with causal + left padding the first rows of sequence 0 see none either."""
     B, H, T, D = 2, 2, 40, 16
-    q, k, v = make_qkv(B, H, T, D, torch.float32)
-    mask = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    q, k, v = make_qkv(B, H, T, D, torch.float32, device=device)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
     mask[0, 21:] = True
-    grad_out = torch.randn(B, H, T, D, device=DEVICE)
+    grad_out = torch.randn(B, H, T, D, device=device)
     out, (dq, dk, dv) = forward_backward(
-        attention, q, k, v, grad_out, is_causal=True, attention_mask=mask, backend="triton"
+        attention, q, k, v, grad_out, is_causal=True, attention_mask=mask, backend=backend
     )
     for t in (out, dq, dk, dv):
         assert torch.isfinite(t).all()
@@ -147,11 +170,12 @@ def test_rows_without_keys_are_zero_with_zero_gradients(poisoned_empty):
     assert (out[0, :, 21:] != 0).any()
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("layout", ["bthd", "packed", "d_strided"])
-def test_non_contiguous_inputs(layout, poisoned_empty):
-    q, k, v = make_qkv(2, 3, 45, 32, torch.float32, layout=layout)
+def test_non_contiguous_inputs(backend, device, layout, poisoned_empty):
+    q, k, v = make_qkv(2, 3, 45, 32, torch.float32, layout=layout, device=device)
     assert not q.is_contiguous()
-    check_against_reference(q, k, v, is_causal=True, attention_mask=make_mask("right", 2, 45))
+    check_against_reference(q, k, v, backend=backend, is_causal=True, attention_mask=make_mask("right", 2, 45, device))
 
 
 def bthd_strides(B, H, T, D):
@@ -159,11 +183,11 @@ def bthd_strides(B, H, T, D):
     return (T * H * D, D, H * D, 1)
 
 
-def check_heads_merge_without_copies(backend, layout, dtype):
+def check_heads_merge_without_copies(backend, layout, dtype, device=DEVICE):
     """The output is a (B, H, T, D) view of (B, T, H, D) memory whatever the input layout; merging
     its heads is a view, and the gradient through the merged heads reaches the op in the same layout."""
     B, H, T, D = 2, 3, 33, 64
-    q, k, v = make_qkv(B, H, T, D, dtype, layout=layout)
+    q, k, v = make_qkv(B, H, T, D, dtype, layout=layout, device=device)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     out = attention(*leaves, is_causal=True, backend=backend)
     assert out.shape == (B, H, T, D) and out.stride() == bthd_strides(B, H, T, D)
@@ -184,49 +208,55 @@ def check_heads_merge_without_copies(backend, layout, dtype):
         assert_matches(leaf.grad, want, lowp, dtype, name)
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("layout", ["bhtd", "bthd", "packed"])
-def test_output_is_a_bthd_view_and_heads_merge_without_copies(layout, poisoned_empty):
-    check_heads_merge_without_copies("triton", layout, torch.float32)
+def test_output_is_a_bthd_view_and_heads_merge_without_copies(backend, device, layout, poisoned_empty):
+    check_heads_merge_without_copies(backend, layout, torch.float32, device)
 
 
-def test_expanded_gradient(poisoned_empty):
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_expanded_gradient(backend, device, poisoned_empty):
     """out.sum() sends back a stride-0 gradient, which the kernels cannot stride through: it is copied once."""
-    q, k, v = make_qkv(2, 3, 33, 16, torch.float32, layout="bthd")
+    q, k, v = make_qkv(2, 3, 33, 16, torch.float32, layout="bthd", device=device)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    attention(*leaves, backend="triton").sum().backward()
+    attention(*leaves, backend=backend).sum().backward()
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     attention_ref(*ref).sum().backward()
     for got, want in zip(leaves, ref):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("scale", [0.05, -0.3, 0.0])
-def test_scale(scale, poisoned_empty):
+def test_scale(backend, device, scale, poisoned_empty):
     """Any finite scale, including a negative one (which turns the smallest score into the largest)."""
-    q, k, v = make_qkv(1, 2, 40, 16, torch.float32)
-    check_against_reference(q, k, v, is_causal=True, scale=scale)
+    q, k, v = make_qkv(1, 2, 40, 16, torch.float32, device=device)
+    check_against_reference(q, k, v, backend=backend, is_causal=True, scale=scale)
 
 
-def test_bf16_small(poisoned_empty):
-    """On CPU this passes only because the kernels upcast bf16 dot operands in the interpreter."""
-    q, k, v = make_qkv(2, 2, 37, 32, torch.bfloat16)
-    check_against_reference(q, k, v, is_causal=True, attention_mask=make_mask("right", 2, 37))
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_bf16_small(backend, device, poisoned_empty):
+    """In the interpreter, Triton passes only because its kernels upcast bf16 dot operands there."""
+    q, k, v = make_qkv(2, 2, 37, 32, torch.bfloat16, device=device)
+    check_against_reference(q, k, v, backend=backend, is_causal=True, attention_mask=make_mask("right", 2, 37, device))
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 2, 5, 16), (2, 0, 5, 16), (2, 2, 0, 16)])
-def test_empty_inputs(shape):
-    q, k, v = (torch.randn(shape, device=DEVICE, requires_grad=True) for _ in range(3))
-    mask = torch.ones(shape[0], shape[2], dtype=torch.bool, device=DEVICE)
-    out = attention(q, k, v, attention_mask=mask, backend="triton")
+def test_empty_inputs(backend, device, shape):
+    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+    mask = torch.ones(shape[0], shape[2], dtype=torch.bool, device=device)
+    out = attention(q, k, v, attention_mask=mask, backend=backend)
     out.sum().backward()
     assert out.shape == shape and q.grad.shape == shape
 
 
-def test_backward_is_deterministic():
-    q, k, v = make_qkv(2, 2, 70, 32, torch.float32)
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_backward_is_deterministic(backend, device):
+    q, k, v = make_qkv(2, 2, 70, 32, torch.float32, device=device)
     grad_out = torch.randn_like(q)
-    mask = make_mask("holes", 2, 70)
-    runs = [forward_backward(attention, q, k, v, grad_out, attention_mask=mask, backend="triton")[1] for _ in range(2)]
+    mask = make_mask("holes", 2, 70, device)
+    runs = [forward_backward(attention, q, k, v, grad_out, attention_mask=mask, backend=backend)[1] for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -274,47 +304,102 @@ def make_document_ids(pattern, B, T, seed=0, device=DEVICE):
     return torch.stack(rows).to(device)
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("pattern", ["random", "aligned", "singles", "one"])
 @pytest.mark.parametrize("T", [17, 100])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("mask", [None, "right"])
-def test_documents(pattern, T, is_causal, mask, poisoned_empty):
+def test_documents(backend, device, pattern, T, is_causal, mask, poisoned_empty):
     B = 3
-    q, k, v = make_qkv(B, 2, T, 16, torch.float32)
-    ids = make_document_ids(pattern, B, T, seed=T)
-    check_against_reference(q, k, v, is_causal=is_causal, attention_mask=make_mask(mask, B, T), document_ids=ids)
+    q, k, v = make_qkv(B, 2, T, 16, torch.float32, device=device)
+    ids = make_document_ids(pattern, B, T, seed=T, device=device)
+    check_against_reference(q, k, v, backend=backend, is_causal=is_causal, attention_mask=make_mask(mask, B, T, device),
+                            document_ids=ids)
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("seed", range(4))
-def test_documents_many_random_packings(seed, poisoned_empty):
+def test_documents_many_random_packings(backend, device, seed, poisoned_empty):
     """Packings drawn afresh, int32 ids, with causal and padding drawn too."""
     gen = torch.Generator().manual_seed(seed)
     T = int(torch.randint(2, 130, (1,), generator=gen))
-    ids = make_document_ids("random", 2, T, seed=100 + seed).int()
-    mask = make_mask(["right", "left", "holes", None][seed], 2, T)
-    q, k, v = make_qkv(2, 1, T, 32, torch.float32)
-    check_against_reference(q, k, v, is_causal=bool(seed % 2), attention_mask=mask, document_ids=ids)
+    ids = make_document_ids("random", 2, T, seed=100 + seed, device=device).int()
+    mask = make_mask(["right", "left", "holes", None][seed], 2, T, device)
+    q, k, v = make_qkv(2, 1, T, 32, torch.float32, device=device)
+    check_against_reference(q, k, v, backend=backend, is_causal=bool(seed % 2), attention_mask=mask, document_ids=ids)
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_documents_fp16(is_causal, poisoned_empty):
-    q, k, v = make_qkv(2, 2, 70, 64, torch.float16)
-    check_against_reference(q, k, v, is_causal=is_causal, attention_mask=make_mask("right", 2, 70),
-                            document_ids=make_document_ids("random", 2, 70))
+def test_documents_fp16(backend, device, is_causal, poisoned_empty):
+    q, k, v = make_qkv(2, 2, 70, 64, torch.float16, device=device)
+    check_against_reference(q, k, v, backend=backend, is_causal=is_causal,
+                            attention_mask=make_mask("right", 2, 70, device),
+                            document_ids=make_document_ids("random", 2, 70, device=device))
 
 
-def test_documents_wholly_padded_get_zeros(poisoned_empty):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [130, 300])
+def test_native_cpu_causal_padding_and_documents(dtype, T, poisoned_empty):
+    """All three masks at once, at lengths that cut documents and padding across several tiles."""
+    B, H, D = 3, 2, 40
+    q, k, v = make_qkv(B, H, T, D, dtype, layout="bthd", device="cpu")
+    ids = make_document_ids("random", B, T, seed=T, device="cpu")
+    check_against_reference(q, k, v, backend="native", is_causal=True, attention_mask=make_mask("holes", B, T, "cpu"),
+                            document_ids=ids)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_documents_wholly_padded_get_zeros(backend, device, poisoned_empty):
     """A document whose keys are all padding: its rows output zeros with zero gradients."""
     T = 40
-    q, k, v = make_qkv(1, 2, T, 16, torch.float32)
-    ids = (torch.arange(T, device=DEVICE) >= 25).long()[None]  # documents [0, 25) and [25, 40)
-    mask = (torch.arange(T, device=DEVICE) < 25)[None]
-    grad_out = torch.randn(q.shape, device=DEVICE)
+    q, k, v = make_qkv(1, 2, T, 16, torch.float32, device=device)
+    ids = (torch.arange(T, device=device) >= 25).long()[None]  # documents [0, 25) and [25, 40)
+    mask = (torch.arange(T, device=device) < 25)[None]
+    grad_out = torch.randn(q.shape, device=device)
     out, (dq, dk, dv) = forward_backward(attention, q, k, v, grad_out, attention_mask=mask, document_ids=ids,
-                                         backend="triton")
+                                         backend=backend)
     assert (out[..., 25:, :] == 0).all() and (dq[..., 25:, :] == 0).all()
     assert (dk[..., 25:, :] == 0).all() and (dv[..., 25:, :] == 0).all()
     assert (out[..., :25, :] != 0).any()
+
+
+def test_native_cpu_never_reads_skipped_tiles(poisoned_empty):
+    """NaN reaches every output of a tile the C++ kernels visit (p = 0 times NaN is NaN), so NaN in keys
+    (forward) or output gradients (backward) that only skipped tiles hold must reach no output: other
+    documents, keys after the causal bound, tiles that are all padding. Documents here start on tile edges."""
+    L = max(native_module().attention_cpu_tile)  # both tile sizes divide it
+    T, nan = 4 * L, float("nan")
+    ids = torch.tensor([0] * L + [1] * (2 * L) + [2] * L)[None]  # documents [0, L), [L, 3L), [3L, 4L)
+    mask = (torch.arange(T) < 3 * L)[None]  # the last document is all padding
+    q, k, v = make_qkv(1, 2, T, 16, torch.float32, device="cpu")
+    kw = dict(is_causal=True, attention_mask=mask, document_ids=ids, backend="native")
+    k[..., 2 * L:, :], v[..., 2 * L:, :] = nan, nan  # the second half of document 1, and document 2
+    out = attention(q, k, v, **kw)
+    assert out[..., :2 * L, :].isfinite().all(), "read keys of another document or after the causal bound"
+    assert out[..., 2 * L:3 * L, :].isnan().all(), "the poison is read where it is visible"
+    assert (out[..., 3 * L:, :] == 0).all(), "read a tile of padding"
+
+    k, v = make_qkv(1, 2, T, 16, torch.float32, device="cpu")[1:]
+    grad_out = torch.randn(q.shape)
+    grad_out[..., L:2 * L, :] = nan  # queries of the first half of document 1
+    _, (dq, dk, dv) = forward_backward(attention, q, k, v, grad_out, **kw)
+    for name, g in (("dk", dk), ("dv", dv)):
+        assert g[..., :L, :].isfinite().all(), f"{name} of document 0 read another document's queries"
+        assert g[..., L:2 * L, :].isnan().all(), f"{name}: the poison is read where it is visible"
+        assert g[..., 2 * L:3 * L, :].isfinite().all(), f"{name} read queries before the causal bound"
+        assert (g[..., 3 * L:, :] == 0).all()
+    assert dq[..., :L, :].isfinite().all() and dq[..., 2 * L:3 * L, :].isfinite().all()
+    assert (dq[..., 3 * L:, :] == 0).all()
+
+
+def test_native_cpu_skips_tiles_of_padding_without_documents():
+    L = max(native_module().attention_cpu_tile)
+    T = 4 * L + 9
+    mask = (torch.arange(T) < L + 3)[None]  # keys from 2L on are whole tiles of padding
+    q, k, v = make_qkv(1, 2, T, 24, torch.float32, device="cpu")
+    k[..., 2 * L:, :], v[..., 2 * L:, :] = float("nan"), float("nan")
+    assert attention(q, k, v, attention_mask=mask, backend="native").isfinite().all()
 
 
 SCHEDULE_CASES = [(False, None, "random"), (True, None, "random"), (True, "right", "random"),
@@ -392,12 +477,6 @@ def test_document_ids_errors_are_named():
     backwards = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 2, 1, 2, 3]])
     with pytest.raises(ValueError, match="document_ids must be non-decreasing along each row"):
         attention(q.cpu(), k.cpu(), v.cpu(), document_ids=backwards, backend="torch")
-
-
-def test_document_ids_on_cpu_with_native_backend_are_refused():
-    q, k, v = make_qkv(1, 1, 4, 64, torch.float32, device="cpu")
-    with pytest.raises(BackendUnavailableError, match="backend='native' has CUDA kernels only"):
-        attention(q, k, v, document_ids=torch.zeros(1, 4, dtype=torch.long), backend="native")
 
 
 @requires_cuda
@@ -524,7 +603,7 @@ def test_triton_on_cpu_outside_the_interpreter_is_refused(monkeypatch):
         attention(q, k, v, backend="triton")
 
 
-def test_native_on_cpu_tensors_is_refused():
-    q, k, v = make_qkv(1, 1, 4, 64, torch.float32, device="cpu")
-    with pytest.raises(BackendUnavailableError, match="native"):
+def test_float64_is_refused_by_native_on_the_cpu():
+    q, k, v = make_qkv(1, 1, 4, 24, torch.float64, device="cpu")
+    with pytest.raises(BackendUnavailableError, match="backend='native' supports float32, float16 and bfloat16"):
         attention(q, k, v, backend="native")

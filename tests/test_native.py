@@ -8,7 +8,7 @@ holds what only the native backend has:
   checked against float64) and bad input, which must raise a Python exception that
   names the argument, never crash;
 - the custom ops' own checks, ``torch.library.opcheck`` and ``torch.compile``;
-- what the backend refuses (float64, attention on the CPU, other head dims);
+- what the backend refuses (float64, head dims other than 64 and 128 on CUDA);
 - the CPU kernels' independence of the thread count, and CUDA cases the op files
   leave out (fp32 attention, the CUDA bindings' own checks).
 
@@ -23,6 +23,7 @@ import torch
 from conftest import HAS_CUDA, requires_cuda
 from minipt.ops import attention, attention_ref, cross_entropy, cross_entropy_ref, linear_cross_entropy, mlm_mask
 from minipt.ops._backend import BackendUnavailableError, native_module
+from minipt.ops.attention._common import document_spans
 
 _C = native_module()
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
@@ -422,17 +423,135 @@ def test_attention_cuda_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-@requires_cuda
-def test_attention_cuda_custom_ops_pass_opcheck():
-    q, k, v, mask = attention_inputs(1, 2, 33, 64, "cuda", torch.float32, [20])
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_custom_ops_pass_opcheck(device):
+    q, k, v, mask = attention_inputs(1, 2, 33, 64, device, torch.float32, [20])
     key_mask = mask.to(torch.uint8)
-    torch.library.opcheck(ops.native_attention_fwd, (q.requires_grad_(), k, v, key_mask, True, 0.125))
+    doc_span = document_spans(torch.tensor([[0] * 10 + [1] * 23], device=device))
+    torch.library.opcheck(ops.native_attention_fwd, (q.requires_grad_(), k, v, key_mask, doc_span, True, 0.125))
+    out, lse = ops.native_attention_fwd(q.detach(), k, v, key_mask, doc_span, True, 0.125)
+    grad_out = torch.randn(1, 33, 2, 64, device=device).transpose(1, 2)  # as the out view's gradient arrives
+    torch.library.opcheck(ops.native_attention_bwd,
+                          (grad_out, q.detach(), k, v, out, lse, key_mask, doc_span, True, 0.125))
 
 
-def test_attention_cpu_tensors_are_refused():
-    q, k, v, _ = attention_inputs(1, 1, 4, 64, "cpu", torch.float32)
-    with pytest.raises(BackendUnavailableError, match="CUDA kernels only"):
-        attention(q, k, v, backend="native")
+def test_attention_cpu_under_torch_compile():
+    """The C++ kernels stay opaque custom ops in the compiled graph, with the eager results and gradients."""
+    q, k, v, mask = attention_inputs(2, 2, 70, 24, "cpu", torch.float32, [70, 31])
+    ids = torch.tensor([[0] * 30 + [1] * 40, [0] * 70])
+    fn = lambda q, k, v: attention(  # noqa: E731
+        q, k, v, is_causal=True, attention_mask=mask, document_ids=ids, backend="native")
+    grad_out = torch.randn_like(q)
+    got, got_grads = attention_grads(torch.compile(fn, fullgraph=True), q, k, v, grad_out)
+    want, want_grads = attention_grads(fn, q, k, v, grad_out)
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.equal(g, w)
+
+
+class TestAttentionCpuBindings:
+    """The raw CPU bindings write every element of their outputs and refuse bad arguments before touching memory."""
+
+    B, H, T, D = 3, 3, 200, 24  # enough work for the kernels to use their threads
+
+    def setup_method(self):
+        lengths = [self.T, 0, 77]
+        self.q, self.k, self.v, mask = attention_inputs(self.B, self.H, self.T, self.D, "cpu", torch.float32, lengths)
+        self.key_mask = mask.to(torch.uint8)
+        self.out = poisoned(self.B, self.T, self.H, self.D)  # (B, T, H, D) memory
+        self.lse = poisoned(self.B, self.H, self.T)
+        self.grad_out = torch.randn(self.B, self.T, self.H, self.D)
+        self.delta = poisoned(self.B, self.H, self.T)
+        self.grads = [poisoned(self.B, self.H, self.T, self.D) for _ in range(3)]
+
+    def call(self, kernel, **overrides):
+        args = dict(
+            q=self.q.data_ptr(), k=self.k.data_ptr(), v=self.v.data_ptr(), out=self.out.data_ptr(),
+            lse=self.lse.data_ptr(), key_mask=self.key_mask.data_ptr(), doc_span=0, batch=self.B, heads=self.H,
+            seq_len=self.T, head_dim=self.D, dtype=0, is_causal=True, scale=0.2, num_threads=2,
+        )
+        if kernel == "backward":
+            args.update(grad_out=self.grad_out.data_ptr(), delta=self.delta.data_ptr(),
+                        grad_q=self.grads[0].data_ptr(), grad_k=self.grads[1].data_ptr(),
+                        grad_v=self.grads[2].data_ptr())
+        getattr(_C, f"attention_{kernel}_cpu")(**{**args, **overrides})
+
+    def test_results_are_the_same_bits_for_any_thread_count(self):
+        """The forward splits work by query block, the backward by head: no sum depends on the thread count."""
+        results = []
+        for num_threads in (1, 3):
+            self.call("forward", num_threads=num_threads)
+            self.call("backward", num_threads=num_threads)
+            results.append([x.clone() for x in (self.out, self.lse, *self.grads)])
+        for one, many in zip(*results):
+            assert torch.equal(one, many)
+
+    def test_valid_calls_write_out_lse_and_gradients(self):
+        """Sequence 1 is all padding: its outputs and gradients are 0, its lse +inf."""
+        self.call("forward")
+        self.call("backward")
+        mask = self.key_mask.bool()
+        want, want_grads = attention_grads(
+            lambda q, k, v: attention_ref(q, k, v, is_causal=True, attention_mask=mask, scale=0.2),
+            self.q.double(), self.k.double(), self.v.double(), self.grad_out.double().transpose(1, 2),
+        )
+        torch.testing.assert_close(self.out.transpose(1, 2).double(), want, rtol=1e-5, atol=1e-5)
+        scores = (self.q.double() @ self.k.double().transpose(-1, -2)) * 0.2
+        visible = torch.ones(self.T, self.T, dtype=torch.bool).tril() & mask[:, None, None, :]
+        want_lse = scores.masked_fill(~visible, -math.inf).logsumexp(-1) / math.log(2)  # base 2
+        real = torch.tensor([0, 2])
+        torch.testing.assert_close(self.lse[real].double(), want_lse[real], rtol=1e-5, atol=1e-5)
+        assert (self.lse[1] == math.inf).all()
+        for got, ref in zip(self.grads, want_grads):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        assert not self.delta.isnan().any()
+
+    @pytest.mark.parametrize("kernel", ["forward", "backward"])
+    @pytest.mark.parametrize(
+        "overrides,message",
+        [
+            (dict(dtype=3), "dtype code must be 0"),
+            (dict(batch=-1), "batch, heads and seq_len must be >= 0"),
+            (dict(head_dim=0), "head_dim must be >= 1"),
+            (dict(seq_len=2**40, head_dim=2**30), "overflows int64"),
+            (dict(seq_len=2**31), "seq_len must fit int32"),
+            (dict(scale=math.inf), "scale must be finite"),
+            (dict(q=0), "q is a null pointer"),
+            (dict(out=0), "out is a null pointer"),
+            (dict(lse=0), "lse is a null pointer"),
+            (dict(lse=2), "lse address is not aligned"),
+            (dict(doc_span=2), "doc_span address is not aligned"),
+            (dict(num_threads=0), "num_threads must be in"),
+        ],
+    )
+    def test_bad_arguments_raise_value_error(self, kernel, overrides, message):
+        with pytest.raises(ValueError, match=message):
+            self.call(kernel, **overrides)
+        assert self.out.isnan().all() and self.lse.isnan().all(), "a refused call wrote its output"
+        assert all(g.isnan().all() for g in self.grads), "a refused call wrote its output"
+
+    @pytest.mark.parametrize(
+        "overrides,message",
+        [
+            (dict(grad_out=0), "grad_out is a null pointer"),
+            (dict(grad_k=0), "grad_k is a null pointer"),
+            (dict(delta=0), "delta is a null pointer"),
+            (dict(dtype=1, grad_q=1), "grad_q address is not aligned to its 2-byte elements"),
+        ],
+    )
+    def test_bad_backward_arguments_raise_value_error(self, overrides, message):
+        with pytest.raises(ValueError, match=message):
+            self.call("backward", **overrides)
+        assert all(g.isnan().all() for g in self.grads), "a refused call wrote its output"
+
+    def test_custom_op_refuses_bad_tensors(self):
+        q, k, v = self.q, self.k, self.v
+        with pytest.raises(ValueError, match="q must be contiguous"):
+            ops.native_attention_fwd(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, None, None, False, 0.2)
+        with pytest.raises(ValueError, match="key_mask must be uint8 of shape"):
+            ops.native_attention_fwd(q, k, v, self.key_mask.bool(), None, False, 0.2)
+        with pytest.raises(ValueError, match="doc_span must be int32 of shape"):
+            ops.native_attention_fwd(q, k, v, None, torch.zeros(self.B, self.T, dtype=torch.int32), False, 0.2)
 
 
 @requires_cuda
@@ -443,9 +562,9 @@ def test_attention_other_head_dims_are_refused(D):
         attention(q, k, v, backend="native")
 
 
-@requires_cuda
-def test_attention_float64_is_refused():
-    q, k, v, _ = attention_inputs(1, 1, 4, 64, "cuda", torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_float64_is_refused(device):
+    q, k, v, _ = attention_inputs(1, 1, 4, 64, device, torch.float64)
     with pytest.raises(BackendUnavailableError, match="float32, float16 and bfloat16"):
         attention(q, k, v, backend="native")
 

@@ -1,8 +1,13 @@
-"""The native backend of attention: the wrapper of the CUDA kernels in kernels/attention.cu.
+"""The native backend of attention: the wrapper of the C++ kernels in kernels/attention.cpp
+(CPU tensors) and the CUDA kernels in kernels/attention.cu (CUDA tensors).
 
-SIMT kernels for head dims 64 and 128; there is no CPU kernel. They read q, k and v
-as dense (B, H, T, D) and write the output as dense (B, T, H, D), returned as the
-same (B, H, T, D) view as the Triton output's; the backward reads the incoming
+Both take the same arguments, so this wrapper dispatches on the device alone. The
+CUDA kernels are SIMT code for head dims 64 and 128; the C++ kernels take any head
+dim, with OpenMP over (batch, head, query block) in the forward and over (batch,
+head) in the backward. Both compute in float32 for float32, float16 and bfloat16
+inputs; float64 raises BackendUnavailableError. They read q, k and v as dense
+(B, H, T, D) and write the output as dense (B, T, H, D), returned as the same
+(B, H, T, D) view as the Triton output's; the backward reads the incoming
 gradient in that layout too. Each kernel is a ``torch.library`` custom op with a
 fake implementation, so ``torch.compile`` keeps it whole.
 """
@@ -17,7 +22,7 @@ from minipt.ops._backend import BackendUnavailableError
 from minipt.ops._native import check_contiguous, check_device, float_code, run_kernel
 from minipt.ops.attention._common import OP
 
-NATIVE_HEAD_DIMS = (64, 128)
+CUDA_HEAD_DIMS = (64, 128)
 
 
 def _bthd_dense(x: torch.Tensor) -> torch.Tensor:
@@ -30,17 +35,14 @@ def _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, sca
     named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)]
     named += [(name, x) for name, x in (("key_mask", key_mask), ("doc_span", doc_span)) if x is not None]
     check_device(OP, *named)
-    if q.device.type != "cuda":
-        raise BackendUnavailableError(
-            f"{OP}: backend='native' has CUDA kernels only (there is no C++ CPU attention); got tensors on "
-            f"{q.device}. Use backend='torch' on the CPU."
-        )
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"{OP}: q, k, v and out must share one (B, H, T, D) shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(out.shape)}")
     B, H, T, D = q.shape
-    if D not in NATIVE_HEAD_DIMS:
-        raise BackendUnavailableError(f"{OP}: backend='native' supports head dims {NATIVE_HEAD_DIMS}, got {D}")
+    if q.device.type == "cuda" and D not in CUDA_HEAD_DIMS:
+        raise BackendUnavailableError(
+            f"{OP}: backend='native' supports head dims {CUDA_HEAD_DIMS} on CUDA (any on the CPU), got {D}"
+        )
     check_contiguous(OP, *[(name, x) for name, x in named if name != "out"])
     check_contiguous(OP, ("out.transpose(1, 2)", out.transpose(1, 2)))
     if not (k.dtype == v.dtype == out.dtype == q.dtype):
