@@ -14,7 +14,7 @@ op                       CPU tensors                 CUDA tensors
 cross_entropy            C++ (OpenMP, SIMD)          CUDA, one block per row
 linear_cross_entropy     torch GEMM + C++ CE         cuBLAS GEMM + CUDA CE
 mlm_mask                 C++ (OpenMP), Philox        CUDA, Philox
-attention                BackendUnavailableError     CUDA, flash-style tiles
+attention                C++, flash-style tiles      CUDA, flash-style tiles
 =======================  ==========================  ==============================
 
 The MLM mask's bits are the same on every backend and device (see mlm_mask.py).

@@ -50,6 +50,19 @@ The Triton kernels (FlashAttention-2, Dao 2023):
 * Launch configs (tile sizes, warps, pipeline stages) come from a table keyed on
   the GPU's compute capability, read at the first launch on each device.
 
+The native kernels take the same arguments on both devices (the scale resolved,
+the document ids as spans), so ``backend="native"`` dispatches on the device alone:
+
+* CUDA tensors: SIMT kernels for head dims 64 and 128 (kernels/attention.cu).
+* CPU tensors: C++ kernels for any head dim (kernels/attention.cpp), the same
+  plan on 64 × 64 tiles with float32 maths for every input dtype. The forward
+  runs over OpenMP threads by (batch, head, query block); in the backward one
+  thread owns a head's dQ, dK and dV, so each tile costs five GEMMs instead of a
+  separate dQ pass's seven, and the gradients are the same bits for any thread
+  count, at the price of parallelism of B·H. Tiles start where a document or
+  the causal bound starts, and tiles of padding are skipped, as above.
+* Both save the base-2 lse for the backward; float64 raises BackendUnavailableError.
+
 Layout. Inputs may have any B, H and T strides (a (B, T, H, D) projection
 transposed, or slices of a packed qkv); D must be the unit stride, or is made so
 by one copy. The output of the Triton and native kernels is written as dense
@@ -64,8 +77,8 @@ q's layout, and where it returns dense (B, H, T, D) merging heads copies.
 
 The folder. This file holds the reference, the argument checks and the public
 function, which dispatches to a backend; ``triton.py`` the Triton kernels, their
-launch table, launchers and autograd; ``native.py`` the wrapper of the CUDA
-kernels in kernels/attention.cu; ``_common.py`` what those share (the op's name,
+launch table, launchers and autograd; ``native.py`` the wrapper of the native
+kernels, C++ and CUDA; ``_common.py`` what those share (the op's name,
 ``document_spans``); ``_tiles.py`` a Python mirror of the kernels' tile bounds
 for tests and benchmarks.
 """
