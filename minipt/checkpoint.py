@@ -22,8 +22,10 @@ between the two renames would leave.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -31,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from minipt.errors import MiniptError
+from minipt.errors import EXIT_FAILED, MiniptError
 
 CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT = (
     "config.json", "tokenizer.json", "model.safetensors", "state.pt", "metrics.jsonl", "loss.png",
@@ -41,6 +43,12 @@ RUN_FILES = (CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT)
 
 class CheckpointError(MiniptError, RuntimeError):
     """A run folder that cannot be resumed or loaded: files missing, corrupt or mismatched."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, say); the one before it is whole."""
+
+    exit_code = EXIT_FAILED
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -106,11 +114,18 @@ def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, state: dict) ->
         write_model = lambda p: save_model(model, str(p), metadata=metadata)  # noqa: E731
         written.append((_write_temporary(out / MODEL, write_model), out / MODEL))
         written.append((_write_temporary(out / STATE, lambda p: torch.save(state, p)), out / STATE))
-    except BaseException:
+    except BaseException as exc:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
+        # torch.save reports a full disk as a RuntimeError from its zip writer, safetensors as an OSError
+        if isinstance(exc, (OSError, RuntimeError)):
+            before = (f"the checkpoint of step {load_state(out)['iter']} before it is intact"
+                      if (out / STATE).is_file() else "no earlier checkpoint exists")
+            raise CheckpointWriteError(f"could not write the checkpoint of step {state['iter']} in {out} "
+                                       f"(is the disk full?): {exc}; {before}") from None
         raise
     _commit(written)
+    replacement_done(out)
 
 
 def load_weights(out_dir: str | Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> int:
@@ -182,31 +197,94 @@ def read_config(out_dir: str | Path) -> dict:
     return config
 
 
+LOCK = ".lock"  # held by the process that runs in the folder
+REPLACED = ".replaced"  # with --overwrite: the old run, until the new one has its first checkpoint
+
+
 def has_run(out_dir: str | Path) -> bool:
-    return any((Path(out_dir) / name).exists() for name in (CONFIG, MODEL, STATE))
+    """Whether ``out_dir`` holds a run with a checkpoint (one stopped before its first is no run to keep)."""
+    return all((Path(out_dir) / name).is_file() for name in (MODEL, STATE))
 
 
-def clear_run(out_dir: str | Path) -> None:
-    """Delete the files of a previous run (and nothing else) from ``out_dir``."""
-    for name in RUN_FILES:
-        (Path(out_dir) / name).unlink(missing_ok=True)
+def lock_run_folder(out_dir: str | Path):
+    """Hold ``out_dir`` for this process: a second process that tries stops with a CheckpointError.
+
+    Returns the open lock file; the lock lasts until it is closed, or the process ends
+    (kill -9 included: the kernel releases it)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"out_dir {str(out)!r} is a file, not a folder: name a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / LOCK, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise CheckpointError(f"out_dir {str(out)!r} is in use by another minipt process"
+                              f"{f' (pid {holder})' if holder else ''}; wait for it, or give another --out_dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """A run's files, and the temporaries a write killed mid-way left beside them."""
+    names = set(RUN_FILES)
+    return [p for p in out.iterdir() if p.name in names or (p.name.startswith(".") and ".tmp" in p.name)]
 
 
 def prepare_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
-    """Make ``out_dir`` ready: complete for a resumed run, free (or freed, with ``overwrite``) for a new one."""
+    """Make ``out_dir`` ready: complete for a resumed run, free for a new one.
+
+    With ``overwrite``, the old run is set aside in ``.replaced``, not deleted:
+    :func:`replacement_done` deletes it once the new run has its first checkpoint,
+    and :func:`undo_replacement` puts it back if the new run fails before then
+    (a typo in ``--data`` costs nothing). A replacement that a crash cut short is
+    undone here first.
+    """
     out = Path(out_dir)
+    undo_replacement(out)
     if resume:
         for name in (TOKENIZER, MODEL, STATE):
             if not (out / name).is_file():
-                raise CheckpointError(f"cannot resume: {out / name} is missing")
+                raise CheckpointError(f"cannot resume: {out / name} is missing"
+                                      + ("" if has_run(out) else "; the run stopped before its first checkpoint: "
+                                         "start it again without --resume"))
         return
     if has_run(out):
         if not overwrite:
             raise CheckpointError(
                 f"out_dir {str(out)!r} already holds a run; pass --resume to continue it or --overwrite to replace it"
             )
-        clear_run(out)
+        (out / REPLACED).mkdir()
+        for path in _leftovers(out):
+            path.rename(out / REPLACED / path.name)
+    else:  # the files of a run stopped before its first checkpoint: nothing in them to keep
+        for path in _leftovers(out):
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def replacement_done(out_dir: str | Path) -> None:
+    """The new run has a checkpoint: the run it replaces goes."""
+    shutil.rmtree(Path(out_dir) / REPLACED, ignore_errors=True)
+
+
+def undo_replacement(out_dir: str | Path) -> bool:
+    """Put back the run that ``--overwrite`` set aside, if the new one has no checkpoint yet; True if it did."""
+    out = Path(out_dir)
+    old = out / REPLACED
+    if not old.is_dir():
+        return False
+    for path in _leftovers(out):
+        path.unlink()
+    for path in old.iterdir():
+        path.rename(out / path.name)
+    old.rmdir()
+    return True
 
 
 def write_config(out_dir: str | Path, config: dict) -> None:

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(EvalConfig, parse_overrides(EvalConfig, argv, PROG, __doc__))
         rt = runtime.setup(cfg.device, cfg.dtype, cfg.tf32)
+        if cfg.json:  # its folder is made before the scoring, not found missing after it
+            Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
         result = evaluate(cfg, rt)
         print(table(result))
         if cfg.json:

@@ -38,7 +38,7 @@ from minipt.data import genre
 from minipt.data.examples import collate, encode, epoch_order, split_examples
 from minipt.errors import Interrupted
 from minipt.load import is_hf_folder, load_run
-from minipt.loop import Schedule, flush_window, make_optimizer, stop_requested, wrap_ddp
+from minipt.loop import Schedule, flush_window, holding_run_folder, make_optimizer, stop_requested, wrap_ddp
 from minipt.models import CLASSIFIER, BertClassifier, BertClassifierConfig, build_model
 from minipt.ops import cross_entropy, resolve_backends
 from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses
@@ -290,7 +290,14 @@ class Finetune:
 
 
 def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
-    """Fine-tune to the last epoch (or a stop request); the result holds the best epoch's weights."""
+    """Fine-tune to the last epoch (or a stop request); the result holds the best epoch's weights.
+
+    The run folder is locked for the run's life (see :func:`minipt.loop.holding_run_folder`)."""
+    with holding_run_folder(cfg.out_dir, rt):
+        return _finetune(cfg, rt, log)
+
+
+def _finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log) -> Finetune:
     if not cfg.resume and not cfg.init_from:
         raise ConfigError(f"--init_from (a BERT run or Hugging Face BERT folder, or {SCRATCH}) is required")
     for name in ("val_data", "test_data"):

@@ -7,12 +7,18 @@
   the one place the host reads the loss, and where a non-finite one stops the run.
 * :func:`stop_requested`: Ctrl-C or SIGTERM, agreed on by every rank.
 * :func:`resumed_config`: a ``--resume`` command line over the settings a run saved.
+* :func:`holding_run_folder`: the run folder locked for the run's life, and a
+  run that ``--overwrite`` set aside put back if the new one fails before its
+  first checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +80,10 @@ def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: 
         return
     loss = float(rt.all_reduce_sum(window.loss.clone()).item()) / (window.steps * rt.world_size)
     if not math.isfinite(loss):
+        kept = f"The last checkpoint in {out} is kept" if ckpt.has_run(out) else "No checkpoint was saved"
         raise TrainingError(
             f"the training loss became {loss} between steps {window.first_step} and {step}; stopping. "
-            f"The last checkpoint in {out} is kept; try a lower --learning_rate or --grad_clip"
+            f"{kept}; try a lower --learning_rate or --grad_clip"
         )
     row = {"iter": step, "train_loss": loss, "lr": lr, "tokens_per_s": window.tokens * rt.world_size / window.seconds()}
     if rt.is_main:
@@ -99,3 +106,23 @@ def resumed_config(cls, overrides: dict):
     saved = ckpt.read_config(overrides.get("out_dir", cls.out_dir))["train"]
     known = {f.name for f in dataclasses.fields(cls)} - {"resume", "overwrite"}
     return make_config(cls, {**{k: v for k, v in saved.items() if k in known}, **overrides})
+
+
+@contextlib.contextmanager
+def holding_run_folder(out_dir: str | Path, rt: Runtime):
+    """Hold ``out_dir`` (rank 0 locks it) while the block runs; undo an unfinished ``--overwrite`` if it fails."""
+    out = Path(out_dir)
+    created = not out.exists()
+    lock = rt.on_main(lambda: ckpt.lock_run_folder(out))
+    try:
+        yield
+    except BaseException:
+        if rt.is_main and ckpt.undo_replacement(out):
+            print(f"note: the run already in {out} is kept: the new one failed before its first checkpoint",
+                  file=sys.stderr)
+        if rt.is_main and created and [p.name for p in out.iterdir()] == [ckpt.LOCK]:
+            shutil.rmtree(out)  # a run that failed before writing anything leaves no folder behind
+        raise
+    finally:
+        if lock is not None:
+            lock.close()

@@ -37,7 +37,9 @@ from minipt.data.packing import check_pair_room
 from minipt.errors import Interrupted
 from minipt.inference import show_trained
 from minipt.load import load_run, read_model_config
-from minipt.loop import Schedule, flush_window, make_optimizer, resumed_config, stop_requested, wrap_ddp
+from minipt.loop import (
+    Schedule, flush_window, holding_run_folder, make_optimizer, resumed_config, stop_requested, wrap_ddp,
+)
 from minipt.models import MODEL_KINDS, BertConfig, GPTConfig, build_model
 from minipt.ops import resolve_backends
 from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses, read_metrics
@@ -282,7 +284,15 @@ def start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
 
 
 def train(cfg: TrainConfig, rt: runtime.Runtime, log=print) -> Run:
-    """Train to ``cfg.max_iters``; raises TrainingError on a non-finite loss, Interrupted on a stop request."""
+    """Train to ``cfg.max_iters``; raises TrainingError on a non-finite loss, Interrupted on a stop request.
+
+    The run folder is locked for the run's life, so that a second process cannot mix its files in; a run
+    that ``--overwrite`` set out to replace comes back if this one fails before its first checkpoint."""
+    with holding_run_folder(cfg.out_dir, rt):
+        return _train(cfg, rt, log)
+
+
+def _train(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
     run = start(cfg, rt, log)
     log(
         f"{cfg.model.upper()} {run.model.num_params() / 1e6:.2f}M parameters, vocab {run.tok.vocab_size}, "

@@ -58,7 +58,7 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path):
         assert [it for it, _ in a] == [it for it, _ in b]  # one row per step: rank 0 alone writes
         assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5, abs=1e-6)
     assert losses(single, "train_loss")[-1][1] < losses(single, "train_loss")[0][1]
-    assert {p.name for p in ddp.iterdir()} == set(ckpt.RUN_FILES)
+    assert {p.name for p in ddp.iterdir()} == {*ckpt.RUN_FILES, ckpt.LOCK}
     assert ckpt.load_state(ddp)["iter"] == 6
 
 
