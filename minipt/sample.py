@@ -35,6 +35,46 @@ from minipt.ops import resolve_backends
 PROG = "python -m minipt.sample"
 
 
+def show_gpt(cfg: SampleConfig, model, tok, dtype) -> None:
+    if cfg.text or cfg.text_a or cfg.text_b:
+        raise ConfigError(f"{cfg.out_dir} holds a GPT: it continues --prompt; --text, --text_a and --text_b "
+                          "belong to BERT and fine-tune runs")
+    texts = generate_text(model, tok, cfg.prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_k=cfg.top_k, seed=cfg.seed, num_samples=cfg.num_samples, dtype=dtype)
+    for text in [texts] if isinstance(texts, str) else texts:
+        print(text)
+        print("-" * 40)
+
+
+def show_classifier(cfg: SampleConfig, model, tok, labels: list[str], dtype) -> None:
+    if not cfg.text or cfg.text_a or cfg.prompt:
+        raise ConfigError(f"{cfg.out_dir} is a fine-tune run: give --text (and --text_b for a pair) to classify; "
+                          "--text_a belongs to next sentence prediction, --prompt to GPT")
+    probabilities = classify(model, tok, labels, cfg.text, cfg.text_b or None, dtype=dtype)
+    print(f"text: {cfg.text!r}" + (f"   text_b: {cfg.text_b!r}" if cfg.text_b else ""))
+    for label, p in probabilities:
+        print(f"  {label} {p:.3f}")
+
+
+def show_bert(cfg: SampleConfig, model, tok, dtype) -> None:
+    if cfg.prompt:
+        raise ConfigError(f"{cfg.out_dir} holds a BERT, which fills [MASK]s instead of continuing a prompt: "
+                          "give --text with [MASK] tokens, or --text_a and --text_b")
+    if cfg.text_b and not cfg.text_a:
+        raise ConfigError("--text_b without --text_a applies to a fine-tune run only")
+    if not cfg.text and not cfg.text_a:
+        raise ConfigError("a BERT run needs --text with [MASK] tokens, or --text_a and --text_b")
+    # everything is computed before anything is printed, so that an error comes alone
+    filled = fill_mask(model, tok, cfg.text, top_k=cfg.candidates, dtype=dtype) if cfg.text else []
+    p = next_sentence_probability(model, tok, cfg.text_a, cfg.text_b, dtype=dtype) if cfg.text_a else None
+    if cfg.text:
+        print(cfg.text)
+        for n, candidates in enumerate(filled, 1):
+            print(f"  [MASK] {n}: " + ", ".join(f"{t} {q:.3f}" for t, q in candidates))
+    if p is not None:
+        print(f"P(B follows A) = {p:.3f}   A: {cfg.text_a!r}   B: {cfg.text_b!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = make_config(SampleConfig, parse_overrides(SampleConfig, argv, PROG, __doc__))
@@ -46,33 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         for note in config.get("notes", []):
             print(f"note: {note}", file=sys.stderr)
         if config["model_type"] == "gpt":
-            texts = generate_text(
-                model, tok, cfg.prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                top_k=cfg.top_k, seed=cfg.seed, num_samples=cfg.num_samples, dtype=rt.dtype,
-            )
-            for text in [texts] if isinstance(texts, str) else texts:
-                print(text)
-                print("-" * 40)
-            return 0
-        if config["model_type"] == CLASSIFIER:
-            if not cfg.text or cfg.text_a:
-                raise ConfigError(f"{cfg.out_dir} is a fine-tune run: give --text (and --text_b for a pair) to "
-                                  "classify; --text_a belongs to next sentence prediction")
-            print(f"text: {cfg.text!r}" + (f"   text_b: {cfg.text_b!r}" if cfg.text_b else ""))
-            for label, p in classify(model, tok, config["labels"], cfg.text, cfg.text_b or None, dtype=rt.dtype):
-                print(f"  {label} {p:.3f}")
-            return 0
-        if cfg.text_b and not cfg.text_a:
-            raise ConfigError("--text_b without --text_a applies to a fine-tune run only")
-        if not cfg.text and not cfg.text_a:
-            raise ConfigError("a BERT run needs --text with [MASK] tokens, or --text_a and --text_b")
-        if cfg.text:
-            print(cfg.text)
-            for n, candidates in enumerate(fill_mask(model, tok, cfg.text, top_k=cfg.candidates, dtype=rt.dtype), 1):
-                print(f"  [MASK] {n}: " + ", ".join(f"{t} {p:.3f}" for t, p in candidates))
-        if cfg.text_a:
-            p = next_sentence_probability(model, tok, cfg.text_a, cfg.text_b, dtype=rt.dtype)
-            print(f"P(B follows A) = {p:.3f}   A: {cfg.text_a!r}   B: {cfg.text_b!r}")
+            show_gpt(cfg, model, tok, rt.dtype)
+        elif config["model_type"] == CLASSIFIER:
+            show_classifier(cfg, model, tok, config["labels"], rt.dtype)
+        else:
+            show_bert(cfg, model, tok, rt.dtype)
         return 0
     except MiniptError as exc:
         return report("minipt.sample", exc)

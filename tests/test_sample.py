@@ -203,3 +203,17 @@ def test_a_masked_lm_folder_with_a_tokenizer_json(tmp_path, capsys):
     assert [p for _, p in candidates] == pytest.approx(probs.topk(3).values.tolist(), abs=1e-4)
     assert S.main([f"--out_dir={folder}", "--text_a=I like cats.", "--text_b=They are cute."]) == 0
     assert "note: the BertForMaskedLM in " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, argv, message", [
+    ("gpt", ["--text=The cat sits on the [MASK]."], "holds a GPT: it continues --prompt; --text"),
+    ("gpt", ["--prompt=The", "--text_a=I like cats.", "--text_b=They are cute."], "holds a GPT"),
+    ("bert", ["--prompt=The cat"], "holds a BERT, which fills [MASK]s instead of continuing a prompt"),
+    ("bert", ["--text=no mask here", "--text_a=I like cats.", "--text_b=They are cute."],
+     "the text holds no [MASK] token to fill"),
+])
+def test_an_argument_for_another_kind_of_model_is_named_before_any_output(runs, capsys, kind, argv, message):
+    assert S.main([f"--out_dir={runs[kind]}", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert message in err and "Traceback" not in err
+    assert out == ""  # nothing printed before the error
