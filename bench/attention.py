@@ -11,8 +11,8 @@ Providers, all on the same q, k, v of shape (B, H, T, D):
   softmax (in fp32), as written by hand;
 * ``minipt-triton``: ``attention(backend="triton")``, CUDA only: on the CPU it
   would run in the Triton interpreter, which times nothing useful;
-* ``minipt-native``: ``attention(backend="native")``, skipped where it raises
-  BackendUnavailableError.
+* ``minipt-native``: ``attention(backend="native")``, the CUDA kernels on CUDA and
+  the C++ kernels on the CPU, skipped where it raises BackendUnavailableError.
 
 Cases. The sweeps hold B·T at 16k tokens and H·D at 2048 (H = 2048 / D: 32 heads
 of 64, 16 of 128), bf16, T from 512 to 8192, D 64 and 128, causal and
@@ -35,12 +35,21 @@ when causal). Each packed case also reports the exact (query block, key block)
 tiles minipt visits against the dense count, with the sm_90 bf16 launch table's
 tiles (``attention_tiles``): on any machine, a CPU included, that figure is exact.
 
+CPU cases (``CPU_NATIVE``, on the CPU only): the native C++ kernels against
+SDPA, float32, at sizes two cores time in seconds, the two providers taking
+turns round after round (``bench.native_cpu.interleaved_ms``), so that load from
+elsewhere on a shared machine falls on both; ``ratio`` is ``sdpa``'s median over
+the row's. ``cpu-causal``: B = 2, H = 8, T = 1024, D = 64, SDPA with
+``is_causal``. ``cpu-packed``: B = 2, H = 4, T = 4096, D = 64, causal, each row
+cut into 8 documents at 7 random points (seed 0), SDPA given the boolean
+(B, 1, T, T) mask, FLOPs counted as in the packed cases above. ``cpu-bert-padded``: B = 4, H = 8, T = 512, D = 64, lengths
+uniform in [64, 512] (seed 0), SDPA given the boolean (B, 1, 1, T) mask.
+
 FLOPs: 4·B·H·T²·D for the forward (QKᵀ and PV), halved when causal; the backward
-counts 2.5× the forward, so forward + backward is 3.5×. The padded case counts the
+counts 2.5× the forward, so forward + backward is 3.5×. A padded case counts the
 real keys only (4·H·T·D·Σ lengths), the work a kernel that skips padding must do.
 ``mode="fwd"`` runs under ``torch.no_grad()``; ``fwd+bwd`` computes dq, dk and dv
-for a fixed random output gradient. On the CPU (fp32, tiny sizes) the figures
-say nothing about a GPU.
+for a fixed random output gradient. CPU figures (fp32) say nothing about a GPU.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
+from bench.native_cpu import interleaved_ms
 from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import attention
 from minipt.ops.attention._tiles import attention_tiles
@@ -80,6 +90,9 @@ BERT_CPU = {"B": 4, "H": 2, "D": 64, "T": 128, "min_len": 16}
 PACKED_GPU = {"gpt-packed": (2, 16, 64, 8192, 256, 2048, True, False),
               "bert-packed": (32, 12, 64, 512, 32, 256, False, True)}
 PACKED_PROVIDERS = ("minipt-triton", "minipt-native", "sdpa", "flex", "dense")
+# The C++ kernels against SDPA on the CPU: (B, H, T, D) of each case (see the module docstring).
+CPU_NATIVE = {"cpu-causal": (2, 8, 1024, 64), "cpu-packed": (2, 4, 4096, 64), "cpu-bert-padded": (4, 8, 512, 64)}
+CPU_DOCUMENTS, CPU_BERT_MIN_LEN = 8, 64
 
 
 def naive_attention(q, k, v, *, is_causal=False, key_mask=None):
@@ -337,8 +350,53 @@ def padded_rows(device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def cut_into_documents(B: int, T: int, n: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """(B, T) ids of rows each cut into ``n`` documents at n - 1 distinct random points, and the lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    ids, lengths = [], []
+    for _ in range(B):
+        cuts = (torch.randperm(T - 1, generator=gen)[:n - 1] + 1).sort().values
+        ids.append(torch.bucketize(torch.arange(T), cuts, right=True))
+        lengths += torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([T])])).tolist()
+    return torch.stack(ids), lengths
+
+
+def cpu_case(name: str, B: int, H: int, T: int, D: int) -> tuple[dict, dict, float]:
+    """make_fn's masks, the row's extra fields and the forward FLOPs of one ``CPU_NATIVE`` case."""
+    if name == "cpu-causal":
+        return dict(is_causal=True, key_mask=None), {}, forward_flops(B, H, T, D, True)
+    if name == "cpu-packed":
+        ids, lengths = cut_into_documents(B, T, CPU_DOCUMENTS)
+        masks = dict(is_causal=True, key_mask=None, document_ids=ids)
+        return masks, {"documents": CPU_DOCUMENTS}, 2.0 * H * D * sum(n * n for n in lengths)
+    lengths = bert_lengths(B, T, CPU_BERT_MIN_LEN, "cpu")
+    key_mask = torch.arange(T)[None, :] < lengths[:, None]
+    masks = dict(is_causal=False, key_mask=key_mask)
+    return masks, {"mean_len": round(lengths.float().mean().item())}, 4.0 * H * T * D * lengths.sum().item()
+
+
+def cpu_native_rows(quick: bool) -> list[dict]:
+    """``CPU_NATIVE``: minipt-native against sdpa on the CPU, both modes, the providers taking turns."""
+    rounds, rep = (2, 1) if quick else (5, 2)
+    rows = []
+    for name, (B, H, T, D) in CPU_NATIVE.items():
+        masks, fields, flops = cpu_case(name, B, H, T, D)
+        qkv = make_qkv(B, H, T, D, "cpu", torch.float32)
+        for mode in MODES:
+            steps = {p: make_step(make_fn(p, **masks), *qkv, mode) for p in ("sdpa", "minipt-native")}
+            case = {"mode": mode, "B": B, "H": H, "T": T, "D": D, "dtype": "float32",
+                    "causal": masks["is_causal"], **fields}
+            group = [{"name": f"{name} {mode}", "provider": p, **case, "median_ms": ms,
+                      "tflops": flops * (3.5 if mode == "fwd+bwd" else 1.0) / ms / 1e9}
+                     for p, ms in interleaved_ms(steps, rounds, rep).items()]
+            add_ratios(group, "sdpa")
+            rows.extend(group)
+    return rows
+
+
 def run(device: str, quick: bool) -> list[dict]:
-    return sweep_rows(device, quick) + padded_rows(device, quick) + packed_rows(device, quick)
+    rows = sweep_rows(device, quick) + padded_rows(device, quick) + packed_rows(device, quick)
+    return rows + (cpu_native_rows(quick) if torch.device(device).type == "cpu" else [])
 
 
 def plot_tflops_vs_t(title: str, rows: list[dict], path: Path) -> Path | None:

@@ -1,8 +1,8 @@
 """pytest-benchmark timings of attention forward + backward, and checks of what bench.attention measures.
 
 ``pytest bench/test_attention.py --benchmark-only [--bench-device cpu|cuda]``. On
-the CPU only the torch providers run (fp32, small); Triton and native are timed on
-CUDA alone.
+the CPU the torch providers and the native backend's C++ kernels run (fp32,
+small); Triton is timed on CUDA alone.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ def _case(device: str):
 
 
 def _step_or_skip(provider, device, q, k, v, key_mask, is_causal):
-    if provider in ("minipt-triton", "minipt-native") and torch.device(device).type != "cuda":
-        why = "Triton would run in the interpreter" if provider == "minipt-triton" else "native attention is CUDA-only"
-        pytest.skip(f"{provider} is timed on CUDA only: {why}")
+    if provider == "minipt-triton" and torch.device(device).type != "cuda":
+        pytest.skip("minipt-triton is timed on CUDA only: on the CPU Triton would run in the interpreter")
     step = bench.make_step(bench.make_fn(provider, is_causal, key_mask), q, k, v, "fwd+bwd")
     try:
         step()
@@ -103,6 +102,35 @@ def test_packed_tile_counts_follow_the_documents():
     assert bert["fwd_tiles"] < bert["fwd_tiles_without_documents"] <= bert["dense_tiles"]
     # Whole documents plus the blocks their edges cut: never below Σ lenᵢ² (halved when causal).
     assert gpt["fwd_fraction"] >= gpt["sum_len2_fraction"] / 2 and bert["fwd_fraction"] >= bert["sum_len2_fraction"]
+
+
+def test_cpu_native_rows_pair_native_with_sdpa(monkeypatch):
+    """The CPU cases at toy sizes: each row pairs the C++ kernels with SDPA, in both modes, with a ratio."""
+    monkeypatch.setattr(bench, "CPU_NATIVE", {"cpu-causal": (1, 2, 70, 16), "cpu-packed": (1, 2, 96, 16),
+                                              "cpu-bert-padded": (2, 2, 80, 16)})
+    monkeypatch.setattr(bench, "CPU_BERT_MIN_LEN", 8)
+    rows = bench.cpu_native_rows(quick=True)
+    assert [(r["name"], r["provider"]) for r in rows] == [
+        (f"{name} {mode}", p) for name in bench.CPU_NATIVE for mode in bench.MODES for p in ("sdpa", "minipt-native")]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["tflops"] > 0 and r["ratio"] > 0, r
+    assert all(r["ratio"] == 1.0 for r in rows if r["provider"] == "sdpa")
+    assert {r["documents"] for r in rows if r["name"].startswith("cpu-packed")} == {bench.CPU_DOCUMENTS}
+
+
+def test_rows_cut_into_documents():
+    ids, lengths = bench.cut_into_documents(3, 4096, 8)
+    assert ids.shape == (3, 4096) and (ids.diff(dim=1) >= 0).all() and sum(lengths) == ids.numel()
+    assert all(torch.unique_consecutive(row).tolist() == list(range(8)) for row in ids) and min(lengths) >= 1
+
+
+@pytest.mark.parametrize("name", ["cpu-packed", "cpu-bert-padded"])
+def test_cpu_cases_give_sdpa_the_same_masks(name):
+    """SDPA's boolean masks and the native kernels' arguments describe the same attention."""
+    masks, _, _ = bench.cpu_case(name, 2, 2, 200, 16)
+    q, k, v = bench.make_qkv(2, 2, 200, 16, "cpu", torch.float32)
+    got = bench.make_fn("minipt-native", **masks)(q, k, v)
+    torch.testing.assert_close(got, bench.make_fn("sdpa", **masks)(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("provider, is_causal", [("sdpa", True), ("sdpa", False), ("minipt-torch", True)])
