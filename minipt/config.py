@@ -228,8 +228,8 @@ class EvalConfig(CommandConfig):
     # ---- model and data
     out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
     data: str = ""  # the held-out text: file, folder or glob of txt, md, jsonl[.gz|.zst] or parquet
-    text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text
-    strip_markup: bool = True  # bundled plays as "SPEAKER:" text, no headings or stage directions
+    text_field: str | None = None  # jsonl and parquet: the field (column) that holds a document's text; none: the run's
+    strip_markup: bool | None = None  # bundled plays as "SPEAKER:" text, no headings or stage directions; none: the run's
     json: str = ""  # also write the results to this JSON file
     # ---- scoring
     block_size: int | None = None  # tokens per window (GPT) or pair (BERT); none: the model's block_size
@@ -374,7 +374,8 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description.replace("``", ""), allow_abbrev=False,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--config", metavar="FILE", help="a TOML or JSON file of settings; the command line overrides it"
+        "--config", metavar="FILE",
+        help="a TOML or JSON file of settings, or a run's config.json to repeat it; the command line overrides it"
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     defaults = cls()
@@ -421,6 +422,9 @@ def read_config_file(cls, path: str) -> dict:
         raise ConfigError(f"cannot parse config file {path}: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a table of settings")
+    if isinstance(values.get("train"), dict) and "model_type" in values:
+        # a run folder's own config.json: its settings repeat the run (a new run, not a resume of it)
+        values = {k: v for k, v in values["train"].items() if k not in ("resume", "overwrite")}
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:

@@ -25,6 +25,7 @@ pairs leave unpacked, so one command compares the two layouts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -40,12 +41,13 @@ from minipt.data.packing import check_pair_room
 from minipt.data.sources import is_tokens
 from minipt.data.tokens import token_files
 from minipt.load import load_run
-from minipt.ops import IGNORE_INDEX, resolve_backends
-from minipt.scoring import Scorer
+from minipt.ops import IGNORE_INDEX, mlm_mask, resolve_backends
+from minipt.scoring import VALIDATION_STEP, Scorer, mask_seed
 from minipt.tokenizer import TextTokenizer, TokenizerError
 
 # What a run's own settings give BERT's scoring where the command line does not; a Hugging Face folder has none.
-TRAINED_DEFAULTS = {name: getattr(TrainConfig, name) for name in ("mlm_probability", "short_seq_prob", "pack")}
+TRAINED_DEFAULTS = {name: getattr(TrainConfig, name)
+                    for name in ("mlm_probability", "short_seq_prob", "pack", "text_field", "strip_markup")}
 
 
 def held_out_sources(cfg: EvalConfig) -> list:
@@ -55,14 +57,17 @@ def held_out_sources(cfg: EvalConfig) -> list:
 
 
 def read_texts(cfg: EvalConfig, sources: list | None = None) -> list[str]:
-    """The documents of ``--data``, every one of them, in the trainer's reading."""
+    """The documents of ``--data`` that hold text, every one of them, in the trainer's reading."""
     sources = held_out_sources(cfg) if sources is None else sources
     if is_tokens(sources):
         raise DataError(f"--data={cfg.data} names token files, which hold GPT token ids; BERT is scored on text, "
                         "whose segments make its pairs")
-    texts = [text for source in sources for _, _, text in read_documents(source, cfg.text_field, cfg.strip_markup)]
-    if not any(texts):
-        raise DataError(f"--data={cfg.data} holds no text to score")
+    field, strip = (TRAINED_DEFAULTS[k] if getattr(cfg, k) is None else getattr(cfg, k)
+                    for k in ("text_field", "strip_markup"))
+    texts = [text for source in sources for _, _, text in read_documents(source, field, strip)
+             if text.strip()]  # a blank document is dropped, as training drops it
+    if not texts:
+        raise DataError(f"--data={cfg.data} holds no text to score: its documents are empty or whitespace only")
     return texts
 
 
@@ -147,6 +152,21 @@ def bert_pairs(texts: list[str], tok: TextTokenizer, block_size: int, batch_size
     return pair_batches(instances, tok, block_size, batch_size, pack)
 
 
+def masked_positions(batches: list[dict[str, np.ndarray]], tok: TextTokenizer, mlm_probability: float,
+                     seed: int) -> int:
+    """How many positions the validation masks select, drawn as :meth:`Scorer.evaluate` draws them
+    (``mlm_mask`` gives the same masks on every backend): none leaves MLM nothing to score."""
+    count = 0
+    for i, batch in enumerate(batches):
+        _, labels = mlm_mask(
+            torch.from_numpy(batch["input_ids"]), mask_token_id=tok.mask_id, vocab_size=tok.vocab_size,
+            special_tokens_mask=torch.from_numpy(batch["special_tokens_mask"]), mlm_probability=mlm_probability,
+            seed=mask_seed(seed, VALIDATION_STEP, i), backend="torch",
+        )
+        count += int((labels != IGNORE_INDEX).sum())
+    return count
+
+
 # ----------------------------------------------------------------------------- the command
 def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
     """The metrics of the model in ``cfg.out_dir`` on ``cfg.data``, with what was scored."""
@@ -167,6 +187,9 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
     mlm_probability = cfg.mlm_probability or trained["mlm_probability"]
     short_seq_prob = trained["short_seq_prob"] if cfg.short_seq_prob is None else cfg.short_seq_prob
     pack = trained["pack"] if cfg.pack is None else cfg.pack
+    # the held-out text is read as the run read its training text, unless told otherwise
+    cfg = dataclasses.replace(cfg, **{name: trained[name] for name in ("text_field", "strip_markup")
+                                      if getattr(cfg, name) is None})
     scorer = dict(backend=cfg.backend, mlm_probability=mlm_probability, seed=cfg.seed)
     sources = held_out_sources(cfg)
     result = {"model": str(cfg.out_dir), "model_type": kind, "data": cfg.data}
@@ -178,6 +201,9 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
     texts = read_texts(cfg, sources)
     result.update(documents=len(texts), block_size=block_size)
     batches, padding = bert_pairs(texts, tok, block_size, cfg.batch_size, short_seq_prob, cfg.seed, pack)
+    if not masked_positions(batches, tok, mlm_probability, cfg.seed):
+        raise DataError(f"--data={cfg.data}: the masks at mlm_probability={mlm_probability:g} select none of its "
+                        "tokens: MLM has nothing to score; give more held-out text")
     metrics = Scorer(kind, model, tok, rt, **scorer, val_batches=batches, padding=padding).evaluate()
     pairs = sum(int((b["next_sentence_label"] != IGNORE_INDEX).sum()) for b in batches)
     return {**result, "mlm_probability": mlm_probability, "pack": pack, "pairs": pairs,

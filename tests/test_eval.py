@@ -211,3 +211,15 @@ def test_bad_input_is_named(folders, tmp_path, capsys, argv, pattern):
     err = capsys.readouterr().err
     assert re.search(pattern, err), err
     assert "Traceback" not in err
+
+
+def test_eval_reads_held_out_text_with_the_runs_own_text_field(tmp_path):
+    from test_train import tiny_args
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"content": f"Line {i}: a horse, a horse, my kingdom for a horse!"})
+                                for i in range(60)) + "\n")
+    args = [a for a in tiny_args(tmp_path, max_iters=2, eval_interval=2) if not a.startswith("--data")]
+    assert T.main([*args, f"--data={corpus}", "--text_field=content"]) == 0
+    result = EV.evaluate(EvalConfig(out_dir=str(tmp_path / "run"), data=str(corpus)), setup("cpu", "float32"))
+    assert result["tokens"] > 0  # read from 'content', as the run trained, without --text_field
