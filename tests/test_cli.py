@@ -1,6 +1,7 @@
 """The command line of minipt.train: options from the config dataclass, config files, and a
 clear message with a non-zero exit (never a traceback) for every kind of bad input."""
 
+import re
 import dataclasses
 import json
 import os
@@ -178,3 +179,26 @@ def test_the_module_exits_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_USAGE
     assert "unknown setting 'n_layr'; did you mean --n_layer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_runs_own_config_json_repeats_the_run(tmp_path):
+    from test_train import tiny_args
+
+    assert T.main(tiny_args(tmp_path, max_iters=2, eval_interval=2)) == 0
+    again = tmp_path / "again"
+    assert T.main([f"--config={tmp_path / 'run' / ckpt.CONFIG}", f"--out_dir={again}"]) == 0
+    first, second = ckpt.read_config(tmp_path / "run"), ckpt.read_config(again)
+    assert {**first["train"], "out_dir": str(again)} == second["train"]
+    assert ckpt.load_state(again)["iter"] == 2
+
+
+@pytest.mark.parametrize("command", ["train", "finetune", "eval", "sample"])
+def test_every_commands_help_is_plain_text_with_an_example(command, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"minipt.{command}").main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert f"python -m minipt.{command} " in text and "Examples:" in text
+    assert not re.search(r":(func|class|mod|meth|data):|``", text), text[:2000]
