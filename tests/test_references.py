@@ -222,6 +222,15 @@ def test_unknown_backend_and_env_override(monkeypatch):
     torch.testing.assert_close(cross_entropy(x, t), F.cross_entropy(x, t))
 
 
+def test_auto_on_a_cpu_runs_the_native_kernels_or_torch_without_the_extension(monkeypatch):
+    from minipt.ops import _backend, resolve_backends
+
+    monkeypatch.delenv("MINIPT_BACKEND", raising=False)
+    assert set(resolve_backends("auto", "cpu").values()) == {"native"}
+    monkeypatch.setattr(_backend, "native_import_error", lambda: "no module named minipt._C")
+    assert set(resolve_backends("auto", "cpu").values()) == {"torch"}
+
+
 def test_triton_on_cpu_outside_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="backend='triton'"):

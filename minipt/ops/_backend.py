@@ -2,8 +2,9 @@
 
 An op accepts ``backend="auto" | "torch" | "triton" | "native"``:
 
-* ``auto`` is Triton for CUDA tensors and torch for CPU tensors; the environment
-  variable ``MINIPT_BACKEND`` replaces ``auto`` with a named backend.
+* ``auto`` is Triton for CUDA tensors, and for CPU tensors the native C++
+  kernels (every op has one), or torch where the extension was not built; the
+  environment variable ``MINIPT_BACKEND`` replaces ``auto`` with a named backend.
 * ``torch`` is the PyTorch reference that lives beside each kernel.
 * ``triton`` needs a CUDA tensor, or ``TRITON_INTERPRET=1`` for CPU tensors.
 * ``native`` is the pybind11 extension ``minipt._C``.
@@ -43,6 +44,15 @@ def triton_import_error() -> str | None:
     return IMPORT_ERROR
 
 
+def native_import_error() -> str | None:
+    """Why the extension cannot be imported, or None when it can."""
+    try:
+        from minipt import _C  # noqa: F401
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def native_module():
     """The compiled extension, or a BackendUnavailableError saying why it is missing."""
     try:
@@ -68,7 +78,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
                 )
             backend = override
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        backend = "triton" if device.type == "cuda" else ("native" if native_import_error() is None else "torch")
 
     if backend == "triton":
         error = triton_import_error()
