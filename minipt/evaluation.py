@@ -190,7 +190,10 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
     # the held-out text is read as the run read its training text, unless told otherwise
     cfg = dataclasses.replace(cfg, **{name: trained[name] for name in ("text_field", "strip_markup")
                                       if getattr(cfg, name) is None})
-    scorer = dict(backend=cfg.backend, mlm_probability=mlm_probability, seed=cfg.seed)
+    # an untrained NSP head's figures are no results: left out of the loss and the table
+    nsp_trained = "nsp" not in saved["untrained_heads"]
+    scorer = dict(backend=cfg.backend, mlm_probability=mlm_probability, seed=cfg.seed,
+                  objective="mlm+nsp" if nsp_trained else "mlm")
     sources = held_out_sources(cfg)
     result = {"model": str(cfg.out_dir), "model_type": kind, "data": cfg.data}
     if kind == "gpt":
@@ -206,6 +209,9 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
                         "tokens: MLM has nothing to score; give more held-out text")
     metrics = Scorer(kind, model, tok, rt, **scorer, val_batches=batches, padding=padding).evaluate()
     pairs = sum(int((b["next_sentence_label"] != IGNORE_INDEX).sum()) for b in batches)
+    if not nsp_trained:
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("nsp_")}
+        metrics["nsp"] = f"not scored: the NSP head of {cfg.out_dir} is untrained"
     return {**result, "mlm_probability": mlm_probability, "pack": pack, "pairs": pairs,
             **{k: v for k, v in metrics.items() if k != "val_loss"}}
 

@@ -73,7 +73,8 @@ def load_run(
 
     The config is the run's config.json; for a Hugging Face folder, ``model_type``,
     ``model`` and ``notes`` (what did not come from the checkpoint, such as a fresh
-    NSP head). ``backend`` and ``dropout`` replace the saved ones. With ``encoder``,
+    NSP head). Either way ``untrained_heads`` lists the heads whose outputs are
+    not results (``nsp`` for a BertForMaskedLM, or a run trained on MLM alone). ``backend`` and ``dropout`` replace the saved ones. With ``encoder``,
     a fine-tune run gives the BERT it fine-tuned (with the MLM and NSP heads it kept
     from its start, which the fine-tune did not train), as a ``bert`` config with a note.
     """
@@ -82,7 +83,9 @@ def load_run(
     if is_hf_folder(path):
         tok = load_hf_tokenizer(path, kind)
         model, notes = hf.load_hf_folder(path, **overrides)
-        config = {"model_type": kind, "model": dataclasses.asdict(model.config), "notes": notes}
+        architecture = hf.read_hf_config(path)[0]
+        config = {"model_type": kind, "model": dataclasses.asdict(model.config), "notes": notes,
+                  "untrained_heads": ["nsp"] if architecture == "BertForMaskedLM" else []}
     else:
         config = ckpt.read_config(path)
         tok = TextTokenizer.from_file(Path(path) / ckpt.TOKENIZER, "gpt" if kind == "gpt" else "bert")
@@ -95,5 +98,7 @@ def load_run(
             config = {**config, "model_type": "bert", "model": dataclasses.asdict(bert.config), "notes": [
                 f"{path} is a fine-tune run: its BERT encoder is read, without the classification layer; its MLM "
                 "and NSP heads are those its fine-tune started from, untrained by it"]}
+    if "untrained_heads" not in config:  # a minipt run trained with the MLM objective alone never trained NSP
+        config["untrained_heads"] = ["nsp"] if config.get("train", {}).get("objective") == "mlm" else []
     check_vocabulary(tok, model.config.vocab_size, path)
     return model.to(device).eval(), tok, config

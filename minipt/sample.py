@@ -56,7 +56,10 @@ def show_classifier(cfg: SampleConfig, model, tok, labels: list[str], dtype) -> 
         print(f"  {label} {p:.3f}")
 
 
-def show_bert(cfg: SampleConfig, model, tok, dtype) -> None:
+def show_bert(cfg: SampleConfig, model, tok, dtype, untrained_heads: list[str]) -> None:
+    if cfg.text_a and "nsp" in untrained_heads:
+        raise ConfigError(f"the NSP head of {cfg.out_dir} is untrained (a BertForMaskedLM, or a run on MLM alone): "
+                          "its P(B follows A) would mean nothing; --text with [MASK] tokens works")
     if cfg.prompt:
         raise ConfigError(f"{cfg.out_dir} holds a BERT, which fills [MASK]s instead of continuing a prompt: "
                           "give --text with [MASK] tokens, or --text_a and --text_b")
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         elif config["model_type"] == CLASSIFIER:
             show_classifier(cfg, model, tok, config["labels"], rt.dtype)
         else:
-            show_bert(cfg, model, tok, rt.dtype)
+            show_bert(cfg, model, tok, rt.dtype, config["untrained_heads"])
         return 0
     except MiniptError as exc:
         return report("minipt.sample", exc)

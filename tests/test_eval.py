@@ -223,3 +223,12 @@ def test_eval_reads_held_out_text_with_the_runs_own_text_field(tmp_path):
     assert T.main([*args, f"--data={corpus}", "--text_field=content"]) == 0
     result = EV.evaluate(EvalConfig(out_dir=str(tmp_path / "run"), data=str(corpus)), setup("cpu", "float32"))
     assert result["tokens"] > 0  # read from 'content', as the run trained, without --text_field
+
+
+def test_an_untrained_nsp_head_is_not_scored(tmp_path, folders):
+    masked_lm = bert_folder(tmp_path / "mlm", architecture="BertForMaskedLM")
+    result = EV.evaluate(EvalConfig(out_dir=str(masked_lm), data=str(folders["held"])), setup("cpu", "float32"))
+    assert "nsp_acc" not in result and "nsp_loss" not in result and "nsp_majority" not in result
+    assert result["nsp"].startswith("not scored: the NSP head") and result["mlm_acc"] >= 0
+    trained = EV.evaluate(EvalConfig(out_dir=str(folders["bert"]), data=str(folders["held"])), setup("cpu", "float32"))
+    assert "nsp_acc" in trained and "nsp" not in trained

@@ -201,8 +201,13 @@ def test_a_masked_lm_folder_with_a_tokenizer_json(tmp_path, capsys):
         probs = theirs(**batch).logits[0, position, : tok.vocab_size].softmax(-1)
     (candidates,) = fill_mask(model, tok, text, top_k=3)
     assert [p for _, p in candidates] == pytest.approx(probs.topk(3).values.tolist(), abs=1e-4)
-    assert S.main([f"--out_dir={folder}", "--text_a=I like cats.", "--text_b=They are cute."]) == 0
-    assert "note: the BertForMaskedLM in " in capsys.readouterr().err
+    # its NSP head starts fresh: a probability from it is no result
+    assert config["untrained_heads"] == ["nsp"]
+    assert S.main([f"--out_dir={folder}", "--text_a=I like cats.", "--text_b=They are cute."]) == 2
+    out, err = capsys.readouterr()
+    assert "note: the BertForMaskedLM in " in err and "the NSP head of" in err and "is untrained" in err
+    assert "P(B follows A)" not in out
+    assert S.main([f"--out_dir={folder}", "--text=I like [MASK]."]) == 0
 
 
 @pytest.mark.parametrize("kind, argv, message", [
