@@ -1,16 +1,19 @@
 """Labelled examples for fine-tuning: read from .csv or .jsonl, split, encoded as BERT inputs, batched.
 
 A ``.csv`` has a header row, a ``.jsonl`` one object per line; both give
-``text``, an optional ``text_pair`` and ``label`` (any string). The labels are
-the sorted distinct values of the training examples, two or more; a validation
-or test label never seen in training is named with its file and line. An
-example is ``[CLS] A [SEP]`` or ``[CLS] A [SEP] B [SEP]``, cut to ``max_length``
-from the longer text's end, as Hugging Face's ``longest_first`` truncation does.
+``text``, an optional ``text_pair`` and ``label``: a string, or a JSON integer
+(``1`` and ``"1"`` are one label; a float, boolean or list is refused with its
+line). The labels are the sorted distinct values of the training examples, two
+or more; a validation or test label never seen in training is named with its
+file and line. An example is ``[CLS] A [SEP]`` or ``[CLS] A [SEP] B [SEP]``,
+cut to ``max_length`` from the longer text's end, as Hugging Face's
+``longest_first`` truncation does.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from minipt.config import ConfigError
+from minipt.data.sources import DataError, not_utf8, open_source
 from minipt.tokenizer import TextTokenizer
 
 
@@ -37,33 +41,44 @@ def read_examples(path: str) -> list[Example]:
         raise ConfigError(f"examples file {path!r} does not exist")
     if file.suffix not in (".csv", ".jsonl"):
         raise ConfigError(f"{path}: examples must be a .csv or .jsonl file")
-    with open(file, encoding="utf-8", newline="") as f:
-        if file.suffix == ".csv":
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            missing = [name for name in ("text", "label") if name not in columns]
-            if columns and missing:
-                raise ConfigError(f"{path}:1: the header has no {' or '.join(map(repr, missing))} column "
-                                  f"(it has {', '.join(map(repr, columns))})")
-            rows = [(reader.line_num, row) for row in reader]
-        else:
-            rows = []
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((number, json.loads(line)))
-                    except json.JSONDecodeError as exc:
-                        raise ConfigError(f"{path}:{number}: not a JSON object: {exc}") from None
+    with open_source(file) as f:
+        raw = f.read()  # examples fit in memory; read whole, a bad byte is named by its line
+    try:
+        text = io.StringIO(raw.decode("utf-8"), newline="")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise not_utf8(f"{path}:{line}", exc) from None
+    if file.suffix == ".csv":
+        reader = csv.DictReader(text)
+        columns = reader.fieldnames or []
+        missing = [name for name in ("text", "label") if name not in columns]
+        if columns and missing:
+            raise DataError(f"{path}:1: the header has no {' or '.join(map(repr, missing))} column "
+                            f"(it has {', '.join(map(repr, columns))})")
+        rows = [(reader.line_num, row) for row in reader]
+    else:
+        rows = []
+        for number, line in enumerate(text, 1):
+            if line.strip():
+                try:
+                    rows.append((number, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: not a JSON object: {exc}") from None
     examples = []
     for number, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise ConfigError(f"{path}:{number}: every example needs a non-empty 'text'")
-        if row.get("label") in (None, ""):
-            raise ConfigError(f"{path}:{number}: every example needs a 'label'")
+            raise DataError(f"{path}:{number}: every example needs a non-empty 'text'")
+        label = row.get("label")
+        if label in (None, ""):
+            raise DataError(f"{path}:{number}: every example needs a 'label'")
+        # 1 and "1" are one class; 1.0, true or [1] would become classes of their own spelling
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(f"{path}:{number}: the label {json.dumps(label)} is a {type(label).__name__}; a label "
+                            "is a string or an integer")
         pair = row.get("text_pair") or None
-        examples.append(Example(row["text"], None if pair is None else str(pair), str(row["label"]), number))
+        examples.append(Example(row["text"], None if pair is None else str(pair), str(label), number))
     if not examples:
-        raise ConfigError(f"{path} holds no examples")
+        raise DataError(f"{path} holds no examples")
     return examples
 
 
@@ -80,18 +95,18 @@ def split_examples(data: str, val_data: str = "", test_data: str = "", *, val_fr
         random.Random(seed).shuffle(train)
         cut = len(train) - max(1, int(len(train) * val_fraction))
         if cut < 1:
-            raise ConfigError(f"{data} holds {len(train)} example(s): too few to hold out a validation share; "
+            raise DataError(f"{data} holds {len(train)} example(s): too few to hold out a validation share; "
                               "give more, or --val_data")
         train, val, val_source = train[:cut], train[cut:], data
     labels = sorted({ex.label for ex in train})
     if len(labels) < 2:
-        raise ConfigError(f"the training examples of {data} all have the label {labels[0]!r}: "
+        raise DataError(f"the training examples of {data} all have the label {labels[0]!r}: "
                           "a classifier needs two labels or more")
     test = read_examples(test_data) if test_data else []
     for examples, source, side in ((val, val_source, "validation"), (test, test_data, "test")):
         for ex in examples:
             if ex.label not in labels:
-                raise ConfigError(f"{source}:{ex.line}: the {side} label {ex.label!r} never occurs in the "
+                raise DataError(f"{source}:{ex.line}: the {side} label {ex.label!r} never occurs in the "
                                   f"training examples of {data} (labels: {', '.join(labels)})")
     return train, val, test, labels
 

@@ -101,7 +101,8 @@ def _cache_key(sources: list[S.Source], settings: dict, by_content: bool) -> str
     for s in sources:
         h.update(s.name.encode() + b"\0")
         if by_content:
-            body = s.path.read_bytes()
+            with S.open_source(s.path) as f:
+                body = f.read()
             h.update(len(body).to_bytes(8, "little"))  # length-prefixed, so file boundaries count
             h.update(body)
         else:

@@ -1,11 +1,15 @@
 """Readers per input format: what ``--data`` names, as a stream of documents.
 
 ``--data`` is a file, a folder (searched recursively) or a glob; without it, the
-bundled plays. Text formats, one document each:
+bundled plays. A search follows links to folders but enters no folder twice, so
+a link back up the tree (``data/loop -> ..``) adds nothing, and a file reached by
+two paths is read once; a folder that cannot be listed, or a file that cannot be
+opened, is an error that names it, never a silent gap in the corpus. Text
+formats, one document each:
 
 * ``.txt`` and ``.md``: a whole file;
 * ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: a record's ``text_field``;
-* ``.parquet``: a row's ``text_field`` column.
+* ``.parquet``: a row's ``text_field`` column (strings, dictionary-encoded or not).
 
 Token formats, read as they are (see :mod:`minipt.data.tokens`): nanoGPT's raw
 uint16 ``.bin`` and llm.c's shards. Text and token files never mix in one corpus.
@@ -19,12 +23,14 @@ how whole documents are held out for validation.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import hashlib
 import importlib.resources
 import itertools
 import json
+import os
 import re
 import zlib
 from collections.abc import Iterator
@@ -104,22 +110,96 @@ def bundled_sources() -> list[Source]:
 
 
 # ----------------------------------------------------------------------------- finding the files
+def _walk(root: Path, state, descend, keep) -> list[Path]:
+    """The files under ``root`` that ``keep(path, state)`` accepts, sorted.
+
+    ``state`` is the root's; ``descend(name, state)`` gives a subfolder's, or None to leave
+    it out. Links are followed, but no folder is entered twice and no file is listed twice
+    (both told by ``(st_dev, st_ino)``): a link loop ends at once, not 40 links deep."""
+    folders, files, found = set(), set(), []
+    stack = [(root, state)]
+    while stack:
+        folder, state = stack.pop()
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in folders:
+                continue
+            folders.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            raise DataError(f"{folder}: cannot list this folder ({exc.strerror or exc}); fix its permissions or "
+                            "leave it out of --data") from None
+        below = []
+        for entry in entries:
+            path = folder / entry.name
+            if entry.is_dir():
+                sub = descend(entry.name, state)
+                if sub is not None:
+                    below.append((path, sub))
+            elif entry.is_file() and keep(path, state):
+                st = entry.stat()
+                if (st.st_dev, st.st_ino) not in files:
+                    files.add((st.st_dev, st.st_ino))
+                    found.append(path)
+        stack.extend(reversed(below))
+    return sorted(found)
+
+
+def _glob(pattern: str) -> tuple[list[Path], Path]:
+    """The files ``pattern`` matches, as ``glob.glob(recursive=True)`` finds them, and the folder it starts from.
+
+    A walk of our own instead of glob's, which follows a link loop 40 deep and skips
+    folders it cannot list without a word. The pattern is matched one path segment at a
+    time; a state is the set of pattern positions reached, ``**`` matching any number
+    of segments; as in glob, no wildcard matches a name starting with a dot."""
+    parts = Path(pattern).expanduser().parts
+    fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts[:-1]))
+    root, rest = Path(*fixed) if fixed else Path(), parts[len(fixed):]
+
+    def reach(states):
+        out = set()
+        for i in states:
+            out.add(i)
+            while i < len(rest) and rest[i] == "**":
+                i += 1
+                out.add(i)
+        return out
+
+    def step(name, states):
+        out = set()
+        for i in reach(states):
+            if i == len(rest) or (name.startswith(".") and not rest[i].startswith(".")):
+                continue
+            if rest[i] == "**":
+                out.add(i)
+            elif fnmatch.fnmatchcase(name, rest[i]):
+                out.add(i + 1)
+        return out
+
+    def descend(name, states):
+        inside = {i for i in reach(step(name, states)) if i < len(rest)}
+        return inside or None
+
+    if not root.is_dir():
+        return [], root
+    return _walk(root, {0}, descend, lambda path, states: len(rest) in reach(step(path.name, states))), root
+
+
 def find_sources(data: str) -> list[Source]:
     """The files ``data`` names, sorted; a folder is searched recursively for known formats."""
     if not data:
         return bundled_sources()
     if glob.has_magic(data):
-        paths = sorted(Path(p) for p in glob.glob(str(Path(data).expanduser()), recursive=True) if Path(p).is_file())
+        paths, root = _glob(data)
         if not paths:
             raise DataError(f"data glob {data!r} matches no file")
-        parts = Path(data).expanduser().parts
-        root = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), parts[:-1]))
     else:
         path = Path(data).expanduser()
         if not path.exists():
             raise DataError(f"data path {data!r} does not exist")
         if path.is_dir():
-            paths = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p))
+            paths = _walk(path, True, lambda name, state: True, lambda p, state: _suffix(p) is not None)
             if not paths:
                 known = ", ".join(sorted({**TEXT_FORMATS, **TOKEN_FORMATS}))
                 raise DataError(f"data folder {data!r} holds no file of a known format ({known})")
@@ -147,45 +227,59 @@ def is_tokens(sources: list[Source]) -> bool:
     return sources[0].suffix in TOKEN_FORMATS
 
 
-# ----------------------------------------------------------------------------- reading documents
+# ----------------------------------------------------------------------------- opening and decoding
+def open_source(path: Path):
+    """``path`` opened for binary reading; one that cannot be opened (permissions, a folder) is named."""
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); fix its permissions or leave it out "
+                        "of --data") from None
+
+
+def not_utf8(where: str, exc: UnicodeDecodeError, base: int = 0) -> DataError:
+    """The error for a decoding failure ``exc`` in bytes that start at file offset ``base``."""
+    return DataError(f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {base + exc.start}); "
+                     "convert it first, e.g. iconv -f latin1 -t utf-8")
+
+
 def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{where} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-            "convert it first, e.g. iconv -f latin1 -t utf-8"
-        ) from None
+        raise not_utf8(where, exc) from None
 
 
-def _zstd_lines(path: Path, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """The lines of a zstd file, across frames; a stream that stops inside a frame is an error."""
+# ----------------------------------------------------------------------------- reading documents
+def _zstd_lines(raw, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a zstd stream, across frames; a stream that stops inside a frame is an error."""
     import zstandard
 
-    with open(path, "rb") as raw:
-        dobj, pending, eof = zstandard.ZstdDecompressor().decompressobj(), b"", True
-        while data := raw.read(chunk):
-            out = []
-            while data:
-                out.append(dobj.decompress(data))
-                data, eof = (dobj.unused_data, True) if dobj.eof else (b"", False)
-                if dobj.eof:
-                    dobj = zstandard.ZstdDecompressor().decompressobj()
-            lines = (pending + b"".join(out)).split(b"\n")
-            pending = lines.pop()
-            yield from (line + b"\n" for line in lines)
-        if not eof:
-            raise OSError("the stream ends inside a zstd frame")
-        if pending:
-            yield pending
+    dobj, pending, eof = zstandard.ZstdDecompressor().decompressobj(), b"", True
+    while data := raw.read(chunk):
+        out = []
+        while data:
+            out.append(dobj.decompress(data))
+            data, eof = (dobj.unused_data, True) if dobj.eof else (b"", False)
+            if dobj.eof:
+                dobj = zstandard.ZstdDecompressor().decompressobj()
+        lines = (pending + b"".join(out)).split(b"\n")
+        pending = lines.pop()
+        yield from (line + b"\n" for line in lines)
+    if not eof:
+        raise OSError("the stream ends inside a zstd frame")
+    if pending:
+        yield pending
 
 
-def _lines(source: Source) -> Iterator[bytes]:
+def _lines(source: Source, raw) -> Iterator[bytes]:
     if source.suffix == ".jsonl.zst":
-        yield from _zstd_lines(source.path)
-        return
-    with (gzip.open(source.path, "rb") if source.suffix == ".jsonl.gz" else open(source.path, "rb")) as f:
-        yield from f
+        yield from _zstd_lines(raw)
+    elif source.suffix == ".jsonl.gz":
+        with gzip.GzipFile(fileobj=raw) as f:
+            yield from f
+    else:
+        yield from raw
 
 
 def _jsonl(source: Source, text_field: str, start: int) -> Iterator[tuple[int, str, str]]:
@@ -196,55 +290,64 @@ def _jsonl(source: Source, text_field: str, start: int) -> Iterator[tuple[int, s
         corrupt: tuple = (OSError, EOFError, zlib.error, zstandard.ZstdError)
     except ImportError:
         corrupt = (OSError, EOFError, zlib.error)
-    try:
-        for lineno, line in enumerate(_lines(source), start=1):
-            if lineno < start or not line.strip():
-                continue
-            where = f"{source.path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except UnicodeDecodeError:
-                _decode(line, where)
-                raise
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                got = "no such field" if not isinstance(record, dict) or text_field not in record else (
-                    f"a {type(text).__name__}")
-                raise DataError(f'{where}: expected an object with a string field "{text_field}", got {got}')
-            yield lineno, f"{source.name}:{lineno}", text
-    except corrupt as exc:
-        raise DataError(f"{source.path}: corrupt or truncated compressed stream after line {lineno} ({exc})") from None
+    with open_source(source.path) as raw:
+        try:
+            for lineno, line in enumerate(_lines(source, raw), start=1):
+                if lineno < start or not line.strip():
+                    continue
+                where = f"{source.path}:{lineno}"
+                try:
+                    record = json.loads(line)
+                except UnicodeDecodeError:
+                    _decode(line, where)
+                    raise
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    got = "no such field" if not isinstance(record, dict) or text_field not in record else (
+                        f"a {type(text).__name__}")
+                    raise DataError(f'{where}: expected an object with a string field "{text_field}", got {got}')
+                yield lineno, f"{source.name}:{lineno}", text
+        except corrupt as exc:
+            raise DataError(f"{source.path}: corrupt or truncated compressed stream after line {lineno} "
+                            f"({exc})") from None
 
 
 def _parquet(source: Source, text_field: str, start: int) -> Iterator[tuple[int, str, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        f = pq.ParquetFile(source.path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{source.path}: not a readable Parquet file ({exc})") from None
-    schema = f.schema_arrow
-    if text_field not in schema.names:
-        raise DataError(f"{source.path}: no column {text_field!r} (columns: {', '.join(schema.names)})")
-    kind = schema.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"{source.path}: column {text_field!r} holds {kind}, expected strings")
-    row = 0
-    for batch in f.iter_batches(batch_size=4096, columns=[text_field]):
-        n = batch.num_rows
-        if row + n <= start:
+    with open_source(source.path) as raw:
+        try:
+            f = pq.ParquetFile(raw)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{source.path}: not a readable Parquet file ({exc})") from None
+        schema = f.schema_arrow
+        if text_field not in schema.names:
+            raise DataError(f"{source.path}: no column {text_field!r} (columns: {', '.join(schema.names)})")
+        kind = schema.field(text_field).type
+        # a dictionary-encoded column (pandas' category, many writers' default) holds strings too
+        values = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not (pa.types.is_string(values) or pa.types.is_large_string(values) or pa.types.is_string_view(values)):
+            raise DataError(f"{source.path}: column {text_field!r} holds {kind}, expected strings")
+        row = 0
+        for group in range(f.num_row_groups):
+            n = f.metadata.row_group(group).num_rows
+            if row + n > start:
+                try:
+                    texts = (t for batch in f.iter_batches(batch_size=4096, row_groups=[group], columns=[text_field])
+                             for t in batch.column(0).to_pylist())
+                    for i, text in enumerate(texts, start=row):
+                        if i < start:
+                            continue
+                        if text is None:
+                            raise DataError(f"{source.path}: row {i} has no {text_field!r} (null)")
+                        yield i, f"{source.name}#{i}", text
+                except (pa.ArrowException, OSError) as exc:
+                    raise DataError(f"{source.path}: row group {group} (rows {row} to {row + n - 1}) is corrupt or "
+                                    f"unreadable ({exc}); rewrite the file, or leave it out of --data") from None
             row += n
-            continue
-        for i, text in enumerate(batch.column(0).to_pylist()):
-            if row + i < start:
-                continue
-            if text is None:
-                raise DataError(f"{source.path}: row {row + i} has no {text_field!r} (null)")
-            yield row + i, f"{source.name}#{row + i}", text
-        row += n
 
 
 def read_documents(
@@ -253,7 +356,8 @@ def read_documents(
     """``(record, name, text)`` of the documents of one text file, from record ``start`` on."""
     if source.suffix in (".txt", ".md", "play"):
         if start == 0:
-            text = _decode(source.path.read_bytes(), str(source.path))
+            with open_source(source.path) as f:
+                text = _decode(f.read(), str(source.path))
             yield 0, source.name, strip_play_markup(text) if source.suffix == "play" and strip_markup else text
     elif source.suffix == ".parquet":
         yield from _parquet(source, text_field, start)

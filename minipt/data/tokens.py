@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from minipt.data.sources import DataError, Source
+from minipt.data.sources import DataError, Source, open_source
 
 LLMC_MAGIC, LLMC_VERSION, LLMC_HEADER_BYTES = 20240520, 1, 256 * 4
 _LLMC_NAME = re.compile(r"_(train|val)_\d*\.bin$")
@@ -41,7 +41,8 @@ def inspect_token_file(source: Source) -> TokenFile:
     """Where a token file's ids start and how many there are; a malformed header is an error."""
     path, size = source.path, source.path.stat().st_size
     name = path.name.lower()
-    header = np.fromfile(path, dtype="<i4", count=256) if size >= LLMC_HEADER_BYTES else np.zeros(0, "<i4")
+    with open_source(path) as f:
+        header = np.fromfile(f, dtype="<i4", count=256) if size >= LLMC_HEADER_BYTES else np.zeros(0, "<i4")
     llmc = bool(_LLMC_NAME.search(name)) or (name not in ("train.bin", "val.bin") and header.size
                                               and header[0] == LLMC_MAGIC)
     split = "val" if name == "val.bin" or "_val_" in name else "train"

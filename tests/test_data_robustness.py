@@ -1,0 +1,183 @@
+"""Broken input, a broken cache and an unfriendly file system, met through the commands as a user meets them.
+
+Each case ends in one named line (the file, its line, offset or row group, and
+what to do) or in a run that works; never in a traceback, a silent gap in the
+corpus, or a cache entry that a later run would read as complete. After every
+broken-input case the cache holds no ``.partial`` folder.
+
+The tests run as root, where ``chmod 000`` stops no read: an unreadable folder
+or file is made by patching ``os.scandir`` or ``open`` to raise the
+``PermissionError`` the kernel gives any other user.
+"""
+
+import builtins
+import io
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from minipt import eval as E
+from minipt import finetune as FT
+from minipt import train as T
+from minipt.errors import EXIT_USAGE
+
+from hf_folders import bert_folder, gpt2_folder
+
+WORDS = "the king queen fool sword crown night day love war peace heart hand eye".split()
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=1",
+        "--eval_interval=1", "--eval_iters=1", "--log_interval=1", "--warmup_iters=1", "--sample_tokens=0",
+        "--progress=false", "--vocab_size=300"]
+
+
+def prose(seed: int, words: int = 400) -> str:
+    rng = random.Random(seed)
+    return "\n\n".join(" ".join(rng.choices(WORDS, k=40)).capitalize() + "." for _ in range(words // 40)) + "\n"
+
+
+def train(data, cache, out, *extra, tokenizer="char") -> int:
+    return T.main([f"--data={data}", f"--cache_dir={cache}", f"--out_dir={out}", f"--tokenizer={tokenizer}", *TINY,
+                   *extra])
+
+
+def no_partial(cache: Path) -> bool:
+    return not cache.exists() or not any(p.name.endswith(".partial") for p in cache.iterdir())
+
+
+def refused(capsys, code: int, pattern: str) -> str:
+    """The one-line error of a command that refused its input, checked against ``pattern``."""
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE, err
+    assert re.search(pattern, err), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """``deny(path)``: opening ``path``, or listing it if it is a folder, raises PermissionError."""
+    denied = set()
+    real_open, real_scandir = builtins.open, os.scandir
+
+    def check(path):
+        if isinstance(path, (str, os.PathLike)) and Path(path).absolute() in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    def guarded_open(file, *args, **kwargs):
+        check(file)
+        return real_open(file, *args, **kwargs)
+
+    def guarded_scandir(path="."):
+        check(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)  # pathlib's read_bytes opens through io.open
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    return lambda path: denied.add(Path(path).absolute())
+
+
+# ----------------------------------------------------------------------------- folders and globs
+def test_an_unreadable_folder_is_named(tmp_path, capsys, unreadable):
+    data = tmp_path / "in"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text(prose(0))
+    (data / "sub" / "b.txt").write_text(prose(1))
+    unreadable(data / "sub")
+    refused(capsys, train(data, tmp_path / "c", tmp_path / "run"),
+            rf"{re.escape(str(data / 'sub'))}: cannot list this folder \(Permission denied\)")
+    refused(capsys, train(data / "**" / "*.txt", tmp_path / "c", tmp_path / "run"), "sub: cannot list this folder")
+    assert no_partial(tmp_path / "c")
+
+
+@pytest.mark.parametrize("spelling", ["folder", "glob", "glob through the loop"])
+def test_a_link_loop_or_a_second_link_adds_no_copy(tmp_path, capsys, spelling):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text(prose(0))
+    (data / "loop").symlink_to(".")  # data/loop/loop/... is data again
+    (data / "again.txt").symlink_to("a.txt")
+    argument = {"folder": data, "glob": data / "**" / "*.txt", "glob through the loop": data / "loop" / "**" / "*.txt"}
+    assert train(argument[spelling], tmp_path / "c", tmp_path / "run") == 0
+    assert "on the 1 training documents" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- Parquet
+def test_a_dictionary_encoded_text_column_is_text(tmp_path):
+    texts = [prose(i % 5) for i in range(40)]
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), tmp_path / "d.parquet")
+    assert train(tmp_path / "d.parquet", tmp_path / "c", tmp_path / "run") == 0
+
+
+def test_a_parquet_file_corrupt_in_its_middle_is_named_with_its_row_group(tmp_path, capsys):
+    rng = random.Random(0)
+    texts = ["".join(rng.choices("abcdefghij klmnop\n", k=3000)) for _ in range(30)]
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=10, compression="snappy", use_dictionary=False)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    body = bytearray(path.read_bytes())
+    middle = column.data_page_offset + column.total_compressed_size // 2
+    body[middle:middle + 200] = bytes(rng.randrange(256) for _ in range(200))
+    path.write_bytes(bytes(body))
+    refused(capsys, train(path, tmp_path / "c", tmp_path / "run"),
+            r"c\.parquet: row group 1 \(rows 10 to 19\) is corrupt or unreadable")
+    assert no_partial(tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------- unreadable and undecodable files
+def test_an_unreadable_file_is_named_by_train_and_eval(tmp_path, capsys, unreadable):
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "a.txt").write_text(prose(0))
+    (data / "b.txt").write_text(prose(1))
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    gpt = gpt2_folder(tmp_path / "gpt2")
+    for path in (data / "b.txt", tmp_path / "train.bin"):
+        unreadable(path)
+        pattern = rf"{re.escape(str(path))}: cannot be read \(Permission denied\)"
+        tokens = path.suffix == ".bin"
+        refused(capsys, train(path if tokens else data, tmp_path / "c", tmp_path / "run",
+                              tokenizer="auto" if tokens else "char"), pattern)
+        refused(capsys, E.main([f"--out_dir={gpt}", f"--data={path}"]), pattern)
+    assert no_partial(tmp_path / "c")
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    return bert_folder(tmp_path_factory.mktemp("bert") / "bert")
+
+
+@pytest.mark.parametrize("name, body, line", [
+    ("t.csv", b"text,label\ngood,yes\ncaf\xe9,no\n", 3),
+    ("t.jsonl", b'{"text": "a", "label": "x"}\n{"text": "caf\xe9", "label": "y"}\n', 2),
+])
+def test_fine_tune_examples_that_are_not_utf8_are_named_by_line(tmp_path, capsys, bert, name, body, line):
+    (tmp_path / name).write_bytes(body)
+    refused(capsys, FT.main([f"--init_from={bert}", f"--data={tmp_path / name}", f"--out_dir={tmp_path / 'o'}"]),
+            rf"{re.escape(name)}:{line} is not UTF-8 text \(byte 0xe9 at offset {body.index(0xE9)}\)")
+
+
+# ----------------------------------------------------------------------------- fine-tune labels
+@pytest.mark.parametrize("label, kind", [("0.5", "float"), ("1.0", "float"), ("true", "bool"), ('["a"]', "list")])
+def test_fine_tune_labels_are_strings_or_integers(tmp_path, capsys, bert, label, kind):
+    lines = ['{"text": "a cat", "label": 1}', '{"text": "a dog", "label": "1"}', '{"text": "the sea", "label": 0}',
+             f'{{"text": "the sky", "label": {label}}}']
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    refused(capsys, FT.main([f"--init_from={bert}", f"--data={tmp_path / 't.jsonl'}", f"--out_dir={tmp_path / 'o'}"]),
+            rf"t\.jsonl:4: the label {re.escape(label)} is a {kind}; a label is a string or an integer")
+
+
+# ----------------------------------------------------------------------------- eval: nothing to score
+@pytest.mark.parametrize("model, text, pattern", [
+    ("gpt", " \n\n\t \n", r"holds no text to score: its documents are empty or whitespace only"),
+    ("bert", "hello\n", r"the masks at mlm_probability=0\.15 select none of its tokens: MLM has nothing to score"),
+])
+def test_eval_refuses_text_with_nothing_to_score(tmp_path, capsys, bert, model, text, pattern):
+    (tmp_path / "held.txt").write_text(text)
+    folder = gpt2_folder(tmp_path / "gpt2") if model == "gpt" else bert
+    refused(capsys, E.main([f"--out_dir={folder}", f"--data={tmp_path / 'held.txt'}"]), pattern)
