@@ -20,6 +20,13 @@ last row (``first_step_s``) is the wall time of ``python -m minipt.train
 --data=<the largest jsonl> --max_iters=1`` from launch to exit, a fresh cache:
 the tokenizer trained on its sample, the corpus tokenized, one step, two
 evaluations and the save.
+
+The ``one-line text`` row is the memory of a single line of text: 50 MB
+(``--quick``: 2 MB) of words from a vocabulary of 18, with no line break,
+prepared by ``prepare_data`` with a BPE tokenizer trained on it, as
+``one-line.txt`` (``peak_rss_mb``) and as ``.jsonl`` records of 10,000 words
+(``jsonl_peak_rss_mb``): a .txt file is read in pieces, so the first stays
+near the second instead of at 100 bytes per byte of the line.
 """
 
 from __future__ import annotations
@@ -76,6 +83,23 @@ def write_corpus(folder: Path, sizes: tuple[int, ...], seed: int = 0) -> tuple[l
     return paths, txt
 
 
+def write_one_line(folder: Path, size: int, seed: int = 0) -> tuple[Path, Path]:
+    """``size`` bytes of words on one line as ``one-line.txt``, and the same words as ``.jsonl`` records."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array("the king queen fool sword crown night day love war peace heart hand eye gold silver river "
+                     "stone".split())
+    folder.mkdir(parents=True, exist_ok=True)
+    txt, jsonl = folder / "one-line.txt", folder / "one-line.jsonl"
+    with open(txt, "w", encoding="utf-8") as t, open(jsonl, "w", encoding="utf-8") as j:
+        written = 0
+        while written < size:
+            words = " ".join(vocab[rng.integers(0, len(vocab), 10_000)])
+            t.write(("" if written == 0 else " ") + words)
+            j.write(json.dumps({"text": words}) + "\n")
+            written += len(words) + 1
+    return txt, jsonl
+
+
 def run_measured(cmd: list[str], cwd: Path) -> dict:
     """Wall time and peak RSS of the process tree of ``cmd``."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -130,6 +154,18 @@ ds.map(encode, batched=True, num_proc=int(sys.argv[4]), remove_columns=ds.column
 """
 
 
+def one_line(folder: Path, size: int) -> dict:
+    """The row of a one-line text of ``size`` bytes: minipt's time and peak memory on it, and the peak on the
+    same words as jsonl records; each with a BPE tokenizer trained on it, as ``--data`` alone would."""
+    txt, jsonl = write_one_line(folder, size)
+    measured = {path.suffix: run_measured([sys.executable, "-c", MINIPT, str(path), "bpe", str(folder / f"cache{i}")],
+                                          folder) for i, path in enumerate((txt, jsonl))}
+    mb = txt.stat().st_size / 2**20
+    return {"name": "one-line text", "provider": "minipt-txt", "corpus_mb": round(mb),
+            "wall_s": measured[".txt"]["wall_s"], "mb_per_s": mb / measured[".txt"]["wall_s"],
+            "peak_rss_mb": measured[".txt"]["peak_rss_mb"], "jsonl_peak_rss_mb": measured[".jsonl"]["peak_rss_mb"]}
+
+
 def run(device: str, quick: bool) -> list[dict]:
     if device != "cpu":
         raise SystemExit("the data preparation benchmark runs on the CPU")
@@ -162,6 +198,7 @@ def run(device: str, quick: bool) -> list[dict]:
             base = results["datasets.map"]["wall_s"]
             for r in rows[-len(providers):]:
                 r["ratio"] = base / r["wall_s"]
+        rows.append(one_line(tmp / "one-line", 2 * 2**20 if quick else 50 * 2**20))
         first = run_measured([sys.executable, "-m", "minipt.train", f"--data={jsonl}", f"--cache_dir={tmp / 'tc'}",
                               f"--out_dir={tmp / 'run'}", "--max_iters=1", "--eval_iters=1", "--eval_interval=1",
                               "--sample_tokens=0", "--progress=false"], tmp)

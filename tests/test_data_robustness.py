@@ -25,7 +25,11 @@ import pytest
 from minipt import eval as E
 from minipt import finetune as FT
 from minipt import train as T
+from minipt.data import prepare as P
+from minipt.data import prepare_data
+from minipt.data import sources as S
 from minipt.errors import EXIT_USAGE
+from minipt.tokenizer import TextTokenizer, train_tokenizer
 
 from hf_folders import bert_folder, gpt2_folder
 
@@ -33,6 +37,10 @@ WORDS = "the king queen fool sword crown night day love war peace heart hand eye
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=1",
         "--eval_interval=1", "--eval_iters=1", "--log_interval=1", "--warmup_iters=1", "--sample_tokens=0",
         "--progress=false", "--vocab_size=300"]
+
+
+def quiet(message):
+    pass
 
 
 def prose(seed: int, words: int = 400) -> str:
@@ -107,6 +115,33 @@ def test_a_link_loop_or_a_second_link_adds_no_copy(tmp_path, capsys, spelling):
     assert "on the 1 training documents" in capsys.readouterr().out
 
 
+# ----------------------------------------------------------------------------- text in pieces
+def test_a_single_line_text_is_tokenized_in_pieces_as_it_would_be_whole(tmp_path, monkeypatch):
+    # PIECE_BYTES scaled down: a 100 KB line stands for the 50 MB that peaked at 6.7 GB read whole
+    monkeypatch.setattr(S, "PIECE_BYTES", 4096)
+    rng = random.Random(0)
+    text = " ".join(rng.choices(WORDS, k=20_000)) + " 1,000 ok?!  \t spaced"
+    data = tmp_path / "big.txt"
+    data.write_text(text)
+    bpe = tmp_path / "bpe.json"
+    train_tokenizer("bpe", [prose(i) for i in range(20)], 300, "gpt").save(str(bpe))
+    seen = []
+    encode = TextTokenizer.encode_batch
+    monkeypatch.setattr(TextTokenizer, "encode_batch", lambda self, texts: seen.extend(texts) or encode(self, texts))
+    trainer = P.train_tokenizer
+    monkeypatch.setattr(P, "train_tokenizer", lambda kind, texts, *a: seen.extend(texts) or trainer(kind, texts, *a))
+    for tokenizer in ("bpe", str(bpe)):
+        assert train(data, tmp_path / "c", tmp_path / tokenizer[-3:], tokenizer=tokenizer) == 0
+    assert len(seen) > 40 and max(map(len, seen)) <= 4096
+
+    tok = TextTokenizer.from_file(bpe, "gpt")
+    prep = prepare_data(model="gpt", data=str(data), tokenizer=str(bpe), cache_dir=tmp_path / "c", log=quiet)
+    cut = S.tail_start(data, 0.1)
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        tokens = np.asarray(getattr(prep, split).shards[0].tokens).tolist()
+        assert tokens == tok.encode(part) + [tok.eot_id]  # every cut fell where the whole text splits words too
+
+
 # ----------------------------------------------------------------------------- Parquet
 def test_a_dictionary_encoded_text_column_is_text(tmp_path):
     texts = [prose(i % 5) for i in range(40)]
@@ -160,6 +195,15 @@ def test_fine_tune_examples_that_are_not_utf8_are_named_by_line(tmp_path, capsys
     (tmp_path / name).write_bytes(body)
     refused(capsys, FT.main([f"--init_from={bert}", f"--data={tmp_path / name}", f"--out_dir={tmp_path / 'o'}"]),
             rf"{re.escape(name)}:{line} is not UTF-8 text \(byte 0xe9 at offset {body.index(0xE9)}\)")
+
+
+def test_a_text_that_is_not_utf8_is_named_by_offset_past_the_first_piece(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(S, "PIECE_BYTES", 4096)
+    (tmp_path / "l.txt").write_bytes(prose(0, 4000).encode() + b" caf\xe9 au lait")
+    offset = len(prose(0, 4000).encode()) + 4
+    refused(capsys, train(tmp_path / "l.txt", tmp_path / "c", tmp_path / "run"),
+            rf"l\.txt is not UTF-8 text \(byte 0xe9 at offset {offset}\)")
+    assert no_partial(tmp_path / "c")
 
 
 # ----------------------------------------------------------------------------- fine-tune labels

@@ -10,7 +10,8 @@ trains on a sample of about ``tokenizer_sample_mb`` taken as every k-th training
 document across all the files, so the sample is not the corpus's head.
 
 Splits. ``doc``: the last ``val_fraction`` of every document, from the start of
-the line where that tail begins, so every document is seen in both splits.
+the line where that tail begins, so every document is seen in both splits (of
+its bytes, for a .txt read in pieces).
 ``holdout``: whole documents, those whose name (``file:line``) hashes below
 ``val_fraction``: the same documents on every run, whatever the file order.
 ``stream``: the last ``val_fraction`` of the concatenated text, as nanoGPT's
@@ -24,6 +25,11 @@ writes the same shards. Each split's shard ``n`` is ``<split>-n.bin`` (uint16,
 uint32 past 65535 ids) with ``<split>-n.documents.npy``: GPT documents' token
 offsets (each document ends with ``<|endoftext|>``); BERT documents' offsets in
 ``<split>-n.segments.npy``, the segments' token offsets.
+
+Pieces. A text longer than ``sources.PIECE_BYTES`` (a .txt file is never read
+whole) is tokenized a piece at a time, cut where it tokenizes as the whole does
+(see ``sources.pieces``): the tokenizers' memory, about 100 bytes per byte of a
+text, stays bounded whatever the longest line.
 
 Cache. ``cache_dir/<key>/`` appears only once complete: it is written as
 ``<key>.partial/``, where each finished shard is recorded by ``part-n.json``
@@ -155,20 +161,48 @@ def _atomic_save(path: Path, write) -> None:
 
 # ----------------------------------------------------------------------------- documents, split
 def _documents(sources, mode, val_fraction, text_field, strip_markup, start=(0, 0)) -> Iterator[tuple]:
-    """``(position after, [(split, text), ...])`` per document, from ``start`` = (source, record)."""
+    """``(position after, [(split, text), ...])`` per document, from ``start`` = (source, record).
+
+    A document longer than a piece comes as ``(None, [(split, piece)])`` items, then
+    ``(position after, [])``: the position marks where each document ends."""
     if mode == "stream":
         yield from _stream_split(sources, val_fraction, text_field, strip_markup, start)
         return
     for i in range(start[0], len(sources)):
-        for record, name, text in S.read_documents(sources[i], text_field, strip_markup,
-                                                   start[1] if i == start[0] else 0):
+        source, first = sources[i], start[1] if i == start[0] else 0
+        if source.suffix in (".txt", ".md") and source.path.stat().st_size > S.PIECE_BYTES:
+            if first == 0:
+                yield from _file_in_pieces(source, mode, val_fraction, (i, 1))
+            continue
+        for record, name, text in S.read_documents(source, text_field, strip_markup, first):
             if not text.strip():
                 continue
             if mode == "doc":
-                pieces = [p for p in zip(("train", "val"), S.split_tail(text, val_fraction)) if p[1].strip()]
+                parts = [p for p in zip(("train", "val"), S.split_tail(text, val_fraction)) if p[1].strip()]
             else:
-                pieces = [("val" if S.held_out(name, val_fraction) else "train", text)]
-            yield (i, record + 1), pieces
+                parts = [("val" if S.held_out(name, val_fraction) else "train", text)]
+            yield from _bounded((i, record + 1), parts)
+
+
+def _bounded(position, parts: list[tuple[str, str]]) -> Iterator[tuple]:
+    """One document's ``parts``, in pieces when one is longer than a piece."""
+    if all(len(text) <= S.PIECE_BYTES for _, text in parts):
+        yield position, parts
+        return
+    for split, text in parts:
+        for piece in S.pieces(text):
+            yield None, [(split, piece)]
+    yield position, []
+
+
+def _file_in_pieces(source, mode, val_fraction, position) -> Iterator[tuple]:
+    """A .txt or .md file larger than a piece as one document, read a piece at a time, never whole."""
+    held = mode == "holdout" and S.held_out(source.name, val_fraction)
+    tail = S.tail_start(source.path, val_fraction) if mode == "doc" else None
+    for past, piece in S.read_text(source.path, tail):
+        if piece.strip():  # whitespace alone, a megabyte of it, would only make a piece of blank tokens
+            yield None, [("val" if past or held else "train", piece)]
+    yield position, []
 
 
 def _stream_split(sources, val_fraction, text_field, strip_markup, start):
@@ -179,22 +213,25 @@ def _stream_split(sources, val_fraction, text_field, strip_markup, start):
         local = min(max(cut - begin, 0), len(text))
         begin += len(text)
         if i >= start[0]:
-            yield (i + 1, 0), [p for p in (("train", text[:local]), ("val", text[local:])) if p[1]]
+            yield from _bounded((i + 1, 0), [p for p in (("train", text[:local]), ("val", text[local:])) if p[1]])
 
 
-def _tokenizer_sample(docs: Iterator[tuple], share: float, budget: float) -> list[str]:
-    """Training texts of an evenly spread ``share`` of the documents, up to ``budget`` characters."""
-    sample, size = [], 0
-    for n, (_, pieces) in enumerate(docs):
-        if int((n + 1) * share) == int(n * share):  # document n is not one of the evenly spaced picks
-            continue
-        for split, text in pieces:
-            if split == "train" and size < budget:
-                sample.append(text)
-                size += len(text)
+def _tokenizer_sample(docs: Iterator[tuple], share: float, budget: float) -> tuple[list[str], int]:
+    """Training texts (pieces) of an evenly spread ``share`` of the documents, up to ``budget`` characters,
+    and how many documents they come from; the first document with training text is always taken, so a
+    few huge documents still give a sample."""
+    sample, size, n, taken = [], 0, 0, set()
+    for position, pieces in docs:
+        if int((n + 1) * share) != int(n * share) or not sample:  # one of the evenly spaced picks
+            for split, text in pieces:
+                if split == "train" and size < budget:
+                    sample.append(text)
+                    size += len(text)
+                    taken.add(n)
         if size >= budget:
             break
-    return sample
+        n += position is not None
+    return sample, len(taken)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -232,21 +269,36 @@ class Progress:
 
 # ----------------------------------------------------------------------------- writing shards
 class _ShardWriter:
-    """One split's shard: tokens appended to a file beside its final name, the index kept in memory."""
+    """One split's shard: tokens appended to a file beside its final name, the index kept in memory.
+
+    A document may come in pieces: :meth:`add` appends each piece, :meth:`end` ends the document."""
 
     def __init__(self, folder: Path, split: str, part: int, dtype, model: str):
         self.stem, self.model, self.dtype = folder / f"{split}-{part:05d}", model, dtype
         self.file = open(f"{self.stem}.bin.tmp", "wb")
-        self.num_tokens = 0
+        self.num_tokens, self.open = 0, False
         self.segments, self.documents = array("q", [0]), array("q", [0])
 
-    def add(self, pieces: list[list[int]]) -> None:
-        """One document: its token ids (GPT: with the separator), or its segments' (BERT)."""
-        for ids in pieces:
+    def add(self, seqs: list[list[int]]) -> None:
+        """A piece of the open document: its token ids (GPT), or its segments' (BERT)."""
+        self.open = True
+        for ids in seqs:
             np.asarray(ids, dtype=self.dtype).tofile(self.file)
             self.num_tokens += len(ids)
             self.segments.append(self.num_tokens)
-        self.documents.append(self.num_tokens if self.model == "gpt" else len(self.segments) - 1)
+
+    def end(self, eot: list[int]) -> bool:
+        """End the open document, GPT's with ``eot``; whether it held a token, and so counts as one."""
+        if not self.open:
+            return False
+        self.open = False
+        np.asarray(eot, dtype=self.dtype).tofile(self.file)
+        self.num_tokens += len(eot)
+        bound = self.num_tokens if self.model == "gpt" else len(self.segments) - 1
+        if bound == self.documents[-1]:
+            return False
+        self.documents.append(bound)
+        return True
 
     def close(self) -> None:
         self.file.close()
@@ -331,18 +383,16 @@ def _tokenize(folder: Path, tok: TextTokenizer, model: str, docs_from, shard_tok
     writers, docs = open_part(len(parts)), {"train": 0, "val": 0}
     # Three stages on three threads: parse, encode (in Rust, without the GIL), write.
     for batch, encoded in _read_ahead(map(encode, _read_ahead(_batches(docs_from(position), model)))):
-        for position, nbytes, units in batch:
-            ntokens = 0
+        for end, nbytes, units in batch:
+            before = sum(w.num_tokens for w in writers.values())
             for split, seqs in units:
-                ids = [e for e in (next(encoded) for _ in seqs) if e]
-                if model == "gpt":
-                    ids = [ids[0] + eot] if ids else [eot] if eot else []
-                if ids:
-                    writers[split].add(ids)
-                    docs[split] += 1
-                    ntokens += sum(map(len, ids))
-            progress.update(nbytes, ntokens)
-            if writers["train"].num_tokens >= shard_tokens:
+                writers[split].add([e for e in (next(encoded) for _ in seqs) if e])
+            if end is not None:  # the document is whole: no shard ever holds part of one
+                position = end
+                for split, w in writers.items():
+                    docs[split] += w.end(eot)
+            progress.update(nbytes, sum(w.num_tokens for w in writers.values()) - before)
+            if end is not None and writers["train"].num_tokens >= shard_tokens:
                 close_part(writers, position, docs)
                 writers, docs = open_part(len(parts)), {"train": 0, "val": 0}
     if any(w.num_tokens for w in writers.values()) or not parts:
@@ -403,13 +453,14 @@ def prepare_data(
             log(f"data: resuming the tokenization in {partial}")
         elif given is None:
             share = 1.0 if small else tokenizer_sample_mb * MB / total
-            texts = _tokenizer_sample(docs_from(), share, tokenizer_sample_mb * MB if not small else float("inf"))
+            budget = tokenizer_sample_mb * MB if not small else float("inf")
+            texts, documents = _tokenizer_sample(docs_from(), share, budget)
             if not texts:
                 raise S.DataError(f"the corpus {data or '(bundled plays)'!r} is empty: no training text to "
                                   "train a tokenizer on")
             size = "" if kind == "char" else f" with vocab_size {vocab_size}"
-            what = f"the {len(texts)} training documents" if small else (
-                f"a sample of {len(texts):,} training documents spread across the corpus")
+            what = f"the {documents} training documents" if small else (
+                f"a sample of {documents:,} training documents spread across the corpus")
             log(f"data: training a {kind} tokenizer{size} on {what}")
             given = TextTokenizer.wrap(train_tokenizer(kind, texts, vocab_size, model), model)
             del texts

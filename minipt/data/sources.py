@@ -7,7 +7,8 @@ two paths is read once; a folder that cannot be listed, or a file that cannot be
 opened, is an error that names it, never a silent gap in the corpus. Text
 formats, one document each:
 
-* ``.txt`` and ``.md``: a whole file;
+* ``.txt`` and ``.md``: a whole file, read in pieces of about ``PIECE_BYTES``
+  (see :func:`read_text`), so that one huge line never sits in memory whole;
 * ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: a record's ``text_field``;
 * ``.parquet``: a row's ``text_field`` column (strings, dictionary-encoded or not).
 
@@ -23,6 +24,7 @@ how whole documents are held out for validation.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import glob
 import gzip
@@ -250,6 +252,91 @@ def _decode(raw: bytes, where: str) -> str:
         raise not_utf8(where, exc) from None
 
 
+# ----------------------------------------------------------------------------- text in pieces
+# Text tokenized at once. The tokenizers take about 100 bytes of memory per byte of a text they train
+# on or encode (offsets and alignments per byte): a 50 MB single-line file read whole peaked at 6.7 GB.
+# In pieces of 256 KB (a long web page) it peaks at about 550 MB, as the same text as jsonl records does.
+PIECE_BYTES = 1 << 18
+
+
+def _cut(text: str) -> int:
+    """Where to end a piece of ``text``: in its second half, before the last blank line, else line break,
+    else space, and before the whole run of whitespace there.
+
+    Cut there, the pieces tokenize as the whole does: byte-level BPE (GPT-2's pattern) and BERT split
+    words where a whitespace run follows a non-space, and no token spans that point; a paragraph (a
+    BERT segment) stays whole when a blank line is near. Without whitespace, the whole of ``text``."""
+    half = len(text) // 2
+    for sep in ("\n\n", "\n", " ", "\t"):
+        cut = text.rfind(sep, half)
+        if cut > 0:
+            while cut > 0 and text[cut - 1].isspace():
+                cut -= 1
+            return cut or len(text)
+    return len(text)
+
+
+def pieces(text: str) -> Iterator[str]:
+    """``text`` in pieces of at most PIECE_BYTES characters, cut as :func:`_cut` cuts."""
+    while len(text) > PIECE_BYTES:
+        cut = _cut(text[:PIECE_BYTES])
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
+def read_text(path: Path, stop: int | None = None) -> Iterator[tuple[bool, str]]:
+    """A text file as ``(past stop, piece)``: pieces of at most PIECE_BYTES characters cut as :func:`_cut`
+    cuts, and one cut at byte ``stop`` (a character boundary). A byte that is not UTF-8 is named by its offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open_source(path) as f:
+        for past, end in ((False, stop), (True, None)) if stop is not None else ((False, None),):
+            carry = ""
+            while True:
+                want = PIECE_BYTES - len(carry) if end is None else min(PIECE_BYTES - len(carry), end - f.tell())
+                try:
+                    offset, raw = f.tell(), f.read(want)
+                except OSError as exc:
+                    raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+                final = len(raw) < want or f.tell() == end
+                pending = len(decoder.getstate()[0])  # bytes of a character the last read cut short
+                try:
+                    text = carry + decoder.decode(raw, final)
+                except UnicodeDecodeError as exc:
+                    raise not_utf8(str(path), exc, offset - pending) from None
+                carry = text[_cut(text):] if not final else ""
+                if len(text) > len(carry):
+                    yield past, text[:len(text) - len(carry)]
+                if final:
+                    break
+
+
+def tail_start(path: Path, val_fraction: float) -> int:
+    """The byte where the doc split's tail of a file read in pieces starts: the start of the line holding
+    its last val_fraction of bytes, as :func:`split_tail` does with characters; without a line break
+    before it, that byte itself, moved back to the start of its character."""
+    size = path.stat().st_size
+    cut = int(size * (1.0 - val_fraction))
+    with open_source(path) as f:
+        end = cut
+        while end > 0:
+            start = max(0, end - PIECE_BYTES)
+            f.seek(start)
+            chunk = f.read(end - start)
+            line = chunk.rfind(b"\n")
+            if line >= 0:
+                return start + line + 1
+            end = start
+        while cut > 0:
+            f.seek(cut)
+            byte = f.read(1)
+            if not byte or byte[0] & 0xC0 != 0x80:  # not a UTF-8 continuation byte: a character starts here
+                break
+            cut -= 1
+    return cut
+
+
 # ----------------------------------------------------------------------------- reading documents
 def _zstd_lines(raw, chunk: int = 1 << 20) -> Iterator[bytes]:
     """The lines of a zstd stream, across frames; a stream that stops inside a frame is an error."""
@@ -354,11 +441,14 @@ def read_documents(
     source: Source, text_field: str = "text", strip_markup: bool = True, start: int = 0
 ) -> Iterator[tuple[int, str, str]]:
     """``(record, name, text)`` of the documents of one text file, from record ``start`` on."""
-    if source.suffix in (".txt", ".md", "play"):
+    if source.suffix == "play":
         if start == 0:
             with open_source(source.path) as f:
                 text = _decode(f.read(), str(source.path))
-            yield 0, source.name, strip_play_markup(text) if source.suffix == "play" and strip_markup else text
+            yield 0, source.name, strip_play_markup(text) if strip_markup else text
+    elif source.suffix in (".txt", ".md"):
+        if start == 0:
+            yield 0, source.name, "".join(piece for _, piece in read_text(source.path))
     elif source.suffix == ".parquet":
         yield from _parquet(source, text_field, start)
     else:
