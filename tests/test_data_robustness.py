@@ -12,9 +12,13 @@ or file is made by patching ``os.scandir`` or ``open`` to raise the
 
 import builtins
 import io
+import json
 import os
 import random
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,7 @@ from minipt.tokenizer import TextTokenizer, train_tokenizer
 
 from hf_folders import bert_folder, gpt2_folder
 
+REPO = Path(__file__).resolve().parents[1]
 WORDS = "the king queen fool sword crown night day love war peace heart hand eye".split()
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=1",
         "--eval_interval=1", "--eval_iters=1", "--log_interval=1", "--warmup_iters=1", "--sample_tokens=0",
@@ -88,6 +93,56 @@ def unreadable(monkeypatch):
     monkeypatch.setattr(io, "open", guarded_open)  # pathlib's read_bytes opens through io.open
     monkeypatch.setattr(os, "scandir", guarded_scandir)
     return lambda path: denied.add(Path(path).absolute())
+
+
+# ----------------------------------------------------------------------------- token files and the cache key
+def test_token_files_are_read_from_any_working_folder(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    np.random.default_rng(0).integers(0, 300, 3000).astype(np.uint16).tofile(tmp_path / "in" / "train.bin")
+    cache = tmp_path / "c"
+    monkeypatch.chdir(tmp_path)
+    assert T.main(["--data=in", f"--cache_dir={cache}", f"--out_dir={tmp_path / 'a'}", *TINY]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the cache recorded where the ids are, not the path as typed
+    assert T.main(["--data=../in", f"--cache_dir={cache}", f"--out_dir={tmp_path / 'b'}", *TINY]) == 0
+
+
+def test_token_files_rewritten_with_their_times_kept_are_read_again(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 300, 3000).astype(np.uint16)
+    (tmp_path / "in").mkdir()
+    ids.tofile(tmp_path / "in" / "train.bin")
+    cache = tmp_path / "c"
+    assert T.main([f"--data={tmp_path / 'in'}", f"--cache_dir={cache}", f"--out_dir={tmp_path / 'a'}", *TINY]) == 0
+
+    def rewrite(path, new):  # same size, same modification time
+        st = path.stat()
+        new.tofile(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    shutil.copytree(tmp_path / "in", tmp_path / "copy")  # copy2: the times are kept
+    rewrite(tmp_path / "copy" / "train.bin", (ids + 1) % 300)
+    assert T.main([f"--data={tmp_path / 'copy'}", f"--cache_dir={cache}", f"--out_dir={tmp_path / 'b'}", *TINY]) == 0
+    copy = prepare_data(model="gpt", data=str(tmp_path / "copy"), vocab_size=300, cache_dir=cache, log=quiet)
+    assert np.asarray(copy.train.shards[0].tokens)[:10].tolist() == ((ids[:10] + 1) % 300).tolist()
+
+    rewrite(tmp_path / "in" / "train.bin", (ids + 2) % 300)  # in place: the hash of its first bytes differs
+    again = prepare_data(model="gpt", data=str(tmp_path / "in"), vocab_size=300, cache_dir=cache, log=quiet)
+    assert np.asarray(again.train.shards[0].tokens)[:10].tolist() == ((ids[:10] + 2) % 300).tolist()
+
+
+def test_a_large_corpus_rewritten_with_its_times_kept_is_tokenized_again(tmp_path, capsys):
+    data = tmp_path / "c.jsonl"
+    records = [json.dumps({"text": prose(i)}) for i in range(40)]
+    data.write_text("\n".join(records) + "\n")
+    large = "--tokenizer_sample_mb=0.001"  # keyed on names, sizes and times, as a corpus of gigabytes is
+    assert train(data, tmp_path / "c", tmp_path / "a", large) == 0
+    st = data.stat()
+    data.write_text("\n".join([json.dumps({"text": prose(0).upper()}), *records[1:]]) + "\n")  # as long
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    capsys.readouterr()
+    assert train(data, tmp_path / "c", tmp_path / "b", large) == 0
+    out = capsys.readouterr().out
+    assert "reusing" not in out and "cached in" in out
 
 
 # ----------------------------------------------------------------------------- folders and globs
@@ -214,6 +269,86 @@ def test_fine_tune_labels_are_strings_or_integers(tmp_path, capsys, bert, label,
     (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
     refused(capsys, FT.main([f"--init_from={bert}", f"--data={tmp_path / 't.jsonl'}", f"--out_dir={tmp_path / 'o'}"]),
             rf"t\.jsonl:4: the label {re.escape(label)} is a {kind}; a label is a string or an integer")
+
+
+# ----------------------------------------------------------------------------- the cache
+def test_a_full_disk_is_named_and_the_finished_work_resumes(tmp_path):
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": prose(i, 2000)}) + "\n" for i in range(40)))
+    cache = tmp_path / "c"
+    argv = [sys.executable, "-m", "minipt.train", f"--data={data}", f"--cache_dir={cache}",
+            f"--out_dir={tmp_path / 'run'}", "--tokenizer=char", *TINY]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def small_files():  # no file may grow past 64 KB, as on a disk about to fill; SIGXFSZ would kill, not fail
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    full = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert full.returncode == EXIT_USAGE, full.stderr[-3000:]
+    assert re.search(r"error: cannot write the cache in .*\.partial \(.*\): is the disk full\? Its 0 finished "
+                     r"shard\(s\) are kept: free some space and run again to resume", full.stderr), full.stderr
+    assert "Traceback" not in full.stderr
+    assert not list(cache.glob("*/meta.json"))  # nothing a later run could take for a complete entry
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "data: resuming the tokenization" in again.stdout and no_partial(cache)
+    fresh = prepare_data(model="gpt", data=str(data), tokenizer="char", vocab_size=300, cache_dir=tmp_path / "f",
+                         log=quiet)
+    resumed = prepare_data(model="gpt", data=str(data), tokenizer="char", vocab_size=300, cache_dir=cache, log=quiet)
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(getattr(resumed, split).shards[0].tokens, getattr(fresh, split).shards[0].tokens)
+
+
+@pytest.mark.parametrize("damage, note", [
+    (lambda entry: os.truncate(entry / "train-00000.bin", 100), r"train-00000\.bin holds 100 bytes, meta\.json"),
+    (lambda entry: (entry / "meta.json").write_text('{"splits": {'), "meta.json is unreadable"),
+    (lambda entry: (entry / "val-00000.documents.npy").unlink(), r"val-00000\.documents\.npy is missing"),
+])
+def test_a_damaged_cache_entry_is_built_again_with_a_note(tmp_path, capsys, damage, note):
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(40)))
+    assert train(data, tmp_path / "c", tmp_path / "a") == 0
+    (entry,) = [p for p in (tmp_path / "c").iterdir() if not p.is_symlink()]
+    damage(entry)
+    capsys.readouterr()
+    assert train(data, tmp_path / "c", tmp_path / "b") == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"data: the cache entry .* is damaged \({note}.*\): building it again", out), out
+    assert len(P.read_cache(entry, "gpt").train.shards[0].tokens) > 100
+
+
+def test_two_processes_tokenizing_one_corpus_build_it_once(tmp_path):
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(40)))
+    # Shards that take two seconds to close: the second process starts while the first is still writing.
+    slow = ("import sys, time\nfrom minipt.data import prepare as P\nfrom minipt import train\n"
+            "close = P._ShardWriter.close\n"
+            "P._ShardWriter.close = lambda self: (time.sleep(2), close(self))\n"
+            "sys.exit(train.main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", slow, f"--data={data}", f"--cache_dir={tmp_path / 'c'}",
+                               f"--out_dir={tmp_path / f'run{i}'}", "--tokenizer=char", *TINY],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    logs = "".join(out for out, _ in outs)
+    assert logs.count("(doc split), cached in") == 1 and logs.count("data: reusing the tokenized corpus") == 1
+    assert [p.name for p in (tmp_path / "c").iterdir() if not p.is_symlink()] == [
+        re.search(r"cached in .*/(\w+)\n", logs).group(1)]  # no partial folder, no lock left behind
+
+
+def test_a_cache_dir_that_is_a_file_is_named(tmp_path, capsys):
+    (tmp_path / "cache").write_text("not a folder")
+    (tmp_path / "a.txt").write_text(prose(0))
+    refused(capsys, train(tmp_path / "a.txt", tmp_path / "cache", tmp_path / "run"),
+            rf"the cache folder {re.escape(str(tmp_path / 'cache'))} \(--cache_dir\) is a file")
+    refused(capsys, train(tmp_path / "a.txt", tmp_path / "cache" / "sub", tmp_path / "run"),
+            r"cannot create the cache folder .*cache/sub \(--cache_dir\): Not a directory")
 
 
 # ----------------------------------------------------------------------------- eval: nothing to score

@@ -4,7 +4,9 @@
   md, jsonl[.gz|.zst], parquet) read as a stream of documents; the bundled plays.
 * :mod:`minipt.data.tokens`: nanoGPT ``.bin`` and llm.c shards, read as they are.
 * :mod:`minipt.data.prepare`: streaming tokenization into memory-mapped shards,
-  the splits, the tokenizer's training sample and the crash-safe cache.
+  the splits and the tokenizer's training sample.
+* :mod:`minipt.data.cache`: the cache of tokenized corpora on disk: keys, entries
+  checked on reading, and the lock under which one process builds an entry.
 * :mod:`minipt.data.samplers`: GPT windows and BERT pairs.
 * :mod:`minipt.data.packing`: several BERT pairs per row, and the padding left.
 
@@ -16,10 +18,9 @@ markdown escapes are dropped, because they are layout, not Shakespeare's text;
 ``--strip_markup=false`` keeps the markdown verbatim.
 """
 
+from minipt.data.cache import default_cache_dir
 from minipt.data.packing import RowPacker, collate_packed, pair_slots
-from minipt.data.prepare import (
-    CACHE_VERSION, PreparedData, TokenShard, TokenSplit, default_cache_dir, prepare_data, read_cache,
-)
+from minipt.data.prepare import CACHE_VERSION, PreparedData, TokenShard, TokenSplit, prepare_data, read_cache
 from minipt.data.samplers import (
     PairInstance, PairSampler, WindowSampler, collate_pairs, create_pair_instances, fixed_pairs, fixed_windows,
     make_samplers, pair_batches, to_device,

@@ -4,15 +4,15 @@ Small and large corpora. A corpus is small when its text (estimated from file
 sizes, see ``sources.EXPANSION``) fits in ``tokenizer_sample_mb``: the bundled
 plays (5 MB) are. A small corpus is keyed on its content, split per document
 (``split=auto`` means ``doc``) and its tokenizer trains on all of its training
-text. A large corpus is keyed on its files' names, sizes and modification
-times, split by whole documents (``auto`` means ``holdout``), and its tokenizer
-trains on a sample of about ``tokenizer_sample_mb`` taken as every k-th training
-document across all the files, so the sample is not the corpus's head.
+text. A large corpus is keyed on its files' names, sizes, modification times
+and a hash of each file's ends, split by whole documents (``auto`` means
+``holdout``), and its tokenizer trains on a sample of about
+``tokenizer_sample_mb`` taken as every k-th training document across all the
+files, so the sample is not the corpus's head.
 
 Splits. ``doc``: the last ``val_fraction`` of every document, from the start of
 the line where that tail begins, so every document is seen in both splits (of
-its bytes, for a .txt read in pieces).
-``holdout``: whole documents, those whose name (``file:line``) hashes below
+its bytes, for a .txt read in pieces). ``holdout``: whole documents, those whose name (``file:line``) hashes below
 ``val_fraction``: the same documents on every run, whatever the file order.
 ``stream``: the last ``val_fraction`` of the concatenated text, as nanoGPT's
 ``shakespeare_char`` does (small corpora only: it needs the total length first).
@@ -31,11 +31,12 @@ whole) is tokenized a piece at a time, cut where it tokenizes as the whole does
 (see ``sources.pieces``): the tokenizers' memory, about 100 bytes per byte of a
 text, stays bounded whatever the longest line.
 
-Cache. ``cache_dir/<key>/`` appears only once complete: it is written as
-``<key>.partial/``, where each finished shard is recorded by ``part-n.json``
-(written last), and then renamed. An interrupted run resumes after its last
-recorded shard; bad input removes the partial folder, so nothing half-written
-stays behind.
+Cache (:mod:`minipt.data.cache`). ``cache_dir/<key>/`` appears only once
+complete: it is written as ``<key>.partial/``, where each finished shard is
+recorded by ``part-n.json`` (written last), and then renamed, under a lock that
+makes a second process wait for it. An interrupted run resumes after its last
+recorded shard, and so does a run after a full disk; bad input removes the
+partial folder, so nothing half-written stays behind.
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ from pathlib import Path
 
 import numpy as np
 
+from minipt.data import cache as C
 from minipt.data import sources as S
 from minipt.data import tokens as TF
 from minipt.tokenizer import KINDS, TextTokenizer, id_tokenizer, train_tokenizer
 
-CACHE_VERSION = 4  # part of the cache key: a change of layout or file names never reads an old cache
+CACHE_VERSION = 5  # part of the cache key: a change of layout or file names never reads an old cache
 SHARD_TOKENS = 1 << 23  # training tokens per shard: 16 MB of uint16; BERT holds one shard's pairs at a time
 BATCH_BYTES = 1 << 20  # text per encode_batch call: large enough to keep the cores busy, small enough to bound memory
 MB = 1 << 20
@@ -96,67 +98,69 @@ class PreparedData:
     cache_path: Path
 
 
-def default_cache_dir() -> Path:
-    if os.environ.get("MINIPT_CACHE"):
-        return Path(os.environ["MINIPT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minipt"
-
-
-def _cache_key(sources: list[S.Source], settings: dict, by_content: bool) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for s in sources:
-        h.update(s.name.encode() + b"\0")
-        if by_content:
-            with S.open_source(s.path) as f:
-                body = f.read()
-            h.update(len(body).to_bytes(8, "little"))  # length-prefixed, so file boundaries count
-            h.update(body)
-        else:
-            st = s.path.stat()
-            h.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()[:20]
-
-
 def read_cache(path: Path, model: str) -> PreparedData:
-    meta = json.loads((path / "meta.json").read_text())
-    tok = TextTokenizer.from_file(path / "tokenizer.json", model)
-    splits = {}
-    for split, info in meta["splits"].items():
-        shards = []
-        for s in info["shards"]:
-            file = Path(s.get("path") or path / s["file"])
-            tokens = np.memmap(file, dtype=info["dtype"], mode="r", offset=s.get("offset", 0),
-                               shape=(s["num_tokens"],))
-            index = {}
-            if "file" in s:
-                stem = path / s["file"].removesuffix(".bin")
-                index["document_offsets"] = np.load(f"{stem}.documents.npy")
-                if model == "bert":
-                    index["segment_offsets"] = np.load(f"{stem}.segments.npy")
-            shards.append(TokenShard(tokens, **index))
-        splits[split] = TokenSplit(shards)
-    return PreparedData(tok, splits["train"], splits["val"], path)
+    """The cache entry ``path``; one whose files do not match its meta.json raises :class:`cache.Damaged`."""
+    meta = C.read_meta(path)
+    try:
+        tok = TextTokenizer.from_file(path / "tokenizer.json", model)
+        splits = {}
+        for split, info in meta["splits"].items():
+            shards = []
+            for s in info["shards"]:
+                file = Path(s.get("path") or path / s["file"])
+                tokens = np.memmap(file, dtype=info["dtype"], mode="r", offset=s.get("offset", 0),
+                                   shape=(s["num_tokens"],))
+                index = {}
+                if "file" in s:
+                    stem = path / s["file"].removesuffix(".bin")
+                    index["document_offsets"] = np.load(f"{stem}.documents.npy")
+                    if model == "bert":
+                        index["segment_offsets"] = np.load(f"{stem}.segments.npy")
+                shards.append(TokenShard(tokens, **index))
+            splits[split] = TokenSplit(shards)
+        return PreparedData(tok, splits["train"], splits["val"], path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise C.Damaged(path, str(exc)) from None
+
+
+def _reuse(path: Path, model: str, log, repair: bool) -> PreparedData | None:
+    """The entry ``path`` if it is complete; a damaged one is removed when ``repair`` (the lock is held)."""
+    if not (path / "meta.json").exists() and not (path.is_dir() and repair):
+        return None
+    try:
+        return read_cache(path, model)
+    except C.Damaged as exc:
+        if repair:
+            log(f"data: the cache entry {path} is damaged ({exc.reason}): building it again")
+            C.discard(path)
+        return None
+
+
+def _cached(path: Path, model: str, log, reused: str, build, alias=None) -> PreparedData:
+    """The entry ``path``, read if complete, else made by ``build(partial)`` and renamed into place.
+
+    ``build`` runs under the entry's lock, so a second process waits and then reads
+    the entry instead of writing the same files; ``reused`` is logged on reading.
+    ``alias(tokenizer)``, if given, is the key of the same corpus with the tokenizer the
+    new entry saved: :func:`cache.link` makes it name the entry too."""
+    prepared = _reuse(path, model, log, repair=False)
+    if prepared is None:
+        with C.building(path, log):
+            prepared = _reuse(path, model, log, repair=True)  # built by the process this one waited for
+            if prepared is None:
+                partial = path.with_name(path.name + ".partial")
+                build(partial)
+                os.replace(partial, path)
+                prepared = read_cache(path, model)
+                if alias is not None:
+                    C.link(alias(prepared.tokenizer), path)
+                return prepared
+    log(f"data: reusing the {reused} in {path}")
+    return prepared
 
 
 def _digest(tok: TextTokenizer) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
-
-
-def _link(alias: Path, target: Path) -> None:
-    """``alias`` names the cache ``target`` too: a resumed run, which passes the tokenizer it saved,
-    finds the cache that trained it instead of tokenizing the corpus again."""
-    if alias == target or os.path.lexists(alias):
-        return
-    tmp = alias.with_name(f"{alias.name}.tmp-{os.getpid()}")
-    os.symlink(target.name, tmp)
-    os.replace(tmp, alias)
-
-
-def _atomic_save(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- documents, split
@@ -303,9 +307,9 @@ class _ShardWriter:
     def close(self) -> None:
         self.file.close()
         os.replace(f"{self.stem}.bin.tmp", f"{self.stem}.bin")
-        _atomic_save(Path(f"{self.stem}.documents.npy"), lambda f: np.save(f, np.asarray(self.documents)))
+        C.atomic_save(Path(f"{self.stem}.documents.npy"), lambda f: np.save(f, np.asarray(self.documents)))
         if self.model == "bert":
-            _atomic_save(Path(f"{self.stem}.segments.npy"), lambda f: np.save(f, np.asarray(self.segments)))
+            C.atomic_save(Path(f"{self.stem}.segments.npy"), lambda f: np.save(f, np.asarray(self.segments)))
 
 
 def _batches(docs: Iterator[tuple], model: str) -> Iterator[list[tuple]]:
@@ -374,7 +378,7 @@ def _tokenize(folder: Path, tok: TextTokenizer, model: str, docs_from, shard_tok
             w.close()
         record = {"next": list(next_position), "documents": docs,
                   **{split: w.num_tokens for split, w in writers.items()}}
-        _atomic_save(folder / f"part-{len(parts):05d}.json", lambda f: f.write(json.dumps(record).encode()))
+        C.atomic_save(folder / f"part-{len(parts):05d}.json", lambda f: f.write(json.dumps(record).encode()))
         parts.append(record)
 
     def encode(batch):
@@ -418,7 +422,7 @@ def prepare_data(
 ) -> PreparedData:
     """Find the corpus, split it, train or load the tokenizer, tokenize into shards: or reuse the cache."""
     sources = S.find_sources(data)
-    root = Path(cache_dir or default_cache_dir())
+    root = C.cache_root(cache_dir)
     if S.is_tokens(sources):
         return _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, root, log)
     total = sum(s.text_bytes for s in sources)
@@ -437,66 +441,63 @@ def prepare_data(
     else:
         given = TextTokenizer.from_file(kind, model)
         settings = {**base, "tokenizer": _digest(given)}
-    path = root / _cache_key(sources, settings, by_content=small)
-    if (path / "meta.json").is_file():
-        log(f"data: reusing the tokenized corpus cached in {path}")
-        return read_cache(path, model)
+    path = root / C.cache_key(sources, settings, by_content=small)
 
     def docs_from(start=(0, 0)):
         return _documents(sources, mode, val_fraction, text_field, strip_markup, start)
 
-    partial = path.with_name(path.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    try:
-        if (partial / "tokenizer.json").is_file():  # an interrupted run's: its shards were made with it
-            given = TextTokenizer.from_file(partial / "tokenizer.json", model)
-            log(f"data: resuming the tokenization in {partial}")
-        elif given is None:
-            share = 1.0 if small else tokenizer_sample_mb * MB / total
-            budget = tokenizer_sample_mb * MB if not small else float("inf")
-            texts, documents = _tokenizer_sample(docs_from(), share, budget)
-            if not texts:
-                raise S.DataError(f"the corpus {data or '(bundled plays)'!r} is empty: no training text to "
-                                  "train a tokenizer on")
-            size = "" if kind == "char" else f" with vocab_size {vocab_size}"
-            what = f"the {documents} training documents" if small else (
-                f"a sample of {documents:,} training documents spread across the corpus")
-            log(f"data: training a {kind} tokenizer{size} on {what}")
-            given = TextTokenizer.wrap(train_tokenizer(kind, texts, vocab_size, model), model)
-            del texts
-        if not (partial / "tokenizer.json").is_file():
-            _atomic_save(partial / "tokenizer.json", lambda f: f.write(given.to_str().encode()))
-        progress = Progress(total, log)
+    def build(partial: Path) -> None:
+        partial.mkdir(exist_ok=True)
+        tok = given
         try:
-            meta = _tokenize(partial, given, model, docs_from, shard_tokens, progress)
-        finally:
-            progress.close()
-        counts = meta.pop("documents")
-        if not meta["shards"]["train"] and not meta["shards"]["val"]:
-            raise S.DataError(f"the corpus {data or '(bundled plays)'!r} is empty: no document holds any text")
-        if not meta["shards"]["train"] or not meta["shards"]["val"]:
-            raise S.DataError(
-                f"the corpus is too small to split: {counts['train']} training and {counts['val']} validation "
-                f"document(s) at val_fraction={val_fraction} with split={mode}"
-            )
-    except S.DataError:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    splits = {name: {"dtype": meta["dtype"], "shards": shards} for name, shards in meta["shards"].items()}
-    _atomic_save(partial / "meta.json", lambda f: f.write(json.dumps({"settings": settings, "splits": splits},
-                                                                     indent=2).encode()))
-    for p in partial.glob("part-*.json"):
-        p.unlink()
-    try:
-        os.replace(partial, path)
-    except OSError:  # another process finished the same cache first; theirs is identical
-        shutil.rmtree(partial, ignore_errors=True)
-    n = {name: sum(s["num_tokens"] for s in shards) for name, shards in meta["shards"].items()}
-    log(f"data: {n['train']:,} training and {n['val']:,} validation tokens ({mode} split), cached in {path}")
-    prepared = read_cache(path, model)
-    if kind in KINDS:
-        _link(root / _cache_key(sources, {**base, "tokenizer": _digest(prepared.tokenizer)}, small), path)
-    return prepared
+            if (partial / "tokenizer.json").is_file():  # an interrupted run's: its shards were made with it
+                tok = TextTokenizer.from_file(partial / "tokenizer.json", model)
+                log(f"data: resuming the tokenization in {partial}")
+            elif tok is None:
+                share = 1.0 if small else tokenizer_sample_mb * MB / total
+                budget = tokenizer_sample_mb * MB if not small else float("inf")
+                texts, documents = _tokenizer_sample(docs_from(), share, budget)
+                if not texts:
+                    raise S.DataError(f"the corpus {data or '(bundled plays)'!r} is empty: no training text to "
+                                      "train a tokenizer on")
+                size = "" if kind == "char" else f" with vocab_size {vocab_size}"
+                what = f"the {documents} training documents" if small else (
+                    f"a sample of {documents:,} training documents spread across the corpus")
+                log(f"data: training a {kind} tokenizer{size} on {what}")
+                tok = TextTokenizer.wrap(train_tokenizer(kind, texts, vocab_size, model), model)
+                del texts
+            if not (partial / "tokenizer.json").is_file():
+                C.atomic_save(partial / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
+            progress = Progress(total, log)
+            try:
+                meta = _tokenize(partial, tok, model, docs_from, shard_tokens, progress)
+            finally:
+                progress.close()
+            counts = meta.pop("documents")
+            if not meta["shards"]["train"] and not meta["shards"]["val"]:
+                raise S.DataError(f"the corpus {data or '(bundled plays)'!r} is empty: no document holds any text")
+            if not meta["shards"]["train"] or not meta["shards"]["val"]:
+                raise S.DataError(
+                    f"the corpus is too small to split: {counts['train']} training and {counts['val']} validation "
+                    f"document(s) at val_fraction={val_fraction} with split={mode}"
+                )
+            splits = {name: {"dtype": meta["dtype"], "shards": shards} for name, shards in meta["shards"].items()}
+            entry = [p for p in partial.iterdir() if not p.name.startswith("part-")]  # the resume points go
+            C.write_meta(partial, {"settings": settings, "splits": splits}, entry)
+        except S.DataError:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        except OSError as exc:  # the sources' read errors are DataErrors: this is a write into the cache
+            raise C.write_failed(partial, exc, resumable=True) from None
+        for p in partial.glob("part-*.json"):
+            p.unlink()
+        n = {name: sum(s["num_tokens"] for s in shards) for name, shards in meta["shards"].items()}
+        log(f"data: {n['train']:,} training and {n['val']:,} validation tokens ({mode} split), cached in {path}")
+
+    def alias(tok: TextTokenizer) -> Path:
+        return root / C.cache_key(sources, {**base, "tokenizer": _digest(tok)}, small)
+
+    return _cached(path, model, log, "tokenized corpus cached", build, alias if kind in KINDS else None)
 
 
 def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, root, log) -> PreparedData:
@@ -510,29 +511,29 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
                           "--vocab_size, or --tokenizer=PATH/tokenizer.json of the tokenizer that made them")
     tok = TextTokenizer.from_file(tokenizer, model) if tokenizer != "auto" else None
     size = tok.vocab_size if tok else vocab_size
-    base = {"version": CACHE_VERSION, "tokens": True, "vocab_size": size, "val_fraction": val_fraction}
+    # The entry records where the files are, so it is theirs alone: keyed on their resolved paths.
+    base = {"version": CACHE_VERSION, "tokens": True, "vocab_size": size, "val_fraction": val_fraction,
+            "paths": [str(s.path.resolve()) for s in sources]}
     settings = {**base, "tokenizer": _digest(tok) if tok else None}
-    path = root / _cache_key(sources, settings, by_content=False)
-    if (path / "meta.json").is_file():
-        log(f"data: reusing the checked token files recorded in {path}")
-        return read_cache(path, model)
-    files = TF.token_files(sources, size)
-    shards = TF.split_token_files(files, val_fraction)
-    stand_in = tok is None
-    tok = tok or TextTokenizer.wrap(id_tokenizer(size), model)
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    tok.save(partial / "tokenizer.json")
-    splits = {name: {"dtype": "uint16", "shards": s} for name, s in shards.items()}
-    (partial / "meta.json").write_text(json.dumps({"settings": settings, "splits": splits}, indent=2))
-    try:
-        os.replace(partial, path)
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
-    n = {name: sum(x["num_tokens"] for x in s) for name, s in shards.items()}
-    log(f"data: {n['train']:,} training and {n['val']:,} validation tokens read from {len(files)} token file(s)")
-    if stand_in:
-        _link(root / _cache_key(sources, {**base, "tokenizer": _digest(tok)}, by_content=False), path)
-    return read_cache(path, model)
+    path = root / C.cache_key(sources, settings, by_content=False)
 
+    def build(partial: Path) -> None:
+        files = TF.token_files(sources, size)
+        shards = TF.split_token_files(files, val_fraction)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        try:
+            (tok or TextTokenizer.wrap(id_tokenizer(size), model)).save(partial / "tokenizer.json")
+            C.write_meta(partial, {"settings": settings, "splits": {name: {"dtype": "uint16", "shards": s}
+                                                                     for name, s in shards.items()}},
+                         [partial / "tokenizer.json"])
+        except OSError as exc:
+            raise C.write_failed(partial, exc, resumable=False) from None
+        n = {name: sum(x["num_tokens"] for x in s) for name, s in shards.items()}
+        log(f"data: {n['train']:,} training and {n['val']:,} validation tokens read from {len(files)} token "
+            "file(s)")
+
+    def alias(stand_in: TextTokenizer) -> Path:
+        return root / C.cache_key(sources, {**base, "tokenizer": _digest(stand_in)}, by_content=False)
+
+    return _cached(path, model, log, "checked token files recorded", build, alias if tok is None else None)

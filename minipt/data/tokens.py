@@ -31,7 +31,7 @@ CHECK_CHUNK = 1 << 24  # ids per look at a file while checking them against the 
 
 @dataclass
 class TokenFile:
-    path: str
+    path: str  # resolved: the cache records where the ids are, to read them from any working folder
     offset: int  # bytes before the first token
     num_tokens: int
     split: str  # "train" or "val"
@@ -49,7 +49,7 @@ def inspect_token_file(source: Source) -> TokenFile:
     if not llmc:
         if size % 2:
             raise DataError(f"{path}: a raw uint16 token file must have an even size, got {size} bytes")
-        return TokenFile(str(path), 0, size // 2, split)
+        return TokenFile(str(path.resolve()), 0, size // 2, split)
     if header.size < 256 or header[0] != LLMC_MAGIC:
         found = f"magic {header[0]}" if header.size else f"only {size} bytes"
         raise DataError(f"{path}: not an llm.c token shard (expected magic {LLMC_MAGIC} at offset 0, {found})")
@@ -61,7 +61,7 @@ def inspect_token_file(source: Source) -> TokenFile:
             f"{path}: the header's token count {count} (offset 8) needs {LLMC_HEADER_BYTES + 2 * count} bytes, "
             f"the file has {size}"
         )
-    return TokenFile(str(path), LLMC_HEADER_BYTES, count, split)
+    return TokenFile(str(path.resolve()), LLMC_HEADER_BYTES, count, split)
 
 
 def check_ids(f: TokenFile, vocab_size: int) -> None:
