@@ -28,15 +28,17 @@
 // same bits for any thread count. The price is parallelism of B·H tasks.
 //
 // Masks. Key j is visible from query i iff key_mask[b, j] != 0, when causal
-// j <= i, and with packed documents both lie in one document. For a key those
-// queries form one interval, [max(j if causal, doc_start(j)), doc_end(j)), so a
-// tile row is masked by two fills at most. Tiles are never visited when their
-// keys are all padding, lie after the causal bound, or lie in other documents:
-// a query block walks keys from its first query's document start to its last
-// query's document end (or its diagonal), a key block walks the queries from
-// its first key's document start (or its diagonal) to its last key's document
-// end. Tiles start where those ranges start, not on multiples of the tile size,
-// so a document's tiles begin at the document.
+// j <= i, with packed documents both lie in one document, and with a window
+// i - left <= j <= i + right. For a key those queries form one interval,
+// [max(j if causal, doc_start(j), j - right), min(doc_end(j), j + left + 1)), so
+// a tile row is masked by two fills at most. Tiles are never visited when their
+// keys are all padding, lie after the causal bound, in other documents or
+// outside the window: a query block walks keys from its first query's document
+// start or window start to its last query's document end, diagonal or window
+// end, a key block walks the queries from its first key's document start,
+// diagonal or window start to its last key's document end or window end. Tiles
+// start where those ranges start, not on multiples of the tile size, so a
+// document's tiles begin at the document and a window's at the window.
 //
 // Memory traffic of the forward: Q, O and lse once, K and V once per query
 // block: (2·T/BLOCK_Q + 2)·BHTD elements; with BLOCK_Q = 64 and T = 1024 K and
@@ -217,17 +219,19 @@ const float* rows_as_float(uintptr_t base, FloatType t, int64_t offset, int64_t 
 }
 
 // ----------------------------------------------------------------------------- masks
-// The view of one batch row: its key mask and document spans, either may be null.
+// The view of one batch row: its key mask and document spans, either may be null,
+// and the window, whose unbounded sides are T: no query and key are further apart.
 struct Visibility {
   const uint8_t* key_mask;  // (T,)
   const int32_t* span;      // (2, T): document starts, then ends
   int64_t T;
   bool causal;
+  int64_t left, right;  // query i sees keys [i - left, i + right]
 
   // The queries [lo, hi) that can see key j; empty for a padding key.
   void queries_of(int64_t j, int64_t* lo, int64_t* hi) const {
-    *lo = causal ? j : 0;
-    *hi = T;
+    *lo = std::max<int64_t>(causal ? j : 0, j - right);
+    *hi = std::min<int64_t>(T, j + left + 1);
     if (span != nullptr) {
       *lo = std::max<int64_t>(*lo, span[j]);
       *hi = std::min<int64_t>(*hi, span[T + j]);
@@ -237,18 +241,18 @@ struct Visibility {
 
   // The keys a block of queries [i0, i1) can see lie in [lo, hi).
   void keys_of(int64_t i0, int64_t i1, int64_t* lo, int64_t* hi) const {
-    *lo = span != nullptr ? span[i0] : 0;
-    *hi = causal ? i1 : T;
+    *lo = std::max<int64_t>(span != nullptr ? span[i0] : 0, i0 - left);
+    *hi = std::min<int64_t>(causal ? i1 : T, i1 + right);
     if (span != nullptr) *hi = std::min<int64_t>(*hi, span[T + i1 - 1]);
   }
 
   // The queries a block of keys [j0, j1) is seen from lie in [lo, hi).
   void queries_of_block(int64_t j0, int64_t j1, int64_t* lo, int64_t* hi) const {
-    *lo = causal ? j0 : 0;
-    *hi = T;
+    *lo = std::max<int64_t>(causal ? j0 : 0, j0 - right);
+    *hi = std::min<int64_t>(T, j1 + left);
     if (span != nullptr) {
       *lo = std::max<int64_t>(*lo, span[j0]);
-      *hi = span[T + j1 - 1];
+      *hi = std::min<int64_t>(*hi, span[T + j1 - 1]);
     }
   }
 
@@ -276,7 +280,7 @@ Visibility visibility(const AttentionArgs& a, int64_t b) {
   const int64_t T = a.seq_len;
   return Visibility{a.key_mask == 0 ? nullptr : reinterpret_cast<const uint8_t*>(a.key_mask) + b * T,
                     a.doc_span == 0 ? nullptr : reinterpret_cast<const int32_t*>(a.doc_span) + b * 2 * T, T,
-                    a.is_causal};
+                    a.is_causal, a.window_left < 0 ? T : a.window_left, a.window_right < 0 ? T : a.window_right};
 }
 
 // ----------------------------------------------------------------------------- forward

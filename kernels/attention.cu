@@ -19,10 +19,13 @@
 //   dV_j = Σ_i p_ij dO_i,  dK_j = scale·Σ_i dS_ij q_i          (one block per key block)
 //   dQ_i = scale·Σ_j dS_ij k_j                                (one block per query block)
 // Masking: key j is visible from query i iff key_mask[b, j] != 0, when causal
-// j <= i, and with packed documents both lie in one document. Tiles whose 32 keys
-// are all padding are skipped, causal blocks stop at their diagonal, and packed
-// blocks walk only the span from their first row's document start to their last
-// row's document end, so the work follows the real and the documents' lengths.
+// j <= i, with packed documents both lie in one document, and with a window
+// i - left <= j <= i + right. Tiles whose 32 keys are all padding are skipped,
+// causal blocks stop at their diagonal, packed blocks walk only the span from
+// their first row's document start to their last row's document end, and
+// windowed blocks the span from their first row's window start to their last
+// row's window end, so the work follows the real and the documents' lengths
+// and the window's width.
 // doc_span is (B, 2, T) int32: each position's document start, then its end.
 //
 // Memory traffic of the forward: each block reads its 16 query rows once and
@@ -75,6 +78,20 @@ __device__ __forceinline__ TileRange document_tiles(const int32_t* span, int64_t
                                                     int64_t begin, int64_t end, int64_t T) {
   if (span == nullptr) return {begin, end};
   return {max(begin, static_cast<int64_t>(span[row0]) / TILE * TILE), min(end, static_cast<int64_t>(span[T + last_row]))};
+}
+
+// The tiles of `other` positions that rows [row0, last_row] can see through a window
+// that reaches `before` positions back and `after` ahead of each row (T for an
+// unbounded side): forward and dQ blocks look from queries at keys (left, right),
+// dK/dV blocks from keys at queries (right, left).
+__device__ __forceinline__ TileRange window_tiles(TileRange r, int64_t row0, int64_t last_row, int64_t before,
+                                                  int64_t after) {
+  return {max(r.begin, max(row0 - before, int64_t{0}) / TILE * TILE), min(r.end, last_row + after + 1)};
+}
+
+// Whether query i sees key j through the window [i - left, i + right].
+__device__ __forceinline__ bool in_window(int64_t i, int64_t j, int64_t left, int64_t right) {
+  return i - j <= left && j - i <= right;
 }
 
 // dst[d][r] = X[row0 + r][d] for the TILE rows of a tile, rows `stride` elements
@@ -160,7 +177,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
     attention_forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                              T* __restrict__ out, float* __restrict__ lse, const uint8_t* __restrict__ key_mask,
                              const int32_t* __restrict__ doc_span, int64_t T_len, int64_t heads,
-                             int64_t n_row_blocks, bool causal, float scale_log2) {
+                             int64_t n_row_blocks, bool causal, int64_t left, int64_t right, float scale_log2) {
   extern __shared__ float smem[];
   float* kT = smem;                // [D][PAD]
   float* vT = kT + D * PAD;        // [D][PAD]
@@ -188,7 +205,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
 
   const int64_t last_row = min(at.row0 + BLOCK_ROWS, T_len) - 1;
   // causal: nothing right of the diagonal
-  const TileRange keys = document_tiles(span, at.row0, last_row, 0, causal ? last_row + 1 : T_len, T_len);
+  const TileRange keys = window_tiles(
+      document_tiles(span, at.row0, last_row, 0, causal ? last_row + 1 : T_len, T_len), at.row0, last_row, left, right);
   for (int64_t j0 = keys.begin; j0 < keys.end; j0 += TILE) {
     __syncthreads();  // the previous tile is consumed (and q_s is written)
     const bool real = threadIdx.x < TILE && key_is_real(mask, j0 + threadIdx.x, T_len);
@@ -207,8 +225,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int64_t i = at.row0 + warp * ROWS + r;
-      const bool visible =
-          tile_key_real[lane] && i < T_len && (!causal || j <= i) && tile_key_doc[lane] == row_doc[r];
+      const bool visible = tile_key_real[lane] && i < T_len && (!causal || j <= i) &&
+                           tile_key_doc[lane] == row_doc[r] && in_window(i, j, left, right);
       const float score = visible ? s[r] : -INFINITY;
       const float m_new = fmaxf(m[r], warp_max(score));
       float alpha = 1.0f;
@@ -265,8 +283,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
                           const T* __restrict__ grad_out, const float* __restrict__ lse,
                           const float* __restrict__ delta, const uint8_t* __restrict__ key_mask,
                           const int32_t* __restrict__ doc_span, T* __restrict__ grad_k, T* __restrict__ grad_v,
-                          int64_t T_len, int64_t heads, int64_t n_row_blocks, bool causal, float scale,
-                          float scale_log2) {
+                          int64_t T_len, int64_t heads, int64_t n_row_blocks, bool causal, int64_t left,
+                          int64_t right, float scale, float scale_log2) {
   extern __shared__ float smem[];
   float* qT = smem;                // [D][PAD]
   float* doT = qT + D * PAD;       // [D][PAD]
@@ -302,7 +320,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
   // Causal: queries before the block's first key see none of its keys. Packed: the
   // queries that see these keys are the keys' own documents (one document is symmetric).
   const int64_t last_key = min(at.row0 + BLOCK_ROWS, T_len) - 1;
-  TileRange queries = document_tiles(span, at.row0, last_key, causal ? (at.row0 / TILE) * TILE : 0, T_len, T_len);
+  TileRange queries = window_tiles(
+      document_tiles(span, at.row0, last_key, causal ? (at.row0 / TILE) * TILE : 0, T_len, T_len), at.row0, last_key,
+      right, left);
   if (!block_has_key) queries.end = queries.begin;  // all padding: write zeros
   for (int64_t i0 = queries.begin; i0 < queries.end; i0 += TILE) {
     __syncthreads();  // the previous tile is consumed
@@ -323,7 +343,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int64_t j = at.row0 + warp * ROWS + r;
-      const bool visible = real[r] && i < T_len && (!causal || j <= i) && query_doc[lane] == key_doc[r];
+      const bool visible = real[r] && i < T_len && (!causal || j <= i) && query_doc[lane] == key_doc[r] &&
+                           in_window(i, j, left, right);
       p[r] = visible ? exp2f(s[r] * scale_log2 - lse_s[lane]) : 0.0f;
       ds[r] = p[r] * (dp[r] - delta_s[lane]);
     }
@@ -351,7 +372,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
                         const T* __restrict__ grad_out, const float* __restrict__ lse,
                         const float* __restrict__ delta, const uint8_t* __restrict__ key_mask,
                         const int32_t* __restrict__ doc_span, T* __restrict__ grad_q, int64_t T_len, int64_t heads,
-                        int64_t n_row_blocks, bool causal, float scale, float scale_log2) {
+                        int64_t n_row_blocks, bool causal, int64_t left, int64_t right, float scale,
+                        float scale_log2) {
   extern __shared__ float smem[];
   float* kT = smem;                // [D][PAD]
   float* vT = kT + D * PAD;        // [D][PAD]
@@ -380,7 +402,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
   }
 
   const int64_t last_row = min(at.row0 + BLOCK_ROWS, T_len) - 1;
-  const TileRange keys = document_tiles(span, at.row0, last_row, 0, causal ? last_row + 1 : T_len, T_len);
+  const TileRange keys = window_tiles(
+      document_tiles(span, at.row0, last_row, 0, causal ? last_row + 1 : T_len, T_len), at.row0, last_row, left, right);
   for (int64_t j0 = keys.begin; j0 < keys.end; j0 += TILE) {
     __syncthreads();
     const bool real = threadIdx.x < TILE && key_is_real(mask, j0 + threadIdx.x, T_len);
@@ -400,8 +423,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS_PER_SM)
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int64_t i = at.row0 + warp * ROWS + r;
-      const bool visible =
-          tile_key_real[lane] && i < T_len && (!causal || j <= i) && tile_key_doc[lane] == row_doc[r];
+      const bool visible = tile_key_real[lane] && i < T_len && (!causal || j <= i) &&
+                           tile_key_doc[lane] == row_doc[r] && in_window(i, j, left, right);
       const float p = visible ? exp2f(s[r] * scale_log2 - row_lse[r]) : 0.0f;
       ds[r] = p * (dp[r] - row_delta[r]);
     }
@@ -428,6 +451,9 @@ void launch(Kernel kernel, int64_t blocks, size_t smem_bytes, cudaStream_t strea
   check_launch(name);
 }
 
+// A window side as the kernels compare it: -1 (unbounded) becomes T, which every pair meets.
+int64_t window_side(int64_t side, int64_t T) { return side < 0 ? T : side; }
+
 template <int D>
 constexpr size_t forward_smem() { return (2 * D * PAD + BLOCK_ROWS * D) * sizeof(float); }
 template <int D>
@@ -440,7 +466,8 @@ void forward(const AttentionArgs& a, cudaStream_t stream) {
          "attention_forward_kernel", reinterpret_cast<const T*>(a.q), reinterpret_cast<const T*>(a.k),
          reinterpret_cast<const T*>(a.v), reinterpret_cast<T*>(a.out), reinterpret_cast<float*>(a.lse),
          reinterpret_cast<const uint8_t*>(a.key_mask), reinterpret_cast<const int32_t*>(a.doc_span), a.seq_len,
-         a.heads, n_row_blocks, a.is_causal, a.scale * LOG2E);
+         a.heads, n_row_blocks, a.is_causal, window_side(a.window_left, a.seq_len),
+         window_side(a.window_right, a.seq_len), a.scale * LOG2E);
 }
 
 template <typename T, int D>
@@ -458,12 +485,14 @@ void backward(const AttentionArgs& a, const AttentionGrads& g, cudaStream_t stre
          reinterpret_cast<const T*>(a.out), grad_out, delta, a.seq_len, a.heads, rows);
   const int64_t n_row_blocks = (a.seq_len + BLOCK_ROWS - 1) / BLOCK_ROWS;
   const int64_t blocks = a.batch * a.heads * n_row_blocks;
+  const int64_t left = window_side(a.window_left, a.seq_len), right = window_side(a.window_right, a.seq_len);
   launch(attention_dkdv_kernel<T, D>, blocks, backward_smem<D>(), stream, "attention_dkdv_kernel", q, k, v,
          grad_out, lse, static_cast<const float*>(delta), mask, span, reinterpret_cast<T*>(g.grad_k),
-         reinterpret_cast<T*>(g.grad_v), a.seq_len, a.heads, n_row_blocks, a.is_causal, a.scale, a.scale * LOG2E);
+         reinterpret_cast<T*>(g.grad_v), a.seq_len, a.heads, n_row_blocks, a.is_causal, left, right, a.scale,
+         a.scale * LOG2E);
   launch(attention_dq_kernel<T, D>, blocks, backward_smem<D>(), stream, "attention_dq_kernel", q, k, v, grad_out,
          lse, static_cast<const float*>(delta), mask, span, reinterpret_cast<T*>(g.grad_q), a.seq_len, a.heads,
-         n_row_blocks, a.is_causal, a.scale, a.scale * LOG2E);
+         n_row_blocks, a.is_causal, left, right, a.scale, a.scale * LOG2E);
 }
 
 template <typename F>

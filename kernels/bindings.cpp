@@ -188,13 +188,17 @@ py::tuple philox_binding(std::array<uint32_t, 4> counter, std::array<uint32_t, 2
 template <class Device>
 AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t key_mask,
                              uintptr_t doc_span, int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim,
-                             int dtype, bool is_causal, double scale, typename Device::Handle handle) {
+                             int dtype, bool is_causal, double scale, int64_t window_left, int64_t window_right,
+                             typename Device::Handle handle) {
   const char* op = "attention";
   check(batch >= 0 && heads >= 0 && seq_len >= 0, op,
         "batch, heads and seq_len must be >= 0, got " + std::to_string(batch) + ", " + std::to_string(heads) + ", " +
             std::to_string(seq_len));
   Device::check_head_dim(head_dim, op);
   check(std::isfinite(scale), op, "scale must be finite, got " + std::to_string(scale));
+  check(window_left >= -1 && window_right >= -1, op,
+        "window_left and window_right must be >= 0, or -1 for an unbounded side, got " + std::to_string(window_left) +
+            ", " + std::to_string(window_right));
   check_product(batch, heads, op, "batch * heads");
   check_product(batch * heads, seq_len, op, "batch * heads * seq_len");
   check_product(batch * heads * seq_len, head_dim, op, "batch * heads * seq_len * head_dim");
@@ -209,16 +213,16 @@ AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t ou
   if (doc_span != 0) check_tensor(doc_span, batch * 2 * seq_len, 4, op, "doc_span");
   Device::check(handle, op);
   return AttentionArgs{q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len, head_dim, t, is_causal,
-                       static_cast<float>(scale)};
+                       static_cast<float>(scale), window_left, window_right};
 }
 
 template <class Device>
 void attention_forward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                                uintptr_t key_mask, uintptr_t doc_span, int64_t batch, int64_t heads, int64_t seq_len,
-                               int64_t head_dim, int dtype, bool is_causal, double scale,
-                               typename Device::Handle handle) {
+                               int64_t head_dim, int dtype, bool is_causal, double scale, int64_t window_left,
+                               int64_t window_right, typename Device::Handle handle) {
   const AttentionArgs a = attention_args<Device>(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len,
-                                                 head_dim, dtype, is_causal, scale, handle);
+                                                 head_dim, dtype, is_causal, scale, window_left, window_right, handle);
   py::gil_scoped_release release;
   Device::attention_forward(a, handle);
 }
@@ -228,9 +232,9 @@ void attention_backward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t
                                 uintptr_t key_mask, uintptr_t doc_span, uintptr_t grad_out, uintptr_t delta,
                                 uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t batch, int64_t heads,
                                 int64_t seq_len, int64_t head_dim, int dtype, bool is_causal, double scale,
-                                typename Device::Handle handle) {
+                                int64_t window_left, int64_t window_right, typename Device::Handle handle) {
   const AttentionArgs a = attention_args<Device>(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len,
-                                                 head_dim, dtype, is_causal, scale, handle);
+                                                 head_dim, dtype, is_causal, scale, window_left, window_right, handle);
   const int64_t n = batch * heads * seq_len * head_dim;
   for (const auto& [ptr, name] : {std::pair{grad_out, "grad_out"}, std::pair{grad_q, "grad_q"},
                                   std::pair{grad_k, "grad_k"}, std::pair{grad_v, "grad_v"}}) {
@@ -265,13 +269,14 @@ void def_kernels(py::module_& m) {
                  "Flash-style attention forward: out in (B, T, H, D) memory and base-2 lse (B, H, T)", py::arg("q"),
                  py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("doc_span"),
                  py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"),
-                 py::arg("is_causal"), py::arg("scale"));
+                 py::arg("is_causal"), py::arg("scale"), py::arg("window_left"), py::arg("window_right"));
   def_on<Device>(m, "attention_backward", &attention_backward_binding<Device>,
                  "Attention backward: dq, dk, dv from dout, with delta (B, H, T) as float32 scratch", py::arg("q"),
                  py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"),
                  py::arg("doc_span"), py::arg("grad_out"), py::arg("delta"), py::arg("grad_q"), py::arg("grad_k"),
                  py::arg("grad_v"), py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"),
-                 py::arg("dtype"), py::arg("is_causal"), py::arg("scale"));
+                 py::arg("dtype"), py::arg("is_causal"), py::arg("scale"), py::arg("window_left"),
+                 py::arg("window_right"));
 }
 
 }  // namespace

@@ -72,6 +72,8 @@ struct AttentionArgs {
   FloatType dtype;
   bool is_causal;
   float scale;
+  // Sliding window: query i sees keys i - window_left <= j <= i + window_right; -1 leaves a side unbounded.
+  int64_t window_left, window_right;
 };
 
 struct AttentionGrads {

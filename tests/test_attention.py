@@ -19,8 +19,6 @@ from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
 from minipt.ops._backend import BackendUnavailableError, native_module
 from minipt.ops import attention, attention_ref
 from minipt.ops.attention import triton as attention_triton
-from minipt.ops.attention._common import document_spans
-from minipt.ops.attention._tiles import attention_tiles
 
 DEVICE = TRITON_DEVICE
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -400,68 +398,6 @@ def test_native_cpu_skips_tiles_of_padding_without_documents():
     q, k, v = make_qkv(1, 2, T, 24, torch.float32, device="cpu")
     k[..., 2 * L:, :], v[..., 2 * L:, :] = float("nan"), float("nan")
     assert attention(q, k, v, attention_mask=mask, backend="native").isfinite().all()
-
-
-SCHEDULE_CASES = [(False, None, "random"), (True, None, "random"), (True, "right", "random"),
-                  (False, "left", "aligned"), (True, None, "singles"), (False, None, "one")]
-
-
-@pytest.mark.parametrize("is_causal, mask, pattern", SCHEDULE_CASES)
-def test_tile_counts_are_the_tiles_the_forward_reads(is_causal, mask, pattern):
-    """NaN in V reaches a query block's output exactly when the kernel reads that key block
-    (p = 0 times NaN is NaN), so poisoning one key block per batch row counts the visits."""
-    T, B0 = 100, 2
-    block_m, block_n = attention_triton._INTERPRETER_CONFIGS["fwd"][:2]
-    num_n = -(-T // block_n)
-    ids = make_document_ids(pattern, B0, T, seed=3).repeat_interleave(num_n, 0)  # row b·num_n + n poisons block n
-    key_mask = make_mask(mask, B0, T)
-    key_mask = None if key_mask is None else key_mask.repeat_interleave(num_n, 0)
-    q, k, v = make_qkv(B0 * num_n, 1, T, 16, torch.float32)
-    for row in range(B0 * num_n):
-        n = row % num_n
-        v[row, :, n * block_n:(n + 1) * block_n] = float("nan")
-    out = attention(q, k, v, is_causal=is_causal, attention_mask=key_mask, document_ids=ids, backend="triton")
-    pad = -T % block_m
-    blocks = F.pad(out.isnan().any(-1)[:, 0], (0, pad)).view(B0 * num_n, -1, block_m).any(-1)
-    want = attention_tiles(T, block_m, block_n, is_causal=is_causal, attention_mask=make_mask(mask, B0, T),
-                           document_ids=make_document_ids(pattern, B0, T, seed=3))
-    assert int(blocks.sum()) == want["forward"]
-    assert want["forward"] < want["dense"] or pattern == "one" and not is_causal and mask is None
-
-
-@pytest.mark.parametrize("is_causal, mask, pattern", SCHEDULE_CASES)
-def test_tile_counts_are_the_tiles_the_dkdv_pass_reads(is_causal, mask, pattern):
-    """The mirror image: NaN in dO reaches a key block's dK and dV exactly when the pass reads that query block."""
-    T, B0 = 100, 2
-    block_m, block_n = attention_triton._INTERPRETER_CONFIGS["dkdv"][:2]
-    num_m = -(-T // block_m)
-    ids = make_document_ids(pattern, B0, T, seed=4)
-    key_mask = make_mask(mask, B0, T)
-    q, k, v = make_qkv(B0, 1, T, 16, torch.float32)
-    out, lse, key_range = attention_triton._attention_forward(q, k, v, key_mask, document_spans(ids), is_causal, 0.25)
-    grad_out = torch.randn(B0 * num_m, 1, T, 16, device=DEVICE)
-    for row in range(B0 * num_m):
-        m = row % num_m
-        grad_out[row, :, m * block_m:(m + 1) * block_m] = float("nan")
-    tile = lambda x: x.repeat_interleave(num_m, 0)  # row b·num_m + m poisons query block m
-    _, dk, dv = attention_triton._attention_backward(
-        grad_out, tile(q), tile(k), tile(v), tile(out), tile(lse), None if key_mask is None else tile(key_mask),
-        tile(key_range), document_spans(tile(ids)), is_causal, 0.25)
-    pad = -T % block_n
-    poisoned = (dk.isnan() | dv.isnan()).any(-1)[:, 0]
-    blocks = F.pad(poisoned, (0, pad)).view(B0 * num_m, -1, block_n).any(-1)
-    want = attention_tiles(T, block_m, block_n, is_causal=is_causal, attention_mask=key_mask, document_ids=ids)
-    assert int(blocks.sum()) == want["dkdv"]
-
-
-def test_tile_counts_follow_document_lengths():
-    """Equal documents of length L in a row of T: the dense count over T/L, to the block."""
-    T, L = 1024, 128
-    ids = (torch.arange(T) // L)[None]
-    tiles = attention_tiles(T, 64, 32, document_ids=ids)
-    assert tiles == {"forward": (T // 64) * (L // 32), "dkdv": (T // 32) * (L // 64), "dense": (T // 64) * (T // 32)}
-    causal = attention_tiles(T, 64, 32, is_causal=True, document_ids=ids)
-    assert causal["forward"] == (T // L) * sum(min(2 * (m + 1), L // 32) for m in range(L // 64))
 
 
 def test_document_ids_errors_are_named():

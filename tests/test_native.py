@@ -23,6 +23,7 @@ import torch
 from conftest import HAS_CUDA, requires_cuda
 from minipt.ops import attention, attention_ref, cross_entropy, cross_entropy_ref, linear_cross_entropy, mlm_mask
 from minipt.ops._backend import BackendUnavailableError, native_module
+from minipt.ops.attention import visible_keys
 from minipt.ops.attention._common import document_spans
 
 _C = native_module()
@@ -385,16 +386,14 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("B,H,T,lengths", ATTENTION_CASES)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_attention_cuda_fp32_matches_float64(B, H, T, lengths, D, is_causal, poisoned_empty):
+@pytest.mark.parametrize("window_size", [None, (40, 9), (0, 0)])
+def test_attention_cuda_fp32_matches_float64(B, H, T, lengths, D, is_causal, window_size, poisoned_empty):
     q, k, v, mask = attention_inputs(B, H, T, D, "cuda", torch.float32, lengths)
     grad_out = torch.randn(B, H, T, D, device="cuda", dtype=torch.float64)
-    got, got_grads = attention_grads(
-        lambda q, k, v: attention(q, k, v, is_causal=is_causal, attention_mask=mask, backend="native"),
-        q, k, v, grad_out,
-    )
+    kw = dict(is_causal=is_causal, attention_mask=mask, window_size=window_size)
+    got, got_grads = attention_grads(lambda q, k, v: attention(q, k, v, backend="native", **kw), q, k, v, grad_out)
     want, want_grads = attention_grads(
-        lambda q, k, v: attention_ref(q, k, v, is_causal=is_causal, attention_mask=mask),
-        q.double(), k.double(), v.double(), grad_out,
+        lambda q, k, v: attention_ref(q, k, v, **kw), q.double(), k.double(), v.double(), grad_out,
     )
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     for name, g, ref in zip("qkv", got_grads, want_grads):
@@ -424,15 +423,17 @@ def test_attention_cuda_backward_is_deterministic():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_attention_custom_ops_pass_opcheck(device):
+@pytest.mark.parametrize("window", [(-1, -1), (7, 3)])
+def test_attention_custom_ops_pass_opcheck(device, window):
     q, k, v, mask = attention_inputs(1, 2, 33, 64, device, torch.float32, [20])
     key_mask = mask.to(torch.uint8)
     doc_span = document_spans(torch.tensor([[0] * 10 + [1] * 23], device=device))
-    torch.library.opcheck(ops.native_attention_fwd, (q.requires_grad_(), k, v, key_mask, doc_span, True, 0.125))
-    out, lse = ops.native_attention_fwd(q.detach(), k, v, key_mask, doc_span, True, 0.125)
+    torch.library.opcheck(ops.native_attention_fwd,
+                          (q.requires_grad_(), k, v, key_mask, doc_span, True, 0.125, *window))
+    out, lse = ops.native_attention_fwd(q.detach(), k, v, key_mask, doc_span, True, 0.125, *window)
     grad_out = torch.randn(1, 33, 2, 64, device=device).transpose(1, 2)  # as the out view's gradient arrives
     torch.library.opcheck(ops.native_attention_bwd,
-                          (grad_out, q.detach(), k, v, out, lse, key_mask, doc_span, True, 0.125))
+                          (grad_out, q.detach(), k, v, out, lse, key_mask, doc_span, True, 0.125, *window))
 
 
 def test_attention_cpu_under_torch_compile():
@@ -440,7 +441,7 @@ def test_attention_cpu_under_torch_compile():
     q, k, v, mask = attention_inputs(2, 2, 70, 24, "cpu", torch.float32, [70, 31])
     ids = torch.tensor([[0] * 30 + [1] * 40, [0] * 70])
     fn = lambda q, k, v: attention(  # noqa: E731
-        q, k, v, is_causal=True, attention_mask=mask, document_ids=ids, backend="native")
+        q, k, v, is_causal=True, attention_mask=mask, document_ids=ids, window_size=(20, 0), backend="native")
     grad_out = torch.randn_like(q)
     got, got_grads = attention_grads(torch.compile(fn, fullgraph=True), q, k, v, grad_out)
     want, want_grads = attention_grads(fn, q, k, v, grad_out)
@@ -468,7 +469,8 @@ class TestAttentionCpuBindings:
         args = dict(
             q=self.q.data_ptr(), k=self.k.data_ptr(), v=self.v.data_ptr(), out=self.out.data_ptr(),
             lse=self.lse.data_ptr(), key_mask=self.key_mask.data_ptr(), doc_span=0, batch=self.B, heads=self.H,
-            seq_len=self.T, head_dim=self.D, dtype=0, is_causal=True, scale=0.2, num_threads=2,
+            seq_len=self.T, head_dim=self.D, dtype=0, is_causal=True, scale=0.2, window_left=-1, window_right=-1,
+            num_threads=2,
         )
         if kernel == "backward":
             args.update(grad_out=self.grad_out.data_ptr(), delta=self.delta.data_ptr(),
@@ -476,31 +478,36 @@ class TestAttentionCpuBindings:
                         grad_v=self.grads[2].data_ptr())
         getattr(_C, f"attention_{kernel}_cpu")(**{**args, **overrides})
 
-    def test_results_are_the_same_bits_for_any_thread_count(self):
+    # No window, and one of 30 keys back and 5 ahead (which causal masking overrides).
+    WINDOWS = [(-1, -1), (30, 5)]
+
+    @pytest.mark.parametrize("window", WINDOWS)
+    def test_results_are_the_same_bits_for_any_thread_count(self, window):
         """The forward splits work by query block, the backward by head: no sum depends on the thread count."""
         results = []
         for num_threads in (1, 3):
-            self.call("forward", num_threads=num_threads)
-            self.call("backward", num_threads=num_threads)
+            self.call("forward", num_threads=num_threads, window_left=window[0], window_right=window[1])
+            self.call("backward", num_threads=num_threads, window_left=window[0], window_right=window[1])
             results.append([x.clone() for x in (self.out, self.lse, *self.grads)])
         for one, many in zip(*results):
             assert torch.equal(one, many)
 
-    def test_valid_calls_write_out_lse_and_gradients(self):
+    @pytest.mark.parametrize("window", WINDOWS)
+    def test_valid_calls_write_out_lse_and_gradients(self, window):
         """Sequence 1 is all padding: its outputs and gradients are 0, its lse +inf."""
-        self.call("forward")
-        self.call("backward")
+        self.call("forward", window_left=window[0], window_right=window[1])
+        self.call("backward", window_left=window[0], window_right=window[1])
         mask = self.key_mask.bool()
         want, want_grads = attention_grads(
-            lambda q, k, v: attention_ref(q, k, v, is_causal=True, attention_mask=mask, scale=0.2),
+            lambda q, k, v: attention_ref(q, k, v, is_causal=True, attention_mask=mask, window_size=window, scale=0.2),
             self.q.double(), self.k.double(), self.v.double(), self.grad_out.double().transpose(1, 2),
         )
         torch.testing.assert_close(self.out.transpose(1, 2).double(), want, rtol=1e-5, atol=1e-5)
         scores = (self.q.double() @ self.k.double().transpose(-1, -2)) * 0.2
-        visible = torch.ones(self.T, self.T, dtype=torch.bool).tril() & mask[:, None, None, :]
+        visible = visible_keys(self.T, mask, True, "cpu", window_size=window)
         want_lse = scores.masked_fill(~visible, -math.inf).logsumexp(-1) / math.log(2)  # base 2
-        real = torch.tensor([0, 2])
-        torch.testing.assert_close(self.lse[real].double(), want_lse[real], rtol=1e-5, atol=1e-5)
+        want_lse[want_lse == -math.inf] = math.inf  # a row that sees no key (all of sequence 1)
+        torch.testing.assert_close(self.lse.double(), want_lse, rtol=1e-5, atol=1e-5)
         assert (self.lse[1] == math.inf).all()
         for got, ref in zip(self.grads, want_grads):
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
@@ -516,6 +523,7 @@ class TestAttentionCpuBindings:
             (dict(seq_len=2**40, head_dim=2**30), "overflows int64"),
             (dict(seq_len=2**31), "seq_len must fit int32"),
             (dict(scale=math.inf), "scale must be finite"),
+            (dict(window_left=-2), "window_left and window_right must be >= 0, or -1"),
             (dict(q=0), "q is a null pointer"),
             (dict(out=0), "out is a null pointer"),
             (dict(lse=0), "lse is a null pointer"),
@@ -547,11 +555,13 @@ class TestAttentionCpuBindings:
     def test_custom_op_refuses_bad_tensors(self):
         q, k, v = self.q, self.k, self.v
         with pytest.raises(ValueError, match="q must be contiguous"):
-            ops.native_attention_fwd(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, None, None, False, 0.2)
+            ops.native_attention_fwd(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, None, None, False, 0.2,
+                                     -1, -1)
         with pytest.raises(ValueError, match="key_mask must be uint8 of shape"):
-            ops.native_attention_fwd(q, k, v, self.key_mask.bool(), None, False, 0.2)
+            ops.native_attention_fwd(q, k, v, self.key_mask.bool(), None, False, 0.2, -1, -1)
         with pytest.raises(ValueError, match="doc_span must be int32 of shape"):
-            ops.native_attention_fwd(q, k, v, None, torch.zeros(self.B, self.T, dtype=torch.int32), False, 0.2)
+            ops.native_attention_fwd(q, k, v, None, torch.zeros(self.B, self.T, dtype=torch.int32), False, 0.2, -1,
+                                     -1)
 
 
 @requires_cuda
@@ -592,7 +602,7 @@ class TestCudaBindings:
             _C.attention_forward_cuda(
                 q=q.data_ptr(), k=q.data_ptr(), v=q.data_ptr(), out=q.data_ptr(), lse=lse.data_ptr(), key_mask=0,
                 doc_span=0, batch=1, heads=1, seq_len=4, head_dim=96, dtype=0, is_causal=False, scale=0.1,
-                stream=torch.cuda.current_stream().cuda_stream,
+                window_left=-1, window_right=-1, stream=torch.cuda.current_stream().cuda_stream,
             )
 
     def test_mlm_mask_binding_checks_like_the_cpu_one(self):

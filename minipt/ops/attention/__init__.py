@@ -3,8 +3,10 @@
     out = softmax(scale · Q Kᵀ + mask) V,   Q, K, V: (B, H, T, D)
 
 The mask combines key padding (``attention_mask[b, j] == 0`` hides key j from
-every query of sequence b), when ``is_causal`` hides keys j > i from query i, and
-with ``document_ids`` hides every key of another document.
+every query of sequence b), when ``is_causal`` hides keys j > i from query i,
+with ``document_ids`` hides every key of another document, and with
+``window_size=(left, right)`` (FlashAttention's convention) hides every key
+outside i - left <= j <= i + right, -1 leaving a side unbounded.
 A query row with no visible key returns zeros, and its gradients are zero.
 
 Memory traffic of a materialising attention (SDPA's math path, taken whenever a
@@ -41,6 +43,15 @@ The Triton kernels (FlashAttention-2, Dao 2023):
   follows Σ lenᵢ² (halved when causal) rather than T². Only tiles that reach past
   the span every row of the block shares compare positions with spans.
   ``_tiles.attention_tiles`` counts the tiles visited, as the kernels' bounds do.
+* Sliding windows. Query i sees keys [i - left, i + right], so a query block
+  sees keys from its first row's left edge to its last row's right edge, and a
+  key block is seen from the queries [j - right, j + left] of its first and last
+  keys: the forward and dQ programs start and stop their key loop there, the
+  dK/dV programs their query loop, so a row's cost follows T·window rather than
+  T² (or T²/2). The blocks that cross a window edge pay for an elementwise
+  compare, as those that cross the diagonal do; the others pay nothing. The
+  public function first drops what a window cannot hide (``window_bounds``): a
+  side of T - 1 or more, and the right side under ``is_causal``.
 * A row that sees no key keeps m = -inf and l = 0: its output is 0 and its lse is
   +inf, which makes every recomputed probability of the row exp2(-inf) = 0, so
   its gradients vanish without a special case in the backward.
@@ -50,8 +61,8 @@ The Triton kernels (FlashAttention-2, Dao 2023):
 * Launch configs (tile sizes, warps, pipeline stages) come from a table keyed on
   the GPU's compute capability, read at the first launch on each device.
 
-The native kernels take the same arguments on both devices (the scale resolved,
-the document ids as spans), so ``backend="native"`` dispatches on the device alone:
+The native kernels take the same arguments on both devices (the scale and the
+window resolved, the document ids as spans), so ``backend="native"`` dispatches on the device alone:
 
 * CUDA tensors: SIMT kernels for head dims 64 and 128 (kernels/attention.cu).
 * CPU tensors: C++ kernels for any head dim (kernels/attention.cpp), the same
@@ -59,8 +70,8 @@ the document ids as spans), so ``backend="native"`` dispatches on the device alo
   runs over OpenMP threads by (batch, head, query block); in the backward one
   thread owns a head's dQ, dK and dV, so each tile costs five GEMMs instead of a
   separate dQ pass's seven, and the gradients are the same bits for any thread
-  count, at the price of parallelism of B·H. Tiles start where a document or
-  the causal bound starts, and tiles of padding are skipped, as above.
+  count, at the price of parallelism of B·H. Tiles start where a document, the
+  causal bound or the window starts, and tiles of padding are skipped, as above.
 * Both save the base-2 lse for the backward; float64 raises BackendUnavailableError.
 
 Layout. Inputs may have any B, H and T strides (a (B, T, H, D) projection
@@ -76,11 +87,11 @@ and memory-efficient kernels also write (B, T, H, D) memory, its CPU kernels fol
 q's layout, and where it returns dense (B, H, T, D) merging heads copies.
 
 The folder. This file holds the reference, the argument checks and the public
-function, which dispatches to a backend; ``triton.py`` the Triton kernels, their
-launch table, launchers and autograd; ``native.py`` the wrapper of the native
-kernels, C++ and CUDA; ``_common.py`` what those share (the op's name,
-``document_spans``); ``_tiles.py`` a Python mirror of the kernels' tile bounds
-for tests and benchmarks.
+function, which dispatches to a backend; ``triton_kernels.py`` the Triton
+kernels, ``triton.py`` their launch table, launchers and autograd; ``native.py``
+the wrapper of the native kernels, C++ and CUDA; ``_common.py`` what those share
+(the op's name, ``document_spans``, ``window_bounds``); ``_tiles.py`` a Python
+mirror of the kernels' tile bounds for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -92,18 +103,29 @@ import torch.nn.functional as F
 
 from minipt.ops._backend import resolve_backend
 from minipt.ops._checks import FLOAT_DTYPES, check_same, check_tensor
-from minipt.ops.attention._common import OP, document_spans
+from minipt.ops.attention._common import OP, document_spans, window_bounds
 from minipt.ops.attention.native import attention_native
 from minipt.ops.attention.triton import attention_triton
 
 
 # ----------------------------------------------------------------------------- reference
 def visible_keys(T: int, attention_mask: torch.Tensor | None, is_causal: bool, device,
-                 document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+                 document_ids: torch.Tensor | None = None, window_size=None) -> torch.Tensor | None:
     """Boolean (B or 1, 1, T, T) mask of the keys each query may see, or None when all are visible."""
     visible = None
+    if window_size is not None and tuple(window_size) != (-1, -1):
+        left, right = window_size
+        pos = torch.arange(T, device=device)
+        offset = pos[None, :] - pos[:, None]  # j - i, (T, T)
+        near = torch.ones(T, T, dtype=torch.bool, device=device)
+        if left != -1:
+            near &= offset >= -left
+        if right != -1:
+            near &= offset <= right
+        visible = near[None, None]  # (1, 1, T, T)
     if attention_mask is not None:
-        visible = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        real = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        visible = real if visible is None else visible & real
     if document_ids is not None:
         same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, T, T)
         visible = same if visible is None else visible & same
@@ -113,7 +135,8 @@ def visible_keys(T: int, attention_mask: torch.Tensor | None, is_causal: bool, d
     return visible
 
 
-def attention_ref(q, k, v, *, is_causal=False, attention_mask=None, document_ids=None, scale=None, upcast=True):
+def attention_ref(q, k, v, *, is_causal=False, attention_mask=None, document_ids=None, window_size=None, scale=None,
+                  upcast=True):
     """PyTorch reference on ``F.scaled_dot_product_attention``.
 
     With ``upcast`` it computes in at least float32 and casts back; without, it is
@@ -127,10 +150,12 @@ def attention_ref(q, k, v, *, is_causal=False, attention_mask=None, document_ids
     T = q.shape[-2]
     # SDPA's is_causal path returns NaN for a scale <= 0 (torch 2.13, CPU: the scale
     # multiplies the -inf of masked scores); its explicit-mask path below does not.
-    if attention_mask is None and document_ids is None and not (is_causal and scale is not None and scale <= 0):
+    windowed = window_size is not None and tuple(window_size) != (-1, -1)
+    if attention_mask is None and document_ids is None and not windowed and not (
+            is_causal and scale is not None and scale <= 0):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
         return out.to(out_dtype)
-    visible = visible_keys(T, attention_mask, is_causal, q.device, document_ids)  # (B, 1, T, T)
+    visible = visible_keys(T, attention_mask, is_causal, q.device, document_ids, window_size)  # (B, 1, T, T)
     # A row with no visible key would be softmax(all -inf) = NaN, in the output and
     # in every gradient. Let such rows see every key, then zero their output: the
     # zeroed output sends no gradient back, so q, k and v get none from them.
@@ -159,7 +184,18 @@ def _check_document_ids(q, document_ids) -> None:
         torch._assert_async(ordered, message)
 
 
-def _check_inputs(q, k, v, attention_mask, document_ids, scale) -> None:
+def _check_window(window_size) -> None:
+    if window_size is None:
+        return
+    pair = isinstance(window_size, (tuple, list)) and len(window_size) == 2
+    if not pair or any(isinstance(x, bool) or not isinstance(x, int) or x < -1 for x in window_size):
+        raise ValueError(
+            f"{OP}: window_size must be None or a pair (left, right) of ints, each >= 0 or -1 for an unbounded "
+            f"side, got {window_size!r}"
+        )
+
+
+def _check_inputs(q, k, v, attention_mask, document_ids, window_size, scale) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(OP, name, x, ndim=4, dtypes=FLOAT_DTYPES)
     check_same(OP, ("q", q), ("k", k), ("v", v))
@@ -181,25 +217,30 @@ def _check_inputs(q, k, v, attention_mask, document_ids, scale) -> None:
         check_same(OP, ("q", q), ("attention_mask", attention_mask), dtype=False)
     if document_ids is not None:
         _check_document_ids(q, document_ids)
+    _check_window(window_size)
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise ValueError(f"{OP}: scale must be a finite float or None, got {scale!r}")
 
 
-def attention(q, k, v, *, is_causal=False, attention_mask=None, document_ids=None, scale=None, backend="auto"):
+def attention(q, k, v, *, is_causal=False, attention_mask=None, document_ids=None, window_size=None, scale=None,
+              backend="auto"):
     """Scaled dot-product attention over (B, H, T, D) tensors; see the module docstring.
 
     ``document_ids`` (B, T), int32 or int64 and non-decreasing along each row, packs
     several documents into one row: a position sees only its own document's keys.
+    ``window_size=(left, right)``: query i sees keys i - left <= j <= i + right, -1
+    leaving a side unbounded (a causal window of N keys is ``(N - 1, 0)``).
     Returns a (B, H, T, D) tensor; with backend="triton" or "native" it is a view of
     (B, T, H, D) memory, so ``out.transpose(1, 2)`` is contiguous.
     """
-    _check_inputs(q, k, v, attention_mask, document_ids, scale)
+    _check_inputs(q, k, v, attention_mask, document_ids, window_size, scale)
     backend = resolve_backend(backend, q.device, OP)
+    window = window_bounds(window_size, bool(is_causal), q.shape[-2])
     if backend == "torch":
         return attention_ref(q, k, v, is_causal=is_causal, attention_mask=attention_mask, document_ids=document_ids,
-                             scale=scale, upcast=False)
-    # Both kernel backends take the scale resolved and the document ids as spans.
+                             window_size=window, scale=scale, upcast=False)
+    # Both kernel backends take the scale resolved, the document ids as spans and the window resolved.
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     doc_span = None if document_ids is None else document_spans(document_ids)
     run = attention_triton if backend == "triton" else attention_native
-    return run(q, k, v, attention_mask, doc_span, bool(is_causal), scale)
+    return run(q, k, v, attention_mask, doc_span, bool(is_causal), scale, *window)

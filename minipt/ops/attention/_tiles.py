@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import torch
 
-from minipt.ops.attention._common import document_spans
+from minipt.ops.attention._common import document_spans, window_bounds
 
 
-def attention_tiles(T, block_m, block_n, *, is_causal=False, attention_mask=None, document_ids=None) -> dict:
+def attention_tiles(T, block_m, block_n, *, is_causal=False, attention_mask=None, document_ids=None,
+                    window_size=None) -> dict:
     """(query block, key block) tiles the Triton kernels visit per head, summed over the batch.
 
     "forward" counts the forward's tiles (the dQ pass visits the same), "dkdv" the
     dK/dV pass's (it walks query blocks of ``block_m`` rows per key block of
     ``block_n`` keys), "dense" the tiles of a (T, T) score matrix. The bounds
-    mirror _key_block_range and _attention_bwd_dkdv_kernel (triton.py) line for line;
-    tests/test_attention.py checks them against what the kernels read.
+    mirror _key_block_range and _attention_bwd_dkdv_kernel (triton_kernels.py) line
+    for line, the window resolved as the public function resolves it; each loop
+    splits its span at multiples of the block size (or at its end), so the tiles of
+    a span [lo, hi) are cdiv(hi - lo, block). tests/test_attention.py and
+    tests/test_attention_window.py check them against what the kernels read.
     """
+    left, right = window_bounds(window_size, is_causal, T)
+    left, right = (T if left == -1 else left), (T if right == -1 else right)  # as the launchers pass them
     given = attention_mask if attention_mask is not None else document_ids
     B, device = (1, "cpu") if given is None else (given.shape[0], given.device)
     span = None if document_ids is None else document_spans(document_ids).long()
@@ -41,6 +47,8 @@ def attention_tiles(T, block_m, block_n, *, is_causal=False, attention_mask=None
         last = torch.clamp(start_m + block_m, max=T) - 1
         lo = torch.maximum(lo, span[:, 0, start_m[0]] // block_n * block_n)
         hi = torch.minimum(hi, span[:, 1, last[0]])
+    lo = torch.maximum(lo, (start_m - left).clamp(min=0) // block_n * block_n)
+    hi = torch.minimum(hi, start_m + block_m + right)
     forward = cdiv(hi - lo, block_n).clamp(min=0).expand(B, -1).sum()
 
     start_n = torch.arange(0, T, block_n, device=device)[None, :]  # dK/dV: one row per key block
@@ -52,6 +60,8 @@ def attention_tiles(T, block_m, block_n, *, is_causal=False, attention_mask=None
         last = torch.clamp(start_n + block_n, max=T) - 1
         hi = span[:, 1, last[0]]
         lo = torch.maximum(lo, span[:, 0, start_n[0]] // block_m * block_m)
+    lo = torch.maximum(lo, (start_n - right).clamp(min=0) // block_m * block_m)
+    hi = torch.minimum(hi, start_n + block_n + left)
     if attention_mask is not None:
         dead = (start_n + block_n <= first) | (start_n >= end)
         lo = torch.where(dead, T, lo)

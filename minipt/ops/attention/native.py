@@ -30,7 +30,8 @@ def _bthd_dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.transpose(1, 2).is_contiguous() else x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale) -> dict:
+def _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale, window_left,
+                           window_right) -> dict:
     """The kernels' arguments, after every check: the custom ops below may be called directly."""
     named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse)]
     named += [(name, x) for name, x in (("key_mask", key_mask), ("doc_span", doc_span)) if x is not None]
@@ -59,6 +60,7 @@ def _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, sca
         key_mask=0 if key_mask is None else key_mask.data_ptr(),
         doc_span=0 if doc_span is None else doc_span.data_ptr(), batch=B, heads=H, seq_len=T,
         head_dim=D, dtype=float_code(OP, "q, k and v", q), is_causal=is_causal, scale=scale,
+        window_left=window_left, window_right=window_right,
     )
 
 
@@ -70,19 +72,20 @@ def _native_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.library.custom_op("minipt::native_attention_fwd", mutates_args=())
 def native_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
-    doc_span: Optional[torch.Tensor], is_causal: bool, scale: float,
+    doc_span: Optional[torch.Tensor], is_causal: bool, scale: float, window_left: int, window_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out, a (B, H, T, D) view of (B, T, H, D) memory, and the base-2 log-sum-exp of each
     row's scaled scores (B, H, T), float32. key_mask is (B, T) uint8 with 1 for a real token, or None;
-    doc_span the (B, 2, T) int32 ``document_spans`` of packed rows, or None."""
+    doc_span the (B, 2, T) int32 ``document_spans`` of packed rows, or None; query i sees keys
+    i - window_left <= j <= i + window_right, -1 leaving a side unbounded."""
     out, lse = _native_outputs(q)
-    args = _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale)
+    args = _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale, window_left, window_right)
     run_kernel("attention_forward", q.device, **args)
     return out, lse
 
 
 @native_attention_forward.register_fake
-def _(q, k, v, key_mask, doc_span, is_causal, scale):
+def _(q, k, v, key_mask, doc_span, is_causal, scale, window_left, window_right):
     return _native_outputs(q)
 
 
@@ -90,9 +93,10 @@ def _(q, k, v, key_mask, doc_span, is_causal, scale):
 def native_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     key_mask: Optional[torch.Tensor], doc_span: Optional[torch.Tensor], is_causal: bool, scale: float,
+    window_left: int, window_right: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from grad_out, laid out as out is, deterministically (no atomics)."""
-    args = _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale)
+    args = _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, scale, window_left, window_right)
     check_device(OP, ("q", q), ("grad_out", grad_out))
     if grad_out.shape != q.shape or grad_out.dtype != q.dtype:
         raise ValueError(f"{OP}: grad_out must match q's shape and dtype, got {grad_out.dtype} {tuple(grad_out.shape)}")
@@ -105,12 +109,12 @@ def native_attention_backward(
 
 
 @native_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, key_mask, doc_span, is_causal, scale):
+def _(grad_out, q, k, v, out, lse, key_mask, doc_span, is_causal, scale, window_left, window_right):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _native_setup_context(ctx, inputs, output):
-    q, k, v, key_mask, doc_span, ctx.is_causal, ctx.scale = inputs
+    q, k, v, key_mask, doc_span, ctx.is_causal, ctx.scale, ctx.window_left, ctx.window_right = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, key_mask, doc_span, out, lse)
 
@@ -118,17 +122,21 @@ def _native_setup_context(ctx, inputs, output):
 def _native_backward(ctx, grad_out, _grad_lse):
     q, k, v, key_mask, doc_span, out, lse = ctx.saved_tensors
     grads = native_attention_backward(
-        _bthd_dense(grad_out), q, k, v, out, lse, key_mask, doc_span, ctx.is_causal, ctx.scale
+        _bthd_dense(grad_out), q, k, v, out, lse, key_mask, doc_span, ctx.is_causal, ctx.scale, ctx.window_left,
+        ctx.window_right,
     )
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 native_attention_forward.register_autograd(_native_backward, setup_context=_native_setup_context)
 
 
-def attention_native(q, k, v, attention_mask, doc_span, is_causal: bool, scale: float):
-    """backend="native" on checked inputs; doc_span is ``document_spans`` of the ids, or None."""
-    # Device, head dim and dtype are checked once, by the custom op.
+def attention_native(q, k, v, attention_mask, doc_span, is_causal: bool, scale: float, window_left: int,
+                     window_right: int):
+    """backend="native" on checked inputs; doc_span is ``document_spans`` of the ids, or None, and the
+    window is ``window_bounds``' (-1 for an unbounded side)."""
+    # Device, head dim and dtype are checked once, by the custom op; the window by the bindings.
     key_mask = None if attention_mask is None else attention_mask.ne(0).to(torch.uint8).contiguous()
-    out, _ = native_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, doc_span, is_causal, scale)
+    out, _ = native_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, doc_span, is_causal,
+                                      scale, window_left, window_right)
     return out
