@@ -45,6 +45,19 @@ cut into 8 documents at 7 random points (seed 0), SDPA given the boolean
 (B, 1, T, T) mask, FLOPs counted as in the packed cases above. ``cpu-bert-padded``: B = 4, H = 8, T = 512, D = 64, lengths
 uniform in [64, 512] (seed 0), SDPA given the boolean (B, 1, 1, T) mask.
 
+PyTorch's peers (``PEERS``), each given the masks of the row it joins:
+``flex`` is FlexAttention (``flex_attention`` under ``torch.compile``) with
+the equivalent ``BlockMask``, built at the first call and kept, so that the
+timed calls run the attention alone; ``varlen`` is ``varlen_attn`` (CUDA only)
+with each document, or each row's real tokens, one sequence of a (tokens, H,
+D) batch cut by ``cu_seq`` offsets, its timings including the copies into that
+layout and back. On CUDA both join the padded and packed rows; on the CPU
+FlexAttention joins the ``CPU_PEER_CASES`` (causal, packed, padded), forward
+only: PyTorch's FlexAttention has no backward on the CPU (it raises), and its
+fwd+bwd rows say so. ``ratio_vs_flex`` is FlexAttention's median over the
+row's. A torch without one of them gets a row saying so. Compilation never
+counts: every provider's first call, untimed, compiles it.
+
 FLOPs: 4·B·H·T²·D for the forward (QKᵀ and PV), halved when causal; the backward
 counts 2.5× the forward, so forward + backward is 3.5×. A padded case counts the
 real keys only (4·H·T·D·Σ lengths), the work a kernel that skips padding must do.
@@ -54,6 +67,7 @@ for a fixed random output gradient. CPU figures (fp32) say nothing about a GPU.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from contextlib import nullcontext
@@ -89,7 +103,11 @@ BERT_CPU = {"B": 4, "H": 2, "D": 64, "T": 128, "min_len": 16}
 # Packed rows: (B, H, D, T, shortest and longest document or segment, causal, sentence pairs).
 PACKED_GPU = {"gpt-packed": (2, 16, 64, 8192, 256, 2048, True, False),
               "bert-packed": (32, 12, 64, 512, 32, 256, False, True)}
-PACKED_PROVIDERS = ("minipt-triton", "minipt-native", "sdpa", "flex", "dense")
+PACKED_PROVIDERS = ("minipt-triton", "minipt-native", "sdpa", "flex", "varlen", "dense")
+# PyTorch's peers of the padded and packed rows, and the CPU cases FlexAttention joins (module docstring).
+PEERS = ("flex", "varlen")
+CPU_PEER_CASES = ("cpu-causal", "cpu-packed", "cpu-bert-padded")
+FLEX_COMPILED = True  # the tests run it eagerly: compiling it on two cores takes about a minute a mask
 # The C++ kernels against SDPA on the CPU: (B, H, T, D) of each case (see the module docstring).
 CPU_NATIVE = {"cpu-causal": (2, 8, 1024, 64), "cpu-packed": (2, 4, 4096, 64), "cpu-bert-padded": (4, 8, 512, 64)}
 CPU_DOCUMENTS, CPU_BERT_MIN_LEN = 8, 64
@@ -110,6 +128,8 @@ def make_fn(provider: str, is_causal: bool, key_mask: torch.Tensor | None, docum
     """fn(q, k, v) -> out for one provider; ``key_mask`` is the (B, T) bool padding mask or None,
     ``document_ids`` the (B, T) ids of packed rows or None ("flex" and "dense" are packed-only)."""
     sdpa_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T), True = attend
+    if provider in PEERS:
+        return peer_fn(provider, is_causal, key_mask, document_ids)
     if document_ids is not None:
         return _packed_fn(provider, is_causal, key_mask, document_ids)
     if provider.startswith("sdpa"):
@@ -137,26 +157,109 @@ def _packed_fn(provider, is_causal, key_mask, document_ids):
     if provider == "dense":
         dense_mask = None if key_mask is None else key_mask[:, None, None, :]
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask, is_causal=is_causal)
-    if provider == "flex":
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        except ImportError as exc:
-            raise BackendUnavailableError(f"flex_attention is not in this torch: {exc}") from exc
-        if document_ids.device.type != "cuda":
-            raise BackendUnavailableError("flex_attention is timed on CUDA only")
-        real = torch.ones_like(document_ids, dtype=torch.bool) if key_mask is None else key_mask
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            same = (document_ids[b, q_idx] == document_ids[b, kv_idx]) & real[b, kv_idx]
-            return same & (q_idx >= kv_idx) if is_causal else same
-
-        B, T = document_ids.shape
-        block_mask = create_block_mask(mask_mod, B, None, T, T, device=document_ids.device)
-        compiled = torch.compile(flex_attention)
-        return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
     backend = provider.removeprefix("minipt-")
     return lambda q, k, v: attention(q, k, v, is_causal=is_causal, attention_mask=key_mask,
                                      document_ids=document_ids, backend=backend)
+
+
+# ----------------------------------------------------------------------------- PyTorch's peers
+def peer_fn(provider, is_causal, key_mask, document_ids):
+    """make_fn for ``PEERS``: raises BackendUnavailableError where this torch or device lacks the op."""
+    if provider == "flex":
+        return flex_fn(is_causal, key_mask, document_ids)
+    return varlen_fn(is_causal, key_mask, document_ids)
+
+
+def flex_fn(is_causal, key_mask, document_ids):
+    """FlexAttention with the BlockMask of minipt's arguments, built at the first call for each (B, T)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as exc:
+        raise BackendUnavailableError(f"flex_attention is not available in this torch ({torch.__version__})") from exc
+    run = torch.compile(flex_attention) if FLEX_COMPILED else flex_attention
+    per_row = key_mask is not None or document_ids is not None
+    block_masks = {}
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        visible = q_idx >= kv_idx if is_causal else kv_idx >= 0
+        if key_mask is not None:
+            visible = visible & key_mask[b, kv_idx]
+        if document_ids is not None:
+            visible = visible & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+        return visible
+
+    def fn(q, k, v):
+        if not torch.is_grad_enabled():  # on the CPU FlexAttention refuses inputs that require grad
+            q, k, v = q.detach(), k.detach(), v.detach()
+        B, T = q.shape[0], q.shape[-2]
+        if (B, T) not in block_masks:
+            block_masks[B, T] = create_block_mask(mask_mod, B if per_row else None, None, T, T, device=q.device)
+        return run(q, k, v, block_mask=block_masks[B, T])
+
+    return fn
+
+
+def varlen_sequences(key_mask, document_ids):
+    """(tokens, cu_seq, max_len) for varlen_attn: the flat positions of the real tokens of (B, T) rows, the
+    int32 offsets of each document (or each row) among them, and the longest."""
+    ids = document_ids if document_ids is not None else torch.zeros_like(key_mask, dtype=torch.int64)
+    B, T = ids.shape
+    real = key_mask.reshape(-1) if key_mask is not None else torch.ones(B * T, dtype=torch.bool, device=ids.device)
+    tokens = real.nonzero().squeeze(1)
+    sequence = (torch.arange(B, device=ids.device)[:, None] * (T + 1) + ids).reshape(-1)[tokens]
+    lengths = torch.unique_consecutive(sequence, return_counts=True)[1]
+    return tokens, F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), int(lengths.max())
+
+
+def varlen_fn(is_causal, key_mask, document_ids):
+    """varlen_attn over the documents (or padded rows' real tokens), from and back to (B, H, T, D)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        raise BackendUnavailableError(f"varlen_attn is not available in this torch ({torch.__version__})") from exc
+    rows = key_mask if key_mask is not None else document_ids
+    if rows is None:
+        raise BackendUnavailableError("varlen_attn is timed on padded and packed rows only")
+    if rows.device.type != "cuda":
+        raise BackendUnavailableError("varlen_attn runs on CUDA only")
+    params = inspect.signature(varlen_attn).parameters  # torch 2.13 takes a window, earlier ones is_causal
+    if not is_causal:
+        causal = {}
+    elif "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        raise BackendUnavailableError(f"varlen_attn of torch {torch.__version__} has no causal option")
+    tokens, cu_seq, max_len = varlen_sequences(key_mask, document_ids)
+
+    def fn(q, k, v):
+        B, H, T, D = q.shape
+        packed = [x.transpose(1, 2).reshape(B * T, H, D).index_select(0, tokens) for x in (q, k, v)]
+        out = varlen_attn(*packed, cu_seq, cu_seq, max_len, max_len, **causal)  # (tokens, H, D)
+        return out.new_zeros(B * T, H, D).index_copy(0, tokens, out).view(B, T, H, D).transpose(1, 2)
+
+    return fn
+
+
+def cpu_peers(name: str, mode: str, masks: dict, qkv) -> dict:
+    """FlexAttention for a ``CPU_PEER_CASES`` case: ``{"flex": step}`` once its first call (the compilation)
+    has run, or ``{"flex": why}`` where it cannot run; ``{}`` for the other cases."""
+    if name not in CPU_PEER_CASES:
+        return {}
+    try:
+        step = make_step(flex_fn(masks["is_causal"], masks["key_mask"], masks.get("document_ids")), *qkv, mode)
+        step()
+    except (BackendUnavailableError, NotImplementedError) as exc:
+        return {"flex": str(exc).splitlines()[0][:300]}
+    return {"flex": step}
+
+
+def add_ratio_vs_flex(group: list[dict]) -> None:
+    flex = next((r for r in group if r["provider"] == "flex" and "median_ms" in r), None)
+    for r in group:
+        if flex is not None and "median_ms" in r:
+            r["ratio_vs_flex"] = flex["median_ms"] / r["median_ms"]
 
 
 def packed_rows_ids(B, T, min_len, max_len, pairs, device, seed=0):
@@ -229,6 +332,7 @@ def packed_rows(device: str, quick: bool) -> list[dict]:
                 group.append({"name": f"{name} {mode}", "provider": p, **case,
                               **measure_fn(fn, mode, qkv, device, quick, flops)})
             add_ratios(group, "sdpa")
+            add_ratio_vs_flex(group)
             rows.extend(group)
         del qkv
     return rows
@@ -269,6 +373,8 @@ def measure(provider, mode, qkv, device, quick, *, is_causal, key_mask, flops) -
     T = qkv[0].shape[-2]
     if provider == "minipt-triton" and not on_cuda:
         return {"skipped": "Triton runs on CUDA; on the CPU it only interprets, which times nothing useful"}
+    if provider in PEERS and not on_cuda:
+        return {"skipped": "timed on CUDA: on the CPU FlexAttention joins the cpu-* cases; varlen_attn is CUDA only"}
     if provider in ("naive", "sdpa-math") and T > MATERIALISED_MAX_T:
         return {"skipped": f"materialises the (B, H, T, T) scores; timed up to T={MATERIALISED_MAX_T}"}
     refused_by = provider if provider in SDPA_BACKENDS else None
@@ -343,9 +449,10 @@ def padded_rows(device: str, quick: bool) -> list[dict]:
         group = [
             {"name": f"bert-padded {mode}", "provider": p, **case,
              **measure(p, mode, qkv, device, quick, is_causal=False, key_mask=key_mask, flops=flops)}
-            for p in PROVIDERS
+            for p in PROVIDERS + PEERS
         ]
         add_ratios(group, PADDED_BASELINE)
+        add_ratio_vs_flex(group)
         rows.extend(group)
     return rows
 
@@ -384,12 +491,17 @@ def cpu_native_rows(quick: bool) -> list[dict]:
         qkv = make_qkv(B, H, T, D, "cpu", torch.float32)
         for mode in MODES:
             steps = {p: make_step(make_fn(p, **masks), *qkv, mode) for p in ("sdpa", "minipt-native")}
+            peers = cpu_peers(name, mode, masks, qkv)
+            steps.update((p, step) for p, step in peers.items() if callable(step))
             case = {"mode": mode, "B": B, "H": H, "T": T, "D": D, "dtype": "float32",
                     "causal": masks["is_causal"], **fields}
             group = [{"name": f"{name} {mode}", "provider": p, **case, "median_ms": ms,
                       "tflops": flops * (3.5 if mode == "fwd+bwd" else 1.0) / ms / 1e9}
                      for p, ms in interleaved_ms(steps, rounds, rep).items()]
+            group += [{"name": f"{name} {mode}", "provider": p, **case, "skipped": why}
+                      for p, why in peers.items() if isinstance(why, str)]
             add_ratios(group, "sdpa")
+            add_ratio_vs_flex(group)
             rows.extend(group)
     return rows
 

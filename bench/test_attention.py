@@ -76,7 +76,8 @@ def test_padded_rows_report_every_provider(bench_device):
     if torch.device(bench_device).type == "cuda":
         pytest.skip("the row checks run at the CPU sizes; on CUDA the benchmark itself is the check")
     rows = bench.padded_rows("cpu", quick=True)
-    assert [r["mode"] for r in rows] == ["fwd"] * len(bench.PROVIDERS) + ["fwd+bwd"] * len(bench.PROVIDERS)
+    providers = bench.PROVIDERS + bench.PEERS
+    assert [r["mode"] for r in rows] == ["fwd"] * len(providers) + ["fwd+bwd"] * len(providers)
     for r in rows:
         assert ("median_ms" in r) != ("skipped" in r) and "error" not in r, r
         if "median_ms" in r:
@@ -84,6 +85,7 @@ def test_padded_rows_report_every_provider(bench_device):
     baseline = [r for r in rows if r["provider"] == bench.PADDED_BASELINE]
     assert all(r["ratio"] == 1.0 for r in baseline)
     assert any("interprets" in r.get("skipped", "") for r in rows if r["provider"] == "minipt-triton")
+    assert all("timed on CUDA" in r["skipped"] for r in rows if r["provider"] in bench.PEERS)
 
 
 def test_packed_rows_are_packed_as_described():
@@ -109,6 +111,7 @@ def test_cpu_native_rows_pair_native_with_sdpa(monkeypatch):
     monkeypatch.setattr(bench, "CPU_NATIVE", {"cpu-causal": (1, 2, 70, 16), "cpu-packed": (1, 2, 96, 16),
                                               "cpu-bert-padded": (2, 2, 80, 16)})
     monkeypatch.setattr(bench, "CPU_BERT_MIN_LEN", 8)
+    monkeypatch.setattr(bench, "CPU_PEER_CASES", ())  # FlexAttention's rows: test_cpu_cases_time_flex_forward
     rows = bench.cpu_native_rows(quick=True)
     assert [(r["name"], r["provider"]) for r in rows] == [
         (f"{name} {mode}", p) for name in bench.CPU_NATIVE for mode in bench.MODES for p in ("sdpa", "minipt-native")]
@@ -140,3 +143,47 @@ def test_packed_providers_compute_attention(provider, is_causal):
     got = bench.make_fn(provider, is_causal, key_mask, ids)(q, k, v)
     want = attention_ref(q, k, v, is_causal=is_causal, attention_mask=key_mask, document_ids=ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_cases_time_flex_forward(monkeypatch):
+    """FlexAttention joins a CPU case beside SDPA and the C++ kernels in the forward; its fwd+bwd row says
+    why it cannot run (run eagerly here: compiling it takes a minute)."""
+    monkeypatch.setattr(bench, "CPU_NATIVE", {"cpu-packed": (1, 2, 96, 16)})
+    monkeypatch.setattr(bench, "FLEX_COMPILED", False)
+    rows = bench.cpu_native_rows(quick=True)
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        (mode, p) for mode in bench.MODES for p in ("sdpa", "minipt-native", "flex")]
+    fwd, bwd = rows[:3], rows[3:]
+    assert all(r["median_ms"] > 0 and r["ratio_vs_flex"] > 0 for r in fwd)
+    assert fwd[2]["ratio_vs_flex"] == 1.0 and fwd[1]["ratio_vs_flex"] == fwd[2]["median_ms"] / fwd[1]["median_ms"]
+    assert "backward" in bwd[2]["skipped"] and all("ratio_vs_flex" not in r for r in bwd)
+
+
+@pytest.mark.parametrize("name", ["cpu-causal", "cpu-packed", "cpu-bert-padded"])
+def test_flex_is_given_the_cases_masks(name, monkeypatch):
+    """FlexAttention's BlockMask describes the same attention as minipt's arguments (eager, forward)."""
+    monkeypatch.setattr(bench, "FLEX_COMPILED", False)
+    masks, _, _ = bench.cpu_case(name, 2, 2, 200, 16)
+    q, k, v = bench.make_qkv(2, 2, 200, 16, "cpu", torch.float32)
+    with torch.no_grad():
+        got = bench.make_fn("flex", **masks)(q, k, v)
+    want = attention_ref(q, k, v, is_causal=masks["is_causal"], attention_mask=masks["key_mask"],
+                         document_ids=masks.get("document_ids"))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_sequences_are_the_documents_real_tokens():
+    ids, key_mask, lengths = bench.packed_rows_ids(3, 128, 8, 24, True, "cpu")
+    tokens, cu_seq, max_len = bench.varlen_sequences(key_mask, ids)
+    assert tokens.tolist() == key_mask.reshape(-1).nonzero().squeeze(1).tolist()
+    assert cu_seq.dtype == torch.int32 and cu_seq.diff().tolist() == lengths and max_len == max(lengths)
+    lengths = torch.tensor([5, 9, 2])
+    padded = torch.arange(9)[None, :] < lengths[:, None]
+    tokens, cu_seq, max_len = bench.varlen_sequences(padded, None)
+    assert cu_seq.tolist() == [0, 5, 14, 16] and max_len == 9 and tokens.tolist()[5:7] == [9, 10]
+
+
+def test_varlen_is_reported_unavailable_on_the_cpu():
+    ids, key_mask, _ = bench.packed_rows_ids(2, 96, 8, 24, True, "cpu")
+    with pytest.raises(BackendUnavailableError, match="varlen_attn"):
+        bench.make_fn("varlen", False, key_mask, ids)
