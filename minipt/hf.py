@@ -16,7 +16,9 @@ which have stayed the same from transformers 4.40 to 5.x. Two layouts differ:
 
 A configuration minipt cannot reproduce exactly (another activation, untied
 heads, scaled or cross attention, a feed-forward width other than 4·n_embd for
-GPT-2) is refused with a ValueError rather than converted approximately.
+GPT-2) is refused with a ValueError rather than converted approximately, and so
+is a minipt model that GPT-2 or BERT cannot reproduce: one with sliding-window
+attention (``attn_window``).
 Dropout on attention probabilities does not exist in minipt (its attention op
 has none): ``from_hf`` drops it, and ``to_hf`` writes 0.0 there.
 
@@ -52,6 +54,10 @@ BERT_ERF_GELUS = ("gelu", "gelu_python")  # both the exact erf form
 
 class MissingDependency(MiniptError, ImportError):
     """An optional dependency that the call needs is not installed."""
+
+
+class ExportRefused(MiniptError, ValueError):
+    """A minipt model that no ``transformers`` class computes: exporting it would give another model."""
 
 
 def require_transformers():
@@ -125,7 +131,10 @@ def to_hf(model, *, labels: list[str] | None = None):
     A GPT trained with a document mask (``doc_sep_id``, ``reset_positions``) exports
     as plain GPT-2, which attends across separators and counts positions from the
     window's start: equal to minipt's model on a window that holds one document.
+    A model with sliding-window attention (``attn_window``) is refused: GPT-2 and
+    BERT attend to every position, so the export would be another model.
     """
+    _refuse_window(model)
     if isinstance(model, BertClassifier):
         names = labels if labels is not None else [f"LABEL_{i}" for i in range(model.config.num_labels)]
         if len(names) != model.config.num_labels:
@@ -140,6 +149,17 @@ def to_hf(model, *, labels: list[str] | None = None):
     raise TypeError(
         f"to_hf: model must be a minipt.models.GPT, BERT or BertClassifier, got {type(model).__name__}"
     )
+
+
+def _refuse_window(model) -> None:
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "attn_window", None)
+    if window is not None:
+        raise ExportRefused(
+            f"to_hf: this {type(model).__name__} attends through a sliding window (attn_window={window}, "
+            f"global_every={cfg.global_every}), which Hugging Face's GPT-2 and BERT have no field for: they would "
+            "attend to every position and compute another model; export a model trained with attn_window=None"
+        )
 
 
 # ----------------------------------------------------------------------------- GPT-2
@@ -475,6 +495,7 @@ def classifier_to_hf(bert: BERT, classifier: torch.nn.Linear, labels: list[str])
 
     The MLM and NSP heads have no place in it and are left out.
     """
+    _refuse_window(bert)
     transformers = require_transformers()
     cfg = bert.config
     hf_config = _hf_bert_config(

@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers
 
-from minipt.hf import from_hf, to_hf
-from minipt.models import BERT, GPT, BertConfig, GPTConfig
+from minipt.hf import ExportRefused, from_hf, to_hf
+from minipt.models import BERT, GPT, BertClassifier, BertClassifierConfig, BertConfig, GPTConfig
 from minipt.ops import IGNORE_INDEX
 
 V, T_MAX, C, H, L = 97, 40, 48, 3, 2
@@ -204,6 +204,18 @@ def test_bert_round_trips():
 def test_unrepresentable_configs_are_refused(build, overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         from_hf(build(**overrides))
+
+
+@pytest.mark.parametrize("model", [
+    GPT(GPTConfig(vocab_size=V, block_size=T_MAX, n_layer=L, n_head=H, n_embd=C, attn_window=8)),
+    BERT(BertConfig(vocab_size=V, block_size=T_MAX, n_layer=3, n_head=H, n_embd=C, attn_window=16, global_every=3)),
+    BertClassifier(BertClassifierConfig(vocab_size=V, block_size=T_MAX, n_layer=L, n_head=H, n_embd=C, attn_window=4)),
+], ids=["gpt", "bert", "classifier"])
+def test_windowed_models_are_refused_by_name(model):
+    """GPT-2 and BERT attend to every position: a sliding-window model would export as another model."""
+    with pytest.raises(ExportRefused, match=rf"sliding window \(attn_window={model.config.attn_window}, global_every="):
+        to_hf(model)
+    assert issubclass(ExportRefused, ValueError)
 
 
 def test_wrong_model_types_are_refused():

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import HAS_CUDA, TRITON_DEVICE
 from minipt.models import (
-    BERT, BERT_PRESETS, GPT, GPT_PRESETS, MODEL_KINDS, BertConfig, GPTConfig, ModelOutput, build_model,
+    BERT, BERT_PRESETS, GPT, GPT_PRESETS, MODEL_KINDS, BertClassifierConfig, BertConfig, GPTConfig, ModelOutput,
+    build_model,
 )
 from minipt.models import bert as bert_module, gpt as gpt_module
 from minipt.ops import IGNORE_INDEX, attention
@@ -107,6 +108,10 @@ def test_unknown_preset_and_field_are_named():
         (BertConfig, dict(n_inner=0), ValueError, "n_inner must be a positive int"),
         (BertConfig, dict(type_vocab_size=0), ValueError, "type_vocab_size must be a positive int"),
         (BertConfig, dict(pad_token_id=30522), ValueError, r"pad_token_id must be in \[0, vocab_size=30522\)"),
+        (GPTConfig, dict(attn_window=0), ValueError, "attn_window must be a positive int, got 0"),
+        (BertConfig, dict(attn_window=64.0), TypeError, "attn_window must be an int"),
+        (GPTConfig, dict(attn_window=8, global_every=-1), ValueError, "global_every must be a positive int"),
+        (BertConfig, dict(global_every=3), ValueError, "global_every needs attn_window"),
     ],
 )
 def test_config_errors_name_the_field(cls, overrides, exc, pattern):
@@ -487,3 +492,101 @@ def test_config_backend_reaches_every_op_call(build, loss_fn, monkeypatch):
     expected = {"attention", "linear_cross_entropy"} | ({"cross_entropy"} if build is tiny_bert else set())
     assert {op for op, _ in seen} == expected
     assert sum(op == "attention" for op, _ in seen) == 2  # one per layer
+
+
+# ----------------------------------------------------------------------------- sliding windows
+def test_window_layer_pattern():
+    """attn_window on every layer, or with global_every = K on all but layers 0, K, 2K, ...; GPT's window holds
+    attn_window keys up to the query, BERT's reaches attn_window // 2 either side (ModernBERT's local_attention)."""
+    def windows(model):
+        blocks = model.transformer.h if isinstance(model, GPT) else model.layers
+        return [block.attn.window_size for block in blocks]
+
+    assert windows(tiny_gpt(n_layer=3)) == [None] * 3
+    assert windows(tiny_gpt(n_layer=3, attn_window=8)) == [(7, 0)] * 3
+    assert windows(tiny_gpt(n_layer=7, attn_window=8, global_every=3)) == [None, (7, 0), (7, 0)] * 2 + [None]
+    assert windows(tiny_bert(n_layer=4, attn_window=128, global_every=3)) == [None, (64, 64), (64, 64), None]
+    assert windows(tiny_bert(n_layer=2, attn_window=5, global_every=1)) == [None, None]
+
+
+def explicit_mask_attention(spec_windows, calls):
+    """attention as an SDPA call on an explicit boolean mask, built per layer from ``spec_windows`` (what the
+    docs promise: GPT's N keys up to the query, BERT's positions at most N // 2 away), ignoring window_size."""
+    def call(q, k, v, *, is_causal=False, attention_mask=None, document_ids=None, window_size=None, backend=None):
+        T = q.shape[-2]
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        visible = torch.ones(T, T, dtype=torch.bool)
+        kind, n = spec_windows[len(calls)]
+        if kind == "gpt":
+            visible = (j <= i) & ((i - j < n) if n else True)
+        elif n:
+            visible = (i - j).abs() <= n // 2
+        visible = visible[None, None]
+        if attention_mask is not None:
+            visible = visible & attention_mask.bool()[:, None, None, :]
+        calls.append(window_size)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~visible.any(-1, keepdim=True))
+        return out * visible.any(-1, keepdim=True)
+
+    return call
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_windowed_gpt_logits_equal_an_explicit_mask(backend, monkeypatch):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    reference = tiny_gpt(n_layer=5, attn_window=4, global_every=2).eval()
+    model = tiny_gpt(n_layer=5, attn_window=4, global_every=2, backend=backend).to(device).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randint(0, 61, (2, 16))
+    got = model(x.to(device)).logits.cpu()
+    calls = []
+    monkeypatch.setattr(gpt_module, "attention", explicit_mask_attention([("gpt", n) for n in (0, 4, 0, 4, 0)], calls))
+    want = reference(x).logits
+    assert calls == [None, (3, 0), None, (3, 0), None]
+    tol = dict(rtol=1e-3, atol=1e-4) if HAS_CUDA else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    monkeypatch.undo()
+    full = tiny_gpt(n_layer=5).eval()
+    full.load_state_dict(reference.state_dict())
+    assert not torch.allclose(full(x).logits, want), "the window changed nothing"
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_windowed_bert_logits_equal_an_explicit_mask(backend, monkeypatch):
+    reference = tiny_bert(n_layer=3, attn_window=5, global_every=3).eval()
+    model = tiny_bert(n_layer=3, attn_window=5, global_every=3, backend=backend).eval()
+    model.load_state_dict(reference.state_dict())
+    batch = bert_batch(T=16)
+    ids, types, mask = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+    got = model(ids, types, mask).logits
+    calls = []
+    monkeypatch.setattr(bert_module, "attention", explicit_mask_attention([("bert", n) for n in (0, 5, 5)], calls))
+    want = reference(ids, types, mask).logits
+    assert calls == [None, (2, 2), (2, 2)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_that_covers_the_block_changes_no_bit():
+    model = tiny_gpt(backend="native").eval()
+    windowed = tiny_gpt(backend="native", attn_window=16).eval()
+    windowed.load_state_dict(model.state_dict())
+    x = torch.randint(0, 61, (2, 16))
+    assert torch.equal(model(x).logits, windowed(x).logits)
+    narrow = tiny_gpt(backend="native", attn_window=5).eval()
+    narrow.load_state_dict(model.state_dict())
+    assert torch.equal(model(x[:, :5]).logits, narrow(x[:, :5]).logits)
+    assert not torch.allclose(model(x).logits, narrow(x).logits)
+
+
+@pytest.mark.parametrize("kind, config", [("gpt", GPTConfig(**GPT_TINY)), ("bert", BertConfig(**BERT_TINY)),
+                                          ("bert_classifier", BertClassifierConfig(**BERT_TINY))])
+def test_configs_saved_before_windows_load_without_one(kind, config):
+    """A config.json written before attn_window and global_every existed builds the model it always did;
+    one written with them builds the windowed model."""
+    saved = dataclasses.asdict(config)
+    old = {k: v for k, v in saved.items() if k not in ("attn_window", "global_every")}
+    assert set(saved) - set(old) == {"attn_window", "global_every"}
+    model = build_model(kind, old)
+    assert model.config == config and model.config.attn_window is None
+    windowed = build_model(kind, {**saved, "attn_window": 6, "global_every": 2})
+    assert (windowed.config.attn_window, windowed.config.global_every) == (6, 2)

@@ -21,6 +21,12 @@ Packed rows. A row can hold several pairs, each seeing only itself (the
 attention op's ``document_ids``). The caller gives the layout
 (``position_ids``, ``document_ids`` and each pair's [CLS] position, see
 :mod:`minipt.data.packing`), and NSP is read at every [CLS].
+
+Sliding windows, as ModernBERT's ``local_attention``: with ``attn_window`` = W
+each position attends to the positions at most W // 2 away on either side
+(``window_size=(W // 2, W // 2)``); with ``global_every`` = K, layers 0, K,
+2K, ... attend to the whole row all the same (ModernBERT: W = 128, K = 3).
+Hugging Face's BERT has no window: ``to_hf`` refuses such a model.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minipt.models.common import (
-    ModelOutput, check_config, check_ids, check_positive_int, check_shared_fields, check_token_id, from_preset,
-    merge_heads, split_heads, training_flops_per_token,
+    ModelOutput, check_config, check_ids, check_positive_int, check_shared_fields, check_token_id, check_window_fields,
+    from_preset, merge_heads, split_heads, training_flops_per_token, windowed_layer,
 )
 from minipt.ops import IGNORE_INDEX, attention, cross_entropy, linear_cross_entropy
 from minipt.ops.mlm_mask import masked_capacity, masked_positions
@@ -53,9 +59,12 @@ class BertConfig:
     layer_norm_eps: float = 1e-12  # BERT's LayerNorm epsilon
     pad_token_id: int = 0  # id of [PAD]: its word-embedding row starts at zero and gets no gradient from lookups
     backend: str = "auto"  # passed to every minipt.ops call: "auto" | "torch" | "triton" | "native"
+    attn_window: int | None = None  # each position attends to those at most attn_window // 2 away; None: all
+    global_every: int | None = None  # with attn_window: every global_every-th layer from 0 sees the whole row
 
     def __post_init__(self):
         check_shared_fields(self)
+        check_window_fields(self)
         check_positive_int("BertConfig", "type_vocab_size", self.type_vocab_size)
         if self.n_inner is not None:
             check_positive_int("BertConfig", "n_inner", self.n_inner)
@@ -101,25 +110,28 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, layer: int):
         super().__init__()
         self.n_head = config.n_head
         self.backend = config.backend
+        # ModernBERT's local window: the positions at most attn_window // 2 away; None: the whole row.
+        self.window_size = (config.attn_window // 2,) * 2 if windowed_layer(config, layer) else None
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # one matmul for q, k and v
         self.proj = nn.Linear(config.n_embd, config.n_embd)
 
     def forward(self, x, mask, document_ids=None):
         q, k, v = split_heads(self.qkv(x), self.n_head)  # (B, nh, T, hs) each
-        y = attention(q, k, v, attention_mask=mask, document_ids=document_ids, backend=self.backend)  # (B, nh, T, hs)
+        y = attention(q, k, v, attention_mask=mask, document_ids=document_ids, window_size=self.window_size,
+                      backend=self.backend)  # (B, nh, T, hs)
         return self.proj(merge_heads(y))  # (B, T, C)
 
 
 class BertLayer(nn.Module):
     """Post-LayerNorm: each sublayer's output is added to the stream, then the sum is normalised."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, layer: int):
         super().__init__()
-        self.attn = BertSelfAttention(config)
+        self.attn = BertSelfAttention(config, layer)
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.fc = nn.Linear(config.n_embd, config.inner_size)
         self.proj = nn.Linear(config.inner_size, config.n_embd)
@@ -150,7 +162,7 @@ class BERT(nn.Module):
         check_config("BERT", config, BertConfig)
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.layers = nn.ModuleList([BertLayer(config) for _ in range(config.n_layer)])
+        self.layers = nn.ModuleList([BertLayer(config, layer) for layer in range(config.n_layer)])
         self.pooler = nn.Linear(config.n_embd, config.n_embd)  # dense + tanh on [CLS]
         self.mlm_head = BertMLMHead(config)
         self.nsp_head = nn.Linear(config.n_embd, 2)

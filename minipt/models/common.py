@@ -1,5 +1,6 @@
 """What GPT and BERT share: the output record, the config and input checks, the
-named sizes, the split and merge of attention heads, and the FLOPs estimate."""
+named sizes, the layers a sliding window applies to, the split and merge of
+attention heads, and the FLOPs estimate."""
 
 from __future__ import annotations
 
@@ -63,6 +64,23 @@ def check_shared_fields(cfg) -> None:
         0.0 < cfg.layer_norm_eps < 1.0
     ):
         raise ValueError(f"{name}: layer_norm_eps must be a float in (0, 1), got {cfg.layer_norm_eps!r}")
+
+
+def check_window_fields(cfg) -> None:
+    """``attn_window`` and ``global_every``, which both configs share: positive ints or None, the second
+    only with the first."""
+    name = type(cfg).__name__
+    for field in ("attn_window", "global_every"):
+        if getattr(cfg, field) is not None:
+            check_positive_int(name, field, getattr(cfg, field))
+    if cfg.global_every is not None and cfg.attn_window is None:
+        raise ValueError(f"{name}: global_every needs attn_window: it picks the layers that attend beyond the window")
+
+
+def windowed_layer(cfg, layer: int) -> bool:
+    """Whether layer ``layer`` (from 0) attends through ``cfg.attn_window``: every layer, or with
+    ``global_every`` = K all but layers 0, K, 2K, ..., which attend to the whole row (ModernBERT's pattern)."""
+    return cfg.attn_window is not None and (cfg.global_every is None or layer % cfg.global_every != 0)
 
 
 def from_preset(cls, presets: dict, name: str, overrides: dict):

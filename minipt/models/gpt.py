@@ -21,6 +21,12 @@ position's document is the running count of separators up to it, and with
 Hugging Face's GPT-2 has no document mask: ``minipt.hf.to_hf`` exports a GPT
 trained with one all the same, and the exported model attends across
 separators, with positions counted from the input's start.
+
+Sliding windows. With ``attn_window`` = N each position attends to itself and
+the N - 1 positions before it (``window_size=(N - 1, 0)``, the ``sliding_window``
+of Mistral and Gemma in Hugging Face), at a cost that follows T·N rather than
+T²/2; with ``global_every`` = K, layers 0, K, 2K, ... attend to every earlier
+position all the same. GPT-2 has no window: ``to_hf`` refuses such a model.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minipt.models.common import (
-    ModelOutput, check_config, check_ids, check_shared_fields, check_token_id, from_preset, merge_heads, split_heads,
-    training_flops_per_token,
+    ModelOutput, check_config, check_ids, check_shared_fields, check_token_id, check_window_fields, from_preset,
+    merge_heads, split_heads, training_flops_per_token, windowed_layer,
 )
 from minipt.ops import IGNORE_INDEX, attention, linear_cross_entropy
 
@@ -52,9 +58,12 @@ class GPTConfig:
     backend: str = "auto"  # passed to every minipt.ops call: "auto" | "torch" | "triton" | "native"
     doc_sep_id: int | None = None  # the token that opens each document (<|endoftext|>): attention stops there
     reset_positions: bool = False  # with doc_sep_id: positions restart at 0 at each document's separator
+    attn_window: int | None = None  # each position attends to itself and the attn_window - 1 before it; None: all
+    global_every: int | None = None  # with attn_window: every global_every-th layer from 0 sees all earlier positions
 
     def __post_init__(self):
         check_shared_fields(self)
+        check_window_fields(self)
         for name in ("bias", "reset_positions"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTConfig: {name} must be a bool, got {type(getattr(self, name)).__name__}")
@@ -83,17 +92,20 @@ GPT_PRESETS = {
 
 # ----------------------------------------------------------------------------- blocks
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.n_head = config.n_head
         self.backend = config.backend
+        # A causal window of attn_window keys, the position itself included; None: every earlier position.
+        self.window_size = (config.attn_window - 1, 0) if windowed_layer(config, layer) else None
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, document_ids=None):
         q, k, v = split_heads(self.c_attn(x), self.n_head)  # (B, nh, T, hs) each
-        y = attention(q, k, v, is_causal=True, document_ids=document_ids, backend=self.backend)  # (B, nh, T, hs)
+        y = attention(q, k, v, is_causal=True, document_ids=document_ids, window_size=self.window_size,
+                      backend=self.backend)  # (B, nh, T, hs)
         return self.resid_dropout(self.c_proj(merge_heads(y)))  # (B, T, C)
 
 
@@ -111,10 +123,10 @@ class GPTMLP(nn.Module):
 class GPTBlock(nn.Module):
     """Pre-LayerNorm: the residual stream itself is never normalised."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = GPTMLP(config)
 
@@ -147,7 +159,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # also the LM head (tied)
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([GPTBlock(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([GPTBlock(config, layer) for layer in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
             )
         )
