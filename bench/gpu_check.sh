@@ -16,7 +16,8 @@
 #            mask's bits identical across backends and devices, cross-entropy with
 #            -inf logits on CUDA, the native CUDA-only cases (tests/test_native.py)
 #            and the spill check of the built CUDA kernels (test_native_resources.py)
-#   bench    python -m bench --quick: every op benchmark
+#   bench    python -m bench --quick: every op benchmark (attention's includes the sliding
+#            window, T = 8192 with 1024 keys, against FlexAttention and SDPA with the mask)
 #   e2e      the end-to-end training benchmark at its full sizes
 # The benchmarks run even when tests fail. OUT_DIR receives at most seven files:
 # summary.txt, install.log, tests.log, tests.xml, bench.log, e2e.log and
