@@ -207,8 +207,7 @@ class Finetune:
         # DDP needs every rank in the backward: a rank with no example of a small last batch adds a zero.
         weight = rt.world_size / len(rows) if mine else 0.0
         batch = collate(mine or rows[:1], self.tok.pad_id, rt.device)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule.lr(self.iter)
+        self.optimizer.set_lr(self.schedule.lr(self.iter))
         loss_sum = cross_entropy(self._logits(batch, self.train_model), batch["labels"], reduction="sum",
                                  backend=cfg.backend)
         # DDP averages the ranks' gradients: world_size / len(rows) makes it the batch mean.

@@ -1,7 +1,8 @@
 """The parts of a training loop that pretraining and fine-tuning share.
 
 * :class:`Schedule`: linear warm-up, then cosine decay to a floor (nanoGPT's).
-* :func:`make_optimizer`: AdamW, weight decay on matrices and embeddings only.
+* :func:`make_optimizer`: AdamW, weight decay on matrices and embeddings only,
+  as an :class:`Optimizers`.
 * :func:`wrap_ddp`: the model as DistributedDataParallel under ``torchrun``.
 * :func:`flush_window`: the train-loss row logged every ``log_interval`` steps,
   the one place the host reads the loss, and where a non-finite one stops the run.
@@ -52,8 +53,48 @@ class Schedule:
         return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.learning_rate - self.min_lr)
 
 
+class Optimizers:
+    """Torch optimizers over disjoint parameters, scheduled, stepped and saved as one.
+
+    Each is named (its key in the state) and has a learning-rate scale: its learning rate is the
+    schedule's times the scale. AdamW's is 1, so its learning rate is the schedule's own, bit for bit.
+    """
+
+    def __init__(self, parts: dict[str, tuple[torch.optim.Optimizer, float]]):
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer, _ in self.parts.values() for group in optimizer.param_groups]
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer, scale in self.parts.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
+
+    def step(self) -> None:
+        for optimizer, _ in self.parts.values():
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer, _ in self.parts.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: optimizer.state_dict() for name, (optimizer, _) in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "param_groups" in state:  # saved before there was a choice of optimizer: AdamW's own state
+            state = {"adamw": state}
+        if set(state) != set(self.parts):
+            raise ckpt.CheckpointError(f"the saved optimizer state is of {' + '.join(state)}, "
+                                       f"but this run trains with {' + '.join(self.parts)}")
+        for name, (optimizer, _) in self.parts.items():
+            optimizer.load_state_dict(state[name])
+
+
 def make_optimizer(model: torch.nn.Module, *, learning_rate: float, betas: tuple[float, float], weight_decay: float,
-                   device: torch.device) -> torch.optim.AdamW:
+                   device: torch.device) -> Optimizers:
     """AdamW with weight decay on matrices and embeddings, none on biases and LayerNorm (nanoGPT)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -61,7 +102,8 @@ def make_optimizer(model: torch.nn.Module, *, learning_rate: float, betas: tuple
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # fused AdamW runs on CPU and CUDA tensors since torch 2.4, one kernel for all parameters.
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.type in ("cpu", "cuda"))
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.type in ("cpu", "cuda"))
+    return Optimizers({"adamw": (adamw, 1.0)})
 
 
 def wrap_ddp(model: torch.nn.Module, rt: Runtime, *, find_unused_parameters: bool) -> torch.nn.Module:

@@ -222,8 +222,7 @@ class Run:
     def step(self) -> torch.Tensor:
         """One optimizer step over the accumulated micro-batches; returns the mean loss, on the device."""
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule.lr(self.iter)
+        self.optimizer.set_lr(self.schedule.lr(self.iter))
         total = torch.zeros((), device=self.rt.device)
         self.tokens = 0
         for micro, arrays in enumerate(self.sampler.next_step(accum)):
