@@ -92,10 +92,13 @@ class TrainConfig(CommandConfig):
     warmup_iters: int = 50  # steps of linear warm-up
     lr_decay_iters: int | None = None  # step at which the cosine decay reaches min_lr; none: max_iters
     decay_lr: bool = True  # warm up and decay the learning rate; false: constant learning_rate
-    weight_decay: float = 0.1  # AdamW weight decay, on matrices and embeddings only (not biases or LayerNorm)
+    weight_decay: float = 0.1  # decoupled weight decay (lr x this a step), of matrices and embeddings only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' weight matrices, AdamW for the rest
+    muon_learning_rate: float = 0.01  # muon: peak learning rate of the blocks' matrices, on learning_rate's schedule
+    muon_momentum: float = 0.95  # muon: Muon's Nesterov momentum
     # ---- evaluation and logging
     eval_interval: int = 100  # steps between evaluations (and checkpoints)
     eval_iters: int = 20  # validation batches per evaluation
@@ -130,15 +133,9 @@ class TrainConfig(CommandConfig):
             raise ConfigError(f"tokenizer_sample_mb must be > 0, got {self.tokenizer_sample_mb}")
         _interval("mlm_probability", self.mlm_probability, 0.0, 1.0, closed=False)
         _interval("short_seq_prob", self.short_seq_prob, 0.0, 1.0)
-        _interval("beta1", self.beta1, 0.0, 1.0, upper_open=True)
-        _interval("beta2", self.beta2, 0.0, 1.0, upper_open=True)
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        _check_optimization(self)
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
             raise ConfigError(f"min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}")
-        for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.model == "bert" and self.bias is not None:
             raise ConfigError("bias applies to --model gpt only; BERT always has biases")
         for name in ("doc_mask", "reset_positions"):
@@ -181,10 +178,13 @@ class FinetuneConfig(CommandConfig):
     batch_size: int = 16  # examples per step, all ranks together
     learning_rate: float = 2e-5  # peak learning rate (BERT's paper: 2e-5 to 5e-5)
     warmup_iters: int = 0  # steps of linear warm-up
-    weight_decay: float = 0.01  # AdamW weight decay, on matrices and embeddings only
+    weight_decay: float = 0.01  # decoupled weight decay (lr x this a step), of matrices and embeddings only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.999  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the encoder blocks' weight matrices, AdamW for the rest
+    muon_learning_rate: float = 2e-5  # muon: peak learning rate of the blocks' matrices, on learning_rate's schedule
+    muon_momentum: float = 0.95  # muon: Muon's Nesterov momentum
     dropout: float | None = None  # dropout in the encoder and before the classifier; none: the checkpoint's
     select: str = "macro_f1"  # validation score that picks the epoch kept as the final weights: macro_f1 or accuracy
     # ---- system
@@ -206,6 +206,7 @@ class FinetuneConfig(CommandConfig):
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        _check_optimization(self)
         if self.select not in SELECT:
             raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
         if self.resume and self.overwrite:
@@ -281,6 +282,22 @@ class SampleConfig(CommandConfig):
             raise ConfigError("next sentence prediction needs both --text_a and --text_b")
         if self.text_b and not (self.text_a or self.text):
             raise ConfigError("--text_b needs --text_a (next sentence prediction) or --text (a fine-tune run's pair)")
+
+
+OPTIMIZERS = ("adamw", "muon")  # see minipt.loop.make_optimizer
+
+
+def _check_optimization(cfg: TrainConfig | FinetuneConfig) -> None:
+    """The optimizer settings that training and fine-tuning share."""
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    for name in ("learning_rate", "muon_learning_rate"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("beta1", "beta2", "muon_momentum"):
+        _interval(name, getattr(cfg, name), 0.0, 1.0, upper_open=True)
+    for name in ("weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
 
 
 def _choice(name: str, value, choices) -> None:

@@ -7,8 +7,9 @@
 folder, or with ``--init_from=scratch --arch_from=DIR`` from random weights in
 the architecture of ``DIR``: the comparison that shows what pretraining brings.
 
-The loop is the trainer's (:mod:`minipt.loop`): AdamW, linear warm-up and one
-cosine decay to zero over the whole run, bf16 autocast on a GPU, DDP under
+The loop is the trainer's (:mod:`minipt.loop`): AdamW (or Muon for the encoder
+blocks' matrices, ``--optimizer=muon``), linear warm-up and one cosine decay to
+zero over the whole run, bf16 autocast on a GPU, DDP under
 ``torchrun`` (each rank takes its share of every batch). A checkpoint is saved
 after every epoch; Ctrl-C or SIGTERM saves at the current step, and ``--resume``
 continues exactly (the order of the examples is drawn per epoch from the seed,
@@ -148,8 +149,11 @@ class Finetune:
         # one cosine decay over the whole run, to zero
         self.schedule = Schedule(learning_rate=cfg.learning_rate, warmup_iters=cfg.warmup_iters,
                                  decay_iters=max(self.max_iters, cfg.warmup_iters), min_lr=0.0)
-        self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                        weight_decay=cfg.weight_decay, device=rt.device)
+        self.optimizer = make_optimizer(
+            self.model, learning_rate=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+            device=rt.device, optimizer=cfg.optimizer, muon_learning_rate=cfg.muon_learning_rate,
+            muon_momentum=cfg.muon_momentum,
+        )
         self.iter, self.best, self.tokens = 0, None, 0
         # the encoder's MLM and NSP heads get no gradient here
         self.train_model = wrap_ddp(torch.compile(self.model) if cfg.compile else self.model, rt,

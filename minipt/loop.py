@@ -1,8 +1,8 @@
 """The parts of a training loop that pretraining and fine-tuning share.
 
 * :class:`Schedule`: linear warm-up, then cosine decay to a floor (nanoGPT's).
-* :func:`make_optimizer`: AdamW, weight decay on matrices and embeddings only,
-  as an :class:`Optimizers`.
+* :func:`make_optimizer`: AdamW, weight decay on matrices and embeddings only;
+  or Muon for the blocks' matrices and AdamW for the rest, as one :class:`Optimizers`.
 * :func:`wrap_ddp`: the model as DistributedDataParallel under ``torchrun``.
 * :func:`flush_window`: the train-loss row logged every ``log_interval`` steps,
   the one place the host reads the loss, and where a non-finite one stops the run.
@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 
 from minipt import checkpoint as ckpt
-from minipt.config import make_config
+from minipt.config import ConfigError, TrainConfig, make_config
 from minipt.errors import TrainingError
+from minipt.models.bert import BertLayer
+from minipt.models.gpt import GPTBlock
 from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics
 from minipt.runtime import Runtime
 
@@ -57,7 +59,8 @@ class Optimizers:
     """Torch optimizers over disjoint parameters, scheduled, stepped and saved as one.
 
     Each is named (its key in the state) and has a learning-rate scale: its learning rate is the
-    schedule's times the scale. AdamW's is 1, so its learning rate is the schedule's own, bit for bit.
+    schedule's times the scale. AdamW's is 1, so its learning rate is the schedule's own, bit for bit;
+    Muon's is muon_learning_rate / learning_rate, so both follow one warm-up and decay to their own peaks.
     """
 
     def __init__(self, parts: dict[str, tuple[torch.optim.Optimizer, float]]):
@@ -93,17 +96,54 @@ class Optimizers:
             optimizer.load_state_dict(state[name])
 
 
+# Muon's step is an orthogonalised matrix, whose entries have an RMS of 1/sqrt(max(rows, columns)); torch
+# scales it by one of two rules. "original" (Keller Jordan's, modded-nanogpt's at lr 0.05) multiplies by
+# sqrt(max(1, rows / columns)): an RMS of lr / sqrt(fan_in), here (n_embd=128) lr / 11 for the q/k/v,
+# output and up-projection matrices and lr / 23 for the down-projection. "match_rms_adamw" (Moonshot's)
+# multiplies by 0.2 sqrt(max(rows, columns)): an RMS of 0.2 lr, a typical AdamW step's, for every shape
+# and width. We take the second: its learning rate reads on AdamW's scale (a fine-tune can start from
+# AdamW's own), and torch's decoupled decay (lr x weight_decay a step) then stands to the step as AdamW's
+# does, so one weight_decay serves both. Validation loss of the default GPT after 100 steps (one seed):
+# match_rms_adamw at 0.005 / 0.01 / 0.02 / 0.04: 5.67 / 5.67 / 5.70 / 5.75; "original" at 0.025 / 0.05
+# (match_rms_adamw's 0.011 / 0.022 on three matrices of four, half that on the down-projection): 5.69 /
+# 5.73; AdamW alone at 1e-3 (the default) / 2e-3 / 4e-3 / 8e-3: 5.86 / 5.80 / 5.76 / 5.80. Hence 0.01:
+# modded-nanogpt's rate, halved at this width.
+MUON_ADJUST_LR = "match_rms_adamw"
+
+
+def muon_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The 2-D weights of the transformer blocks (attention and MLP), which Muon takes under ``--optimizer=muon``.
+
+    Embeddings, the tied LM head, the pooler and the classification and NSP heads are matrices too, but
+    not hidden layers: Muon's orthogonalised step suits a map between hidden states, not a lookup table
+    or a readout, so they stay with AdamW, as norms and biases do."""
+    blocks = [m for m in model.modules() if isinstance(m, (GPTBlock, BertLayer))]
+    return [p for block in blocks for p in block.parameters() if p.dim() == 2 and p.requires_grad]
+
+
 def make_optimizer(model: torch.nn.Module, *, learning_rate: float, betas: tuple[float, float], weight_decay: float,
-                   device: torch.device) -> Optimizers:
-    """AdamW with weight decay on matrices and embeddings, none on biases and LayerNorm (nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+                   device: torch.device, optimizer: str = "adamw",
+                   muon_learning_rate: float = TrainConfig.muon_learning_rate,
+                   muon_momentum: float = TrainConfig.muon_momentum) -> Optimizers:
+    """AdamW with weight decay on matrices and embeddings, none on biases and LayerNorm (nanoGPT).
+
+    ``optimizer="muon"``: Muon (Nesterov momentum ``muon_momentum``, the same decoupled weight decay) for
+    :func:`muon_parameters`, at ``muon_learning_rate``; AdamW as above for every other parameter."""
+    muon = muon_parameters(model) if optimizer == "muon" else []
+    taken = {id(p) for p in muon}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # fused AdamW runs on CPU and CUDA tensors since torch 2.4, one kernel for all parameters.
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.type in ("cpu", "cuda"))
-    return Optimizers({"adamw": (adamw, 1.0)})
+    parts = {"adamw": (adamw, 1.0)}
+    if optimizer == "muon":
+        parts["muon"] = (torch.optim.Muon(muon, lr=muon_learning_rate, weight_decay=weight_decay,
+                                          momentum=muon_momentum, adjust_lr_fn=MUON_ADJUST_LR),
+                         muon_learning_rate / learning_rate)
+    return Optimizers(parts)
 
 
 def wrap_ddp(model: torch.nn.Module, rt: Runtime, *, find_unused_parameters: bool) -> torch.nn.Module:
@@ -145,7 +185,13 @@ def stop_requested(stop: StopRequest, rt: Runtime, *, step: int, log_interval: i
 
 def resumed_config(cls, overrides: dict):
     """The config of ``--resume``: the settings the run in ``out_dir`` saved, under those given now."""
-    saved = ckpt.read_config(overrides.get("out_dir", cls.out_dir))["train"]
+    out_dir = overrides.get("out_dir", cls.out_dir)
+    # a run saved before there was a choice of optimizer trained with AdamW, whatever the default is now
+    saved = {"optimizer": "adamw", **ckpt.read_config(out_dir)["train"]}
+    if overrides.get("optimizer", saved["optimizer"]) != saved["optimizer"]:
+        raise ConfigError(f"--optimizer={overrides['optimizer']} cannot resume the run in {out_dir}, which trains "
+                          f"with {saved['optimizer']}: its saved optimizer state would not fit. Start a new run "
+                          f"from its weights with --init_from={out_dir}")
     known = {f.name for f in dataclasses.fields(cls)} - {"resume", "overwrite"}
     return make_config(cls, {**{k: v for k, v in saved.items() if k in known}, **overrides})
 

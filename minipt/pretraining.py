@@ -5,14 +5,16 @@ minipt.train`` is the command around :func:`resolve_config` and :func:`train`.
 
 The loop is nanoGPT's: AdamW (fused where torch has it) with weight decay on
 2-D parameters only, linear warm-up then cosine decay to ``min_lr``, gradient
-clipping and accumulation, bf16 autocast on a GPU. It avoids host syncs: the
-loss stays on the device and is read only every ``log_interval`` steps, which is
-also when a non-finite loss is caught (before any checkpoint is written, so the
-last checkpoint on disk is always a good one). Ctrl-C or SIGTERM finishes the
-current step, saves and raises :class:`minipt.errors.Interrupted`; ``--resume``
-continues exactly where the run stopped, data order and MLM masks included.
-Under ``torchrun`` each rank reads its own slice of every global batch, and
-only rank 0 writes.
+clipping and accumulation, bf16 autocast on a GPU; ``--optimizer=muon`` gives
+the blocks' weight matrices to Muon, on the same schedule scaled to
+``muon_learning_rate`` (:func:`minipt.loop.make_optimizer`). It avoids host
+syncs: the loss stays on the device and is read only every ``log_interval``
+steps, which is also when a non-finite loss is caught (before any checkpoint is
+written, so the last checkpoint on disk is always a good one). Ctrl-C or
+SIGTERM finishes the current step, saves and raises
+:class:`minipt.errors.Interrupted`; ``--resume`` continues exactly where the
+run stopped, data order and MLM masks included. Under ``torchrun`` each rank
+reads its own slice of every global batch, and only rank 0 writes.
 
 ``--init_from=PATH`` continues pretraining from a minipt run (a fine-tune run
 gives its BERT encoder) or a Hugging Face GPT-2/BERT folder (read by
@@ -147,8 +149,11 @@ class Run:
         fresh = pretrained is None
         self.model = (build_model(cfg.model, self.model_config) if fresh else pretrained.train()).to(rt.device)
         self.block_size = cfg.block_size or self.model_config.block_size
-        self.optimizer = make_optimizer(self.model, learning_rate=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                        weight_decay=cfg.weight_decay, device=rt.device)
+        self.optimizer = make_optimizer(
+            self.model, learning_rate=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+            device=rt.device, optimizer=cfg.optimizer, muon_learning_rate=cfg.muon_learning_rate,
+            muon_momentum=cfg.muon_momentum,
+        )
         self.sampler, val_batches, padding = make_samplers(
             cfg.model, self.data, self.block_size, cfg.batch_size, cfg.eval_iters, cfg.short_seq_prob, cfg.seed,
             rt.rank, rt.world_size, cfg.pack,

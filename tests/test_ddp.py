@@ -37,11 +37,16 @@ def losses(out: Path, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_two_processes_follow_the_single_process_trajectory(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_follow_the_single_process_trajectory(tmp_path, optimizer):
+    """Muon orthogonalises the all-reduced gradient of each matrix, the same on every rank. It does so in
+    bfloat16 (torch's Newton-Schulz iteration), where the float32 sums' other order can round an element
+    the other way (1 part in 256): a single process and two then agree to 1e-4, not 1e-5."""
     common = [
         f"--data={write_corpus(tmp_path / 'corpus')}", f"--cache_dir={tmp_path / 'cache'}", "--tokenizer=char",
         "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--max_iters=6", "--eval_interval=3",
         "--log_interval=1", "--warmup_iters=2", "--learning_rate=3e-3", "--progress=false", "--sample_tokens=0",
+        f"--optimizer={optimizer}",
     ]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert T.main(common + [f"--out_dir={single}", "--batch_size=8", "--eval_iters=1"]) == 0
@@ -56,7 +61,8 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path):
     for key in ("train_loss", "val_loss"):
         a, b = losses(single, key), losses(ddp, key)
         assert [it for it, _ in a] == [it for it, _ in b]  # one row per step: rank 0 alone writes
-        assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5, abs=1e-6)
+        assert [v for _, v in b] == pytest.approx([v for _, v in a], rel={"adamw": 1e-5, "muon": 1e-4}[optimizer],
+                                                  abs=1e-6)
     assert losses(single, "train_loss")[-1][1] < losses(single, "train_loss")[0][1]
     assert {p.name for p in ddp.iterdir()} == {*ckpt.RUN_FILES, ckpt.LOCK}
     assert ckpt.load_state(ddp)["iter"] == 6

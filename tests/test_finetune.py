@@ -102,6 +102,17 @@ def test_fine_tuning_learns_the_training_labels_and_exports_with_parity(folders,
         hf.to_hf(model, labels=["a", "b", "c"])
 
 
+def test_fine_tuning_with_muon_learns_the_training_labels(folders, tmp_path):
+    cfg = FinetuneConfig(init_from=str(folders["bert"]), data=str(folders["train"]), val_data=str(folders["train"]),
+                         epochs=15, batch_size=8, learning_rate=3e-3, optimizer="muon", muon_learning_rate=1e-2,
+                         dropout=0.0, out_dir=str(tmp_path), backend="torch", progress=False)
+    run = FTL.finetune(cfg, setup("cpu", "float32"), log=lambda msg: None)
+    assert set(run.optimizer.parts) == {"adamw", "muon"}
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "epoch" in line]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.2 and run.best["accuracy"] == 1.0
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["optimizer"] == "muon"
+
+
 TWO = '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n'
 
 

@@ -145,8 +145,10 @@ def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
         # short pairs in long rows: most rows hold several
         ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=128", "--short_seq_prob=1",
                   "--pack=true"]),
+        ("gpt", ["--dropout=0.1", "--optimizer=muon"]),
+        ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32", "--optimizer=muon"]),
     ],
-    ids=["gpt", "gpt-doc_mask", "bert", "bert-pack"],
+    ids=["gpt", "gpt-doc_mask", "bert", "bert-pack", "gpt-muon", "bert-muon"],
 )
 def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, extra):
     common = [f"--model={model}", "--lr_decay_iters=8", *extra]
@@ -158,10 +160,33 @@ def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, ex
     assert len(rows(tmp_path / "straight", "train_loss")) == 8
     a = ckpt.load_state(tmp_path / "straight")["optimizer"]
     b = ckpt.load_state(tmp_path / "halves")["optimizer"]
-    assert a.keys() == b.keys() == {"adamw"}
-    for name in a:
+    assert a.keys() == b.keys() == ({"adamw", "muon"} if "--optimizer=muon" in extra else {"adamw"})
+    for name in a:  # AdamW's moments, Muon's momentum buffers
         for pa, pb in zip(a[name]["state"].values(), b[name]["state"].values()):
             assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("gpt", ["--n_embd=48", "--max_iters=40", "--eval_interval=20"]),
+    ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32", "--max_iters=30", "--eval_interval=15",
+              "--objective=mlm"]),
+])
+def test_a_muon_run_learns_and_records_its_optimizer(tmp_path, model, extra):
+    assert T.main(tiny_args(tmp_path, model=model, optimizer="muon", learning_rate=1e-2) + extra) == 0
+    val = [loss for _, loss in rows(tmp_path / "run", "val_loss")]
+    assert len(val) == 3 and val[-1] < val[0] - (1.0 if model == "gpt" else 0.5)
+    train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (train["optimizer"], train["muon_learning_rate"]) == ("muon", TrainConfig.muon_learning_rate)
+
+
+def test_resuming_with_another_optimizer_is_refused(tmp_path, capsys):
+    assert T.main(tiny_args(tmp_path, max_iters=3)) == 0
+    out = tmp_path / "run"
+    assert T.main([f"--out_dir={out}", "--resume", "--max_iters=6", "--optimizer=muon"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"--optimizer=muon cannot resume the run in {out}, which trains with adamw" in err
+    assert f"--init_from={out}" in err and ckpt.load_state(out)["iter"] == 3
+    assert T.main([f"--out_dir={out}", "--resume", "--max_iters=6", "--optimizer=adamw"]) == 0
 
 
 # torch.save reports a full disk from its zip writer as a RuntimeError; a plain write as an OSError
