@@ -35,6 +35,16 @@ when causal). Each packed case also reports the exact (query block, key block)
 tiles minipt visits against the dense count, with the sm_90 bf16 launch table's
 tiles (``attention_tiles``): on any machine, a CPU included, that figure is exact.
 
+Sliding window (``WINDOW_GPU``): two GPT rows of T = 8192, H = 16, D = 64, causal, each
+query seeing itself and the 1023 keys before it (``window_size=(1023, 0)``), bf16;
+``--quick`` times fwd+bwd alone.
+Providers: minipt's kernels, FlexAttention's sliding-window ``BlockMask``
+(compiled) where torch has it, SDPA given the equivalent boolean (T, T) mask,
+and dense causal SDPA over the same T, the cost without a window. Their FLOPs
+count the visible (query, key) pairs, 4·B·H·D·Σᵢ min(i + 1, 1024). The case also
+reports the tiles minipt visits against the causal tiles, with the sm_90 bf16
+launch table's tiles, on any machine.
+
 CPU cases (``CPU_NATIVE``, on the CPU only): the native C++ kernels against
 SDPA, float32, at sizes two cores time in seconds, the two providers taking
 turns round after round (``bench.native_cpu.interleaved_ms``), so that load from
@@ -44,6 +54,8 @@ the row's. ``cpu-causal``: B = 2, H = 8, T = 1024, D = 64, SDPA with
 cut into 8 documents at 7 random points (seed 0), SDPA given the boolean
 (B, 1, T, T) mask, FLOPs counted as in the packed cases above. ``cpu-bert-padded``: B = 4, H = 8, T = 512, D = 64, lengths
 uniform in [64, 512] (seed 0), SDPA given the boolean (B, 1, 1, T) mask.
+``cpu-window``: B = 2, H = 4, T = 4096, D = 64, causal with a window of 512 keys,
+SDPA given the boolean (T, T) mask, FLOPs counted as in the window case above.
 
 PyTorch's peers (``PEERS``), each given the masks of the row it joins:
 ``flex`` is FlexAttention (``flex_attention`` under ``torch.compile``) with
@@ -82,6 +94,7 @@ from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
 from bench.native_cpu import interleaved_ms
 from minipt.ops._backend import BackendUnavailableError
 from minipt.ops import attention
+from minipt.ops.attention import visible_keys
 from minipt.ops.attention._tiles import attention_tiles
 from minipt.ops.attention.triton import _CONFIGS
 
@@ -109,9 +122,13 @@ PACKED_PROVIDERS = ("minipt-triton", "minipt-native", "sdpa", "flex", "varlen", 
 PEERS = ("flex", "varlen")
 CPU_PEER_CASES = ("cpu-causal", "cpu-packed", "cpu-bert-padded")
 FLEX_COMPILED = True  # the tests run it eagerly: compiling it on two cores takes about a minute a mask
+# Sliding window: (B, H, D, T, keys each query sees), causal.
+WINDOW_GPU = {"gpt-window": (2, 16, 64, 8192, 1024)}
+WINDOW_PROVIDERS = ("minipt-triton", "minipt-native", "flex", "sdpa", "dense")
 # The C++ kernels against SDPA on the CPU: (B, H, T, D) of each case (see the module docstring).
-CPU_NATIVE = {"cpu-causal": (2, 8, 1024, 64), "cpu-packed": (2, 4, 4096, 64), "cpu-bert-padded": (4, 8, 512, 64)}
-CPU_DOCUMENTS, CPU_BERT_MIN_LEN = 8, 64
+CPU_NATIVE = {"cpu-causal": (2, 8, 1024, 64), "cpu-packed": (2, 4, 4096, 64), "cpu-bert-padded": (4, 8, 512, 64),
+              "cpu-window": (2, 4, 4096, 64)}
+CPU_DOCUMENTS, CPU_BERT_MIN_LEN, CPU_WINDOW = 8, 64, 512
 
 
 def naive_attention(q, k, v, *, is_causal=False, key_mask=None):
@@ -125,10 +142,14 @@ def naive_attention(q, k, v, *, is_causal=False, key_mask=None):
     return scores.softmax(-1).to(q.dtype) @ v
 
 
-def make_fn(provider: str, is_causal: bool, key_mask: torch.Tensor | None, document_ids: torch.Tensor | None = None):
+def make_fn(provider: str, is_causal: bool, key_mask: torch.Tensor | None, document_ids: torch.Tensor | None = None,
+            window_size: tuple[int, int] | None = None):
     """fn(q, k, v) -> out for one provider; ``key_mask`` is the (B, T) bool padding mask or None,
-    ``document_ids`` the (B, T) ids of packed rows or None ("flex" and "dense" are packed-only)."""
+    ``document_ids`` the (B, T) ids of packed rows or None, ``window_size`` a sliding window
+    (``attention``'s convention) or None ("flex" and "dense" are for packed rows or windows only)."""
     sdpa_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T), True = attend
+    if window_size is not None:
+        return _windowed_fn(provider, is_causal, window_size)
     if provider in PEERS:
         return peer_fn(provider, is_causal, key_mask, document_ids)
     if document_ids is not None:
@@ -161,6 +182,45 @@ def _packed_fn(provider, is_causal, key_mask, document_ids):
     backend = provider.removeprefix("minipt-")
     return lambda q, k, v: attention(q, k, v, is_causal=is_causal, attention_mask=key_mask,
                                      document_ids=document_ids, backend=backend)
+
+
+def _windowed_fn(provider, is_causal, window_size):
+    """make_fn for a sliding window. Masks are built at the first call (the warm-up), once per length,
+    so that the timed calls run the attention alone."""
+    left, right = window_size
+    masks = {}
+    if provider == "sdpa":
+        def fn(q, k, v):
+            T = q.shape[-2]
+            if T not in masks:
+                masks[T] = visible_keys(T, None, is_causal, q.device, window_size=window_size)  # (1, 1, T, T)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[T])
+
+        return fn
+    if provider == "dense":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    if provider == "flex":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as exc:
+            raise BackendUnavailableError(f"flex_attention is not in this torch: {exc}") from exc
+        compiled = torch.compile(flex_attention)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            near = ((q_idx - kv_idx <= left) | (left == -1)) & ((kv_idx - q_idx <= right) | (right == -1))
+            return near & (q_idx >= kv_idx) if is_causal else near
+
+        def fn(q, k, v):
+            if q.device.type != "cuda":
+                raise BackendUnavailableError("flex_attention is timed on CUDA only")
+            T = q.shape[-2]
+            if T not in masks:
+                masks[T] = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+            return compiled(q, k, v, block_mask=masks[T])
+
+        return fn
+    backend = provider.removeprefix("minipt-")
+    return lambda q, k, v: attention(q, k, v, is_causal=is_causal, window_size=window_size, backend=backend)
 
 
 # ----------------------------------------------------------------------------- PyTorch's peers
@@ -341,6 +401,47 @@ def packed_rows(device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def window_pairs(T: int, W: int) -> int:
+    """Visible (query, key) pairs of a causal window of W keys over T positions: Σᵢ min(i + 1, W)."""
+    W = min(W, T)
+    return W * (W + 1) // 2 + (T - W) * W
+
+
+def window_tile_row(name, T, W, D=64) -> dict:
+    """Exact tile counts of a causal window of W keys against causal attention's, with the sm_90 bf16 tiles."""
+    fwd_m, fwd_n = _CONFIGS[(9, 0)][("fwd", D, 2)][:2]
+    dkdv_m, dkdv_n = _CONFIGS[(9, 0)][("dkdv", D, 2)][:2]
+    fwd, causal_fwd = (attention_tiles(T, fwd_m, fwd_n, is_causal=True, window_size=w)["forward"]
+                       for w in ((W - 1, 0), None))
+    dkdv, causal_dkdv = (attention_tiles(T, dkdv_m, dkdv_n, is_causal=True, window_size=w)["dkdv"]
+                         for w in ((W - 1, 0), None))
+    return {"name": f"{name} tiles", "provider": "minipt (sm_90 tiles)", "T": T, "window": W, "causal": True,
+            "fwd_tiles": fwd, "dkdv_tiles": dkdv, "causal_fwd_tiles": causal_fwd, "causal_dkdv_tiles": causal_dkdv,
+            "fwd_fraction": fwd / causal_fwd, "dkdv_fraction": dkdv / causal_dkdv,
+            "pairs_fraction": window_pairs(T, W) / window_pairs(T, T)}
+
+
+def window_rows(device: str, quick: bool) -> list[dict]:
+    """Tile counts of the sliding-window case at its real size; timings on CUDA only."""
+    on_cuda = torch.device(device).type == "cuda"
+    rows = []
+    for name, (B, H, D, T, W) in WINDOW_GPU.items():
+        rows.append(window_tile_row(name, T, W, D))
+        if not on_cuda:
+            continue  # the interpreter and the CPU's SDPA at this size time nothing a GPU would
+        qkv = make_qkv(B, H, T, D, device, torch.bfloat16)
+        flops = 4.0 * B * H * D * window_pairs(T, W)
+        fns = {p: make_fn(p, True, None, window_size=(W - 1, 0)) for p in WINDOW_PROVIDERS}  # shared by both modes
+        for mode in ("fwd+bwd",) if quick else MODES:  # quick: FlexAttention compiles once, for training
+            case = {"mode": mode, "B": B, "H": H, "T": T, "D": D, "dtype": "bfloat16", "causal": True, "window": W}
+            group = [{"name": f"{name} {mode}", "provider": p, **case,
+                      **measure_fn(fn, mode, qkv, device, quick, flops)} for p, fn in fns.items()]
+            add_ratios(group, "sdpa")
+            rows.extend(group)
+        del qkv
+    return rows
+
+
 def make_step(fn, q, k, v, mode: str):
     if mode == "fwd":
         def step():
@@ -475,6 +576,9 @@ def cpu_case(name: str, B: int, H: int, T: int, D: int) -> tuple[dict, dict, flo
     """make_fn's masks, the row's extra fields and the forward FLOPs of one ``CPU_NATIVE`` case."""
     if name == "cpu-causal":
         return dict(is_causal=True, key_mask=None), {}, forward_flops(B, H, T, D, True)
+    if name == "cpu-window":
+        masks = dict(is_causal=True, key_mask=None, window_size=(CPU_WINDOW - 1, 0))
+        return masks, {"window": CPU_WINDOW}, 4.0 * B * H * D * window_pairs(T, CPU_WINDOW)
     if name == "cpu-packed":
         ids, lengths = cut_into_documents(B, T, CPU_DOCUMENTS)
         masks = dict(is_causal=True, key_mask=None, document_ids=ids)
@@ -511,6 +615,7 @@ def cpu_native_rows(quick: bool) -> list[dict]:
 
 def run(device: str, quick: bool) -> list[dict]:
     rows = sweep_rows(device, quick) + padded_rows(device, quick) + packed_rows(device, quick)
+    rows += window_rows(device, quick)
     return rows + (cpu_native_rows(quick) if torch.device(device).type == "cpu" else [])
 
 

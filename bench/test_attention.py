@@ -109,9 +109,10 @@ def test_packed_tile_counts_follow_the_documents():
 def test_cpu_native_rows_pair_native_with_sdpa(monkeypatch):
     """The CPU cases at toy sizes: each row pairs the C++ kernels with SDPA, in both modes, with a ratio."""
     monkeypatch.setattr(bench, "CPU_NATIVE", {"cpu-causal": (1, 2, 70, 16), "cpu-packed": (1, 2, 96, 16),
-                                              "cpu-bert-padded": (2, 2, 80, 16)})
+                                              "cpu-bert-padded": (2, 2, 80, 16), "cpu-window": (2, 2, 90, 16)})
     monkeypatch.setattr(bench, "CPU_BERT_MIN_LEN", 8)
     monkeypatch.setattr(bench, "CPU_PEER_CASES", ())  # FlexAttention's rows: test_cpu_cases_time_flex_forward
+    monkeypatch.setattr(bench, "CPU_WINDOW", 20)
     rows = bench.cpu_native_rows(quick=True)
     assert [(r["name"], r["provider"]) for r in rows] == [
         (f"{name} {mode}", p) for name in bench.CPU_NATIVE for mode in bench.MODES for p in ("sdpa", "minipt-native")]
@@ -119,6 +120,7 @@ def test_cpu_native_rows_pair_native_with_sdpa(monkeypatch):
         assert r["median_ms"] > 0 and r["tflops"] > 0 and r["ratio"] > 0, r
     assert all(r["ratio"] == 1.0 for r in rows if r["provider"] == "sdpa")
     assert {r["documents"] for r in rows if r["name"].startswith("cpu-packed")} == {bench.CPU_DOCUMENTS}
+    assert {r["window"] for r in rows if r["name"].startswith("cpu-window")} == {20}
 
 
 def test_rows_cut_into_documents():
@@ -127,7 +129,7 @@ def test_rows_cut_into_documents():
     assert all(torch.unique_consecutive(row).tolist() == list(range(8)) for row in ids) and min(lengths) >= 1
 
 
-@pytest.mark.parametrize("name", ["cpu-packed", "cpu-bert-padded"])
+@pytest.mark.parametrize("name", ["cpu-packed", "cpu-bert-padded", "cpu-window"])
 def test_cpu_cases_give_sdpa_the_same_masks(name):
     """SDPA's boolean masks and the native kernels' arguments describe the same attention."""
     masks, _, _ = bench.cpu_case(name, 2, 2, 200, 16)
@@ -143,6 +145,21 @@ def test_packed_providers_compute_attention(provider, is_causal):
     got = bench.make_fn(provider, is_causal, key_mask, ids)(q, k, v)
     want = attention_ref(q, k, v, is_causal=is_causal, attention_mask=key_mask, document_ids=ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("provider", ["sdpa", "minipt-torch", "minipt-native"])
+def test_window_providers_compute_attention(provider):
+    q, k, v = bench.make_qkv(2, 2, 96, 16, "cpu", torch.float32)
+    got = bench.make_fn(provider, True, None, window_size=(10, 0))(q, k, v)
+    want = attention_ref(q, k, v, is_causal=True, window_size=(10, 0))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_window_case_counts_its_tiles_and_pairs():
+    """On the CPU the window case reports its exact tiles alone: about the share of causal pairs it keeps."""
+    (row,) = bench.window_rows("cpu", quick=True)
+    assert bench.window_pairs(10, 3) == sum(min(i + 1, 3) for i in range(10))
+    assert row["pairs_fraction"] < row["fwd_fraction"] < 0.27 and row["dkdv_fraction"] < 0.27
 
 
 def test_quick_cpu_cases_leave_compiled_flex_out(monkeypatch):
