@@ -1,0 +1,48 @@
+"""The optimizer benchmark: its training-time curve and equal-time interpolation, and a tiny run
+of the benchmark itself, both optimizers, to its table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import optimizers
+
+
+def test_training_time_sums_the_log_windows_and_skips_evaluations():
+    rows = [
+        {"iter": 0, "val_loss": 9.0},
+        {"iter": 10, "train_loss": 8.0, "tokens_per_s": 1000.0},  # 10 steps of 100 tokens: 1 s
+        {"iter": 20, "train_loss": 7.0, "tokens_per_s": 500.0},  # 2 s
+        {"iter": 20, "val_loss": 6.0},
+        {"iter": 25, "train_loss": 6.5, "tokens_per_s": 250.0},  # a window cut short by a stop: 5 steps, 2 s
+        {"iter": 25, "val_loss": 5.0},
+    ]
+    curve = optimizers.train_curve(rows, tokens_per_step=100)
+    assert curve == [(0.0, 9.0), (3.0, 6.0), (5.0, 5.0)]
+    assert optimizers.loss_at(curve, 1.5) == pytest.approx(7.5)
+    assert optimizers.loss_at(curve, 5.0) == 5.0 and optimizers.loss_at(curve, 9.0) == 5.0
+
+
+def test_the_quick_run_compares_both_optimizers_at_equal_steps_and_time(bench_device, monkeypatch):
+    if bench_device != "cpu":
+        pytest.skip("the optimizers are compared on the CPU")
+    # the bundled plays at character level and a tiny model: all the table needs to be built
+    monkeypatch.setattr(optimizers, "QUICK", {
+        "max_iters": 6, "eval_interval": 3, "eval_iters": 2, "log_interval": 3, "warmup_iters": 2,
+        "tokenizer": "char", "n_layer": 1, "n_embd": 32, "block_size": 32, "batch_size": 4,
+    })
+    rows = optimizers.run("cpu", quick=True)
+    assert [(r["provider"], r["seed"]) for r in rows] == [("adamw", 1337), ("muon", 1337), ("adamw", "mean"),
+                                                          ("muon", "mean")]
+    adamw, muon = rows[:2]
+    assert adamw["learning_rates"] == "adamw 0.001" and muon["learning_rates"].startswith("adamw 0.001, muon ")
+    for r in (adamw, muon):
+        assert r["max_iters"] == 6 and 0 < r["val_loss"] < math.log(128)  # below a uniform guess over the 128 logits
+        assert 0 < r["train_s"] < r["run_s"] and r["median_ms"] > 0
+        assert r["time_budget_s"] == min(adamw["train_s"], muon["train_s"])
+    faster = min((adamw, muon), key=lambda r: r["train_s"])
+    assert faster["val_loss_at_time"] == faster["val_loss"]
+    assert rows[2]["val_loss"] == adamw["val_loss"] and rows[3]["train_s"] == muon["train_s"]
+    assert optimizers.run("cuda", quick=True)[0]["skipped"].startswith("measured on the CPU")
