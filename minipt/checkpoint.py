@@ -11,9 +11,8 @@ A run folder (``out_dir``) holds
   of a dict of tensors and plain values, read back with ``weights_only=True``);
 * ``metrics.jsonl`` and ``loss.png``.
 
-Every file is written under a temporary name in the same folder, flushed and
-fsync'd, then ``os.replace``'d over the old one, and the folder is fsync'd. A
-checkpoint is two files, model and state: both are written completely under
+Every file is written atomically (:mod:`minipt.atomic`: a temporary name,
+fsync, rename, fsync of the folder). A checkpoint is two files, model and state: both are written completely under
 temporary names before either is renamed, so a crash while writing (the slow
 part) leaves the previous checkpoint whole. Both record their iteration, and
 loading refuses a pair that disagrees, which is what a crash in the instant
@@ -27,12 +26,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
+from minipt.atomic import atomic_write_text, commit, write_temporary
 from minipt.errors import EXIT_FAILED, MiniptError
 
 CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT = (
@@ -49,38 +48,6 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (a full disk, say); the one before it is whole."""
 
     exit_code = EXIT_FAILED
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temporary(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write`` a temporary sibling of ``path`` and fsync it; return its name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _commit(pairs: list[tuple[Path, Path]]) -> None:
-    for tmp, path in pairs:
-        os.replace(tmp, path)
-    _fsync_dir(pairs[0][1].parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    _commit([(_write_temporary(path, lambda p: p.write_text(text, encoding="utf-8")), path)])
 
 
 def rng_state(device: torch.device) -> dict:
@@ -112,8 +79,8 @@ def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, state: dict) ->
     written: list[tuple[Path, Path]] = []
     try:
         write_model = lambda p: save_model(model, str(p), metadata=metadata)  # noqa: E731
-        written.append((_write_temporary(out / MODEL, write_model), out / MODEL))
-        written.append((_write_temporary(out / STATE, lambda p: torch.save(state, p)), out / STATE))
+        written.append((write_temporary(out / MODEL, write_model), out / MODEL))
+        written.append((write_temporary(out / STATE, lambda p: torch.save(state, p)), out / STATE))
     except BaseException as exc:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
@@ -124,7 +91,7 @@ def save_checkpoint(out_dir: str | Path, model: torch.nn.Module, state: dict) ->
             raise CheckpointWriteError(f"could not write the checkpoint of step {state['iter']} in {out} "
                                        f"(is the disk full?): {exc}; {before}") from None
         raise
-    _commit(written)
+    commit(written)
     replacement_done(out)
 
 

@@ -27,6 +27,7 @@ import os
 import shutil
 from pathlib import Path
 
+from minipt.atomic import atomic_write
 from minipt.data.sources import DataError, Source, open_source
 
 HEAD_TAIL = 1 << 16  # bytes hashed at each end of a file keyed by its size and time
@@ -83,17 +84,10 @@ def cache_key(sources: list[Source], settings: dict, by_content: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- entries
-def atomic_save(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def write_meta(folder: Path, meta: dict, files: list[Path]) -> None:
     """``meta.json`` of an entry, with the size of each of its ``files`` for :func:`read_meta` to check."""
     sizes = {p.name: p.stat().st_size for p in sorted(files)}
-    atomic_save(folder / "meta.json", lambda f: f.write(json.dumps({**meta, "sizes": sizes}, indent=2).encode()))
+    atomic_write(folder / "meta.json", lambda f: f.write(json.dumps({**meta, "sizes": sizes}, indent=2).encode()))
 
 
 def read_meta(path: Path) -> dict:

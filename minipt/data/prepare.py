@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minipt.atomic import atomic_write
 from minipt.data import cache as C
 from minipt.data import sources as S
 from minipt.data import tokens as TF
@@ -307,9 +308,9 @@ class _ShardWriter:
     def close(self) -> None:
         self.file.close()
         os.replace(f"{self.stem}.bin.tmp", f"{self.stem}.bin")
-        C.atomic_save(Path(f"{self.stem}.documents.npy"), lambda f: np.save(f, np.asarray(self.documents)))
+        atomic_write(Path(f"{self.stem}.documents.npy"), lambda f: np.save(f, np.asarray(self.documents)))
         if self.model == "bert":
-            C.atomic_save(Path(f"{self.stem}.segments.npy"), lambda f: np.save(f, np.asarray(self.segments)))
+            atomic_write(Path(f"{self.stem}.segments.npy"), lambda f: np.save(f, np.asarray(self.segments)))
 
 
 def _batches(docs: Iterator[tuple], model: str) -> Iterator[list[tuple]]:
@@ -378,7 +379,7 @@ def _tokenize(folder: Path, tok: TextTokenizer, model: str, docs_from, shard_tok
             w.close()
         record = {"next": list(next_position), "documents": docs,
                   **{split: w.num_tokens for split, w in writers.items()}}
-        C.atomic_save(folder / f"part-{len(parts):05d}.json", lambda f: f.write(json.dumps(record).encode()))
+        atomic_write(folder / f"part-{len(parts):05d}.json", lambda f: f.write(json.dumps(record).encode()))
         parts.append(record)
 
     def encode(batch):
@@ -467,7 +468,7 @@ def prepare_data(
                 tok = TextTokenizer.wrap(train_tokenizer(kind, texts, vocab_size, model), model)
                 del texts
             if not (partial / "tokenizer.json").is_file():
-                C.atomic_save(partial / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
+                atomic_write(partial / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
             progress = Progress(total, log)
             try:
                 meta = _tokenize(partial, tok, model, docs_from, shard_tokens, progress)
