@@ -41,7 +41,7 @@ class CommandConfig:
     # ---- system
     device: str = "auto"  # auto, cpu, cuda or cuda:N; auto: this process's GPU if there is one, else the CPU
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on a GPU, else float32), float32 or bfloat16
-    backend: str = "auto"  # minipt.ops backend: auto (triton on CUDA, torch on CPU), torch, triton or native
+    backend: str = "auto"  # minipt.ops backend: auto (triton on CUDA, native on CPU), torch, triton or native
     compile: bool = False  # run the model through torch.compile
     tf32: bool = True  # CUDA: float32 matmuls in TF32, as nanoGPT (about 3e-4 relative error); false: full float32
     seed: int = 1337  # seeds everything random the command does
