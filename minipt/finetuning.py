@@ -39,7 +39,9 @@ from minipt.data import genre
 from minipt.data.examples import collate, encode, epoch_order, split_examples
 from minipt.errors import Interrupted
 from minipt.load import is_hf_folder, load_run
-from minipt.loop import Schedule, flush_window, holding_run_folder, make_optimizer, stop_requested, wrap_ddp
+from minipt.loop import (
+    Schedule, flush_window, holding_run_folder, make_optimizer, save_on_main, stop_requested, wrap_ddp,
+)
 from minipt.models import CLASSIFIER, BertClassifier, BertClassifierConfig, build_model
 from minipt.ops import cross_entropy, resolve_backends
 from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses
@@ -188,10 +190,7 @@ class Finetune:
         ckpt.restore_rng_state(state["rng"], self.rt.device, self.rt.rank)
 
     def save(self) -> None:
-        state = self.state_dict()  # on every rank: the generators are gathered
-        if self.rt.is_main:
-            ckpt.save_checkpoint(self.out, self.model, state)
-        self.rt.barrier()
+        save_on_main(self.rt, self.out, self.model, self.state_dict())  # state_dict on every rank: it gathers
 
     def flush(self, window: TrainWindow, progress: Progress) -> None:
         flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1), out=self.out)

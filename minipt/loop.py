@@ -6,6 +6,7 @@
 * :func:`wrap_ddp`: the model as DistributedDataParallel under ``torchrun``.
 * :func:`flush_window`: the train-loss row logged every ``log_interval`` steps,
   the one place the host reads the loss, and where a non-finite one stops the run.
+* :func:`save_on_main`: rank 0 writes a checkpoint while the others wait.
 * :func:`stop_requested`: Ctrl-C or SIGTERM, agreed on by every rank.
 * :func:`resumed_config`: a ``--resume`` command line over the settings a run saved.
 * :func:`holding_run_folder`: the run folder locked for the run's life, and a
@@ -172,6 +173,13 @@ def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: 
         append_metrics(out, row)
     progress.train_row(row)
     window.reset(step)
+
+
+def save_on_main(rt: Runtime, out: Path, model: torch.nn.Module, state: dict) -> None:
+    """Rank 0 writes the checkpoint (``state`` was gathered on every rank); every rank waits for it."""
+    if rt.is_main:
+        ckpt.save_checkpoint(out, model, state)
+    rt.barrier()
 
 
 def stop_requested(stop: StopRequest, rt: Runtime, *, step: int, log_interval: int) -> bool:

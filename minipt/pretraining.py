@@ -40,7 +40,8 @@ from minipt.errors import Interrupted
 from minipt.inference import show_trained
 from minipt.load import load_run, read_model_config
 from minipt.loop import (
-    Schedule, flush_window, holding_run_folder, make_optimizer, resumed_config, stop_requested, wrap_ddp,
+    Schedule, flush_window, holding_run_folder, make_optimizer, resumed_config, save_on_main, stop_requested,
+    wrap_ddp,
 )
 from minipt.models import MODEL_KINDS, BertConfig, GPTConfig, build_model
 from minipt.ops import resolve_backends
@@ -218,10 +219,7 @@ class Run:
         ckpt.restore_rng_state(state["rng"], self.rt.device, self.rt.rank)
 
     def save(self) -> None:
-        state = self.state_dict()  # on every rank: the generators are gathered
-        if self.rt.is_main:
-            ckpt.save_checkpoint(self.out, self.model, state)
-        self.rt.barrier()
+        save_on_main(self.rt, self.out, self.model, self.state_dict())  # state_dict on every rank: it gathers
 
     # ---- steps
     def step(self) -> torch.Tensor:
