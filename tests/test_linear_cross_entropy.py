@@ -22,7 +22,12 @@ DEVICE = TRITON_DEVICE
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 5 rows at V = 4099 in float32, so every shape here spans several chunks and a ragged last one."""
-    monkeypatch.setattr(lce_module, "CHUNK_LOGITS_BYTES", 5 * 4099 * 4)
+    _set_chunk_budget(monkeypatch, 5 * 4099 * 4)
+
+
+def _set_chunk_budget(monkeypatch, nbytes):
+    """Every device's budget at once, so a test chunks alike wherever it runs."""
+    monkeypatch.setattr(lce_module, "CHUNK_LOGITS_BYTES", dict.fromkeys(lce_module.CHUNK_LOGITS_BYTES, nbytes))
     monkeypatch.setattr(lce_module, "CHUNK_ROW_MULTIPLE", 1)
 
 
@@ -166,6 +171,50 @@ def test_small_chunks_reach_every_backend(backend, small_chunks, monkeypatch):
     assert_close_all(got, reference(hidden, weight, bias, target, "none"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_cpu_chunks_share_one_buffer_for_logits_and_gradient(dtype, small_chunks, poisoned_empty, monkeypatch):
+    """On the CPU every chunk's logits and their gradient live in one buffer: the gradient is written over
+    the logits, and the ragged last chunk reuses the buffer's first rows. The results stay the reference's."""
+    buffers = []
+    kernel = lce_module.CHUNK_CROSS_ENTROPY["native"]
+
+    def recording(logits, *args):
+        loss, grad = kernel(logits, *args)
+        buffers.append((logits.data_ptr(), grad.data_ptr()))
+        return loss, grad
+
+    monkeypatch.setitem(lce_module.CHUNK_CROSS_ENTROPY, "native", recording)
+    hidden, weight, bias, target = (t.cpu() for t in make_inputs(33, 16, 4099, True, "some", dtype))
+    kw = dict(label_smoothing=0.1)
+    got = loss_and_grads(linear_cross_entropy, hidden, weight, bias, target, "mean", backend="native", **kw)
+    rows = 5 * 4 // dtype.itemsize  # small_chunks: 5 rows of float32, 10 of bfloat16
+    assert len(buffers) == -(-33 // rows) and len(set(buffers)) == 1 and buffers[0][0] == buffers[0][1]
+    if dtype == torch.float32:
+        assert_close_all(got, reference(hidden, weight, bias, target, "mean", **kw))
+    else:
+        assert_three_way(got, hidden, weight, bias, target, "mean", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_native_cpu_gradient_in_place_is_the_gradient_out_of_place(dtype):
+    """The C++ backward may write over its logits: bit for bit what it writes into a separate buffer, with
+    label smoothing, ignored rows and -inf columns, on enough rows to run in parallel."""
+    from minipt.ops.cross_entropy import native_cross_entropy_backward, native_forward_of_checked_targets
+
+    N, V = 64, 4099
+    logits = (torch.randn(N, V) * 3).to(dtype)
+    logits[:, :50] = float("-inf")
+    target = torch.randint(50, V, (N,))
+    target[::5] = -100
+    grad_scale = torch.tensor(0.25)
+    _, lse = native_forward_of_checked_targets(logits, target, -100, 0.1)
+    want = native_cross_entropy_backward(logits, target, lse, grad_scale.expand(N).contiguous(), -100, 0.1)
+    buffer = logits.clone()
+    _, got = lce_module._chunk_cross_entropy_native(buffer, target, -100, 0.1, grad_scale)
+    assert got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_targets_are_checked_once_a_call_not_once_a_chunk(backend, small_chunks, monkeypatch):
     ce_module = importlib.import_module("minipt.ops.cross_entropy")
@@ -190,8 +239,7 @@ def test_gradient_sums_over_chunks_stay_float32(backend, monkeypatch):
     hidden, weight, bias, target = make_inputs(256, 16, 41, True, "none", dtype)
     grads = {}
     for rows in (256, 1):
-        monkeypatch.setattr(lce_module, "CHUNK_LOGITS_BYTES", rows * 41 * 2)
-        monkeypatch.setattr(lce_module, "CHUNK_ROW_MULTIPLE", 1)
+        _set_chunk_budget(monkeypatch, rows * 41 * 2)
         _, grads[rows] = loss_and_grads(linear_cross_entropy, hidden, weight, bias, target, "sum", backend=backend)
     _, want = reference(hidden, weight, bias, target, "sum")
     for name, one, many, w in zip(("hidden", "weight", "bias"), grads[256], grads[1], want):
@@ -253,6 +301,23 @@ def test_only_some_inputs_require_grad_and_no_grad_mode(backend, small_chunks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_second_backward_through_one_call_is_refused(backend, small_chunks):
+    """The first backward scales the forward's gradients in place (they are held once, not twice), so a
+    second one through the same call is a named error rather than gradients scaled twice; "none" recomputes."""
+    hidden, weight, bias, target = make_inputs(11, 8, 300, True, "some")
+    h = hidden.clone().requires_grad_()
+    loss = linear_cross_entropy(h, weight, target, bias=bias, backend=backend) * 3
+    (first,) = torch.autograd.grad(loss, h, retain_graph=True)
+    with pytest.raises(RuntimeError, match="linear_cross_entropy: backward ran twice through one call"):
+        torch.autograd.grad(loss, h)
+    (want,) = torch.autograd.grad(linear_cross_entropy_ref(h, weight, target, bias=bias) * 3, h)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-6)
+    rows = linear_cross_entropy(h, weight, target, bias=bias, reduction="none", backend=backend).sum()
+    twice = [torch.autograd.grad(rows, h, retain_graph=True)[0] for _ in range(2)]
+    torch.testing.assert_close(twice[0], twice[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_runs_the_linear_layer_in_the_autocast_dtype(backend, small_chunks):
     """float32 parameters under bf16 autocast, as training runs the LM head: the same as casting by hand."""
     hidden, weight, bias, target = make_inputs(17, 32, 1000, True, "some")
@@ -279,13 +344,17 @@ def test_non_contiguous_hidden_and_weight(backend, small_chunks, poisoned_empty)
     assert_close_all(got, reference(hidden, weight, None, target, "sum"))
 
 
-def test_default_chunking_bounds_the_chunk_logits():
-    assert lce_module._chunk_rows(16384, 50304, torch.bfloat16) == 2624
-    assert lce_module._chunk_rows(100, 50304, torch.bfloat16) == 100
-    assert lce_module._chunk_rows(10**6, 10**7, torch.float32) == lce_module.CHUNK_ROW_MULTIPLE
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_default_chunking_bounds_the_chunk_logits(device):
+    device = torch.device(device)  # the policy only: nothing is allocated on the device
+    budget = lce_module.CHUNK_LOGITS_BYTES[device.type]
+    if device.type == "cuda":
+        assert lce_module._chunk_rows(16384, 50304, torch.bfloat16, device) == 2624
+    assert lce_module._chunk_rows(100, 50304, torch.bfloat16, device) == 100
+    assert lce_module._chunk_rows(10**6, 10**7, torch.float32, device) == lce_module.CHUNK_ROW_MULTIPLE
     for N, V, dtype in ((16384, 50304, torch.bfloat16), (8192, 128256, torch.float32)):
-        rows = lce_module._chunk_rows(N, V, dtype)
-        assert rows * V * torch.finfo(dtype).bits // 8 <= lce_module.CHUNK_LOGITS_BYTES
+        rows = lce_module._chunk_rows(N, V, dtype, device)
+        assert rows * V * torch.finfo(dtype).bits // 8 <= budget
         assert rows % lce_module.CHUNK_ROW_MULTIPLE == 0
 
 
