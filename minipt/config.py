@@ -312,6 +312,16 @@ def _interval(name, value, lo, hi, *, closed=True, upper_open=False) -> None:
         raise ConfigError(f"{name} must be in {left}{lo}, {hi}{right}, got {value}")
 
 
+@dataclass
+class ExportConfig:
+    out_dir: str = "out"  # the run to export: a pretraining run (GPT or BERT) or a fine-tune run
+    to: str = ""  # the folder to write (required), which from_pretrained loads: weights, config and tokenizer
+    overwrite: bool = False  # write into a folder that already holds files
+
+    def __post_init__(self):
+        check_types(self)
+
+
 # ----------------------------------------------------------------------------- field types and help
 def _field_order(cls) -> list[dataclasses.Field]:
     """The fields of ``cls``: those a command declares itself first, then the shared ones it inherits."""

@@ -348,20 +348,12 @@ def _finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log) -> Finetune:
 
 
 def export(model: BertClassifier, tok: TextTokenizer, labels: list[str], folder: Path, log=print) -> bool:
-    """The model as transformers' BertForSequenceClassification, with its tokenizer.json, in ``folder``.
+    """The model as transformers' BertForSequenceClassification, with its tokenizer, in ``folder``.
 
     Without ``transformers`` installed, says how to get it and returns False: the run is saved either way."""
     try:
-        logging = hf.require_transformers().utils.logging
+        hf.save_pretrained(model, tok, folder, labels=labels)
     except hf.MissingDependency as exc:
         log(f"note: no Hugging Face export: {exc}")
         return False
-    shown = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()  # a bar for one shard written in an instant is carriage returns in a log
-    try:
-        hf.to_hf(model, labels=labels).save_pretrained(folder)
-    finally:
-        if shown:
-            logging.enable_progress_bar()
-    tok.save(folder / ckpt.TOKENIZER)
     return True

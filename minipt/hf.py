@@ -43,6 +43,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from tokenizers import Tokenizer, processors
 
 from minipt.checkpoint import CheckpointError
 from minipt.errors import MiniptError
@@ -513,3 +514,35 @@ def classifier_to_hf(bert: BERT, classifier: torch.nn.Linear, labels: list[str])
 
     _load_into_hf(hf_model, weights)
     return hf_model
+
+
+def save_pretrained(model, tok, folder: str | Path, *, labels: list[str] | None = None) -> None:
+    """``model`` (see :func:`to_hf`) and its tokenizer as a folder that ``from_pretrained`` loads, tokenizer included.
+
+    The tokenizer is ``tokenizer.json`` with a ``tokenizer_config.json`` naming its
+    special tokens, which ``AutoTokenizer`` reads as a fast tokenizer."""
+    folder = Path(folder)
+    logging = require_transformers().utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # a bar for one shard written in an instant is carriage returns in a log
+    try:
+        to_hf(model, labels=labels).save_pretrained(folder)
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+    tokenizer = Tokenizer.from_str(tok.to_str())
+    if tok.cls_id is not None and tokenizer.post_processor is None:
+        # transformers' tokenizer adds [CLS] and [SEP] through the post-processor; minipt adds them itself
+        cls, sep = tok.id_to_token(tok.cls_id), tok.id_to_token(tok.sep_id)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, tok.cls_id), (sep, tok.sep_id)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    ids = {"cls_token": tok.cls_id, "sep_token": tok.sep_id, "pad_token": tok.pad_id, "mask_token": tok.mask_id}
+    if tok.eot_id is not None:  # GPT-2's one special token opens, ends and pads a document
+        ids.update(bos_token=tok.eot_id, eos_token=tok.eot_id, unk_token=tok.eot_id)
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
+                **{name: tok.id_to_token(i) for name, i in ids.items() if i is not None}}
+    if tok.cls_id is not None:  # BERT's inputs carry the segment of each token
+        settings.update(unk_token="[UNK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")

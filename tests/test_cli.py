@@ -192,7 +192,7 @@ def test_a_runs_own_config_json_repeats_the_run(tmp_path):
     assert ckpt.load_state(again)["iter"] == 2
 
 
-@pytest.mark.parametrize("command", ["train", "finetune", "eval", "sample"])
+@pytest.mark.parametrize("command", ["train", "finetune", "eval", "sample", "export"])
 def test_every_commands_help_is_plain_text_with_an_example(command, capsys):
     import importlib
 
