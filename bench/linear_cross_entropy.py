@@ -141,7 +141,7 @@ def measure_apart(providers, shape, device: str, rounds: int, rep: int) -> dict[
     """``{provider: fields}``: each provider's peak (or why it did not run) and its median over ``rounds``
     turns of ``time_ms``, every provider in a spawned process of its own, the processes taking turns."""
     context = multiprocessing.get_context("spawn")
-    results, workers = {}, {}
+    results, started, workers = {}, {}, {}
     try:
         for provider in providers:
             reason = unavailable(provider, device)
@@ -152,8 +152,11 @@ def measure_apart(providers, shape, device: str, rounds: int, rep: int) -> dict[
             process = context.Process(target=serve, args=(theirs, provider, shape, device, torch.get_num_threads()))
             process.start()
             theirs.close()
+            started[provider] = (process, ours)
+        # The processes start and take their peaks together (a process's peak is its own); only times take turns.
+        for provider, (process, ours) in started.items():
             try:
-                results[provider] = ours.recv()  # one peak at a time: no two first steps overlap
+                results[provider] = ours.recv()
             except EOFError:
                 results[provider] = {"error": f"its process died (exit code {process.join() or process.exitcode})"}
             if not {"skipped", "error"} & results[provider].keys():
@@ -168,7 +171,7 @@ def measure_apart(providers, shape, device: str, rounds: int, rep: int) -> dict[
         for provider, t in times.items():
             results[provider]["median_ms"] = statistics.median(t)
     finally:
-        for process, conn in workers.values():
+        for process, conn in started.values():
             try:
                 conn.send(None)
             except OSError:
