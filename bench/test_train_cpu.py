@@ -56,6 +56,15 @@ def test_recipe_baseline_step(benchmark, measure, cpu_only):
     assert math.isfinite(measure(step).item())
 
 
+def test_seconds_to_loss_interpolates_between_evaluations():
+    evals = [(1.0, 4.0), (3.0, 3.0), (5.0, 2.0), (7.0, 1.5)]
+    assert train_cpu.seconds_to_loss(evals, 4.5) == 1.0
+    assert train_cpu.seconds_to_loss(evals, 2.5) == 4.0
+    assert train_cpu.seconds_to_loss(evals, 1.5) == 7.0
+    with pytest.raises(ValueError, match="never reached"):
+        train_cpu.seconds_to_loss(evals, 1.0)
+
+
 def test_recipe_model_is_nanogpts_size_and_minipts_shape():
     s = train_cpu.RECIPE
     recipe = train_cpu.RecipeGPT(65, s["block_size"], s["n_layer"], s["n_head"], s["n_embd"])
@@ -79,15 +88,22 @@ def test_the_quick_run_compares_both_loops_on_the_same_tokens(cpu_only, monkeypa
     monkeypatch.setattr(train_cpu, "QUICK", {**train_cpu.QUICK, "max_iters": 20, "lr_decay_iters": 20,
                                              "eval_interval": 10, "eval_iters": 2})
     rows = train_cpu.run("cpu", quick=True)
-    recipe, ours, published = rows
-    assert [r["provider"] for r in rows] == ["nanogpt-recipe", "minipt", "nanogpt (published, not rerun)"]
-    assert recipe["ratio"] == recipe["run_ratio"] == 1.0
-    assert ours["ratio"] == pytest.approx(recipe["median_ms"] / ours["median_ms"])
-    assert ours["run_ratio"] == pytest.approx(recipe["run_s"] / ours["run_s"])
-    for r in (recipe, ours):
+    recipe, native, torch_ops, published = rows
+    assert [r["provider"] for r in rows] == [
+        "nanogpt-recipe", "minipt-native", "minipt-torch", "nanogpt (published, not rerun)"]
+    assert recipe["ratio"] == recipe["run_ratio"] == recipe["to_loss_ratio"] == 1.0
+    target = max(r["val_loss"] for r in rows[:3])
+    for ours in (native, torch_ops):
+        assert ours["ratio"] == pytest.approx(recipe["median_ms"] / ours["median_ms"])
+        assert ours["run_ratio"] == pytest.approx(recipe["run_s"] / ours["run_s"])
+        assert ours["to_loss_ratio"] == pytest.approx(recipe["to_loss_s"] / ours["to_loss_s"])
+        assert ours["prep_s"] > 0
+    for r in (recipe, native, torch_ops):
         assert r["max_iters"] == 20 and r["n_layer"] == train_cpu.RECIPE["n_layer"]
-        # the plays have 78 characters: after 20 steps both loops are below ln 65, nanoGPT's uniform guess
+        # the plays have 78 characters: after 20 steps every loop is below ln 65, nanoGPT's uniform guess
         assert 0 < r["val_loss"] < math.log(65)
         assert r["median_ms"] > 0 and r["run_s"] > 0
-    assert ours["prep_s"] > 0 and published == {**published, **train_cpu.ANCHOR}
+        # every run reaches the highest last loss, within its own run
+        assert r["target_val_loss"] == target and 0 < r["to_loss_s"] <= r["run_s"]
+    assert published == {**published, **train_cpu.ANCHOR}
     assert train_cpu.run("cuda", quick=True)[0]["skipped"].startswith("nanoGPT's CPU recipe runs on the CPU")

@@ -8,7 +8,7 @@ steps and decayed to 1e-4, dropout 0, no bias, evaluation every 250 steps on
 tokenizer, split 90/10 along the character stream as nanoGPT's ``prepare.py``
 splits ``input.txt``.
 
-Two runs, one after the other, on the same tokens:
+Three runs, one after the other, on the same tokens:
 
 * ``nanogpt-recipe``: nanoGPT's source is not available offline, so this is a
   plain-PyTorch GPT-2 written after nanoGPT's ``model.py`` (SDPA attention,
@@ -18,14 +18,22 @@ Two runs, one after the other, on the same tokens:
   checkpoint whenever val improves, ``loss.item()`` every step
   (``--log_interval=1``), non-fused AdamW on the CPU, and its 2001 steps (its
   loop runs the last evaluation before a final step). It is the baseline of
-  ``ratio`` (per step) and ``run_ratio`` (whole run).
-* ``minipt``: ``python -m minipt.train`` with the same settings
-  (``--tokenizer=char --split=stream --bias=false``), run in-process and timed
-  from call to return: config, cached data, model, 2000 steps, evaluations on 20
-  fixed validation batches, checkpoints and the final loss plot. Tokenizing the
-  corpus is timed apart (``prep_s``), as nanoGPT's ``prepare.py`` is.
+  ``ratio`` (per step), ``run_ratio`` (whole run) and ``to_loss_ratio``.
+* ``minipt-native`` and ``minipt-torch``: ``python -m minipt.train`` with the same
+  settings (``--tokenizer=char --split=stream --bias=false``) and
+  ``--backend=native`` (the C++ kernels, what ``auto`` picks on a CPU) or
+  ``--backend=torch`` (PyTorch's ops), run in-process and timed from call to
+  return: config, cached data, model, 2000 steps, evaluations on 20 fixed
+  validation batches, checkpoints and the final loss plot. Tokenizing the corpus
+  is timed apart (``prep_s``), as nanoGPT's ``prepare.py`` is.
 
-``val_loss`` is each run's last validation loss. The published nanoGPT figures
+``val_loss`` is each run's last validation loss. ``target_val_loss`` is the
+highest of the three, a loss every run reaches; ``to_loss_s`` is the wall time
+from a run's start until its validation loss first reaches it, interpolated
+linearly between the two evaluations around the crossing (each evaluation's
+time is taken when it ends; evaluations come every 250 steps), and
+``to_loss_ratio`` is the recipe's ``to_loss_s`` over the row's. The
+published nanoGPT figures
 measured on this kind of machine (val loss 1.80, 33 ms a step, 74 s a run) are
 printed as a reference row; they were not measured here, and their corpus
 (the plays with their markdown kept, or not) may differ from this one. The CPU
@@ -35,9 +43,13 @@ taken under load (above the core count) are marked in ``note``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
+import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +71,7 @@ RECIPE = dict(
 QUICK = dict(max_iters=100, lr_decay_iters=100, warmup_iters=10, eval_interval=50, eval_iters=5)
 ANCHOR = dict(val_loss=1.80, median_ms=33.0, run_s=74.0)  # nanoGPT, measured on this kind of machine
 WEIGHT_DECAY, BETA1, GRAD_CLIP = 0.1, 0.9, 1.0
+PROVIDERS = ("nanogpt-recipe", "minipt-native", "minipt-torch")  # the baseline first
 
 
 # ----------------------------------------------------------------------------- the nanoGPT-recipe baseline
@@ -156,12 +169,13 @@ def nanogpt_recipe_run(paths: dict[str, Path], dtype: str, vocab_size: int, s: d
         lr=s["learning_rate"], betas=(BETA1, s["beta2"]),
     )
     X, Y = get_batch("train")
-    best_val, step_ms, it, t0 = 1e9, [], 0, time.perf_counter()
+    best_val, step_ms, evals, it, t0 = 1e9, [], [], 0, time.perf_counter()
     while True:
         for group in optimizer.param_groups:
             group["lr"] = recipe_lr(it, s)
         if it % s["eval_interval"] == 0:
             losses = estimate_loss()
+            evals.append((time.perf_counter() - start, losses["val"]))
             if losses["val"] < best_val:
                 best_val = losses["val"]
                 if it > 0:
@@ -180,24 +194,60 @@ def nanogpt_recipe_run(paths: dict[str, Path], dtype: str, vocab_size: int, s: d
         it += 1
         if it > s["max_iters"]:
             break
-    return {"val_loss": losses["val"], "median_ms": statistics.median(step_ms), "run_s": time.perf_counter() - start}
+    return {"val_loss": losses["val"], "median_ms": statistics.median(step_ms), "run_s": time.perf_counter() - start,
+            "evals": evals}
 
 
 # ----------------------------------------------------------------------------- minipt
-def minipt_run(cache_dir: Path, s: dict, out_dir: Path) -> dict:
+class _TimedLines(io.TextIOBase):
+    """A stdout that passes lines on and notes when each evaluation's line ("step N: ...") was printed."""
+
+    def __init__(self, stream, start: float):
+        self.stream, self.start, self.eval_s, self.pending = stream, start, {}, ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            match = re.match(r"step (\d+): .*val_loss", line)
+            if match:
+                self.eval_s[int(match.group(1))] = time.perf_counter() - self.start
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def minipt_run(cache_dir: Path, s: dict, out_dir: Path, backend: str) -> dict:
     argv = [f"--{k}={v}" for k, v in s.items()] + [
         "--tokenizer=char", "--split=stream", "--bias=false", f"--cache_dir={cache_dir}", f"--out_dir={out_dir}",
-        "--device=cpu", "--progress=false", "--sample_tokens=0", "--log_interval=10",
+        "--device=cpu", "--progress=false", "--sample_tokens=0", "--log_interval=10", f"--backend={backend}",
     ]
     start = time.perf_counter()
-    if minipt_train.main(argv) != 0:
+    lines = _TimedLines(sys.stdout, start)
+    with contextlib.redirect_stdout(lines):
+        status = minipt_train.main(argv)
+    if status != 0:
         raise RuntimeError("the minipt run failed; see its output above")
     run_s = time.perf_counter() - start
     rows = read_metrics(out_dir)
     tokens_per_step = s["batch_size"] * s["block_size"]
     step_ms = [1e3 * tokens_per_step / r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    val = [r["val_loss"] for r in rows if "val_loss" in r]
-    return {"val_loss": val[-1], "median_ms": statistics.median(step_ms), "run_s": run_s}
+    evals = [(lines.eval_s[r["iter"]], r["val_loss"]) for r in rows if "val_loss" in r]
+    return {"val_loss": evals[-1][1], "median_ms": statistics.median(step_ms), "run_s": run_s, "evals": evals}
+
+
+def seconds_to_loss(evals: list[tuple[float, float]], target: float) -> float:
+    """When the validation loss first reaches ``target``, interpolated linearly between the evaluations
+    ``(seconds, loss)`` around the crossing."""
+    for i, (t, loss) in enumerate(evals):
+        if loss <= target:
+            if i == 0:
+                return t
+            t0, loss0 = evals[i - 1]
+            return t0 + (t - t0) * (loss0 - target) / (loss0 - loss)
+    raise ValueError(f"the validation loss never reached {target}: {evals}")
 
 
 def run(device: str, quick: bool) -> list[dict]:
@@ -216,21 +266,28 @@ def run(device: str, quick: bool) -> list[dict]:
         # the plays fit one shard per split: the nanoGPT loop reads each as its train.bin / val.bin
         assert len(prep.train.shards) == len(prep.val.shards) == 1
         paths = {split: prep.cache_path / f"{split}-00000.bin" for split in ("train", "val")}
-        for provider in ("nanogpt-recipe", "minipt"):
+        evals = {}
+        for provider in PROVIDERS:
             load = os.getloadavg()[0]
             out = tmp / provider
             out.mkdir()
-            if provider == "minipt":
-                result = minipt_run(tmp / "cache", settings, out)
+            if provider.startswith("minipt"):
+                result = minipt_run(tmp / "cache", settings, out, provider.removeprefix("minipt-"))
             else:
                 result = nanogpt_recipe_run(paths, prep.train.shards[0].tokens.dtype, prep.tokenizer.vocab_size, settings, out)
+            evals[provider] = result.pop("evals")
             note = f"under load ({load:.1f} > {cores} cores): rerun when quiet" if load > cores else None
             rows.append({"name": "shakespeare_char", "provider": provider, **size, **result, "load_1min": load,
-                         **({"prep_s": prep_s} if provider == "minipt" else {}), **({"note": note} if note else {})})
+                         **({"prep_s": prep_s} if provider != PROVIDERS[0] else {}), **({"note": note} if note else {})})
     base = rows[0]
+    target = max(r["val_loss"] for r in rows)
     for r in rows:
         r["ratio"] = base["median_ms"] / r["median_ms"]
         r["run_ratio"] = base["run_s"] / r["run_s"]
+        r["target_val_loss"] = target
+        r["to_loss_s"] = seconds_to_loss(evals[r["provider"]], target)
+    for r in rows:
+        r["to_loss_ratio"] = base["to_loss_s"] / r["to_loss_s"]
     rows.append({"name": "shakespeare_char", "provider": "nanogpt (published, not rerun)", **size, **ANCHOR})
     return rows
 
