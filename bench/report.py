@@ -72,6 +72,13 @@ ABOUT = {
         "Test accuracy is scored once with the epoch validation picked; `majority_rate` is what always "
         "guessing the commonest genre scores; `margin_points` is the difference of the mean test accuracies"
     ),
+    "train": (
+        "nanoGPT's CPU recipe on the plays at character level (`bench/train_cpu.py`): minipt's trainer on its "
+        "native and torch backends against a transcription of nanoGPT's loop, one run after the other. "
+        "`to_loss_s` is each run's wall time until its validation loss first reaches `target_val_loss`, the "
+        "highest last loss of the runs, interpolated between evaluations; `to_loss_ratio` is the recipe's over "
+        "the row's; `load_1min` is the load average as each run started"
+    ),
 }
 
 HIDDEN = ("loss", "warmup_s")  # the e2e run's sanity checks, not results
@@ -224,8 +231,11 @@ def render(root: Path = RESULTS_DIR) -> str:
         "Every figure below comes from a results file under `bench/results/<device>/`, written by",
         "`python -m bench` (or `python -m bench.<name>`). Times are medians; `ratio` is the PyTorch",
         "baseline's time over the row's time, both measured in the same run (above 1 = faster than the",
-        "baseline); `ratio_vs_hf` does the same against Hugging Face. GPU and CPU figures are kept",
-        "apart: a CPU figure says nothing about a GPU.",
+        "baseline); `ratio_vs_hf`, `ratio_vs_chunked` and `ratio_vs_flex` do the same against Hugging",
+        "Face, PyTorch's chunked `F.linear_cross_entropy` and FlexAttention. `peak_mem_mb` is a step's",
+        "peak above what was allocated before it: `torch.cuda.max_memory_allocated` on a GPU; on the",
+        "CPU, where a benchmark reports it, the peak RSS of its first step, each provider in a process",
+        "of its own. GPU and CPU figures are kept apart: a CPU figure says nothing about a GPU.",
         "",
         RUNNING,
         "",
