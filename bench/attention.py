@@ -83,6 +83,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -314,10 +315,24 @@ def cpu_peers(name: str, mode: str, masks: dict, qkv, quick: bool) -> dict:
         return {"flex": "left out of --quick: compiling it for the CPU takes about a minute a mask"}
     try:
         step = make_step(flex_fn(masks["is_causal"], masks["key_mask"], masks.get("document_ids")), *qkv, mode)
+        if mode == "fwd+bwd":
+            flex_backward_check(qkv[0].device)
         step()
     except (BackendUnavailableError, NotImplementedError) as exc:
         return {"flex": str(exc).splitlines()[0][:300]}
     return {"flex": step}
+
+
+def flex_backward_check(device) -> None:
+    """Raises NotImplementedError where FlexAttention has no backward on ``device``. Asked of an eager call on
+    a tiny input: after a compiled call that raised, torch.compile ran flex_attention eagerly from then on
+    (the packed CPU case then took 5.2 s, not 0.14 s)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    x = torch.zeros(1, 1, 16, 16, device=device, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that flex_attention runs uncompiled
+        flex_attention(x, x, x).sum().backward()
 
 
 def add_ratio_vs_flex(group: list[dict]) -> None:
