@@ -110,7 +110,9 @@ def run_variant(v: dict) -> None:
         q, k, v_ = (torch.randn(B, H, T, D).to(dtype).requires_grad_() for _ in range(3))
         mask = torch.arange(T)[None, :] < torch.tensor([T, T // 2 + 1][:B])[:, None] if v["mask"] else None
         ids = torch.arange(T).div(100, rounding_mode="floor").expand(B, T) if v.get("docs") else None
-        out = attention(q, k, v_, is_causal=v["causal"], attention_mask=mask, document_ids=ids, backend="triton")
+        window = tuple(v["window"]) if v.get("window") else None
+        out = attention(q, k, v_, is_causal=v["causal"], attention_mask=mask, document_ids=ids, window_size=window,
+                        backend="triton")
         out.backward(torch.randn(out.shape, dtype=dtype))
     elif v["op"] in ("cross_entropy", "linear_cross_entropy"):
         N, V = v["shape"]

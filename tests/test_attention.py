@@ -492,6 +492,9 @@ def test_launch_table_covers_every_kernel_and_falls_back_to_the_nearest_lower_ca
     assert {(8, 0), (8, 6), (8, 9), (9, 0)} <= set(attention_triton._CONFIGS)
     for capability, table in attention_triton._CONFIGS.items():
         assert set(table) == keys, capability
+    assert set(attention_triton._WINDOW_CONFIGS) == set(attention_triton._CONFIGS)
+    for capability, table in attention_triton._WINDOW_CONFIGS.items():
+        assert set(table) <= keys, capability
     expected = {(8, 0): (8, 0), (8, 6): (8, 6), (8, 7): (8, 6), (8, 9): (8, 9), (9, 0): (9, 0), (10, 0): (9, 0),
                 (12, 1): (9, 0), (7, 5): (8, 0)}
     assert {c: attention_triton._table_capability(c) for c in expected} == expected

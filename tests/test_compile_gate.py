@@ -11,11 +11,13 @@ kernel's signature or launcher needs no change here.
 Coverage. sm_80 and sm_90: the fp16/bf16 attention variants exhaustively (head dims
 16-128, causal or not, masked or not, long sequences), fp32 and short sequences
 sampled, packed documents (document_ids) at head dims 64 and 128 with causal
-or padding, plus the cross-entropy (forward with and without the fused gradient,
+or padding, sliding windows (window_size, whose edge loop the forward and dQ
+kernels add) at head dims 64 and 128 with causal or padding, with documents,
+in fp32 and on short sequences, plus the cross-entropy (forward with and without the fused gradient,
 backward) and mlm_mask kernels. sm_86 and sm_89, whose ~99 KB of shared memory per
 block is the tightest: their own launch table's 16-bit attention variants at head
 dims 64 and 128 (sm_89: bf16 only; fp16 compiles to the same registers), and on sm_86
-one packed variant for the dQ entry packed rows take below sm_90.
+one packed variant for the dQ entry packed rows take below sm_90, and one windowed.
 Several minutes of compiling on two cores, hence ``slow`` (which CI runs too).
 """
 
@@ -40,9 +42,9 @@ ATTENTION_KERNELS = {"_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_a
 TENSOR_CORE_KERNELS = {"_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"}
 
 
-def attention_variant(D, dtype, is_causal, masked, T=1024, docs=False):
+def attention_variant(D, dtype, is_causal, masked, T=1024, docs=False, window=None):
     return {"op": "attention", "shape": [2, 3, T, D], "dtype": dtype, "causal": is_causal, "mask": masked,
-            "docs": docs}
+            "docs": docs, "window": window}
 
 
 def attention_16bit(dtypes=("float16", "bfloat16"), head_dims=(16, 32, 64, 128)):
@@ -72,6 +74,20 @@ ATTENTION_DOCUMENTS = [
     attention_variant(128, "bfloat16", True, True, docs=True),
     attention_variant(64, "float16", False, False, docs=True),
 ]
+# Sliding windows, whose launches take their own entries where the table's spilled: each 16-bit
+# launch-table entry, causal or bidirectional with padding; with documents; fp32; a short sequence's
+# configs. Every combination of masks was compiled once for sm_80 and sm_90 when those entries were chosen.
+ATTENTION_WINDOWS = [
+    *(attention_variant(D, dtype, c, m, window=w) for dtype in ("float16", "bfloat16") for D in (64, 128)
+      for c, m, w in ((True, False, [255, 0]), (False, True, [128, 128]))),
+    attention_variant(128, "bfloat16", True, True, docs=True, window=[255, 0]),
+    attention_variant(64, "float16", False, False, docs=True, window=[31, 200]),
+    attention_variant(128, "float32", True, False, window=[100, 0]),
+    attention_variant(64, "float32", False, True, window=[64, 64]),
+    attention_variant(64, "float32", False, False, docs=True, window=[128, 128]),
+    attention_variant(128, "bfloat16", True, False, T=64, window=[20, 0]),
+    attention_variant(32, "float16", False, True, T=1000, window=[7, 3]),
+]
 LOSS_AND_MASKING = [
     {"op": "cross_entropy", "shape": [8, 50257], "dtype": "bfloat16"},
     {"op": "cross_entropy", "shape": [8, 50257], "dtype": "float32"},
@@ -84,9 +100,10 @@ LOSS_AND_MASKING = [
     {"op": "mlm_mask", "shape": [3, 100], "dtype": "int32", "special": False},
 ]
 VARIANTS = {
-    80: attention_16bit() + ATTENTION_SAMPLES + ATTENTION_DOCUMENTS + LOSS_AND_MASKING,
-    90: attention_16bit() + ATTENTION_SAMPLES + ATTENTION_DOCUMENTS + LOSS_AND_MASKING,
-    86: attention_16bit(head_dims=(64, 128)) + [attention_variant(128, "bfloat16", True, True, docs=True)],
+    80: attention_16bit() + ATTENTION_SAMPLES + ATTENTION_DOCUMENTS + ATTENTION_WINDOWS + LOSS_AND_MASKING,
+    90: attention_16bit() + ATTENTION_SAMPLES + ATTENTION_DOCUMENTS + ATTENTION_WINDOWS + LOSS_AND_MASKING,
+    86: attention_16bit(head_dims=(64, 128)) + [attention_variant(128, "bfloat16", True, True, docs=True),
+                                                 attention_variant(128, "bfloat16", True, True, window=[255, 0])],
     89: attention_16bit(dtypes=("bfloat16",), head_dims=(64, 128)),
 }
 
@@ -111,7 +128,7 @@ def compiled() -> dict[int, list[dict]]:
 
 def describe(row: dict) -> str:
     v = row["variant"]
-    flags = "".join(f" {k}={v[k]}" for k in ("causal", "mask", "docs", "special") if k in v)
+    flags = "".join(f" {k}={v[k]}" for k in ("causal", "mask", "docs", "window", "special") if k in v)
     return f"{row['kernel']} {v['op']} {v['dtype']} {tuple(v['shape'])}{flags} {row['constexprs']}"
 
 

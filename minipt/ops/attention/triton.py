@@ -88,6 +88,28 @@ _CONFIGS = {
 # 16-48 B (Triton 3.9); 64-row query blocks on 4 warps use 230-248 and spill none.
 # Capabilities below 9.0 take these entries when document_ids are given.
 _AMPERE_DOCUMENT_CONFIGS = {("dq", 128, 2): (64, 32, 4, 3)}
+# Sliding windows add a loop over the key blocks that cut the window's left edge to the
+# forward and dQ kernels, and with it live values. Each windowed variant was compiled once
+# (Triton 3.9) with every mask, 16-bit and fp32 for sm_80 and sm_90, 16-bit for 8.6 and 8.9;
+# where the table's entry spilled, windowed launches take these: on sm_90 two pipeline stages
+# for the 16-bit D = 128 forward (it needed more than 255 registers and spilled 8-16 B) and
+# 16-key blocks for the fp32 D = 64 forward (24 B with documents); on sm_8x 4 warps or smaller
+# blocks for fp32 (8 warps held them to 80-128 registers, 8-16 B), and on 8.6 and 8.9 64-row
+# blocks on 4 warps for the 16-bit D = 128 forward (40 B on two stages of 128 rows) and 16-key
+# blocks for its dQ (8 B with documents).
+_AMPERE_WINDOW_CONFIGS = {
+    ("fwd", 64, 4): (32, 16, 4, 2), ("fwd", 128, 4): (32, 16, 4, 2), ("dkdv", 128, 4): (16, 16, 4, 2),
+    ("dq", 64, 4): (16, 32, 4, 2), ("dq", 128, 4): (32, 16, 4, 2),
+}
+_SMALL_SHARED_WINDOW_CONFIGS = {
+    **_AMPERE_WINDOW_CONFIGS, ("fwd", 128, 2): (64, 32, 4, 2), ("dq", 128, 2): (64, 16, 4, 3),
+}
+_WINDOW_CONFIGS = {
+    (8, 0): _AMPERE_WINDOW_CONFIGS,
+    (8, 6): _SMALL_SHARED_WINDOW_CONFIGS,
+    (8, 9): _SMALL_SHARED_WINDOW_CONFIGS,
+    (9, 0): {("fwd", 128, 2): (128, 64, 8, 2), ("fwd", 64, 4): (32, 16, 8, 2)},
+}
 # Sequences of at most 64 tokens fill a 128-row query block only half: 64 rows.
 _SHORT_T = 64
 _SHORT_CONFIGS = {"fwd": (64, 64, 4, 3), "dq": (64, 32, 4, 3)}
@@ -107,8 +129,8 @@ def _device_capability(device_index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _launch_config(kind: str, q: torch.Tensor, documents: bool = False) -> dict:
-    """The config of kernel ``kind`` ("fwd", "dkdv" or "dq") for q's shape, dtype, GPU and packing."""
+def _launch_config(kind: str, q: torch.Tensor, documents: bool = False, window: bool = False) -> dict:
+    """The config of kernel ``kind`` ("fwd", "dkdv" or "dq") for q's shape, dtype, GPU, packing and window."""
     _, _, T, head_dim = q.shape
     if triton_interpreting():
         config = _INTERPRETER_CONFIGS[kind]
@@ -121,6 +143,8 @@ def _launch_config(kind: str, q: torch.Tensor, documents: bool = False) -> dict:
             config = _CONFIGS[arch][key]
             if documents and arch < (9, 0):
                 config = _AMPERE_DOCUMENT_CONFIGS.get(key, config)
+            if window:
+                config = _WINDOW_CONFIGS[arch].get(key, config)
     block_m, block_n, num_warps, num_stages = config
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
 
@@ -175,13 +199,14 @@ def _attention_forward(
     else:
         # Never read: the kernels compile the mask code out when HAS_MASK is False.
         mask, key_range, mask_strides = q, torch.empty((0,), dtype=torch.int32, device=q.device), (0, 0)
-    config = _launch_config("fwd", q)
+    has_window = (window_left, window_right) != (-1, -1)
+    config = _launch_config("fwd", q, window=has_window)
     torch.library.wrap_triton(_attention_fwd_kernel)[(triton.cdiv(T, config["BLOCK_M"]) * B * H,)](
         q, k, v, out, lse, mask, key_range, key_range if doc_span is None else doc_span,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *mask_strides,
         H, T, scale * math.log2(math.e), *_window_args(T, window_left, window_right),
         HEAD_DIM=D, IS_CAUSAL=is_causal, HAS_MASK=has_mask, HAS_DOCS=doc_span is not None,
-        HAS_WINDOW=(window_left, window_right) != (-1, -1), UPCAST=_upcast(q), **config,
+        HAS_WINDOW=has_window, UPCAST=_upcast(q), **config,
     )
     return out, lse, key_range
 
@@ -210,13 +235,13 @@ def _attention_backward(
     window = _window_args(T, window_left, window_right)
     doc_span = key_range if doc_span is None else doc_span
     qk_scale = scale * math.log2(math.e)
-    config = _launch_config("dkdv", q)
+    config = _launch_config("dkdv", q, window=flags["HAS_WINDOW"])
     torch.library.wrap_triton(_attention_bwd_dkdv_kernel)[(triton.cdiv(T, config["BLOCK_N"]) * B * H,)](
         q, k, v, grad_out, dk, dv, lse, delta, mask, key_range, doc_span,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv), *mask_strides,
         H, T, qk_scale, scale, *window, **flags, **config,
     )
-    config = _launch_config("dq", q, documents=flags["HAS_DOCS"])
+    config = _launch_config("dq", q, documents=flags["HAS_DOCS"], window=flags["HAS_WINDOW"])
     torch.library.wrap_triton(_attention_bwd_dq_kernel)[(triton.cdiv(T, config["BLOCK_M"]) * B * H,)](
         q, k, v, grad_out, dq, lse, delta, mask, key_range, doc_span,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq), *mask_strides,

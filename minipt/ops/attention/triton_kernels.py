@@ -61,20 +61,10 @@ def _fwd_key_blocks(
             k = tl.load(k_ptrs)
         # Scale before the max: a negative scale reverses which score is largest.
         s = _mma(q, tl.trans(k), UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
-        if HAS_MASK:
-            real = tl.load(mask_row + keys * stride_mt, mask=keys < T, other=0) != 0
-            s = tl.where(real[None, :], s, float("-inf"))
-        if HAS_DOCS:
-            if _crosses_documents(start_n, BLOCK_N, shared_lo, shared_hi):
-                key_start = _document_starts(DocSpan_ptr, b, keys, T)
-                s = tl.where(key_start[None, :] == doc_start[:, None], s, float("-inf"))
-        if EDGE:
-            visible = keys[None, :] < T
-            if IS_CAUSAL:
-                visible = visible & (rows[:, None] >= keys[None, :])
-            if HAS_WINDOW:
-                visible = visible & _in_window(rows[:, None], keys[None, :], window_left, window_right)
-            s = tl.where(visible, s, float("-inf"))
+        s = _hide_unseen_keys(
+            s, float("-inf"), rows, keys, start_n, mask_row, stride_mt, DocSpan_ptr, b, doc_start, shared_lo,
+            shared_hi, T, window_left, window_right, BLOCK_N, EDGE, IS_CAUSAL, HAS_MASK, HAS_DOCS, HAS_WINDOW,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet has m = -inf; shifting by 0 instead
         # keeps exp2(-inf - (-inf)) = NaN out and its p at 0.
@@ -120,6 +110,31 @@ def _crosses_documents(start, BLOCK: tl.constexpr, shared_lo, shared_hi):
 def _in_window(query, key, window_left, window_right):
     # i - left <= j <= i + right; the launchers pass T for an unbounded side, which every pair meets.
     return (query - key <= window_left) & (key - query <= window_right)
+
+
+@jit
+def _hide_unseen_keys(
+    x, fill, rows, keys, start_n, mask_row, stride_mt, DocSpan_ptr, b, doc_start, shared_lo, shared_hi, T,
+    window_left, window_right, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    """``x`` (BLOCK_M, BLOCK_N), scores or probabilities of ``rows`` against ``keys``, with ``fill`` where a
+    row cannot see a key: padding, another document, and in EDGE blocks the end, the diagonal and the window."""
+    if HAS_MASK:
+        real = tl.load(mask_row + keys * stride_mt, mask=keys < T, other=0) != 0
+        x = tl.where(real[None, :], x, fill)
+    if HAS_DOCS:
+        if _crosses_documents(start_n, BLOCK_N, shared_lo, shared_hi):
+            key_start = _document_starts(DocSpan_ptr, b, keys, T)
+            x = tl.where(key_start[None, :] == doc_start[:, None], x, fill)
+    if EDGE:
+        visible = keys[None, :] < T
+        if IS_CAUSAL:
+            visible = visible & (rows[:, None] >= keys[None, :])
+        if HAS_WINDOW:
+            visible = visible & _in_window(rows[:, None], keys[None, :], window_left, window_right)
+        x = tl.where(visible, x, fill)
+    return x
 
 
 @jit
@@ -426,20 +441,10 @@ def _dq_key_blocks(
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         p = tl.exp2(_mma(q, tl.trans(k), UPCAST) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
-        if HAS_MASK:
-            real = tl.load(mask_row + keys * stride_mt, mask=keys < T, other=0) != 0
-            p = tl.where(real[None, :], p, 0.0)
-        if HAS_DOCS:
-            if _crosses_documents(start_n, BLOCK_N, shared_lo, shared_hi):
-                key_start = _document_starts(DocSpan_ptr, b, keys, T)
-                p = tl.where(key_start[None, :] == doc_start[:, None], p, 0.0)
-        if EDGE:
-            visible = keys[None, :] < T
-            if IS_CAUSAL:
-                visible = visible & (rows[:, None] >= keys[None, :])
-            if HAS_WINDOW:
-                visible = visible & _in_window(rows[:, None], keys[None, :], window_left, window_right)
-            p = tl.where(visible, p, 0.0)
+        p = _hide_unseen_keys(
+            p, 0.0, rows, keys, start_n, mask_row, stride_mt, DocSpan_ptr, b, doc_start, shared_lo, shared_hi, T,
+            window_left, window_right, BLOCK_N, EDGE, IS_CAUSAL, HAS_MASK, HAS_DOCS, HAS_WINDOW,
+        )
         dp = _mma(do, tl.trans(v), UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _mma(ds.to(k.dtype), k, UPCAST)
