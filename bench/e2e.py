@@ -5,8 +5,9 @@ the device synchronised around it, after warm-up steps (which include any
 compilation). Each case runs the same batch four ways:
 
 * ``minipt``: minipt's models on minipt's kernels (``backend="triton"`` on CUDA,
-  which is what ``auto`` picks there; on the CPU ``backend="native"``, reported
-  skipped with the reason while the C++ kernels lack an op the models need);
+  which is what ``auto`` picks there; on the CPU ``backend="native"``, the C++
+  kernels, which ``auto`` picks there, reported skipped with the reason where the
+  extension was not built);
 * ``torch``: the same models on PyTorch's own ops (``backend="torch"``: SDPA and
   ``F.cross_entropy``), eager. This is the baseline of ``ratio``;
 * ``torch-compile``: the ``torch`` model under ``torch.compile``;
@@ -252,8 +253,8 @@ def _record_failure(row: dict, exc: Exception, device: str) -> None:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         row["error"] = f"out of memory at batch {row['batch']} x {row['seq_len']}"
     elif isinstance(exc, BackendUnavailableError) and torch.device(device).type == "cpu":
-        # minipt's C++ kernels do not cover every op of a model on the CPU (attention is
-        # CUDA-only), a known gap there; on CUDA a missing kernel is a failure.
+        # A minipt installed without its C++ extension has no native CPU kernels: the row
+        # says so rather than failing the run. On CUDA a missing kernel is a failure.
         row["skipped"] = str(exc).splitlines()[0][:300]
     else:
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
