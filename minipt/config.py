@@ -70,6 +70,8 @@ class TrainConfig(CommandConfig):
     bias: bool | None = None  # GPT: biases in Linear and LayerNorm layers; none: the preset's (true)
     doc_mask: bool = False  # GPT: attention stops at each <|endoftext|>, which opens its document, inside a window
     reset_positions: bool = False  # GPT with doc_mask: positions restart at 0 at each document's <|endoftext|>
+    attn_window: int | None = None  # GPT sees the attn_window tokens up to itself, BERT those attn_window // 2 around
+    global_every: int | None = None  # with attn_window: every global_every-th layer from 0 sees the whole context
     # ---- data
     data: str = ""  # file, folder or glob: txt, md, jsonl[.gz|.zst], parquet or token .bin; empty: the bundled plays
     text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text

@@ -66,7 +66,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, pad_id: int, eot_id: int | N
 
     ``vocab_size``, ``pad_id`` (BERT's) and ``eot_id`` (GPT's document separator) come from the tokenizer."""
     cls = MODEL_KINDS[cfg.model].config
-    shape = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias"}
+    shape = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "attn_window", "global_every"}
     fields = shape & {f.name for f in dataclasses.fields(cls)}
     overrides = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) is not None}
     # Round the vocabulary up to a multiple of 64, as nanoGPT does with 50257 -> 50304: the
@@ -114,7 +114,8 @@ def init_from_config(cfg: TrainConfig, given: dict) -> TrainConfig:
     where = f"--init_from={cfg.init_from}"
     if "model" in given and given["model"] != kind:
         raise ConfigError(f"--model={given['model']} contradicts {where}, which holds a {kind} model")
-    for name in ("n_layer", "n_head", "n_embd", "bias"):
+    arch = {"attn_window": None, "global_every": None, **arch}  # a config saved before windows has none
+    for name in ("n_layer", "n_head", "n_embd", "bias", "attn_window", "global_every"):
         value = getattr(cfg, name)
         if value is not None and value != arch.get(name, value):
             raise ConfigError(f"--{name}={value} contradicts {where}, whose model has {name}={arch[name]}")

@@ -91,6 +91,22 @@ def test_model_config_from_defaults_preset_and_overrides():
         P.model_config(TrainConfig(preset="gpt5"), tok.vocab_size, tok.pad_id)
 
 
+def test_attn_window_and_global_every_reach_the_saved_model(tmp_path):
+    """--attn_window and --global_every build the windowed model, which the run saves and loads back;
+    global_every without attn_window, and a window that contradicts --init_from's model, are named."""
+    out = tmp_path / "run"
+    assert T.main(tiny_args(tmp_path, n_layer=3, attn_window=6, global_every=2)) == 0
+    model = build_model("gpt", ckpt.read_config(out)["model"])
+    assert (model.config.attn_window, model.config.global_every) == (6, 2)
+    assert [b.attn.window_size for b in model.transformer.h] == [None, (5, 0), None]
+    bert = P.model_config(TrainConfig(model="bert", attn_window=128, global_every=3), vocab_size=64, pad_id=0)
+    assert (bert.attn_window, bert.global_every) == (128, 3)
+    with pytest.raises(ConfigError, match="global_every needs attn_window"):
+        P.resolve_config({"global_every": 3})
+    with pytest.raises(ConfigError, match="--attn_window=8 contradicts --init_from=.* whose model has attn_window=6"):
+        P.resolve_config({"init_from": str(out), "out_dir": str(tmp_path / "next"), "attn_window": 8})
+
+
 def test_mlm_mask_seeds_differ_per_step_microstep_and_rank():
     seeds = {mask_seed(1337, it, m, r) for it in range(50) for m in range(3) for r in range(2)}
     assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)
