@@ -16,11 +16,16 @@
 #            mask's bits identical across backends and devices, cross-entropy with
 #            -inf logits on CUDA, the native CUDA-only cases (tests/test_native.py)
 #            and the spill check of the built CUDA kernels (test_native_resources.py)
-#   bench    python -m bench --quick: every op benchmark (attention's includes the sliding
-#            window, T = 8192 with 1024 keys, against FlexAttention and SDPA with the mask)
+#   bench    python -m bench --quick: every op benchmark but the two below
+#   peers    python -m bench --quick --only attention,linear_cross_entropy: minipt beside
+#            PyTorch's own ops, with time and peak memory: FlexAttention (compiled) and
+#            varlen_attn for padded and packed rows, FlexAttention for the sliding window
+#            (T = 8192 with 1024 keys), chunked F.linear_cross_entropy (each provider of
+#            the LM-head loss in a process of its own); an op this torch lacks is a row
+#            saying so. A stage of its own, as compiling FlexAttention's masks takes a while
 #   e2e      the end-to-end training benchmark at its full sizes
-# The benchmarks run even when tests fail. OUT_DIR receives at most seven files:
-# summary.txt, install.log, tests.log, tests.xml, bench.log, e2e.log and
+# The benchmarks run even when tests fail. OUT_DIR receives at most eight files:
+# summary.txt, install.log, tests.log, tests.xml, bench.log, peers.log, e2e.log and
 # results.tar.gz (the JSON and PNG files of bench/results/<device>/). Unpack that
 # into bench/results/ and run `python -m bench.report` to update BENCHMARKS.md.
 # The exit status is 1 when any stage failed or timed out.
@@ -160,9 +165,11 @@ stage tests 150 "$out/tests.log" 25 "$python" -m pytest -q -p no:cacheprovider "
 # train_cpu and native_cpu report themselves skipped on a GPU at once; on a CPU the
 # first trains for minutes and the second times its sizes of record for about a
 # minute, so the dry run leaves both out (CI checks native_cpu's rows at small sizes).
-bench_skip=e2e
-((dry_run)) && bench_skip=e2e,train_cpu,native_cpu
+peers=attention,linear_cross_entropy
+bench_skip=e2e,$peers
+((dry_run)) && bench_skip=e2e,$peers,train_cpu,native_cpu
 stage bench 110 "$out/bench.log" 16 "$python" -m bench --quick --device "$device" --out "$results" --skip "$bench_skip"
+stage peers 150 "$out/peers.log" 30 "$python" -m bench --quick --device "$device" --out "$results" --only "$peers"
 e2e_args=()
 ((dry_run)) && e2e_args=(--quick)
 # The e2e run starts no compilation in the last 90 s of its stage (one compilation and
