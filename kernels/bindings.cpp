@@ -102,28 +102,36 @@ struct Cuda {
 #endif
 
 CrossEntropyArgs ce_args(uintptr_t logits, uintptr_t target, uintptr_t lse, int64_t n_rows, int64_t n_classes,
-                         int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing) {
+                         int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing,
+                         double softcap, double z_loss) {
   const char* op = "cross_entropy";
   check(n_rows >= 0, op, "n_rows must be >= 0, got " + std::to_string(n_rows));
   check(n_classes >= 1, op, "n_classes must be >= 1, got " + std::to_string(n_classes));
   check_product(n_rows, n_classes, op, "n_rows * n_classes");
   check(std::isfinite(label_smoothing) && label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
         "label_smoothing must be in [0, 1], got " + std::to_string(label_smoothing));
+  // float32 is what the kernels compute in: a cap below its smallest normal would divide to inf.
+  check(std::isfinite(softcap) && (softcap == 0.0 || (softcap >= std::numeric_limits<float>::min() &&
+                                                      softcap <= std::numeric_limits<float>::max())),
+        op, "softcap must be 0 (none) or a positive finite float32, got " + std::to_string(softcap));
+  check(std::isfinite(z_loss) && z_loss >= 0.0 && z_loss <= std::numeric_limits<float>::max(), op,
+        "z_loss must be a finite float32 >= 0, got " + std::to_string(z_loss));
   const FloatType t = float_type(dtype, op, "logits");
   check_int_size(target_size, op, "target", false);
   check_tensor(logits, n_rows * n_classes, float_size(t), op, "logits");
   check_tensor(target, n_rows, target_size, op, "target");
   check_tensor(lse, n_rows, 4, op, "lse");
   return CrossEntropyArgs{logits, target, lse, n_rows, n_classes, t, target_size, ignore_index,
-                          static_cast<float>(label_smoothing)};
+                          static_cast<float>(label_smoothing), static_cast<float>(softcap),
+                          static_cast<float>(z_loss)};
 }
 
 template <class Device>
 void ce_forward(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t n_rows, int64_t n_classes,
-                int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing,
-                typename Device::Handle handle) {
-  const CrossEntropyArgs a =
-      ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
+                int dtype, int64_t target_size, int64_t ignore_index, double label_smoothing, double softcap,
+                double z_loss, typename Device::Handle handle) {
+  const CrossEntropyArgs a = ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index,
+                                     label_smoothing, softcap, z_loss);
   check_tensor(loss, n_rows, 4, "cross_entropy", "loss");
   Device::check(handle, "cross_entropy");
   int64_t first_bad = -1, n_bad = 0;
@@ -141,9 +149,9 @@ void ce_forward(uintptr_t logits, uintptr_t target, uintptr_t loss, uintptr_t ls
 template <class Device>
 void ce_backward(uintptr_t logits, uintptr_t target, uintptr_t lse, uintptr_t grad_rows, uintptr_t grad_logits,
                  int64_t n_rows, int64_t n_classes, int dtype, int64_t target_size, int64_t ignore_index,
-                 double label_smoothing, typename Device::Handle handle) {
-  const CrossEntropyArgs a =
-      ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index, label_smoothing);
+                 double label_smoothing, double softcap, double z_loss, typename Device::Handle handle) {
+  const CrossEntropyArgs a = ce_args(logits, target, lse, n_rows, n_classes, dtype, target_size, ignore_index,
+                                     label_smoothing, softcap, z_loss);
   check_tensor(grad_rows, n_rows, 4, "cross_entropy", "grad_rows");
   check_tensor(grad_logits, n_rows * n_classes, float_size(a.dtype), "cross_entropy", "grad_logits");
   Device::check(handle, "cross_entropy");
@@ -256,11 +264,11 @@ void def_kernels(py::module_& m) {
   def_on<Device>(m, "cross_entropy_forward", &ce_forward<Device>, "Per-row loss and lse of (N, V) logits",
                  py::arg("logits"), py::arg("target"), py::arg("loss"), py::arg("lse"), py::arg("n_rows"),
                  py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"), py::arg("ignore_index"),
-                 py::arg("label_smoothing"));
+                 py::arg("label_smoothing"), py::arg("softcap"), py::arg("z_loss"));
   def_on<Device>(m, "cross_entropy_backward", &ce_backward<Device>, "Gradient of the per-row losses wrt the logits",
                  py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("grad_rows"), py::arg("grad_logits"),
                  py::arg("n_rows"), py::arg("n_classes"), py::arg("dtype"), py::arg("target_size"),
-                 py::arg("ignore_index"), py::arg("label_smoothing"));
+                 py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"), py::arg("z_loss"));
   def_on<Device>(m, "mlm_mask", &mlm_mask_binding<Device>, "BERT's MLM masking of n ids (special: 0 for none)",
                  py::arg("input_ids"), py::arg("special"), py::arg("masked"), py::arg("labels"), py::arg("numel"),
                  py::arg("id_size"), py::arg("special_size"), py::arg("mask_token_id"), py::arg("vocab_size"),

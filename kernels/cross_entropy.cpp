@@ -7,6 +7,14 @@
 // Backward, per row, from the saved lse: grad = (exp(x - lse) - ε/V)·g, then
 // grad[t] -= (1 - ε)·g; one read and one write of the row.
 //
+// Soft-capping (softcap s > 0) is a template flag, so the plain loops stay as
+// they were: the forward caps each 1024-column chunk into an L1 buffer (one
+// tanh per logit) and runs the same two passes over it; the backward caps each
+// logit as it reads it and multiplies its gradient by 1 - tanh². The z-loss needs
+// no flag: the forward adds z·lse² per row, and the backward scales the softmax
+// by k = 1 + 2z·lse, which is exactly 1 for z = 0, so the plain path's results
+// keep their bits (and e·k - ε/V is one fused multiply-add).
+//
 // -inf logits (masked columns) never make NaN: a chunk that is all -inf is
 // skipped rather than rescaled by exp(-inf - -inf), the smoothing term is left
 // out rather than multiplied by 0 when ε = 0 (Σ x is -inf), and their gradient
@@ -36,12 +44,23 @@ constexpr int ROWS_PER_GRAB = 8;
 // `omp simd reduction(max)` over std::max compiled to a loop ten times slower.
 constexpr int LANES = 16;
 
-MINIPT_CPU_CLONES void row_stats(const float* x, int64_t V, float* lse, float* sum_x) {
+inline float tanh_approx(float y) { return tanh_from_exp(y, exp_approx(-2.0f * std::fabs(y))); }
+
+// max, Σ exp(c - max) and Σ c over the row's (capped, with SOFTCAP) logits c.
+template <bool SOFTCAP>
+MINIPT_CPU_CLONES void row_stats(const float* x, int64_t V, float s_cap, float* lse, float* sum_x) {
   float m = -std::numeric_limits<float>::infinity();
   float s = 0.0f, sx = 0.0f;
+  float capped[SOFTCAP ? CHUNK : 1];
+  const float inv_cap = SOFTCAP ? 1.0f / s_cap : 0.0f;
   for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
-    const float* xc = x + c0;
     const int64_t len = std::min(CHUNK, V - c0);
+    const float* xc = x + c0;
+    if (SOFTCAP) {
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) capped[j] = s_cap * tanh_approx(xc[j] * inv_cap);
+      xc = capped;
+    }
     const int64_t body = len - len % LANES;
     float lane_max[LANES], lane_sum[LANES] = {}, lane_exp[LANES] = {};
     std::fill(lane_max, lane_max + LANES, -std::numeric_limits<float>::infinity());
@@ -79,12 +98,24 @@ MINIPT_CPU_CLONES void row_stats(const float* x, int64_t V, float* lse, float* s
   *sum_x = sx;
 }
 
+// out = (softmax(c)·k - ε/V)·g, times 1 - tanh² with SOFTCAP, where k = 1 + 2z·lse.
 // out may alias x: each element is read before it is written, at the same index.
 // A masked (-inf) logit gets exactly zero softmax, as in torch, because exp_approx
 // flushes to 0 below 2^-126; no branch here, so the loop stays vector code.
-MINIPT_CPU_CLONES void row_grad(const float* x, int64_t V, float lse, float smooth_per_class, float g, float* out) {
+template <bool SOFTCAP>
+MINIPT_CPU_CLONES void row_grad(const float* x, int64_t V, float lse, float k, float smooth_per_class, float g,
+                                float s_cap, float* out) {
+  if (!SOFTCAP) {
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) out[j] = (exp_approx(x[j] - lse) - smooth_per_class) * g;
+    for (int64_t j = 0; j < V; ++j) out[j] = (exp_approx(x[j] - lse) * k - smooth_per_class) * g;
+    return;
+  }
+  const float inv_cap = 1.0f / s_cap;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float t = tanh_approx(x[j] * inv_cap);
+    out[j] = (exp_approx(s_cap * t - lse) * k - smooth_per_class) * g * (1.0f - t * t);
+  }
 }
 
 MINIPT_CPU_CLONES void widen_row(const uint16_t* src, FloatType dtype, int64_t V, float* dst) {
@@ -112,7 +143,7 @@ inline const float* row_as_float(const CrossEntropyArgs& a, int64_t i, float* bu
   return buf;
 }
 
-template <typename Target>
+template <typename Target, bool SOFTCAP>
 int64_t forward(const CrossEntropyArgs& a, float* loss, int num_threads, int64_t* first_bad) {
   const Target* target = reinterpret_cast<const Target*>(a.target);
   float* lse = reinterpret_cast<float*>(a.lse);
@@ -143,17 +174,19 @@ int64_t forward(const CrossEntropyArgs& a, float* loss, int num_threads, int64_t
     float* buf = buffers.empty() ? nullptr : buffers.data() + static_cast<size_t>(thread_index()) * V;
     const float* x = row_as_float(a, i, buf);
     float row_lse, sum_x;
-    row_stats(x, V, &row_lse, &sum_x);
+    row_stats<SOFTCAP>(x, V, a.softcap, &row_lse, &sum_x);
     lse[i] = row_lse;
     // With ε = 0 the smoothing term is skipped, not multiplied by 0: Σ x may be -inf.
     const float smooth = eps > 0.0f ? eps / static_cast<float>(V) * sum_x : 0.0f;
-    loss[i] = row_lse - (1.0f - eps) * x[t] - smooth;
+    const float x_t = SOFTCAP ? a.softcap * tanh_approx(x[t] * (1.0f / a.softcap)) : x[t];
+    loss[i] = row_lse - (1.0f - eps) * x_t - smooth;
+    if (a.z_loss != 0.0f) loss[i] += a.z_loss * row_lse * row_lse;
   }
   *first_bad = first;
   return n_bad;
 }
 
-template <typename Target>
+template <typename Target, bool SOFTCAP>
 void backward(const CrossEntropyArgs& a, const float* grad_rows, uintptr_t grad_logits, int num_threads) {
   const Target* target = reinterpret_cast<const Target*>(a.target);
   const float* lse = reinterpret_cast<const float*>(a.lse);
@@ -175,8 +208,12 @@ void backward(const CrossEntropyArgs& a, const float* grad_rows, uintptr_t grad_
       std::fill(buf, buf + V, 0.0f);
     } else {
       const float g = grad_rows[i];
-      row_grad(row_as_float(a, i, buf), V, lse[i], smooth_per_class, g, buf);
-      buf[t] -= (1.0f - eps) * g;
+      const float* x = row_as_float(a, i, buf);
+      // The target's own 1 - tanh², from its logit read before the row is overwritten (buf may be x).
+      const float t_t = SOFTCAP ? tanh_approx(x[t] * (1.0f / a.softcap)) : 0.0f;
+      const float target_scale = 1.0f - t_t * t_t;
+      row_grad<SOFTCAP>(x, V, lse[i], 1.0f + 2.0f * a.z_loss * lse[i], smooth_per_class, g, a.softcap, buf);
+      buf[t] -= (1.0f - eps) * g * target_scale;
     }
     if (!wide) narrow_row(buf, a.dtype, V, reinterpret_cast<uint16_t*>(grad_logits) + offset);
   }
@@ -186,17 +223,25 @@ void backward(const CrossEntropyArgs& a, const float* grad_rows, uintptr_t grad_
 
 int64_t cross_entropy_forward_cpu(const CrossEntropyArgs& a, uintptr_t loss, int num_threads, int64_t* first_bad) {
   float* out = reinterpret_cast<float*>(loss);
-  return a.target_size == 8 ? forward<int64_t>(a, out, num_threads, first_bad)
-                            : forward<int32_t>(a, out, num_threads, first_bad);
+  const bool cap = a.softcap > 0.0f;
+  if (a.target_size == 8) {
+    return cap ? forward<int64_t, true>(a, out, num_threads, first_bad)
+               : forward<int64_t, false>(a, out, num_threads, first_bad);
+  }
+  return cap ? forward<int32_t, true>(a, out, num_threads, first_bad)
+             : forward<int32_t, false>(a, out, num_threads, first_bad);
 }
 
 void cross_entropy_backward_cpu(const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits,
                                 int num_threads) {
   const float* g = reinterpret_cast<const float*>(grad_rows);
+  const bool cap = a.softcap > 0.0f;
   if (a.target_size == 8) {
-    backward<int64_t>(a, g, grad_logits, num_threads);
+    cap ? backward<int64_t, true>(a, g, grad_logits, num_threads)
+        : backward<int64_t, false>(a, g, grad_logits, num_threads);
   } else {
-    backward<int32_t>(a, g, grad_logits, num_threads);
+    cap ? backward<int32_t, true>(a, g, grad_logits, num_threads)
+        : backward<int32_t, false>(a, g, grad_logits, num_threads);
   }
 }
 

@@ -15,6 +15,13 @@
 // is skipped, a merge of -inf maxima rescales nothing, the smoothing term is left
 // out when ε = 0 (Σ x is -inf), and __expf(-inf) = 0 is their gradient.
 //
+// Soft-capping (softcap s > 0) is a template flag, so the plain kernels are what
+// they were: the capped forward replaces each loaded x by c = s·tanh(x / s), the
+// capped backward does the same and multiplies the gradient by 1 - tanh². The
+// z-loss needs no flag: the forward adds z·lse² per row, and the backward scales
+// the softmax by k = 1 + 2z·lse, exactly 1 for z = 0. tanh is common.h's
+// tanh_from_exp on __expf: under --use_fast_math nvcc's tanhf is tanh.approx (2^-11).
+//
 // Memory traffic: forward reads NV, backward reads NV and writes NV; at H100's
 // ~3 TB/s a (16k, 50k) bf16 batch is ~1.1 ms forward and ~2.2 ms backward.
 #include <climits>
@@ -70,11 +77,13 @@ __device__ __forceinline__ void warp_merge(float& m, float& s, float& sum_x) {
   sum_x = warp_sum(sum_x);
 }
 
-template <typename T, typename Target>
+__device__ __forceinline__ float tanh_fast(float y) { return tanh_from_exp(y, __expf(-2.0f * fabsf(y))); }
+
+template <typename T, typename Target, bool SOFTCAP>
 __global__ void __launch_bounds__(THREADS)
     cross_entropy_forward_kernel(const T* __restrict__ logits, const Target* __restrict__ target,
                                  float* __restrict__ loss, float* __restrict__ lse, int64_t V, int64_t ignore_index,
-                                 float eps) {
+                                 float eps, float softcap, float z_loss) {
   const int64_t row = blockIdx.x;
   const int64_t t = static_cast<int64_t>(target[row]);
   if (t == ignore_index || t < 0 || t >= V) {  // the block leaves together: no barrier is skipped
@@ -87,8 +96,13 @@ __global__ void __launch_bounds__(THREADS)
   }
   const T* x = logits + row * V;  // int64: N·V exceeds 2^31 for a real LM batch
 
+  const float inv_cap = SOFTCAP ? 1.0f / softcap : 0.0f;
   float m = -INFINITY, s = 0.0f, sum_x = 0.0f;
-  for_each_chunk(x, V, [&](const float* v, auto count, int64_t) {
+  for_each_chunk(x, V, [&](float* v, auto count, int64_t) {
+    if (SOFTCAP) {
+#pragma unroll
+      for (int e = 0; e < decltype(count)::value; ++e) v[e] = softcap * tanh_fast(v[e] * inv_cap);
+    }
     float vmax = v[0];
 #pragma unroll
     for (int e = 0; e < decltype(count)::value; ++e) {
@@ -122,24 +136,27 @@ __global__ void __launch_bounds__(THREADS)
     const float row_lse = isnan(sum_x) ? NAN : m + __logf(s);
     // With ε = 0 the smoothing term is skipped, not multiplied by 0: Σ x may be -inf.
     const float smooth = eps > 0.0f ? eps / static_cast<float>(V) * sum_x : 0.0f;
+    const float x_t = SOFTCAP ? softcap * tanh_fast(to_float(x[t]) * inv_cap) : to_float(x[t]);
     lse[row] = row_lse;
-    loss[row] = row_lse - (1.0f - eps) * to_float(x[t]) - smooth;
+    loss[row] = row_lse - (1.0f - eps) * x_t - smooth + (z_loss != 0.0f ? z_loss * row_lse * row_lse : 0.0f);
   }
 }
 
-template <typename T, typename Target>
+template <typename T, typename Target, bool SOFTCAP>
 __global__ void __launch_bounds__(THREADS)
     cross_entropy_backward_kernel(const T* __restrict__ logits, const Target* __restrict__ target,
                                   const float* __restrict__ lse, const float* __restrict__ grad_rows,
                                   T* __restrict__ grad_logits, int64_t V, int64_t ignore_index, float eps,
-                                  bool vector_store) {
+                                  float softcap, float z_loss, bool vector_store) {
   constexpr int VEC = 16 / sizeof(T);
   const int64_t row = blockIdx.x;
   const int64_t t = static_cast<int64_t>(target[row]);
   const bool zero = t == ignore_index || t < 0 || t >= V;
   const float g = zero ? 0.0f : grad_rows[row];
   const float row_lse = zero ? 0.0f : lse[row];
+  const float k = 1.0f + 2.0f * z_loss * row_lse;  // the z-loss's scale of the softmax
   const float smooth = eps / static_cast<float>(V);
+  const float inv_cap = SOFTCAP ? 1.0f / softcap : 0.0f;
   const T* x = logits + row * V;
   T* out = grad_logits + row * V;
   for_each_chunk(x, V, [&](const float* v, auto count, int64_t first) {
@@ -148,7 +165,14 @@ __global__ void __launch_bounds__(THREADS)
 #pragma unroll
     for (int e = 0; e < n; ++e) {
       const float target_term = first + e == t ? 1.0f - eps : 0.0f;
-      vals[e] = from_float<T>(zero ? 0.0f : (__expf(v[e] - row_lse) - smooth - target_term) * g);
+      float grad;
+      if (SOFTCAP) {
+        const float th = tanh_fast(v[e] * inv_cap);
+        grad = (__expf(softcap * th - row_lse) * k - smooth - target_term) * g * (1.0f - th * th);
+      } else {
+        grad = (__expf(v[e] - row_lse) * k - smooth - target_term) * g;
+      }
+      vals[e] = from_float<T>(zero ? 0.0f : grad);
     }
     // out shares x's offset within 16 bytes when vector_store, so x's vector chunks are out's.
     if (n == VEC && vector_store) {
@@ -160,14 +184,27 @@ __global__ void __launch_bounds__(THREADS)
   });
 }
 
+// Calls f(std::bool_constant<softcap > 0>{}), so a launcher picks the kernel's SOFTCAP flag once.
+template <typename F>
+void dispatch_softcap(float softcap, F&& f) {
+  if (softcap > 0.0f) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <typename Target>
 void launch_forward(const CrossEntropyArgs& a, uintptr_t loss, cudaStream_t stream) {
   dispatch_float(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cross_entropy_forward_kernel<T, Target><<<static_cast<unsigned>(a.n_rows), THREADS, 0, stream>>>(
-        reinterpret_cast<const T*>(a.logits), reinterpret_cast<const Target*>(a.target),
-        reinterpret_cast<float*>(loss), reinterpret_cast<float*>(a.lse), a.n_classes, a.ignore_index,
-        a.label_smoothing);
+    dispatch_softcap(a.softcap, [&](auto cap) {
+      cross_entropy_forward_kernel<T, Target, decltype(cap)::value>
+          <<<static_cast<unsigned>(a.n_rows), THREADS, 0, stream>>>(
+              reinterpret_cast<const T*>(a.logits), reinterpret_cast<const Target*>(a.target),
+              reinterpret_cast<float*>(loss), reinterpret_cast<float*>(a.lse), a.n_classes, a.ignore_index,
+              a.label_smoothing, a.softcap, a.z_loss);
+    });
   });
   check_launch("cross_entropy_forward_kernel");
 }
@@ -176,11 +213,14 @@ template <typename Target>
 void launch_backward(const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits, cudaStream_t stream) {
   dispatch_float(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cross_entropy_backward_kernel<T, Target><<<static_cast<unsigned>(a.n_rows), THREADS, 0, stream>>>(
-        reinterpret_cast<const T*>(a.logits), reinterpret_cast<const Target*>(a.target),
-        reinterpret_cast<const float*>(a.lse), reinterpret_cast<const float*>(grad_rows),
-        reinterpret_cast<T*>(grad_logits), a.n_classes, a.ignore_index, a.label_smoothing,
-        a.logits % 16 == grad_logits % 16);
+    dispatch_softcap(a.softcap, [&](auto cap) {
+      cross_entropy_backward_kernel<T, Target, decltype(cap)::value>
+          <<<static_cast<unsigned>(a.n_rows), THREADS, 0, stream>>>(
+              reinterpret_cast<const T*>(a.logits), reinterpret_cast<const Target*>(a.target),
+              reinterpret_cast<const float*>(a.lse), reinterpret_cast<const float*>(grad_rows),
+              reinterpret_cast<T*>(grad_logits), a.n_classes, a.ignore_index, a.label_smoothing, a.softcap,
+              a.z_loss, a.logits % 16 == grad_logits % 16);
+    });
   });
   check_launch("cross_entropy_backward_kernel");
 }

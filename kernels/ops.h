@@ -10,8 +10,9 @@
 namespace minipt {
 
 // ---------------------------------------------------------------- cross-entropy
-// Per row i of the (N, V) logits: lse[i] = logsumexp(x_i) and
-//   loss[i] = lse - (1 - ε)·x_i[t_i] - (ε / V)·Σ_j x_ij,   0 where t_i == ignore_index.
+// Per row i of the (N, V) logits x, capped to c = s·tanh(x / s) when softcap s > 0
+// (else c = x): lse[i] = logsumexp(c_i) and
+//   loss[i] = lse - (1 - ε)·c_i[t_i] - (ε / V)·Σ_j c_ij + z·lse²,   0 where t_i == ignore_index.
 // Forward writes loss (N,) and lse (N,) in float32.
 struct CrossEntropyArgs {
   uintptr_t logits;       // (N, V), FloatType
@@ -23,14 +24,16 @@ struct CrossEntropyArgs {
   int64_t target_size;  // 4 or 8 bytes
   int64_t ignore_index;
   float label_smoothing;
+  float softcap;  // s > 0, or 0 for no cap
+  float z_loss;   // z >= 0
 };
 
 // Returns the number of rows whose target is outside [0, V) and not ignore_index
 // (their loss is NaN and their gradient zero); `first_bad` receives one of them.
 int64_t cross_entropy_forward_cpu(const CrossEntropyArgs& a, uintptr_t loss, int num_threads, int64_t* first_bad);
 
-// grad_logits[i, j] = (softmax(x_i)_j - (1 - ε)·[j == t_i] - ε / V) · grad_rows[i],
-// zero on ignored rows. grad_rows (N,) is float32, grad_logits has the logits' dtype.
+// grad_logits[i, j] = (softmax(c_i)_j·(1 + 2z·lse_i) - (1 - ε)·[j == t_i] - ε / V)·(1 - (c_ij / s)²)·grad_rows[i]
+// (the last factor only with a cap), zero on ignored rows. grad_rows (N,) is float32, grad_logits has the logits' dtype.
 void cross_entropy_backward_cpu(const CrossEntropyArgs& a, uintptr_t grad_rows, uintptr_t grad_logits,
                                 int num_threads);
 

@@ -10,11 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MINIPT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MINIPT_HOST_DEVICE inline
-#endif
+#include "common.h"  // MINIPT_HOST_DEVICE
 
 namespace minipt {
 

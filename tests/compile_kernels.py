@@ -117,13 +117,14 @@ def run_variant(v: dict) -> None:
     elif v["op"] in ("cross_entropy", "linear_cross_entropy"):
         N, V = v["shape"]
         target = torch.randint(0, V, (N,))
+        options = {k: v[k] for k in ("softcap", "z_loss") if k in v}  # each sets its kernel flag
         if v["op"] == "cross_entropy":
             logits = torch.randn(N, V).to(dtype).requires_grad_()
-            cross_entropy(logits, target, label_smoothing=0.1, backend="triton").backward()
+            cross_entropy(logits, target, label_smoothing=0.1, backend="triton", **options).backward()
         else:
             hidden = torch.randn(N, 64).to(dtype).requires_grad_()
             weight = torch.randn(V, 64).to(dtype).requires_grad_()
-            linear_cross_entropy(hidden, weight, target, backend="triton").backward()
+            linear_cross_entropy(hidden, weight, target, backend="triton", **options).backward()
     elif v["op"] == "mlm_mask":
         ids = torch.randint(5, 1000, v["shape"], dtype=dtype)
         special = torch.rand(v["shape"]) < 0.1 if v["special"] else None

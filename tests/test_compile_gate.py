@@ -14,7 +14,7 @@ sampled, packed documents (document_ids) at head dims 64 and 128 with causal
 or padding, sliding windows (window_size, whose edge loop the forward and dQ
 kernels add) at head dims 64 and 128 with causal or padding, with documents,
 in fp32 and on short sequences, plus the cross-entropy (forward with and without the fused gradient,
-backward) and mlm_mask kernels. sm_86 and sm_89, whose ~99 KB of shared memory per
+backward; plain, soft-capped, with a z-loss and with both) and mlm_mask kernels. sm_86 and sm_89, whose ~99 KB of shared memory per
 block is the tightest: their own launch table's 16-bit attention variants at head
 dims 64 and 128 (sm_89: bf16 only; fp16 compiles to the same registers), and on sm_86
 one packed variant for the dQ entry packed rows take below sm_90, and one windowed.
@@ -23,6 +23,7 @@ Several minutes of compiling on two cores, hence ``slow`` (which CI runs too).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -96,6 +97,15 @@ LOSS_AND_MASKING = [
     {"op": "linear_cross_entropy", "shape": [8, 50257], "dtype": "bfloat16"},
     {"op": "linear_cross_entropy", "shape": [8, 8192], "dtype": "float32"},
     {"op": "linear_cross_entropy", "shape": [8, 50], "dtype": "float16"},
+    # Soft-capping and the z-loss are constexpr flags: each combination is a kernel of its own, and each
+    # of the forward's eight (with WRITE_GRAD) and the backward's four is compiled here.
+    {"op": "cross_entropy", "shape": [8, 50257], "dtype": "bfloat16", "softcap": 30.0, "z_loss": 1e-4},
+    {"op": "cross_entropy", "shape": [8, 50257], "dtype": "float32", "softcap": 30.0},
+    {"op": "cross_entropy", "shape": [8, 1000], "dtype": "float16", "z_loss": 1e-4},
+    {"op": "cross_entropy", "shape": [8, 100], "dtype": "float64", "softcap": 30.0, "z_loss": 1e-4},
+    {"op": "linear_cross_entropy", "shape": [8, 50257], "dtype": "bfloat16", "softcap": 30.0, "z_loss": 1e-4},
+    {"op": "linear_cross_entropy", "shape": [8, 8192], "dtype": "float32", "z_loss": 1e-4},
+    {"op": "linear_cross_entropy", "shape": [8, 50], "dtype": "float16", "softcap": 30.0},
     {"op": "mlm_mask", "shape": [4, 128], "dtype": "int64", "special": True},
     {"op": "mlm_mask", "shape": [3, 100], "dtype": "int32", "special": False},
 ]
@@ -128,7 +138,8 @@ def compiled() -> dict[int, list[dict]]:
 
 def describe(row: dict) -> str:
     v = row["variant"]
-    flags = "".join(f" {k}={v[k]}" for k in ("causal", "mask", "docs", "window", "special") if k in v)
+    flags = "".join(f" {k}={v[k]}" for k in ("causal", "mask", "docs", "window", "special", "softcap", "z_loss")
+                    if k in v)
     return f"{row['kernel']} {v['op']} {v['dtype']} {tuple(v['shape'])}{flags} {row['constexprs']}"
 
 
@@ -145,8 +156,11 @@ def test_every_variant_compiled_its_kernels(arch, compiled):
             assert kernels, f"sm_{arch} {variant}: compiled no kernel"
     ce = [r for r in rows if r["kernel"] == "_cross_entropy_fwd_kernel"]
     if ce:
-        assert {r["constexprs"].get("WRITE_GRAD") for r in ce} == {"False", "True"}, "cross-entropy forward variants"
-        assert any(r["kernel"] == "_cross_entropy_bwd_kernel" for r in rows)
+        flags = {tuple(r["constexprs"].get(f) for f in ("WRITE_GRAD", "SOFTCAP", "Z_LOSS")) for r in ce}
+        assert flags == set(itertools.product(("False", "True"), repeat=3)), f"cross-entropy forwards: {sorted(flags)}"
+        bwd = {tuple(r["constexprs"].get(f) for f in ("SOFTCAP", "Z_LOSS"))
+               for r in rows if r["kernel"] == "_cross_entropy_bwd_kernel"}
+        assert bwd == set(itertools.product(("False", "True"), repeat=2)), f"cross-entropy backwards: {sorted(bwd)}"
         assert any(r["kernel"] == "_mlm_mask_kernel" for r in rows)
 
 

@@ -62,6 +62,101 @@ def test_matches_float64_reference(backend, N, V, reduction, ignored, label_smoo
         assert (grad[target == -100] == 0).all()
 
 
+# Soft-capping at 5 with logits of standard deviation 8 puts most logits where tanh bends and many where it
+# saturates (1 - tanh² below 1e-2); a z_loss of 0.01 makes the z term a visible part of the loss.
+CAPPED_CASES = {
+    "softcap": dict(softcap=5.0),
+    "z_loss": dict(z_loss=1e-2),
+    "both+smoothing": dict(softcap=5.0, z_loss=1e-2, label_smoothing=0.1),
+}
+
+
+def z_term_and_grad(fn, logits, target, reduction, **kw):
+    """The loss and gradient as loss_and_grad gives them, and the z term that ``return_z_loss`` returns."""
+    x = logits.detach().clone().requires_grad_()
+    loss, z = fn(x, target, reduction=reduction, return_z_loss=True, **kw)
+    assert not z.requires_grad and z.shape == loss.shape and z.dtype == loss.dtype
+    weights = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1)).to(loss)
+    (grad,) = torch.autograd.grad(loss, x, weights)
+    return loss.detach(), z, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N, V", [(1, 41), (7, 1000), (33, 4099)])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("case, ignored", [*((c, "some") for c in CAPPED_CASES), ("both+smoothing", "all")])
+def test_softcap_and_z_loss_match_float64_reference(backend, N, V, reduction, case, ignored, poisoned_empty):
+    """Loss, z term and gradient against the float64 reference; ignored rows get nothing, and the mean
+    divides by the counted rows, z term included."""
+    logits = torch.randn(N, V, device=DEVICE) * 8
+    target = make_target(N, V, ignored)
+    kw = CAPPED_CASES[case]
+    loss, z, grad = z_term_and_grad(cross_entropy, logits, target, reduction, backend=backend, **kw)
+    want_loss, want_z, want_grad = z_term_and_grad(cross_entropy_ref, logits.double(), target, reduction, **kw)
+    assert loss.dtype == z.dtype == grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), want_z, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    ignored_rows = target == -100
+    assert (grad[ignored_rows] == 0).all()
+    if reduction == "none":
+        assert (loss[ignored_rows] == 0).all() and (z[ignored_rows] == 0).all()
+    if ignored_rows.all():  # "all", or the one row of N = 1
+        assert loss.abs().sum() == 0 and z.abs().sum() == 0
+    elif kw.get("z_loss"):
+        assert z.abs().sum() > 1e-3 * loss.abs().sum()  # a z term that the tolerances above could not hide
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_z_term_is_zero_and_the_loss_unchanged_without_z_loss(backend):
+    """``return_z_loss`` alone changes nothing in the loss: the same bits, and a zero z term."""
+    logits = torch.randn(9, 300, device=DEVICE) * 4
+    target = make_target(9, 300, "some")
+    plain = cross_entropy(logits, target, backend=backend, softcap=5.0)
+    loss, z = cross_entropy(logits, target, backend=backend, softcap=5.0, return_z_loss=True)
+    assert torch.equal(loss, plain) and z.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softcap_and_z_loss_low_precision_three_way(backend, dtype, poisoned_empty):
+    """16-bit logits, capped and with a z term: a float32 loss equal to the float64 one of the same logits
+    to 1e-5, and a gradient within the three-way rule."""
+    N, V = 33, 4099
+    logits = (torch.randn(N, V, device=DEVICE) * 8).to(dtype)
+    target = make_target(N, V, "some")
+    kw = CAPPED_CASES["both+smoothing"]
+    loss, z, grad = z_term_and_grad(cross_entropy, logits, target, "none", backend=backend, **kw)
+    assert loss.dtype == z.dtype == torch.float32 and grad.dtype == dtype
+    want_loss, want_z, _ = z_term_and_grad(cross_entropy_ref, logits.double(), target, "none", **kw)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), want_z, rtol=1e-5, atol=1e-7)
+    _, _, ref_grad = z_term_and_grad(cross_entropy_ref, logits.float(), target, "none", **kw)
+    _, _, low_grad = z_term_and_grad(cross_entropy_ref, logits, target, "none", upcast=False, **kw)
+    assert_lowp_close(grad, ref_grad, low_grad, "grad")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_softcap_of_minus_inf_logits(backend, poisoned_empty):
+    """A masked (-inf) column is capped to -softcap, as the reference caps it: a finite loss, and a zero
+    gradient there (1 - tanh² is 0), in a whole leading block and scattered."""
+    N, V = 5, MAX_BLOCK_V + 37
+    logits = torch.randn(N, V, device=DEVICE) * 8
+    target = make_target(N, V, "some")
+    masked = torch.rand(N, V, device=DEVICE) < 0.3
+    masked[:, :MAX_BLOCK_V] = True
+    target[target >= 0] = torch.randint(MAX_BLOCK_V, V, (int((target >= 0).sum()),), device=DEVICE)
+    masked[torch.arange(N, device=DEVICE), target.clamp(min=0)] = False
+    logits[masked] = float("-inf")
+    kw = dict(softcap=5.0, z_loss=1e-2)
+    loss, grad = loss_and_grad(cross_entropy, logits, target, "none", backend=backend, **kw)
+    want_loss, want_grad = reference(logits, target, "none", **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (grad[masked] == 0).all()
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_online_lse_when_the_max_arrives_late(backend, poisoned_empty):
     """Logits rising along V put each row's max in a later block, so the running sum must be rescaled."""
@@ -182,13 +277,15 @@ def test_minus_inf_logits_match_torch(backend, dtype, where, poisoned_empty):
         assert_lowp_close(grad, ref_grad, low_grad, "grad")
 
 
-def test_float64_logits_stay_float64():
+# softcap and z_loss reach the kernel as float32 scalars: these two are exact there.
+@pytest.mark.parametrize("kw", [{}, dict(softcap=2.5, z_loss=2**-7)], ids=["plain", "capped"])
+def test_float64_logits_stay_float64(kw):
     """Triton keeps float64 in float64 (native supports the three training dtypes only)."""
     backend = "triton"
     logits = torch.randn(9, 300, device=DEVICE, dtype=torch.float64) * 4
     target = make_target(9, 300, "some")
-    loss, grad = loss_and_grad(cross_entropy, logits, target, "none", backend=backend)
-    want_loss, want_grad = reference(logits, target, "none")
+    loss, grad = loss_and_grad(cross_entropy, logits, target, "none", backend=backend, **kw)
+    want_loss, want_grad = reference(logits, target, "none", **kw)
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
@@ -263,28 +360,33 @@ def test_empty_batch(backend):
     assert loss.item() == 0.0 and logits.grad.shape == (0, 11)
 
 
-def test_in_place_gradient_option_writes_the_scaled_gradient_over_the_logits(poisoned_empty):
+@pytest.mark.parametrize("softcap, z_loss", [(0.0, 0.0), (5.0, 1e-2)])
+def test_in_place_gradient_option_writes_the_scaled_gradient_over_the_logits(softcap, z_loss, poisoned_empty):
+    from minipt.ops._loss import softcap_logits
     from minipt.ops.cross_entropy import _cross_entropy_forward
 
     N, V = 9, 4099
     logits = torch.randn(N, V, device=DEVICE) * 4
     target = make_target(N, V, "some")
     scale = torch.rand(N, device=DEVICE)
-    want_loss, want_grad = reference(logits, target, "none", label_smoothing=0.1)
+    kw = dict(label_smoothing=0.1, softcap=softcap or None, z_loss=z_loss)
+    want_loss, want_grad = reference(logits, target, "none", **kw)
     weights = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(scale)
     buffer = logits.clone()
-    loss, lse = _cross_entropy_forward(buffer, target, -100, 0.1, grad=buffer, grad_scale=scale)
+    loss, lse = _cross_entropy_forward(buffer, target, -100, 0.1, softcap, z_loss, grad=buffer, grad_scale=scale)
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), 1), rtol=1e-6, atol=1e-6)
+    want_lse = torch.logsumexp(softcap_logits(logits.double(), softcap or None), 1)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-6, atol=1e-6)
     # The reference gradient carries the test's random row weights; undo them, apply scale.
     expected = want_grad / weights.double()[:, None] * scale.double()[:, None]
     expected[target == -100] = 0
     torch.testing.assert_close(buffer.double(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("kw", [{}, dict(softcap=3.0, z_loss=1e-2)], ids=["plain", "capped"])
+def test_torch_compile_fullgraph_matches_eager(kw):
     def fn(x, t):
-        return cross_entropy(torch.tanh(x) * 5, t, label_smoothing=0.1, backend="triton") * 2
+        return cross_entropy(torch.tanh(x) * 5, t, label_smoothing=0.1, backend="triton", **kw) * 2
 
     N, V = 7, 300
     x = torch.randn(N, V, device=DEVICE, requires_grad=True)
@@ -316,17 +418,19 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
     for dt, acc, acc_ptr in (("bf16", tl.float32, "*fp32"), ("fp16", tl.float32, "*fp32"), ("fp64", tl.float64, "*fp64")):
         common = {"X_ptr": f"*{dt}", "stride_xn": "i64", "stride_xv": "i32", "T_ptr": "*i64", "stride_t": "i32"}
         tail = {"G_ptr": f"*{dt}", "stride_gn": "i32", "Scale_ptr": "*fp32", "stride_scale": "i32",
-                "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32"}
-        fwd = {**common, "Loss_ptr": acc_ptr, "Lse_ptr": acc_ptr, **tail,
-               "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr", "ACC": "constexpr"}
-        bwd = {**common, "Lse_ptr": acc_ptr, **tail, "BLOCK_V": "constexpr", "ACC": "constexpr"}
-        for fn, sig, const in (
-            (ce._cross_entropy_fwd_kernel, fwd, {"WRITE_GRAD": False, "BLOCK_V": 4096, "ACC": acc}),
-            (ce._cross_entropy_fwd_kernel, fwd, {"WRITE_GRAD": True, "BLOCK_V": 64, "ACC": acc}),
-            (ce._cross_entropy_bwd_kernel, bwd, {"BLOCK_V": 4096, "ACC": acc}),
-        ):
-            src = ASTSource(fn=fn, signature=sig, constexprs=const)
-            assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+                "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32", "softcap": "fp32", "z_loss": "fp32"}
+        flags = {"SOFTCAP": "constexpr", "Z_LOSS": "constexpr", "BLOCK_V": "constexpr", "ACC": "constexpr"}
+        fwd = {**common, "Loss_ptr": acc_ptr, "Lse_ptr": acc_ptr, **tail, "WRITE_GRAD": "constexpr", **flags}
+        bwd = {**common, "Lse_ptr": acc_ptr, **tail, **flags}
+        for cap, z in ((False, False), (True, False), (False, True), (True, True)):
+            options = {"SOFTCAP": cap, "Z_LOSS": z, "ACC": acc}
+            for fn, sig, const in (
+                (ce._cross_entropy_fwd_kernel, fwd, {"WRITE_GRAD": False, "BLOCK_V": 4096, **options}),
+                (ce._cross_entropy_fwd_kernel, fwd, {"WRITE_GRAD": True, "BLOCK_V": 64, **options}),
+                (ce._cross_entropy_bwd_kernel, bwd, {"BLOCK_V": 4096, **options}),
+            ):
+                src = ASTSource(fn=fn, signature=sig, constexprs=const)
+                assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
 """)
 
 
@@ -388,6 +492,10 @@ def test_out_of_range_targets_fail_the_device_assert(backend, target, dtype):
         cross_entropy(torch.randn(3, 5), torch.tensor(target, dtype=dtype), backend=backend)
 
 
+BAD_SOFTCAPS = [0.0, -1.0, float("inf"), float("nan"), 1e-40, True, "30"]
+BAD_Z_LOSSES = [-1e-4, float("inf"), float("nan"), 1e39, True, None]
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize(
     "kwargs, exc, pattern",
@@ -396,6 +504,9 @@ def test_out_of_range_targets_fail_the_device_assert(backend, target, dtype):
         (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
         (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
         (dict(ignore_index=1.0), TypeError, "ignore_index must be an int"),
+        *((dict(softcap=v), ValueError, "softcap must be a positive finite float") for v in BAD_SOFTCAPS),
+        *((dict(z_loss=v), ValueError, "z_loss must be a finite float >= 0") for v in BAD_Z_LOSSES),
+        (dict(return_z_loss="yes"), TypeError, "return_z_loss must be a bool"),
     ],
 )
 def test_bad_options_are_named(backend, kwargs, exc, pattern):

@@ -97,6 +97,76 @@ def test_matches_float64_reference(backend, N, D, V, reduction, with_bias, ignor
         assert (got[0] == 0).all() and all((g == 0).all() for g in got[1])
 
 
+# Soft-capped at 2 (logits of standard deviation about 3: tanh bends and saturates), with a z term and
+# label smoothing.
+CAPPED = dict(softcap=2.0, z_loss=1e-2, label_smoothing=0.1)
+
+
+def loss_z_and_grads(fn, hidden, weight, bias, target, reduction, **kw):
+    """loss_and_grads with ``return_z_loss``: the loss, the z term and the gradients."""
+    z_terms = []
+
+    def with_z(*args, **kwargs):
+        loss, z = fn(*args, return_z_loss=True, **kwargs)
+        assert not z.requires_grad and z.shape == loss.shape and z.dtype == loss.dtype
+        z_terms.append(z)
+        return loss
+
+    loss, grads = loss_and_grads(with_z, hidden, weight, bias, target, reduction, **kw)
+    return loss, z_terms[0], grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N, D, V", [(1, 8, 41), (33, 24, 4099)])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("with_bias, ignored", [(True, "some"), (False, "some"), (True, "all")])
+def test_softcap_and_z_loss_match_float64_reference(backend, N, D, V, reduction, with_bias, ignored, small_chunks,
+                                                    poisoned_empty):
+    """Loss, z term and the gradients of hidden, weight and bias over several chunks, against float64."""
+    hidden, weight, bias, target = make_inputs(N, D, V, with_bias, ignored)
+    loss, z, grads = loss_z_and_grads(linear_cross_entropy, hidden, weight, bias, target, reduction, backend=backend,
+                                      **CAPPED)
+    b = bias.double() if bias is not None else None
+    want_loss, want_z, want_grads = loss_z_and_grads(
+        linear_cross_entropy_ref, hidden.double(), weight.double(), b, target, reduction, **CAPPED)
+    assert loss.dtype == z.dtype == torch.float32
+    assert_close_all((loss, grads), (want_loss, want_grads))
+    torch.testing.assert_close(z.double(), want_z, rtol=1e-5, atol=1e-7)
+    if (target == -100).all():
+        assert loss.abs().sum() == 0 and z.abs().sum() == 0 and all((g == 0).all() for g in grads)
+    else:
+        assert z.abs().sum() > 1e-3 * loss.abs().sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softcap_and_z_loss_low_precision_three_way(backend, dtype, small_chunks, poisoned_empty):
+    """16-bit inputs, capped and with a z term: the float32 loss is the float64 one of the same 16-bit logits
+    to 1e-5, and every gradient is within the three-way rule."""
+    hidden, weight, bias, target = make_inputs(33, 64, 4099, True, "some", dtype)
+    loss, z, grads = loss_z_and_grads(linear_cross_entropy, hidden, weight, bias, target, "none", backend=backend,
+                                      **CAPPED)
+    assert loss.dtype == z.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    logits = F.linear(hidden, weight, bias)  # (N, V) in dtype, as every backend computes them
+    want, want_z = cross_entropy_ref(logits.double(), target, reduction="none", return_z_loss=True, **CAPPED)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), want_z, rtol=1e-5, atol=1e-7)
+    assert_three_way((loss, grads), hidden, weight, bias, target, "none", **CAPPED)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_z_term_under_autocast_is_that_of_the_cast_inputs(backend, small_chunks):
+    """Autocast casts the inputs and calls the op again: the options, return_z_loss included, go along."""
+    hidden, weight, bias, target = make_inputs(17, 32, 1000, True, "some")
+    with torch.autocast(device_type=torch.device(DEVICE).type, dtype=torch.bfloat16):
+        loss, z = linear_cross_entropy(hidden, weight, target, bias=bias, backend=backend, return_z_loss=True,
+                                       **CAPPED)
+    cast = [t.to(torch.bfloat16) for t in (hidden, weight, bias)]
+    want, want_z = linear_cross_entropy(*cast[:2], target, bias=cast[2], backend=backend, return_z_loss=True,
+                                        **CAPPED)
+    assert torch.equal(loss, want) and torch.equal(z, want_z) and z.item() > 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
@@ -179,9 +249,9 @@ def test_native_cpu_chunks_share_one_buffer_for_logits_and_gradient(dtype, small
     kernel = lce_module.CHUNK_CROSS_ENTROPY["native"]
 
     def recording(logits, *args):
-        loss, grad = kernel(logits, *args)
+        loss, lse, grad = kernel(logits, *args)
         buffers.append((logits.data_ptr(), grad.data_ptr()))
-        return loss, grad
+        return loss, lse, grad
 
     monkeypatch.setitem(lce_module.CHUNK_CROSS_ENTROPY, "native", recording)
     hidden, weight, bias, target = (t.cpu() for t in make_inputs(33, 16, 4099, True, "some", dtype))
@@ -196,9 +266,11 @@ def test_native_cpu_chunks_share_one_buffer_for_logits_and_gradient(dtype, small
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_native_cpu_gradient_in_place_is_the_gradient_out_of_place(dtype):
+@pytest.mark.parametrize("softcap, z_loss", [(0.0, 0.0), (5.0, 1e-2)])
+def test_native_cpu_gradient_in_place_is_the_gradient_out_of_place(dtype, softcap, z_loss):
     """The C++ backward may write over its logits: bit for bit what it writes into a separate buffer, with
-    label smoothing, ignored rows and -inf columns, on enough rows to run in parallel."""
+    label smoothing, ignored rows and -inf columns, on enough rows to run in parallel, capped or not (the
+    capped kernel reads the target's logit for its 1 - tanh² before the row is overwritten)."""
     from minipt.ops.cross_entropy import native_cross_entropy_backward, native_forward_of_checked_targets
 
     N, V = 64, 4099
@@ -207,12 +279,18 @@ def test_native_cpu_gradient_in_place_is_the_gradient_out_of_place(dtype):
     target = torch.randint(50, V, (N,))
     target[::5] = -100
     grad_scale = torch.tensor(0.25)
-    _, lse = native_forward_of_checked_targets(logits, target, -100, 0.1)
-    want = native_cross_entropy_backward(logits, target, lse, grad_scale.expand(N).contiguous(), -100, 0.1)
+    options = (-100, 0.1, softcap, z_loss)
+    _, lse = native_forward_of_checked_targets(logits, target, *options)
+    want = native_cross_entropy_backward(logits, target, lse, grad_scale.expand(N).contiguous(), *options)
     buffer = logits.clone()
-    _, got = lce_module._chunk_cross_entropy_native(buffer, target, -100, 0.1, grad_scale)
+    _, _, got = lce_module._chunk_cross_entropy_native(buffer, target, options, grad_scale)
     assert got.data_ptr() == buffer.data_ptr()
     assert torch.equal(got, want)
+    if softcap:  # and the gradient is the capped one
+        x = logits.double().requires_grad_()
+        rows = cross_entropy_ref(x, target, reduction="none", label_smoothing=0.1, softcap=softcap, z_loss=z_loss)
+        (ref,) = torch.autograd.grad(rows, x, torch.full((N,), 0.25, dtype=torch.float64))
+        torch.testing.assert_close(got.double(), ref, rtol=torch.finfo(dtype).eps * 2, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -359,9 +437,10 @@ def test_default_chunking_bounds_the_chunk_logits(device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_compile_fullgraph_matches_eager(backend, small_chunks):
+@pytest.mark.parametrize("kw", [{}, dict(softcap=3.0, z_loss=1e-2)], ids=["plain", "capped"])
+def test_torch_compile_fullgraph_matches_eager(backend, kw, small_chunks):
     def fn(h, w, t):
-        return linear_cross_entropy(torch.tanh(h), w, t, label_smoothing=0.1, backend=backend) * 2
+        return linear_cross_entropy(torch.tanh(h), w, t, label_smoothing=0.1, backend=backend, **kw) * 2
 
     hidden, weight, _, target = make_inputs(9, 8, 300, False, "some")
     h, w = hidden.requires_grad_(), weight.requires_grad_()
@@ -451,6 +530,12 @@ def test_out_of_range_targets_fail_the_device_assert(backend, target, dtype):
         (dict(reduction="avg"), ValueError, "reduction must be"),
         (dict(label_smoothing=2.0), ValueError, "label_smoothing"),
         (dict(ignore_index="x"), TypeError, "ignore_index must be an int"),
+        (dict(softcap=0.0), ValueError, "softcap must be a positive finite float"),
+        (dict(softcap=float("nan")), ValueError, "softcap must be a positive finite float"),
+        (dict(softcap=-30), ValueError, "softcap must be a positive finite float"),
+        (dict(z_loss=-1e-4), ValueError, "z_loss must be a finite float >= 0"),
+        (dict(z_loss=float("inf")), ValueError, "z_loss must be a finite float >= 0"),
+        (dict(return_z_loss=1), TypeError, "return_z_loss must be a bool"),
     ],
 )
 def test_bad_options_are_named(backend, kwargs, exc, pattern):

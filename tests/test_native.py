@@ -20,9 +20,10 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import HAS_CUDA, assert_lowp_close, requires_cuda
 from minipt.ops import attention, attention_ref, cross_entropy, cross_entropy_ref, linear_cross_entropy, mlm_mask
 from minipt.ops._backend import BackendUnavailableError, native_module
+from minipt.ops._loss import softcap_logits
 from minipt.ops.attention import visible_keys
 from minipt.ops.attention._common import document_spans
 
@@ -100,17 +101,42 @@ def test_cross_entropy_cpu_softmax_is_exactly_zero_where_it_underflows(label_smo
     assert (grad[off_target] == -(torch.tensor(label_smoothing, dtype=torch.float32) / V)).all()
 
 
-def test_cross_entropy_cpu_is_identical_for_any_thread_count():
+@pytest.mark.parametrize("kw", [{}, dict(softcap=5.0, z_loss=1e-2)], ids=["plain", "capped"])
+def test_cross_entropy_cpu_is_identical_for_any_thread_count(kw):
     logits, target = ce_inputs(513, 777, "cpu")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cross_entropy(logits, target, reduction="none", backend="native")
+        one = cross_entropy(logits, target, reduction="none", backend="native", **kw)
         torch.set_num_threads(max(2, threads))
-        many = cross_entropy(logits, target, reduction="none", backend="native")
+        many = cross_entropy(logits, target, reduction="none", backend="native", **kw)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_softcap_where_tanh_saturates(device):
+    """Logits from 0 to ±2000 at softcap 30: the cap's tanh from its Taylor series (|x| < 7.5) through the
+    exp form to exactly ±1, in a row's vector body and its scalar tail. Loss and gradient are float64's,
+    the gradient exactly 0 where 1 - tanh² underflows; a NaN logit still gives a NaN loss."""
+    N, V = 4, 1024 + 16 + 7
+    logits = torch.linspace(-2000, 2000, N * V, dtype=torch.float64).reshape(N, V)
+    logits = logits[:, torch.randperm(V)].contiguous()
+    logits[0, :200] = torch.linspace(-8, 8, 200, dtype=torch.float64)  # around the series' edge, 1/4 of 30
+    logits[3, 5] = math.nan
+    target = torch.tensor([3, 100, V - 1, 0])
+    x = logits.float().to(device).requires_grad_()
+    kw = dict(reduction="none", label_smoothing=0.1, softcap=30.0, z_loss=1e-4)
+    loss = cross_entropy(x, target.to(device), backend="native", **kw)
+    (grad,) = torch.autograd.grad(loss[:3].sum(), x)
+    x64 = logits.float().double().requires_grad_()
+    want = cross_entropy_ref(x64, target, **kw)
+    (want_grad,) = torch.autograd.grad(want[:3].sum(), x64)
+    torch.testing.assert_close(loss[:3].double().cpu(), want[:3].detach(), rtol=1e-5, atol=1e-5)
+    assert torch.isnan(loss[3])
+    torch.testing.assert_close(grad[:3].double().cpu(), want_grad[:3], rtol=1e-4, atol=1e-7)
+    assert (grad[:3][logits[:3].abs() > 1000] == 0).all()
 
 
 @pytest.mark.parametrize("op", [cross_entropy, linear_cross_entropy])
@@ -122,12 +148,13 @@ def test_cross_entropy_float64_is_refused(op):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cross_entropy_custom_ops_pass_opcheck(device):
+@pytest.mark.parametrize("options", [(-100, 0.1, 0.0, 0.0), (-100, 0.1, 5.0, 1e-2)], ids=["plain", "capped"])
+def test_cross_entropy_custom_ops_pass_opcheck(device, options):
     logits, target = ce_inputs(9, 130, device)
-    torch.library.opcheck(ops.native_cross_entropy_fwd, (logits.requires_grad_(), target, -100, 0.1))
-    _, lse = ops.native_cross_entropy_fwd(logits.detach(), target, -100, 0.1)
+    torch.library.opcheck(ops.native_cross_entropy_fwd, (logits.requires_grad_(), target, *options))
+    _, lse = ops.native_cross_entropy_fwd(logits.detach(), target, *options)
     grad_rows = torch.rand(9, device=device)
-    torch.library.opcheck(ops.native_cross_entropy_bwd, (logits.detach(), target, lse, grad_rows, -100, 0.1))
+    torch.library.opcheck(ops.native_cross_entropy_bwd, (logits.detach(), target, lse, grad_rows, *options))
 
 
 @pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
@@ -170,7 +197,7 @@ class TestCrossEntropyBindings:
         args = dict(
             logits=self.logits.data_ptr(), target=self.target.data_ptr(), loss=self.loss.data_ptr(),
             lse=self.lse.data_ptr(), n_rows=self.N, n_classes=self.V, dtype=0, target_size=8, ignore_index=-100,
-            label_smoothing=0.1, num_threads=1,
+            label_smoothing=0.1, softcap=0.0, z_loss=0.0, num_threads=1,
         )
         _C.cross_entropy_forward_cpu(**{**args, **overrides})
 
@@ -178,20 +205,22 @@ class TestCrossEntropyBindings:
         args = dict(
             logits=self.logits.data_ptr(), target=self.target.data_ptr(), lse=self.lse.data_ptr(),
             grad_rows=self.grad_rows.data_ptr(), grad_logits=self.grad_logits.data_ptr(), n_rows=self.N,
-            n_classes=self.V, dtype=0, target_size=8, ignore_index=-100, label_smoothing=0.1, num_threads=1,
+            n_classes=self.V, dtype=0, target_size=8, ignore_index=-100, label_smoothing=0.1, softcap=0.0,
+            z_loss=0.0, num_threads=1,
         )
         _C.cross_entropy_backward_cpu(**{**args, **overrides})
 
-    def test_valid_calls_write_loss_lse_and_gradient(self):
-        self.forward()
-        self.backward()
+    @pytest.mark.parametrize("options", [{}, dict(softcap=2.0, z_loss=0.05)], ids=["plain", "capped"])
+    def test_valid_calls_write_loss_lse_and_gradient(self, options):
+        self.forward(**options)
+        self.backward(**options)
         x = self.logits.double().requires_grad_()
-        want = cross_entropy_ref(x, self.target, reduction="none", label_smoothing=0.1)
+        want = cross_entropy_ref(x, self.target, reduction="none", label_smoothing=0.1, **options)
         (want_grad,) = torch.autograd.grad(want, x, self.grad_rows.double())
         torch.testing.assert_close(self.loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
         counted = self.target != -100  # an ignored row's lse is written but not computed
         assert torch.isfinite(self.lse).all()
-        want_lse = torch.logsumexp(x.detach(), 1)
+        want_lse = torch.logsumexp(softcap_logits(x.detach(), options.get("softcap")), 1)
         torch.testing.assert_close(self.lse[counted].double(), want_lse[counted], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(self.grad_logits.double(), want_grad, rtol=1e-5, atol=1e-6)
 
@@ -208,6 +237,13 @@ class TestCrossEntropyBindings:
             (dict(lse=0), "lse is a null pointer"),
             (dict(label_smoothing=1.5), "label_smoothing must be in"),
             (dict(label_smoothing=math.nan), "label_smoothing must be in"),
+            (dict(softcap=-1.0), "softcap must be 0"),
+            (dict(softcap=math.inf), "softcap must be 0"),
+            (dict(softcap=math.nan), "softcap must be 0"),
+            (dict(softcap=1e-45), "softcap must be 0"),
+            (dict(z_loss=-1e-4), "z_loss must be a finite float32"),
+            (dict(z_loss=math.inf), "z_loss must be a finite float32"),
+            (dict(z_loss=1e39), "z_loss must be a finite float32"),
             (dict(num_threads=0), "num_threads must be in"),
             (dict(num_threads=5000), "num_threads must be in"),
         ],
@@ -224,6 +260,8 @@ class TestCrossEntropyBindings:
             (dict(grad_logits=0), "grad_logits is a null pointer"),
             (dict(dtype=-1), "dtype code must be 0"),
             (dict(num_threads=0), "num_threads must be in"),
+            (dict(softcap=math.nan), "softcap must be 0"),
+            (dict(z_loss=-1.0), "z_loss must be a finite float32"),
         ],
     )
     def test_bad_backward_arguments_raise_value_error(self, overrides, message):
@@ -590,10 +628,46 @@ class TestCudaBindings:
             _C.cross_entropy_forward_cuda(
                 logits=logits.data_ptr(), target=target.cuda().data_ptr(), loss=loss.data_ptr(), lse=lse.data_ptr(),
                 n_rows=4, n_classes=10, dtype=0, target_size=8, ignore_index=-100, label_smoothing=0.0,
-                stream=torch.cuda.current_stream().cuda_stream,
+                softcap=0.0, z_loss=0.0, stream=torch.cuda.current_stream().cuda_stream,
             )
         torch.cuda.synchronize()  # the context is still healthy
         assert loss.isnan().all()
+
+    def test_softcap_and_z_loss_are_checked_like_the_cpu_ones(self):
+        logits, target = ce_inputs(4, 10, "cuda")
+        loss, lse = poisoned(4, device="cuda"), poisoned(4, device="cuda")
+        args = dict(logits=logits.data_ptr(), target=target.data_ptr(), loss=loss.data_ptr(), lse=lse.data_ptr(),
+                    n_rows=4, n_classes=10, dtype=0, target_size=8, ignore_index=-100, label_smoothing=0.0,
+                    softcap=0.0, z_loss=0.0, stream=torch.cuda.current_stream().cuda_stream)
+        for bad, message in ((dict(softcap=-1.0), "softcap must be 0"), (dict(z_loss=math.nan), "z_loss must be")):
+            with pytest.raises(ValueError, match=message):
+                _C.cross_entropy_forward_cuda(**{**args, **bad})
+        torch.cuda.synchronize()
+        assert loss.isnan().all()
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_softcap_on_rows_that_start_off_16_bytes(self, dtype, poisoned_empty):
+        """GPT-2's 50257 columns: each row starts at another offset in 16 bytes, so the capped forward and
+        backward walk a scalar head, a vector body and a scalar tail; float64 (fp32) or the three-way rule."""
+        N, V = 6, 50257
+        logits = (torch.randn(N, V, device="cuda") * 8).to(dtype)
+        target = torch.randint(0, V, (N,), device="cuda")
+        target[1] = -100
+        kw = dict(reduction="none", label_smoothing=0.1, softcap=30.0, z_loss=1e-4)
+
+        def run(fn, x, **extra):
+            x = x.detach().clone().requires_grad_()
+            loss = fn(x, target, **kw, **extra)
+            return loss.detach(), torch.autograd.grad(loss, x, torch.linspace(0.5, 1.5, N, device="cuda"))[0]
+
+        loss, grad = run(cross_entropy, logits, backend="native")
+        want_loss, want_grad = run(cross_entropy_ref, logits.double())
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+        if dtype == torch.float32:
+            torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+        else:
+            assert_lowp_close(grad, run(cross_entropy_ref, logits.float())[1],
+                              run(cross_entropy_ref, logits, upcast=False)[1], "grad")
 
     def test_attention_head_dim_is_checked(self):
         q = torch.randn(1, 1, 4, 64, device="cuda")

@@ -87,16 +87,19 @@ def test_attention_dispatch_and_scale():
 
 
 # ----------------------------------------------------------------------------- cross-entropy
-def naive_cross_entropy(logits, target, ignore_index, reduction, eps):
-    """The textbook formula, row by row, in float64."""
+def naive_cross_entropy(logits, target, ignore_index, reduction, eps, softcap=None, z_loss=0.0):
+    """The textbook formula, row by row, in float64: on s·tanh(x / s) with a softcap, plus z·lse² with a z-loss."""
     losses, counted = [], 0
     for x, t in zip(logits.double(), target.tolist()):
         if t == ignore_index:
             losses.append(torch.zeros((), dtype=torch.float64))
             continue
+        if softcap is not None:
+            x = softcap * torch.tanh(x / softcap)
         m = x.max()
-        logp = x - (m + torch.log(torch.exp(x - m).sum()))
-        losses.append(-(1 - eps) * logp[t] - eps / x.numel() * logp.sum())
+        lse = m + torch.log(torch.exp(x - m).sum())
+        logp = x - lse
+        losses.append(-(1 - eps) * logp[t] - eps / x.numel() * logp.sum() + z_loss * lse**2)
         counted += 1
     loss = torch.stack(losses)
     if reduction == "none":
@@ -126,6 +129,28 @@ def test_cross_entropy_ref_matches_torch(reduction, label_smoothing, ignored):
         torch.testing.assert_close(
             got, F.cross_entropy(logits, target, reduction=reduction, label_smoothing=label_smoothing)
         )
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("softcap, z_loss", [(2.0, 0.0), (None, 0.1), (2.0, 0.1)])
+def test_cross_entropy_ref_softcap_and_z_loss_match_naive(reduction, softcap, z_loss):
+    """The loss, its gradient and the z term ``return_z_loss`` gives, against the textbook formula's."""
+    N, V = 13, 41
+    logits = (torch.randn(N, V, dtype=torch.float64) * 3).requires_grad_()
+    target = torch.randint(0, V, (N,))
+    target[::3] = -100
+    got, z = cross_entropy_ref(logits, target, reduction=reduction, label_smoothing=0.1, softcap=softcap,
+                               z_loss=z_loss, return_z_loss=True)
+    want = naive_cross_entropy(logits, target, -100, reduction, 0.1, softcap, z_loss)
+    want_z = naive_cross_entropy(logits, target, -100, reduction, 0.1, softcap, z_loss) - naive_cross_entropy(
+        logits, target, -100, reduction, 0.1, softcap)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z, want_z.detach(), rtol=1e-12, atol=1e-12)
+    assert not z.requires_grad and (z.abs().sum() > 0) == (z_loss > 0)
+    upstream = torch.rand(got.shape, dtype=torch.float64)
+    (g,) = torch.autograd.grad(got, logits, upstream)
+    (w,) = torch.autograd.grad(want, logits, upstream)
+    torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 def test_cross_entropy_ref_custom_ignore_index_and_gradients():

@@ -39,6 +39,29 @@ def check_label_smoothing(op: str, label_smoothing) -> None:
         raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
 
 
+# The kernels take both options as float32 scalars.
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def check_softcap(op: str, softcap) -> None:
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+        or not _FLOAT32.tiny <= softcap <= _FLOAT32.max
+    ):
+        raise ValueError(f"{op}: softcap must be a positive finite float (float32's normal range) or None, "
+                         f"got {softcap!r}")
+
+
+def check_z_loss(op: str, z_loss) -> None:
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not 0 <= z_loss <= _FLOAT32.max:
+        raise ValueError(f"{op}: z_loss must be a finite float >= 0, got {z_loss!r}")
+
+
+def check_flag(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
 def check_targets(op: str, target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Every target is in [0, num_classes) or equals ignore_index, asserted on the device.
 

@@ -68,6 +68,11 @@ refused, as by PyTorch's own chunked ``F.linear_cross_entropy``). For
 forward, so the forward keeps nothing but the inputs and the backward
 recomputes the chunks with that gradient (a fourth GEMM).
 
+``softcap`` and ``z_loss`` (see ``minipt.ops.cross_entropy``) reach the chunk's
+cross-entropy kernel, which caps each logit as it reads it and adds the z term
+from the row's lse, so they cost no extra pass over a chunk. The z term alone
+(``return_z_loss``) is summed from the chunks' lse, which is kept only then.
+
 Gradients are computed in the forward only for the inputs that require them,
 and only in grad mode, so evaluation does no extra work. Targets are checked on
 the device, without a host sync (see ``minipt.ops.cross_entropy``).
@@ -78,7 +83,7 @@ from __future__ import annotations
 import torch
 
 from minipt.ops._backend import resolve_backend
-from minipt.ops._loss import IGNORE_INDEX, reduce_loss
+from minipt.ops._loss import IGNORE_INDEX, reduce_loss, z_term
 from minipt.ops._native import check_device, float_code, run_kernel
 from minipt.ops._checks import FLOAT_DTYPES, check_same, check_targets, check_tensor
 from minipt.ops.cross_entropy import (
@@ -98,7 +103,8 @@ CHUNK_ROW_MULTIPLE = 64  # keeps the chunk GEMMs on whole tiles
 
 # ----------------------------------------------------------------------------- reference
 def linear_cross_entropy_ref(
-    hidden, weight, target, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, upcast=True
+    hidden, weight, target, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0,
+    softcap=None, z_loss=0.0, return_z_loss=False, upcast=True,
 ):
     """PyTorch reference: materialises the (N, V) logits in the inputs' dtype, as ``F.linear`` does.
 
@@ -110,35 +116,37 @@ def linear_cross_entropy_ref(
     """
     logits = torch.nn.functional.linear(hidden, weight, bias)  # (N, V)
     return cross_entropy_ref(
-        logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, upcast=upcast
+        logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        softcap=softcap, z_loss=z_loss, return_z_loss=return_z_loss, upcast=upcast,
     )
 
 
 # ----------------------------------------------------------------------------- per-chunk cross-entropy
-def _chunk_cross_entropy_triton(logits, target, ignore_index, label_smoothing, grad_scale):
-    """One chunk's per-row losses and, with ``grad_scale``, ∂loss/∂logits · grad_scale, written over the
-    chunk's own logits buffer (nothing else can see it)."""
+def _chunk_cross_entropy_triton(logits, target, options, grad_scale):
+    """One chunk's per-row losses and lse and, with ``grad_scale``, ∂loss/∂logits · grad_scale, written over
+    the chunk's own logits buffer (nothing else can see it). ``options``: ignore_index, label_smoothing,
+    softcap (0 for none) and z_loss."""
     grad = logits if grad_scale is not None else None
-    loss, _ = _cross_entropy_forward(logits, target, ignore_index, label_smoothing, grad=grad, grad_scale=grad_scale)
-    return loss, grad
+    loss, lse = _cross_entropy_forward(logits, target, *options, grad=grad, grad_scale=grad_scale)
+    return loss, lse, grad
 
 
-def _chunk_cross_entropy_native(logits, target, ignore_index, label_smoothing, grad_scale):
+def _chunk_cross_entropy_native(logits, target, options, grad_scale):
     """The same through the native kernels: the forward, then the backward from its lse. On the CPU the
     backward writes over the chunk's logits; on CUDA into a second chunk-sized buffer."""
     target = target.contiguous()
-    loss, lse = native_forward_of_checked_targets(logits, target, ignore_index, label_smoothing)
+    loss, lse = native_forward_of_checked_targets(logits, target, *options)
     if grad_scale is None:
-        return loss, None
+        return loss, lse, None
     grad_rows = grad_scale.float().expand(logits.shape[0]).contiguous()
     if logits.device.type != "cpu":
-        return loss, native_cross_entropy_backward(logits, target, lse, grad_rows, ignore_index, label_smoothing)
+        return loss, lse, native_cross_entropy_backward(logits, target, lse, grad_rows, *options)
     # The C++ backward reads each logit before it writes its gradient, at the same index, one row at a
     # time (float32 in place; 16-bit rows widened into a per-thread buffer first), so it may alias.
-    args = _native_ce_args(logits, target, ignore_index, label_smoothing)
+    args = _native_ce_args(logits, target, *options)
     run_kernel("cross_entropy_backward", logits.device, lse=lse.data_ptr(), grad_rows=grad_rows.data_ptr(),
                grad_logits=logits.data_ptr(), **args)
-    return loss, logits
+    return loss, lse, logits
 
 
 # Looked up when a chunk runs, not bound at import, so a test can count the chunks of either backend.
@@ -167,18 +175,21 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _chunked(backend, hidden, weight, bias, target, ignore_index, label_smoothing, grad_scale, needs):
+def _chunked(backend, hidden, weight, bias, target, options, grad_scale, needs, keep_lse=False):
     """Per-row losses and the gradients of Σ_i grad_scale_i · loss_i for the inputs ``needs`` marks.
 
-    ``grad_scale`` is a 0-dim or (N,) float tensor on the device (no host sync);
-    ``needs`` is (hidden, weight, bias). Returns ``(loss_rows, grad_hidden,
-    grad_weight, grad_bias)`` with None for each gradient not needed.
+    ``options`` is (ignore_index, label_smoothing, softcap, z_loss), softcap 0 for
+    none; ``grad_scale`` a 0-dim or (N,) float tensor on the device (no host sync);
+    ``needs`` is (hidden, weight, bias). Returns ``(loss_rows, lse_rows, grad_hidden,
+    grad_weight, grad_bias)`` with None for each gradient not needed, and for
+    lse_rows unless ``keep_lse``.
     """
     chunk_cross_entropy = CHUNK_CROSS_ENTROPY[backend]
     N, V = hidden.shape[0], weight.shape[0]
     need_hidden, need_weight, need_bias = needs[0], needs[1], needs[2] and bias is not None
     want_grads = need_hidden or need_weight or need_bias
     loss_rows = torch.empty(N, device=hidden.device, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    lse_rows = torch.empty_like(loss_rows) if keep_lse else None
     # float32 accumulators, whatever the input dtype: a bf16 sum over many chunks
     # would lose the small contributions.
     acc = torch.promote_types(weight.dtype, torch.float32)
@@ -200,9 +211,9 @@ def _chunked(backend, hidden, weight, bias, target, ignore_index, label_smoothin
         scale = None
         if want_grads:
             scale = grad_scale[start:end] if grad_scale.dim() == 1 else grad_scale
-        loss_rows[start:end], grad_logits = chunk_cross_entropy(
-            logits, target[start:end], ignore_index, label_smoothing, scale
-        )
+        loss_rows[start:end], lse, grad_logits = chunk_cross_entropy(logits, target[start:end], options, scale)
+        if keep_lse:
+            lse_rows[start:end] = lse
         if need_hidden:
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
         if need_weight:
@@ -211,7 +222,7 @@ def _chunked(backend, hidden, weight, bias, target, ignore_index, label_smoothin
             grad_bias += grad_logits.sum(0, dtype=acc)
     grad_weight = grad_weight.to(weight.dtype) if need_weight else None
     grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-    return loss_rows, grad_hidden, grad_weight, grad_bias
+    return loss_rows, lse_rows, grad_hidden, grad_weight, grad_bias
 
 
 # ----------------------------------------------------------------------------- torch ops and autograd
@@ -223,9 +234,11 @@ def _define_ops(backend: str):
     @torch.library.custom_op(f"minipt::{backend}_linear_cross_entropy_fwd", mutates_args=())
     def forward(
         hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-        ignore_index: int, reduction: str, label_smoothing: float, needs: list[bool],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The loss, and for mean/sum the gradients ``needs`` marks for d(loss) = 1 (else empty tensors)."""
+        ignore_index: int, reduction: str, label_smoothing: float, softcap: float, z_loss: float,
+        return_z_loss: bool, needs: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss, for mean/sum the gradients ``needs`` marks for d(loss) = 1 (else empty tensors), and the
+        z term with ``return_z_loss`` (else an empty tensor)."""
         check_targets(OP, target, weight.shape[0], ignore_index)
         counted = target != ignore_index
         if reduction == "mean":
@@ -233,56 +246,62 @@ def _define_ops(backend: str):
         else:
             grad_scale = torch.ones((), device=hidden.device, dtype=torch.float32)
         needs = needs if reduction != "none" else [False, False, False]
-        loss_rows, *grads = _chunked(
-            backend, hidden, weight, bias, target, ignore_index, label_smoothing, grad_scale, needs
+        options = (ignore_index, label_smoothing, softcap, z_loss)
+        loss_rows, lse_rows, *grads = _chunked(
+            backend, hidden, weight, bias, target, options, grad_scale, needs, keep_lse=return_z_loss
         )
         grads = [g if g is not None else hidden.new_empty(0) for g in grads]
-        return reduce_loss(loss_rows, counted, reduction), *grads  # float32 loss for 16-bit inputs
+        z = z_term(lse_rows, counted, z_loss, reduction) if return_z_loss else hidden.new_empty(0)
+        return reduce_loss(loss_rows, counted, reduction), *grads, z  # float32 loss for 16-bit inputs
 
     @forward.register_fake
-    def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, needs):
+    def _(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, softcap, z_loss, return_z_loss,
+          needs):
         shape = hidden.shape[:1] if reduction == "none" else ()
         loss = hidden.new_empty(shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
         if reduction == "none":
             needs = [False, False, False]
-        return loss, *_empty_grads(hidden, weight, bias, needs)
+        z = torch.empty_like(loss) if return_z_loss else hidden.new_empty(0)
+        return loss, *_empty_grads(hidden, weight, bias, needs), z
 
     @torch.library.custom_op(f"minipt::{backend}_linear_cross_entropy_bwd", mutates_args=())
     def backward(
         grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-        target: torch.Tensor, ignore_index: int, label_smoothing: float, needs: list[bool],
+        target: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float, z_loss: float,
+        needs: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The gradients of Σ_i grad_rows[i] · loss_i, recomputing the chunks (reduction="none")."""
-        _, *grads = _chunked(backend, hidden, weight, bias, target, ignore_index, label_smoothing, grad_rows, needs)
+        options = (ignore_index, label_smoothing, softcap, z_loss)
+        _, _, *grads = _chunked(backend, hidden, weight, bias, target, options, grad_rows, needs)
         return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
     @backward.register_fake
-    def _(grad_rows, hidden, weight, bias, target, ignore_index, label_smoothing, needs):
+    def _(grad_rows, hidden, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss, needs):
         return _empty_grads(hidden, weight, bias, needs)
 
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, target, ignore_index, reduction, label_smoothing, _ = inputs
-        ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
-        # Nothing differentiates through the gradient outputs; materialised, their zero "gradients" would
-        # hold as much memory again as the gradients themselves during the backward.
+        hidden, weight, bias, target, ignore_index, reduction, label_smoothing, softcap, z_loss, _, _ = inputs
+        ctx.reduction, ctx.options = reduction, (ignore_index, label_smoothing, softcap, z_loss)
+        # Nothing differentiates through the gradient outputs or the z term; materialised, their zero
+        # "gradients" would hold as much memory again as the gradients themselves during the backward.
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, target)
         else:
-            ctx.save_for_backward(*output[1:])
+            ctx.save_for_backward(*output[1:4])
 
     def grad_fn(ctx, grad_loss, *_):
         needs = list(ctx.needs_input_grad[:3])
         if grad_loss is None:  # not materialised: no gradient reached the loss
-            return None, None, None, None, None, None, None, None
+            return (None,) * 11
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
-            grads = backward(grad_loss, hidden, weight, bias, target, ctx.ignore_index, ctx.label_smoothing, needs)
+            grads = backward(grad_loss, hidden, weight, bias, target, *ctx.options, needs)
         else:
             grads = _scale_forward_grads(ctx, grad_loss)
         grads = [g if need else None for g, need in zip(grads, needs)]
-        return *grads, None, None, None, None, None
+        return *grads, *(None,) * 8
 
     forward.register_autograd(grad_fn, setup_context=setup_context)
     return forward
@@ -313,12 +332,13 @@ def _empty_grads(hidden, weight, bias, needs):
 _LINEAR_CROSS_ENTROPY_OPS = {backend: _define_ops(backend) for backend in CHUNK_CROSS_ENTROPY}
 
 
-def _linear_cross_entropy_chunked(backend, hidden, weight, target, bias, ignore_index, reduction, label_smoothing):
+def _linear_cross_entropy_chunked(backend, hidden, weight, target, bias, ignore_index, reduction, label_smoothing,
+                                  softcap, z_loss, return_z_loss):
     needs = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    loss, *_ = _LINEAR_CROSS_ENTROPY_OPS[backend](
-        hidden, weight, bias, target, ignore_index, reduction, label_smoothing, needs
+    loss, *_, z = _LINEAR_CROSS_ENTROPY_OPS[backend](
+        hidden, weight, bias, target, ignore_index, reduction, label_smoothing, softcap, z_loss, return_z_loss, needs
     )
-    return loss
+    return (loss, z) if return_z_loss else loss
 
 
 # ----------------------------------------------------------------------------- native
@@ -331,9 +351,11 @@ def _check_native(hidden, weight, target, bias) -> None:
 
 
 # ----------------------------------------------------------------------------- public op
-def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing) -> None:
+def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, softcap, z_loss,
+                  return_z_loss) -> None:
     check_tensor(OP, "weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
-    check_ce_args(OP, hidden, target, ignore_index, reduction, label_smoothing, logits_name="hidden")
+    check_ce_args(OP, hidden, target, ignore_index, reduction, label_smoothing, softcap, z_loss, return_z_loss,
+                  logits_name="hidden")
     check_same(OP, ("hidden", hidden), ("weight", weight))
     if weight.shape[0] == 0:
         raise ValueError(f"{OP}: weight must have at least one row (V >= 1), got shape {tuple(weight.shape)}")
@@ -349,15 +371,23 @@ def _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_s
 
 
 def linear_cross_entropy(
-    hidden, weight, target, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0, backend="auto"
+    hidden, weight, target, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean", label_smoothing=0.0,
+    softcap=None, z_loss=0.0, return_z_loss=False, backend="auto",
 ):
     """``cross_entropy(hidden @ weight.T + bias, target)`` without materialising the logits.
+
+    ``softcap``, ``z_loss`` and ``return_z_loss`` are ``cross_entropy``'s: the
+    logits are capped to ``softcap · tanh(logits / softcap)``, ``z_loss · lse²``
+    is added per counted row, and ``return_z_loss=True`` returns ``(loss, z_term)``
+    with the z term alone, reduced as the loss and detached.
 
     Under autocast the linear layer runs in the autocast dtype, as ``F.linear``
     would. The loss of fp16/bf16 inputs (or of any under 16-bit autocast) is
     float32, as ``F.cross_entropy`` gives under autocast; the gradients keep the
     dtype of hidden, weight and bias.
     """
+    options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                   z_loss=z_loss, return_z_loss=return_z_loss)
     device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -365,21 +395,17 @@ def linear_cross_entropy(
             t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (hidden, weight, bias)
         )
         with torch.autocast(device_type, enabled=False):
-            return linear_cross_entropy(
-                hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=label_smoothing, backend=backend,
-            )
-    _check_inputs(hidden, weight, target, bias, ignore_index, reduction, label_smoothing)
+            return linear_cross_entropy(hidden, weight, target, bias=bias, backend=backend, **options)
+    _check_inputs(hidden, weight, target, bias, *options.values())
     backend = resolve_backend(backend, hidden.device, OP)
     if backend == "torch":
         if not torch.compiler.is_compiling():  # compiled, torch's own op checks (see check_targets)
             check_targets(OP, target, weight.shape[0], ignore_index)
-        return linear_cross_entropy_ref(
-            hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing,
-        )
+        return linear_cross_entropy_ref(hidden, weight, target, bias=bias, **options)
     if backend == "native":
         _check_native(hidden, weight, target, bias)
+    # The kernels take softcap 0 for none.
     return _linear_cross_entropy_chunked(
-        backend, hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing)
+        backend, hidden, weight, target, bias, ignore_index, reduction, float(label_smoothing), float(softcap or 0.0),
+        float(z_loss), return_z_loss,
     )
