@@ -72,6 +72,7 @@ class TrainConfig(CommandConfig):
     reset_positions: bool = False  # GPT with doc_mask: positions restart at 0 at each document's <|endoftext|>
     attn_window: int | None = None  # GPT sees the attn_window tokens up to itself, BERT those attn_window // 2 around
     global_every: int | None = None  # with attn_window: every global_every-th layer from 0 sees the whole context
+    logit_softcap: float | None = None  # caps the LM (GPT) or MLM (BERT) logits to s·tanh(logits/s) (Gemma 2: 30)
     # ---- data
     data: str = ""  # file, folder or glob: txt, md, jsonl[.gz|.zst], parquet or token .bin; empty: the bundled plays
     text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text
@@ -98,6 +99,7 @@ class TrainConfig(CommandConfig):
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    z_loss: float = 0.0  # adds z_loss x lse² per predicted token to the training loss (PaLM: 1e-4), logged apart
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' weight matrices, AdamW for the rest
     muon_learning_rate: float = 0.01  # muon: peak learning rate of the blocks' matrices, on learning_rate's schedule
     muon_momentum: float = 0.95  # muon: Muon's Nesterov momentum
@@ -136,6 +138,8 @@ class TrainConfig(CommandConfig):
         _interval("mlm_probability", self.mlm_probability, 0.0, 1.0, closed=False)
         _interval("short_seq_prob", self.short_seq_prob, 0.0, 1.0)
         _check_optimization(self)
+        if not 0 <= self.z_loss < float("inf"):  # logit_softcap is the model config's to check
+            raise ConfigError(f"z_loss must be a finite float >= 0, got {self.z_loss}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
             raise ConfigError(f"min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}")
         if self.model == "bert" and self.bias is not None:

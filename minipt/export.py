@@ -5,7 +5,7 @@ BertForPreTraining) or a fine-tune run (a BertForSequenceClassification with
 its labels). DIR gets the weights, config.json, tokenizer.json and
 tokenizer_config.json, so that transformers' from_pretrained and AutoTokenizer
 load it as it is. A model that transformers cannot express (sliding-window
-attention) is refused by name. Needs transformers (pip install minipt[hf]).
+attention, soft-capped LM or MLM logits) is refused by name. Needs transformers (pip install minipt[hf]).
 
 Examples:
 

@@ -18,7 +18,8 @@ A configuration minipt cannot reproduce exactly (another activation, untied
 heads, scaled or cross attention, a feed-forward width other than 4·n_embd for
 GPT-2) is refused with a ValueError rather than converted approximately, and so
 is a minipt model that GPT-2 or BERT cannot reproduce: one with sliding-window
-attention (``attn_window``).
+attention (``attn_window``), or a GPT or BERT whose LM/MLM logits are soft-capped
+(``logit_softcap``; a classifier from such a BERT exports, as its head has no cap).
 Dropout on attention probabilities does not exist in minipt (its attention op
 has none): ``from_hf`` drops it, and ``to_hf`` writes 0.0 there.
 
@@ -133,7 +134,9 @@ def to_hf(model, *, labels: list[str] | None = None):
     as plain GPT-2, which attends across separators and counts positions from the
     window's start: equal to minipt's model on a window that holds one document.
     A model with sliding-window attention (``attn_window``) is refused: GPT-2 and
-    BERT attend to every position, so the export would be another model.
+    BERT attend to every position, so the export would be another model. So is a
+    GPT or BERT with ``logit_softcap``, whose heads GPT-2's and BERT's cannot cap;
+    a classifier's own logits are not capped, so it exports all the same.
     """
     _refuse_window(model)
     if isinstance(model, BertClassifier):
@@ -143,10 +146,9 @@ def to_hf(model, *, labels: list[str] | None = None):
         return classifier_to_hf(model.bert, model.classifier, names)
     if labels is not None:
         raise TypeError("to_hf: labels apply to a minipt.models.BertClassifier only")
-    if isinstance(model, GPT):
-        return _gpt_to_hf(model)
-    if isinstance(model, BERT):
-        return _bert_to_hf(model)
+    if isinstance(model, (GPT, BERT)):
+        _refuse_softcap(model)
+        return _gpt_to_hf(model) if isinstance(model, GPT) else _bert_to_hf(model)
     raise TypeError(
         f"to_hf: model must be a minipt.models.GPT, BERT or BertClassifier, got {type(model).__name__}"
     )
@@ -160,6 +162,17 @@ def _refuse_window(model) -> None:
             f"to_hf: this {type(model).__name__} attends through a sliding window (attn_window={window}, "
             f"global_every={cfg.global_every}), which Hugging Face's GPT-2 and BERT have no field for: they would "
             "attend to every position and compute another model; export a model trained with attn_window=None"
+        )
+
+
+def _refuse_softcap(model) -> None:
+    cap = model.config.logit_softcap
+    if cap is not None:
+        head = "LM" if isinstance(model, GPT) else "MLM"
+        raise ExportRefused(
+            f"to_hf: this {type(model).__name__} caps its {head} logits (logit_softcap={cap}), which Hugging Face's "
+            "GPT-2 and BERT have no field for: they would compute uncapped logits and another model; export a model "
+            "trained with logit_softcap=None"
         )
 
 

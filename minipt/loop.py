@@ -158,17 +158,19 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime, *, find_unused_parameters: boo
 
 
 def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: int, lr: float, out: Path) -> None:
-    """Log the mean train loss of the steps since the last log; stop on a non-finite one."""
+    """Log the mean train loss (and z term) of the steps since the last log; stop on a non-finite one."""
     if window.steps == 0:
         return
-    loss = float(rt.all_reduce_sum(window.loss.clone()).item()) / (window.steps * rt.world_size)
-    if not math.isfinite(loss):
+    sums = torch.stack([window.loss] + ([] if window.z_loss is None else [window.z_loss]))  # a copy: reduced in place
+    means = [value / (window.steps * rt.world_size) for value in rt.all_reduce_sum(sums).tolist()]  # one sync
+    if not all(math.isfinite(value) for value in means):
         kept = f"The last checkpoint in {out} is kept" if ckpt.has_run(out) else "No checkpoint was saved"
         raise TrainingError(
-            f"the training loss became {loss} between steps {window.first_step} and {step}; stopping. "
+            f"the training loss became {sum(means)} between steps {window.first_step} and {step}; stopping. "
             f"{kept}; try a lower --learning_rate or --grad_clip"
         )
-    row = {"iter": step, "train_loss": loss, "lr": lr, "tokens_per_s": window.tokens * rt.world_size / window.seconds()}
+    row = {"iter": step, "train_loss": means[0], **({"train_z_loss": means[1]} if len(means) > 1 else {}),
+           "lr": lr, "tokens_per_s": window.tokens * rt.world_size / window.seconds()}
     if rt.is_main:
         append_metrics(out, row)
     progress.train_row(row)

@@ -66,7 +66,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, pad_id: int, eot_id: int | N
 
     ``vocab_size``, ``pad_id`` (BERT's) and ``eot_id`` (GPT's document separator) come from the tokenizer."""
     cls = MODEL_KINDS[cfg.model].config
-    shape = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "attn_window", "global_every"}
+    shape = {"n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "attn_window", "global_every",
+             "logit_softcap"}
     fields = shape & {f.name for f in dataclasses.fields(cls)}
     overrides = {k: getattr(cfg, k) for k in fields if getattr(cfg, k) is not None}
     # Round the vocabulary up to a multiple of 64, as nanoGPT does with 50257 -> 50304: the
@@ -114,8 +115,9 @@ def init_from_config(cfg: TrainConfig, given: dict) -> TrainConfig:
     where = f"--init_from={cfg.init_from}"
     if "model" in given and given["model"] != kind:
         raise ConfigError(f"--model={given['model']} contradicts {where}, which holds a {kind} model")
-    arch = {"attn_window": None, "global_every": None, **arch}  # a config saved before windows has none
-    for name in ("n_layer", "n_head", "n_embd", "bias", "attn_window", "global_every"):
+    # a config saved before windows and caps has none
+    arch = {"attn_window": None, "global_every": None, "logit_softcap": None, **arch}
+    for name in ("n_layer", "n_head", "n_embd", "bias", "attn_window", "global_every", "logit_softcap"):
         value = getattr(cfg, name)
         if value is not None and value != arch.get(name, value):
             raise ConfigError(f"--{name}={value} contradicts {where}, whose model has {name}={arch[name]}")
@@ -223,11 +225,13 @@ class Run:
         save_on_main(self.rt, self.out, self.model, self.state_dict())  # state_dict on every rank: it gathers
 
     # ---- steps
-    def step(self) -> torch.Tensor:
-        """One optimizer step over the accumulated micro-batches; returns the mean loss, on the device."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over the accumulated micro-batches; returns the mean cross-entropy and, with
+        ``z_loss``, the mean z term (the loss it trained on is their sum), on the device."""
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         self.optimizer.set_lr(self.schedule.lr(self.iter))
         total = torch.zeros((), device=self.rt.device)
+        z_total = torch.zeros((), device=self.rt.device) if cfg.z_loss > 0 else None
         self.tokens = 0
         for micro, arrays in enumerate(self.sampler.next_step(accum)):
             self.tokens += self.real_tokens(arrays)
@@ -235,15 +239,19 @@ class Run:
             no_sync = self.rt.distributed and micro < accum - 1
             with self.train_model.no_sync() if no_sync else contextlib.nullcontext():
                 seed = mask_seed(cfg.seed, self.iter, micro, self.rt.rank)
-                out = self.scorer.forward(to_device(arrays, self.rt.device), seed)
+                out = self.scorer.forward(to_device(arrays, self.rt.device), seed, z_loss=cfg.z_loss)
                 (out.loss / accum).backward()
             total += out.loss.detach()
+            if z_total is not None:
+                z_total += out.z_loss
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.iter += 1
-        return total / accum
+        if z_total is None:
+            return total / accum, None
+        return (total - z_total) / accum, z_total / accum
 
     def evaluate_and_save(self, progress: Progress, start_iter: int) -> None:
         """Evaluate, log the metrics, and save a checkpoint unless this is the step the run started at."""
@@ -315,7 +323,8 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
                 window.restart_clock()
             if run.iter >= cfg.max_iters:
                 break
-            window.add(run.step(), run.tokens)
+            loss, z_loss = run.step()
+            window.add(loss, run.tokens, z_loss)
             progress.step()
             if run.iter % cfg.log_interval == 0:
                 run.flush(window, progress)

@@ -1,7 +1,8 @@
 """What a training run reports while it runs: metrics rows, the loss plot, progress, stop requests.
 
 * ``metrics.jsonl`` gets one JSON row per log step (train loss, learning rate,
-  throughput) and per evaluation; ``loss.png`` is drawn from it at the end.
+  throughput; with a z-loss, ``train_z_loss`` beside the cross-entropy's
+  ``train_loss``) and per evaluation; ``loss.png`` is drawn from it at the end.
 * :class:`TrainWindow` sums the train loss on the device between log steps, so
   the host reads it (one sync) every ``log_interval`` steps, not every step.
 * :class:`Progress` is a tqdm bar on a terminal. Elsewhere (a log file, CI,
@@ -72,7 +73,9 @@ def plot_losses(out: Path) -> None:
 
 # ----------------------------------------------------------------------------- the train loss between log steps
 class TrainWindow:
-    """The steps since the last log row: their summed loss (on the device), tokens and wall time."""
+    """The steps since the last log row: their summed loss and z term (on the device), tokens and wall time.
+
+    ``z_loss`` stays None unless steps add one: a run without a z-loss logs none."""
 
     def __init__(self, device: torch.device, step: int):
         self.device = device
@@ -80,6 +83,7 @@ class TrainWindow:
 
     def reset(self, step: int) -> None:
         self.loss = torch.zeros((), device=self.device)
+        self.z_loss = None
         self.steps, self.tokens = 0, 0
         self.first_step = step  # the step the window starts after: the last one known to be finite
         self.restart_clock()
@@ -88,8 +92,10 @@ class TrainWindow:
         """Evaluation time is not training throughput: the clock restarts after one."""
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, z_loss: torch.Tensor | None = None) -> None:
         self.loss += loss
+        if z_loss is not None:
+            self.z_loss = z_loss.clone() if self.z_loss is None else self.z_loss + z_loss
         self.steps += 1
         self.tokens += tokens
 
@@ -119,11 +125,15 @@ class Progress:
 
     def train_row(self, row: dict) -> None:
         """Show a ``metrics.jsonl`` train row: as the bar's postfix, or as a line of its own."""
+        z = row.get("train_z_loss")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
+            shown = dict(loss=f"{row['train_loss']:.3f}", **({"z": f"{z:.2e}"} if z is not None else {}),
+                         tok_s=f"{row['tokens_per_s']:,.0f}")
+            self.bar.set_postfix(shown, refresh=False)
         elif self.enabled:
             self.log(f"step {row['iter']}/{self.total}: train loss {row['train_loss']:.4f}, "
-                     f"lr {row['lr']:.2e}, {row['tokens_per_s']:,.0f} tokens/s")
+                     + (f"z-loss {z:.3e}, " if z is not None else "")
+                     + f"lr {row['lr']:.2e}, {row['tokens_per_s']:,.0f} tokens/s")
 
     def close(self) -> None:
         if self.bar is not None:

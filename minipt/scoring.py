@@ -53,12 +53,14 @@ class Scorer:
         self.val_batches, self.padding = list(val_batches), padding or {}
         self.train_model = model if train_model is None else train_model
 
-    def forward(self, batch: dict[str, torch.Tensor], seed: int, model=None) -> ModelOutput:
-        """The output of ``model`` (the training model by default), loss included, on one batch on the device."""
+    def forward(self, batch: dict[str, torch.Tensor], seed: int, model=None, z_loss: float = 0.0) -> ModelOutput:
+        """The output of ``model`` (the training model by default), loss included, on one batch on the device.
+
+        ``z_loss`` > 0 adds the z term to the loss (training does; evaluation scores the cross-entropy alone)."""
         model = model or self.train_model
         if self.kind == "gpt":
             with self.rt.autocast():
-                return model(batch["x"], labels=batch["y"])
+                return model(batch["x"], labels=batch["y"], z_loss=z_loss)
         masked, labels = mlm_mask(
             batch["input_ids"], mask_token_id=self.tok.mask_id, vocab_size=self.tok.vocab_size,
             special_tokens_mask=batch["special_tokens_mask"], mlm_probability=self.mlm_probability, seed=seed,
@@ -69,7 +71,7 @@ class Scorer:
         with self.rt.autocast():
             return model(
                 masked, token_type_ids=batch["token_type_ids"], attention_mask=batch["attention_mask"],
-                labels=labels, next_sentence_label=nsp, mlm_probability=self.mlm_probability, **layout,
+                labels=labels, next_sentence_label=nsp, mlm_probability=self.mlm_probability, z_loss=z_loss, **layout,
             )
 
     @torch.no_grad()

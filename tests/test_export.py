@@ -43,3 +43,10 @@ def test_export_refuses_to_write_over_a_folder_and_names_a_missing_run(tmp_path,
     assert X.main(["--out_dir=.", f"--to={tmp_path / 'taken'}"]) == 2
     assert X.main(["--out_dir=out"]) == 2
     assert "--to is required" in capsys.readouterr().err
+
+
+def test_a_softcapped_run_is_refused_by_name_and_nothing_is_written(tmp_path, capsys):
+    assert T.main(tiny_args(tmp_path, max_iters=2, eval_interval=2, sample_tokens=0, logit_softcap=30)) == 0
+    assert X.main([f"--out_dir={tmp_path / 'run'}", f"--to={tmp_path / 'hf'}"]) == 2
+    assert "caps its LM logits (logit_softcap=30.0)" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

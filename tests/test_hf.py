@@ -218,6 +218,24 @@ def test_windowed_models_are_refused_by_name(model):
     assert issubclass(ExportRefused, ValueError)
 
 
+@pytest.mark.parametrize("cls, config_cls, head", [(GPT, GPTConfig, "LM"), (BERT, BertConfig, "MLM")])
+def test_softcapped_models_are_refused_by_name(cls, config_cls, head):
+    """GPT-2's and BERT's heads have no cap: a soft-capped model would export as another model."""
+    model = cls(config_cls(vocab_size=V, block_size=T_MAX, n_layer=L, n_head=H, n_embd=C, logit_softcap=30.0))
+    with pytest.raises(ExportRefused, match=rf"caps its {head} logits \(logit_softcap=30.0\)"):
+        to_hf(model)
+
+
+def test_a_classifier_from_a_softcapped_bert_exports_as_it_is():
+    """The cap is the MLM head's, which a BertForSequenceClassification leaves out: the classifier exports,
+    and its logits are ours."""
+    model = BertClassifier(BertClassifierConfig(vocab_size=V, block_size=T_MAX, n_layer=L, n_head=H, n_embd=C,
+                                                logit_softcap=30.0)).eval()
+    ids = torch.randint(1, V, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(to_hf(model).eval()(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
+
+
 def test_wrong_model_types_are_refused():
     with pytest.raises(TypeError, match="GPT2LMHeadModel or transformers.BertForPreTraining"):
         from_hf(transformers.GPT2Model(transformers.GPT2Config(vocab_size=V, n_embd=C, n_layer=1, n_head=H)))

@@ -112,6 +112,8 @@ def test_unknown_preset_and_field_are_named():
         (BertConfig, dict(attn_window=64.0), TypeError, "attn_window must be an int"),
         (GPTConfig, dict(attn_window=8, global_every=-1), ValueError, "global_every must be a positive int"),
         (BertConfig, dict(global_every=3), ValueError, "global_every needs attn_window"),
+        *((cls, dict(logit_softcap=bad), ValueError, "logit_softcap must be a positive finite float")
+          for cls, bad in ((GPTConfig, 0.0), (BertConfig, -30.0), (GPTConfig, math.inf), (BertConfig, "30"))),
     ],
 )
 def test_config_errors_name_the_field(cls, overrides, exc, pattern):
@@ -581,12 +583,64 @@ def test_a_window_that_covers_the_block_changes_no_bit():
 @pytest.mark.parametrize("kind, config", [("gpt", GPTConfig(**GPT_TINY)), ("bert", BertConfig(**BERT_TINY)),
                                           ("bert_classifier", BertClassifierConfig(**BERT_TINY))])
 def test_configs_saved_before_windows_load_without_one(kind, config):
-    """A config.json written before attn_window and global_every existed builds the model it always did;
-    one written with them builds the windowed model."""
+    """A config.json written before attn_window, global_every and logit_softcap existed builds the model it
+    always did; one written with them builds the windowed, capped model."""
     saved = dataclasses.asdict(config)
-    old = {k: v for k, v in saved.items() if k not in ("attn_window", "global_every")}
-    assert set(saved) - set(old) == {"attn_window", "global_every"}
+    old = {k: v for k, v in saved.items() if k not in ("attn_window", "global_every", "logit_softcap")}
+    assert set(saved) - set(old) == {"attn_window", "global_every", "logit_softcap"}
     model = build_model(kind, old)
-    assert model.config == config and model.config.attn_window is None
-    windowed = build_model(kind, {**saved, "attn_window": 6, "global_every": 2})
-    assert (windowed.config.attn_window, windowed.config.global_every) == (6, 2)
+    assert model.config == config and model.config.attn_window is None and model.config.logit_softcap is None
+    windowed = build_model(kind, {**saved, "attn_window": 6, "global_every": 2, "logit_softcap": 30.0})
+    assert (windowed.config.attn_window, windowed.config.global_every, windowed.config.logit_softcap) == (6, 2, 30.0)
+
+
+# ----------------------------------------------------------------------------- capped logits and the z-loss
+CAP = 0.5  # small next to these tiny models' logits, so that the cap changes every one of them
+
+
+def capped(logits):
+    return CAP * torch.tanh(logits.double() / CAP)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_gpt_logit_softcap_caps_its_logits_loss_and_samples(backend, monkeypatch):
+    """The loss is the cross-entropy of the capped logits the model returns, z_loss adds z·lse² per predicted
+    token (returned apart), and generate samples from the capped logits."""
+    model = tiny_gpt(logit_softcap=CAP, backend=backend).eval()
+    plain = tiny_gpt().eval()
+    plain.load_state_dict(model.state_dict())
+    x, y = torch.randint(0, 61, (2, 9)), torch.randint(0, 61, (2, 9))
+    y[0, :3] = IGNORE_INDEX
+    want = capped(plain(x).logits)  # (B, T, V)
+    out = model(x, labels=y, return_logits=True)
+    torch.testing.assert_close(out.logits.double(), want, rtol=1e-5, atol=1e-6)
+    ce = F.cross_entropy(want.view(-1, 61), y.view(-1))
+    torch.testing.assert_close(out.loss.double(), ce, rtol=1e-5, atol=1e-6)
+    assert out.z_loss is None
+    with_z = model(x, labels=y, z_loss=0.1)
+    z = 0.1 * torch.logsumexp(want, -1)[y != IGNORE_INDEX].square().mean()
+    torch.testing.assert_close(with_z.z_loss.double(), z, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(with_z.loss.double(), ce + z, rtol=1e-5, atol=1e-6)
+    drawn = []
+    monkeypatch.setattr(torch, "multinomial", lambda probs, **kw: drawn.append(probs) or probs.argmax(-1, keepdim=True))
+    model.generate(x[:, :4], 1)  # from the context x[:, :4], whose last logits are those at position 3
+    torch.testing.assert_close(drawn[0].double(), want[:, 3].softmax(-1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_bert_logit_softcap_caps_the_mlm_logits_and_loss_not_nsp(backend):
+    model = tiny_bert(logit_softcap=CAP, backend=backend).eval()
+    plain = tiny_bert().eval()
+    plain.load_state_dict(model.state_dict())
+    batch = bert_batch()
+    out = model(**batch, return_logits=True, z_loss=0.1)
+    ref = plain(**batch, return_logits=True)
+    want = capped(ref.logits)
+    torch.testing.assert_close(out.logits.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.nsp_logits, ref.nsp_logits)
+    counted = batch["labels"] != IGNORE_INDEX
+    ce = F.cross_entropy(want[counted], batch["labels"][counted])
+    z = 0.1 * torch.logsumexp(want[counted], -1).square().mean()
+    torch.testing.assert_close(out.z_loss.double(), z, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.mlm_loss.double(), ce + z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, out.mlm_loss + out.nsp_loss)

@@ -7,6 +7,7 @@ training step (forward, backward, optimizer step) runs under
 ``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronising call.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,19 @@ def bert_packed_forward():
     return model, (ids,), kwargs
 
 
-@pytest.mark.parametrize("make", [gpt_forward, bert_forward, gpt_documents_forward, bert_packed_forward], ids=["gpt", "bert", "gpt-doc_mask", "bert-pack"])
+def capped_with_z_loss(make):
+    """``make``'s model with soft-capped logits, called with a z-loss, whose term comes back apart."""
+    def capped():
+        model, args, kwargs = make()
+        model.config = dataclasses.replace(model.config, logit_softcap=30.0)
+        return model, args, dict(kwargs, z_loss=1e-4)
+    return capped
+
+
+@pytest.mark.parametrize("make", [
+    gpt_forward, bert_forward, gpt_documents_forward, bert_packed_forward, capped_with_z_loss(gpt_forward),
+    capped_with_z_loss(bert_forward),
+], ids=["gpt", "bert", "gpt-doc_mask", "bert-pack", "gpt-softcap-z_loss", "bert-softcap-z_loss"])
 def test_forward_and_loss_compile_without_a_graph_break(make):
     torch._dynamo.reset()
     model, args, kwargs = make()
@@ -88,17 +101,19 @@ def tiny_run(tmp_path: Path, model: str, **options) -> P.Run:
 @pytest.mark.skipif(not HAS_CUDA, reason="set_sync_debug_mode watches CUDA synchronisation; a CPU has none to watch")
 @pytest.mark.parametrize("model, options", [
     ("gpt", {}), ("bert", {}), ("gpt", dict(doc_mask=True, reset_positions=True)), ("bert", dict(pack=True)),
-], ids=["gpt", "bert", "gpt-doc_mask", "bert-pack"])
+    ("gpt", dict(logit_softcap=30.0, z_loss=1e-4)), ("bert", dict(logit_softcap=30.0, z_loss=1e-4)),
+], ids=["gpt", "bert", "gpt-doc_mask", "bert-pack", "gpt-softcap-z_loss", "bert-softcap-z_loss"])
 def test_a_training_step_never_syncs(tmp_path, model, options):
     run = tiny_run(tmp_path, model, **options)
     run.step()  # the first step compiles the Triton kernels and initialises cuBLAS, which may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = run.step()
+        loss, z_loss = run.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss).item()
+    assert (z_loss is None) == ("z_loss" not in options) and (z_loss is None or z_loss.item() > 0)
 
 
 def test_decreasing_document_ids_stop_a_compiled_graph_too():

@@ -31,3 +31,27 @@ def test_reported_losses_under_bf16_autocast_are_float32_cross_entropy(backend):
             # a bf16-rounded loss would fail this comparison: it is coarser than 1e-5 here
             assert abs(train_loss.bfloat16().float().item() - expected[-1]) > 1e-5 * expected[-1]
     assert scorer.evaluate()["val_loss"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_validation_scores_the_capped_cross_entropy_without_the_z_term(backend):
+    """A training step's loss has the z term in it (and returns it apart); validation scores the cross-entropy
+    of the capped logits alone, so that runs with and without a z-loss compare."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, backend=backend,
+                          logit_softcap=2.0))
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.integers(0, 64, (3, 16)), "y": rng.integers(0, 64, (3, 16))} for _ in range(2)]
+    scorer = Scorer("gpt", model, None, Runtime(torch.device("cpu"), torch.float32), backend=backend,
+                    val_batches=batches)
+    with torch.no_grad():
+        cross_entropies = []
+        for batch in batches:
+            x, y = torch.as_tensor(batch["x"]), torch.as_tensor(batch["y"])
+            logits = model(x, return_logits=True).logits  # capped
+            assert logits.abs().max() < 2.0
+            cross_entropies.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+            step = scorer.forward({"x": x, "y": y}, seed=0, z_loss=0.1)
+            assert step.z_loss.item() > 0.01 * step.loss.item()
+            assert step.loss.item() == pytest.approx(cross_entropies[-1] + step.z_loss.item(), rel=1e-5)
+    assert scorer.evaluate()["val_loss"] == pytest.approx(sum(cross_entropies) / len(cross_entropies), rel=1e-5)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from minipt import checkpoint as ckpt
+from minipt import finetune as FT
 from minipt import train as T
 from minipt.runlog import Progress, read_metrics
 from minipt.config import ConfigError, TrainConfig
@@ -22,6 +23,7 @@ from minipt.models import GPT, GPTConfig, build_model
 from minipt.tokenizer import TextTokenizer, train_tokenizer
 from minipt import pretraining as P
 from minipt.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from minipt.load import load_run
 from minipt.loop import make_optimizer
 from minipt.scoring import mask_seed
 
@@ -107,6 +109,48 @@ def test_attn_window_and_global_every_reach_the_saved_model(tmp_path):
         P.resolve_config({"init_from": str(out), "out_dir": str(tmp_path / "next"), "attn_window": 8})
 
 
+@pytest.mark.parametrize("model, extra", [("gpt", {}), ("bert", dict(tokenizer="wordpiece", vocab_size=200,
+                                                                         block_size=32))])
+def test_logit_softcap_and_z_loss_reach_the_model_and_the_logs(tmp_path, capsys, model, extra):
+    """--logit_softcap is saved with the model and caps what the loaded model returns; --z_loss is a training
+    setting, logged as train_z_loss beside train_loss (the cross-entropy) in metrics.jsonl and the progress
+    line, but not in the validation rows. The run ends with its sample; bad values are named."""
+    args = tiny_args(tmp_path, model=model, logit_softcap=30, z_loss=1e-4, max_iters=4, eval_interval=2,
+                     log_interval=2, progress="true", **extra)
+    assert T.main(args) == 0
+    out = tmp_path / "run"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["logit_softcap"] == 30.0 and saved["train"]["z_loss"] == 1e-4
+    train = [r for r in read_metrics(out) if "train_loss" in r]
+    assert [r["iter"] for r in train] == [2, 4]
+    # z·lse² with lse about log(vocab) at the start: far below the cross-entropy, far above 0
+    assert all(1e-6 < r["train_z_loss"] < 1e-2 * r["train_loss"] for r in train)
+    assert all("z_loss" not in key for r in read_metrics(out) if "val_loss" in r for key in r)
+    printed = capsys.readouterr().out
+    assert len([line for line in printed.splitlines() if " train loss " in line and ", z-loss " in line]) == 2
+    assert ("sample:" if model == "gpt" else "fill-mask:") in printed
+    loaded, *_ = load_run(out)
+    assert loaded.config.logit_softcap == 30.0
+    if model == "gpt":
+        x = torch.randint(0, loaded.config.vocab_size, (1, 8))
+        uncapped = torch.nn.functional.linear(loaded.hidden_states(x), loaded.transformer.wte.weight)
+        torch.testing.assert_close(loaded(x).logits, 30 * torch.tanh(uncapped / 30))
+    else:  # a fine-tune from it (the classifier's own logits are not capped) runs and exports
+        data = tmp_path / "labelled.csv"
+        data.write_text("text,label\n" + "".join(f"{v},{i % 2}\n" for i, v in enumerate(VERSES * 2)))
+        assert FT.main([f"--init_from={out}", f"--data={data}", f"--val_data={data}", "--epochs=1",
+                        "--batch_size=4", f"--out_dir={tmp_path / 'tuned'}", "--progress=false"]) == 0
+        tuned = json.loads((tmp_path / "tuned" / "config.json").read_text())["model"]
+        assert tuned["logit_softcap"] == 30.0 and (tmp_path / "tuned" / "hf" / "config.json").is_file()
+    # the cap is the model's: --init_from keeps it, and another is a contradiction
+    with pytest.raises(ConfigError, match="--logit_softcap=20.0 contradicts --init_from=.* logit_softcap=30.0"):
+        P.resolve_config({"init_from": str(out), "out_dir": str(tmp_path / "next"), "logit_softcap": 20.0})
+    for bad, message in (("--z_loss=-1", "z_loss must be a finite float >= 0"),
+                         ("--logit_softcap=0", "logit_softcap must be a positive finite float")):
+        assert T.main(tiny_args(tmp_path, out="bad", model=model, **extra) + [bad]) == EXIT_USAGE
+        assert message in capsys.readouterr().err
+
+
 def test_mlm_mask_seeds_differ_per_step_microstep_and_rank():
     seeds = {mask_seed(1337, it, m, r) for it in range(50) for m in range(3) for r in range(2)}
     assert len(seeds) == 300 and all(0 <= s < 2**63 for s in seeds)
@@ -163,16 +207,18 @@ def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
                   "--pack=true"]),
         ("gpt", ["--dropout=0.1", "--optimizer=muon"]),
         ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32", "--optimizer=muon"]),
+        ("gpt", ["--logit_softcap=5", "--z_loss=1e-2"]),
     ],
-    ids=["gpt", "gpt-doc_mask", "bert", "bert-pack", "gpt-muon", "bert-muon"],
+    ids=["gpt", "gpt-doc_mask", "bert", "bert-pack", "gpt-muon", "bert-muon", "gpt-softcap-z_loss"],
 )
 def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, extra):
     common = [f"--model={model}", "--lr_decay_iters=8", *extra]
     assert T.main(tiny_args(tmp_path, out="straight", max_iters=8, eval_interval=4) + common) == 0
     assert T.main(tiny_args(tmp_path, out="halves", max_iters=4, eval_interval=4) + common) == 0
     assert T.main([f"--out_dir={tmp_path / 'halves'}", "--resume", "--max_iters=8"]) == 0
-    for key in ("train_loss", "val_loss"):
+    for key in ("train_loss", "train_z_loss", "val_loss"):
         assert rows(tmp_path / "halves", key) == rows(tmp_path / "straight", key)
+    assert len(rows(tmp_path / "halves", "train_z_loss")) == (8 if "--z_loss=1e-2" in extra else 0)
     assert len(rows(tmp_path / "straight", "train_loss")) == 8
     a = ckpt.load_state(tmp_path / "straight")["optimizer"]
     b = ckpt.load_state(tmp_path / "halves")["optimizer"]
@@ -254,10 +300,11 @@ def test_progress_is_a_tqdm_bar_on_a_terminal():
     progress = Progress(total=3, initial=1, enabled=True, log=logged.append, stream=terminal)
     for _ in range(2):
         progress.step()
-    progress.train_row({"iter": 3, "train_loss": 1.5, "lr": 1e-3, "tokens_per_s": 100.0})
+    progress.train_row({"iter": 3, "train_loss": 1.5, "train_z_loss": 1e-3, "lr": 1e-3, "tokens_per_s": 100.0})
     progress.log("step 3: val_loss 1.4")
     progress.close()
     assert "\r" in terminal.getvalue() and "3/3" in terminal.getvalue()
+    assert "loss=1.500, z=1.00e-03, tok_s=100" in terminal.getvalue()  # a run with a z-loss shows its term
     assert logged == []  # other lines go through the bar, which keeps it whole
     quiet = Terminal()
     Progress(total=3, initial=0, enabled=False, log=logged.append, stream=quiet).train_row(
@@ -287,8 +334,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     real_step = P.Run.step
 
     def step(self):
-        loss = real_step(self)
-        return loss * float("nan") if self.iter == 5 else loss
+        loss, z_loss = real_step(self)
+        return (loss * float("nan") if self.iter == 5 else loss), z_loss
 
     monkeypatch.setattr(P.Run, "step", step)
     assert T.main(tiny_args(tmp_path, max_iters=10, eval_interval=2)) == EXIT_FAILED

@@ -22,6 +22,12 @@ attention op's ``document_ids``). The caller gives the layout
 (``position_ids``, ``document_ids`` and each pair's [CLS] position, see
 :mod:`minipt.data.packing`), and NSP is read at every [CLS].
 
+Capped logits. With ``logit_softcap`` = s the MLM head's logits are
+s·tanh(logits / s) (as Gemma 2 caps its LM head's), inside the MLM loss and in
+``mlm_logits``; NSP's two logits are not capped. ``forward(..., z_loss=z)`` adds
+z·lse² per masked position to the MLM loss and returns that term apart as
+``z_loss``. Hugging Face's BERT has no cap: ``to_hf`` refuses such a model.
+
 Sliding windows, as ModernBERT's ``local_attention``: with ``attn_window`` = W
 each position attends to the positions at most W // 2 away on either side
 (``window_size=(W // 2, W // 2)``); with ``global_every`` = K, layers 0, K,
@@ -42,7 +48,7 @@ from minipt.models.common import (
     ModelOutput, check_config, check_ids, check_positive_int, check_shared_fields, check_token_id, check_window_fields,
     from_preset, merge_heads, split_heads, training_flops_per_token, windowed_layer,
 )
-from minipt.ops import IGNORE_INDEX, attention, cross_entropy, linear_cross_entropy
+from minipt.ops import IGNORE_INDEX, attention, cross_entropy, linear_cross_entropy, softcap_logits
 from minipt.ops.mlm_mask import masked_capacity, masked_positions
 
 
@@ -61,6 +67,7 @@ class BertConfig:
     backend: str = "auto"  # passed to every minipt.ops call: "auto" | "torch" | "triton" | "native"
     attn_window: int | None = None  # each position attends to those at most attn_window // 2 away; None: all
     global_every: int | None = None  # with attn_window: every global_every-th layer from 0 sees the whole row
+    logit_softcap: float | None = None  # the MLM head's logits become logit_softcap·tanh(logits / logit_softcap)
 
     def __post_init__(self):
         check_shared_fields(self)
@@ -221,8 +228,9 @@ class BERT(nn.Module):
         return x
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied decoder: MLM-head output (..., C) -> logits (..., V)."""
-        return F.linear(hidden, self.embeddings.word_embeddings.weight, self.mlm_head.decoder_bias)
+        """The tied decoder: MLM-head output (..., C) -> logits (..., V), capped by ``logit_softcap``."""
+        logits = F.linear(hidden, self.embeddings.word_embeddings.weight, self.mlm_head.decoder_bias)
+        return softcap_logits(logits, self.config.logit_softcap)
 
     def _masked_rows(self, x, labels, mlm_probability):
         """The MLM head's input and targets at a fixed number K of rows, K >= the labelled positions.
@@ -244,7 +252,7 @@ class BERT(nn.Module):
     def forward(
         self, input_ids, token_type_ids=None, attention_mask=None, labels=None, next_sentence_label=None,
         *, position_ids=None, document_ids=None, cls_positions=None, mlm_probability: float | None = None,
-        return_logits: bool | None = None,
+        return_logits: bool | None = None, z_loss: float = 0.0,
     ) -> ModelOutput:
         """MLM + NSP, as Hugging Face's ``BertForPreTraining``.
 
@@ -254,6 +262,8 @@ class BERT(nn.Module):
         (None: room for every position). The loss is mlm_loss + nsp_loss when
         ``next_sentence_label`` (B,) is given, else the MLM loss alone.
         ``return_logits=None`` means: (B, T, V) logits only when there are no labels.
+        ``z_loss`` > 0 adds z_loss·lse² per masked position to the MLM loss, and the
+        output's ``z_loss`` holds that term.
 
         Packed rows (:mod:`minipt.data.packing`) add ``position_ids`` and
         ``document_ids`` (see :meth:`encode`) and ``cls_positions`` (B, S), the
@@ -278,10 +288,12 @@ class BERT(nn.Module):
         if labels is not None:
             rows, out.masked_targets = self._masked_rows(x, labels, mlm_probability)
             out.masked_hidden = self.mlm_head(rows)  # (K, C)
-            out.mlm_loss = linear_cross_entropy(
+            mlm_loss = linear_cross_entropy(
                 out.masked_hidden, self.embeddings.word_embeddings.weight, out.masked_targets,
-                bias=self.mlm_head.decoder_bias, ignore_index=IGNORE_INDEX, backend=backend,
+                bias=self.mlm_head.decoder_bias, ignore_index=IGNORE_INDEX, softcap=self.config.logit_softcap,
+                z_loss=z_loss, return_z_loss=z_loss > 0, backend=backend,
             )
+            out.mlm_loss, out.z_loss = mlm_loss if z_loss > 0 else (mlm_loss, None)
             out.loss = out.mlm_loss
         if next_sentence_label is not None:
             out.nsp_loss = cross_entropy(

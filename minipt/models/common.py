@@ -9,18 +9,23 @@ from dataclasses import dataclass
 
 import torch
 
+from minipt.ops._checks import check_softcap
+
 
 @dataclass
 class ModelOutput:
     loss: torch.Tensor | None = None  # total loss: GPT's LM loss, or BERT's mlm_loss + nsp_loss
     logits: torch.Tensor | None = None  # (B, T, V) next-token (GPT) or MLM (BERT) logits
     nsp_logits: torch.Tensor | None = None  # (B, 2), or (B, S, 2) at cls_positions; 0 = B follows A, 1 = B is random
-    mlm_loss: torch.Tensor | None = None  # BERT: mean CE over the masked positions
+    mlm_loss: torch.Tensor | None = None  # BERT: mean CE over the masked positions (with the z term, if any)
     nsp_loss: torch.Tensor | None = None  # BERT: mean CE of the next-sentence classifier
     # BERT with labels: the MLM head's output at the K picked rows (K >= masked positions; the
     # padding rows' targets are IGNORE_INDEX), what the loss read; BERT.mlm_logits scores them.
     masked_hidden: torch.Tensor | None = None  # (K, C)
     masked_targets: torch.Tensor | None = None  # (K,)
+    # With labels and z_loss > 0: the z term (z_loss · lse², mean over the predicted tokens) that the loss
+    # includes, detached, for logging apart from the cross-entropy.
+    z_loss: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- configs
@@ -64,6 +69,7 @@ def check_shared_fields(cfg) -> None:
         0.0 < cfg.layer_norm_eps < 1.0
     ):
         raise ValueError(f"{name}: layer_norm_eps must be a float in (0, 1), got {cfg.layer_norm_eps!r}")
+    check_softcap(name, cfg.logit_softcap, "logit_softcap")  # the losses' own check of their softcap
 
 
 def check_window_fields(cfg) -> None:

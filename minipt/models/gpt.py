@@ -22,6 +22,13 @@ Hugging Face's GPT-2 has no document mask: ``minipt.hf.to_hf`` exports a GPT
 trained with one all the same, and the exported model attends across
 separators, with positions counted from the input's start.
 
+Capped logits. With ``logit_softcap`` = s the LM head's logits are
+s·tanh(logits / s), as in Gemma 2: inside the loss (the op's ``softcap``) and
+wherever the model hands logits out, ``generate`` included. GPT-2 has no cap:
+``to_hf`` refuses such a model. ``forward(..., z_loss=z)`` adds z·lse² per
+predicted token to the loss (PaLM's z-loss, a training setting, not part of the
+model) and returns that term apart as ``z_loss``.
+
 Sliding windows. With ``attn_window`` = N each position attends to itself and
 the N - 1 positions before it (``window_size=(N - 1, 0)``, the ``sliding_window``
 of Mistral and Gemma in Hugging Face), at a cost that follows T·N rather than
@@ -42,7 +49,7 @@ from minipt.models.common import (
     ModelOutput, check_config, check_ids, check_shared_fields, check_token_id, check_window_fields, from_preset,
     merge_heads, split_heads, training_flops_per_token, windowed_layer,
 )
-from minipt.ops import IGNORE_INDEX, attention, linear_cross_entropy
+from minipt.ops import IGNORE_INDEX, attention, linear_cross_entropy, softcap_logits
 
 
 @dataclass
@@ -60,6 +67,7 @@ class GPTConfig:
     reset_positions: bool = False  # with doc_sep_id: positions restart at 0 at each document's separator
     attn_window: int | None = None  # each position attends to itself and the attn_window - 1 before it; None: all
     global_every: int | None = None  # with attn_window: every global_every-th layer from 0 sees all earlier positions
+    logit_softcap: float | None = None  # the LM head's logits become logit_softcap·tanh(logits / logit_softcap)
 
     def __post_init__(self):
         check_shared_fields(self)
@@ -199,26 +207,35 @@ class GPT(nn.Module):
             x = block(x, document_ids)
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids, labels=None, *, position_ids=None, return_logits: bool | None = None) -> ModelOutput:
+    def lm_logits(self, x):
+        """The tied LM head: hidden states (..., C) -> logits (..., V), capped by ``logit_softcap``."""
+        return softcap_logits(F.linear(x, self.transformer.wte.weight), self.config.logit_softcap)
+
+    def forward(self, input_ids, labels=None, *, position_ids=None, return_logits: bool | None = None,
+                z_loss: float = 0.0) -> ModelOutput:
         """``labels`` (B, T) are the targets already shifted by the caller; IGNORE_INDEX (-100) is ignored.
 
         The loss reads the hidden states through ``linear_cross_entropy``, so the
         (B, T, V) logits are built only when asked for; ``return_logits=None``
-        means: only when there are no labels. ``position_ids``: see :meth:`hidden_states`.
+        means: only when there are no labels. ``z_loss`` > 0 adds z_loss·lse² per
+        predicted token to the loss, and the output's ``z_loss`` holds that term.
+        ``position_ids``: see :meth:`hidden_states`.
         """
         x = self.hidden_states(input_ids, position_ids)  # (B, T, C)
-        wte = self.transformer.wte.weight  # (V, C)
-        loss = None
+        out = ModelOutput()
         if labels is not None:
             check_ids("GPT", "labels", labels, self.config.block_size, like=input_ids)
             loss = linear_cross_entropy(
-                x.reshape(-1, x.shape[-1]), wte, labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                x.reshape(-1, x.shape[-1]), self.transformer.wte.weight, labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                softcap=self.config.logit_softcap, z_loss=z_loss, return_z_loss=z_loss > 0,
                 backend=self.config.backend,
-            )
+            )  # with return_z_loss: (loss, z term)
+            out.loss, out.z_loss = loss if z_loss > 0 else (loss, None)
         if return_logits is None:
             return_logits = labels is None
-        logits = F.linear(x, wte) if return_logits else None  # (B, T, V)
-        return ModelOutput(loss=loss, logits=logits)
+        if return_logits:
+            out.logits = self.lm_logits(x)  # (B, T, V)
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, generator=None):
@@ -241,7 +258,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size :]  # (B, <= block_size)
             last = self.hidden_states(context)[:, -1, :]  # (B, C)
-            logits = F.linear(last, self.transformer.wte.weight).float()  # (B, V)
+            logits = self.lm_logits(last).float()  # (B, V)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:

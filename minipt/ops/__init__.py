@@ -9,7 +9,8 @@ holds the header, the reference and the public function, ``triton.py`` and
 ``native.py`` its two kernel backends. The private modules beside them hold
 plumbing that several ops share and import no op:
 ``_backend`` (which backend runs a call), ``_checks`` (argument checks),
-``_loss`` (``IGNORE_INDEX``, loss reduction), ``_native`` (the call into
+``_loss`` (``IGNORE_INDEX``, loss reduction, ``softcap_logits``, which the
+models apply to the logits they hand out), ``_native`` (the call into
 ``minipt._C``) and ``_triton`` (Triton, or stand-ins where it is not installed).
 
 How kernels meet torch, the same way in every op:
@@ -31,7 +32,7 @@ How kernels meet torch, the same way in every op:
 import torch
 
 from minipt.ops._backend import BackendUnavailableError, resolve_backend
-from minipt.ops._loss import IGNORE_INDEX
+from minipt.ops._loss import IGNORE_INDEX, softcap_logits
 from minipt.ops.attention import attention, attention_ref
 from minipt.ops.cross_entropy import cross_entropy, cross_entropy_ref
 from minipt.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
@@ -65,4 +66,5 @@ __all__ = [
     "masked_positions",
     "mlm_mask",
     "mlm_mask_ref",
+    "softcap_logits",
 ]

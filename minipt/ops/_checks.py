@@ -43,12 +43,12 @@ def check_label_smoothing(op: str, label_smoothing) -> None:
 _FLOAT32 = torch.finfo(torch.float32)
 
 
-def check_softcap(op: str, softcap) -> None:
+def check_softcap(op: str, softcap, name: str = "softcap") -> None:
     if softcap is not None and (
         isinstance(softcap, bool) or not isinstance(softcap, (int, float))
         or not _FLOAT32.tiny <= softcap <= _FLOAT32.max
     ):
-        raise ValueError(f"{op}: softcap must be a positive finite float (float32's normal range) or None, "
+        raise ValueError(f"{op}: {name} must be a positive finite float (float32's normal range) or None, "
                          f"got {softcap!r}")
 
 
