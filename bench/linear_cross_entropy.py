@@ -10,9 +10,13 @@ the gradients of hidden and weight. Providers:
   without it gets a row saying so;
 * ``minipt-torch``, ``minipt-triton``, ``minipt-native``: ``minipt.ops.linear_cross_entropy``
   on each backend: the reference (which materialises the logits), the chunked
-  Triton path (CUDA only) and the chunked native one (C++ on the CPU, CUDA on a GPU).
+  Triton path (CUDA only) and the chunked native one (C++ on the CPU, CUDA on a GPU);
+* ``minipt-triton-softcap``, ``minipt-native-softcap``: the same chunked paths with
+  soft-capped logits and a z-loss (``SOFTCAP``: Gemma 2's cap of 30, PaLM's 1e-4),
+  the kernels' capped variants.
 
-``ratio_vs_chunked`` and ``mem_vs_chunked`` compare each row with ``torch-chunked``.
+``ratio_vs_chunked`` and ``mem_vs_chunked`` compare each row with ``torch-chunked``;
+a capped row's ``ratio_vs_plain`` is its own backend's plain median over its own.
 On CUDA the inputs are bf16, on the CPU fp32; CPU figures say nothing about a GPU.
 
 Each provider runs in a process of its own (spawned), so that each peak is its
@@ -27,7 +31,8 @@ machine falls on every provider alike.
 tflops counts the three GEMMs of a linear layer's forward and backward
 (6·N·D·V), whatever a provider actually runs. The targets on a GPU (N = 16384,
 D = 768, V = 50304): mem_ratio ≤ 0.25 and a time no worse than 1.1× the
-baseline (ratio ≥ 0.91); on the CPU (N = 8192, D = 512, V = 32768):
+baseline (ratio ≥ 0.91), and the capped rows within 10% of the plain ones
+(ratio_vs_plain ≥ 0.91); on the CPU (N = 8192, D = 512, V = 32768):
 ``minipt-native`` at least as fast as ``torch-chunked`` (ratio_vs_chunked ≥ 1)
 with no more memory (mem_vs_chunked ≤ 1).
 """
@@ -46,7 +51,10 @@ from bench.common import add_ratios, cli, peak_memory_bytes, time_ms
 from minipt.ops import BackendUnavailableError, linear_cross_entropy
 
 BASELINE, CHUNKED = "unfused", "torch-chunked"
-PROVIDERS = (BASELINE, CHUNKED, "minipt-torch", "minipt-triton", "minipt-native")
+CAPPED = "-softcap"  # the suffix of a provider that runs with SOFTCAP
+SOFTCAP = dict(softcap=30.0, z_loss=1e-4)
+PROVIDERS = (BASELINE, CHUNKED, "minipt-torch", "minipt-triton", f"minipt-triton{CAPPED}", "minipt-native",
+             f"minipt-native{CAPPED}")
 GPU_SIZES = ((16384, 768, 50304), (4096, 768, 50304), (8192, 2048, 128256))  # (N, D, V); GPT-2 small first
 GPU_QUICK_SIZES = GPU_SIZES[:1]
 CPU_SIZES = ((8192, 512, 32768),)
@@ -65,7 +73,7 @@ def make_inputs(N: int, D: int, V: int, device, dtype):
 
 def unavailable(provider: str, device) -> str | None:
     """Why ``provider`` cannot run on ``device`` in this process's torch, or None."""
-    if provider == "minipt-triton" and torch.device(device).type != "cuda":
+    if provider.startswith("minipt-triton") and torch.device(device).type != "cuda":
         return "Triton runs on CUDA; on the CPU it only interprets, which times nothing useful"
     if provider == CHUNKED and not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
         return f"F.linear_cross_entropy with options= (chunked) is not available in this torch ({torch.__version__})"
@@ -86,10 +94,11 @@ def make_step(provider: str, hidden: torch.Tensor, weight: torch.Tensor, target:
         def fn():
             return F.linear_cross_entropy(hidden, weight, target, options=options)
     else:
-        backend = provider.removeprefix("minipt-")
+        backend = provider.removeprefix("minipt-").removesuffix(CAPPED)
+        options = SOFTCAP if provider.endswith(CAPPED) else {}
 
         def fn():
-            return linear_cross_entropy(hidden, weight, target, backend=backend)
+            return linear_cross_entropy(hidden, weight, target, backend=backend, **options)
 
     return lambda: torch.autograd.grad(fn(), (hidden, weight))
 
@@ -195,10 +204,14 @@ def size_rows(N: int, D: int, V: int, device: str, rounds: int, rep: int, provid
                       **{k: v for k, v in fields.items() if k != "median_ms"}}
         rows.append({**row, **fields})
     base = add_ratios(rows, BASELINE)
-    chunked = next((r for r in rows if r["provider"] == CHUNKED and "median_ms" in r), None)
+    timed = {r["provider"]: r for r in rows if "median_ms" in r}
+    chunked = timed.get(CHUNKED)
     for r in rows:
         if chunked is not None and "median_ms" in r:
             r["ratio_vs_chunked"] = chunked["median_ms"] / r["median_ms"]
+        plain = timed.get(r["provider"].removesuffix(CAPPED))
+        if r["provider"].endswith(CAPPED) and plain is not None and "median_ms" in r:
+            r["ratio_vs_plain"] = plain["median_ms"] / r["median_ms"]
         if r.get("peak_mem_mb") is None:
             continue
         if base is not None and base.get("peak_mem_mb"):

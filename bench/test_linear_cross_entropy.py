@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import linear_cross_entropy as bench
-from minipt.ops import BackendUnavailableError
+from minipt.ops import BackendUnavailableError, linear_cross_entropy_ref
 
 
 def _case(device: str):
@@ -37,13 +37,27 @@ def test_linear_cross_entropy_fwd_bwd(measure, bench_device, provider):
     assert grad_hidden.shape == hidden.shape and grad_weight.shape == weight.shape
 
 
+def _capped_reference_step(hidden, weight, target):
+    """The baseline of a capped row: the reference op on the materialised logits, with the same options."""
+    return lambda: torch.autograd.grad(linear_cross_entropy_ref(hidden, weight, target, **bench.SOFTCAP),
+                                       (hidden, weight))
+
+
 @pytest.mark.parametrize("provider", [p for p in bench.PROVIDERS if p != bench.BASELINE])
 def test_providers_agree_with_the_baseline(bench_device, provider):
     hidden, weight, target = _case(bench_device)
     step = _step_or_skip(provider, bench_device, hidden, weight, target)
     tol = 2e-2 if hidden.dtype == torch.bfloat16 else 1e-5
-    for got, want in zip(step(), bench.make_step(bench.BASELINE, hidden, weight, target)()):
+    capped = provider.endswith(bench.CAPPED)
+    baseline = _capped_reference_step(hidden, weight, target) if capped else bench.make_step(
+        bench.BASELINE, hidden, weight, target)
+    wanted = baseline()
+    for got, want in zip(step(), wanted):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+    if capped and hidden.dtype == torch.float32:  # the options are in effect: the plain gradients differ by
+        # about 1e-3 here, which float32's tolerance sees and bf16's (2e-2) would not
+        plain = bench.make_step(provider.removesuffix(bench.CAPPED), hidden, weight, target)()
+        assert not any(torch.allclose(p, w, rtol=tol, atol=tol * w.abs().max().item()) for p, w in zip(plain, wanted))
 
 
 def test_rows_time_each_provider_in_a_process_of_its_own(bench_device):
@@ -67,6 +81,17 @@ def test_rows_time_each_provider_in_a_process_of_its_own(bench_device):
     if "median_ms" in chunked:
         assert native["ratio_vs_chunked"] == chunked["median_ms"] / native["median_ms"]
         assert native["mem_vs_chunked"] == native["peak_mem_mb"] / chunked["peak_mem_mb"]
+
+
+def test_capped_rows_are_timed_against_their_plain_backend(bench_device):
+    """The soft-capped row of a backend gets ratio_vs_plain, its plain row's median over its own, which reads
+    off the target that capping costs at most 10%."""
+    if torch.device(bench_device).type == "cuda":
+        pytest.skip("the row checks run at CPU sizes; on CUDA the benchmark itself is the check")
+    providers = ("minipt-native", f"minipt-native{bench.CAPPED}", f"minipt-triton{bench.CAPPED}")
+    plain, capped, triton = bench.size_rows(256, 32, 2048, "cpu", rounds=2, rep=1, providers=providers)
+    assert capped["ratio_vs_plain"] == plain["median_ms"] / capped["median_ms"] and "ratio_vs_plain" not in plain
+    assert "interprets" in triton["skipped"] and "ratio_vs_plain" not in triton
 
 
 def test_a_torch_without_the_chunked_op_gets_a_row_saying_so(monkeypatch):
