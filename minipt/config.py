@@ -224,17 +224,22 @@ class FinetuneConfig(CommandConfig):
         return (self.arch_from, "arch_from") if self.init_from == SCRATCH else (self.init_from, "init_from")
 
 
+EVAL_TASKS = ("text", "hellaswag")  # see minipt.evaluation and minipt.multiple_choice
+TEXT_ONLY = ("text_field", "strip_markup", "mlm_probability", "short_seq_prob", "pack")  # EvalConfig: --task=text
+
+
 @dataclass
 class EvalConfig(CommandConfig):
     # ---- model and data
     out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
-    data: str = ""  # the held-out text: file, folder or glob of txt, md, jsonl[.gz|.zst] or parquet
+    task: str = "text"  # text: scores held-out text; hellaswag: GPT picks HellaSwag's endings (acc, acc_norm)
+    data: str = ""  # text: file, folder or glob of txt, md, jsonl[.gz|.zst], parquet; hellaswag: .jsonl or llm.c .bin
     text_field: str | None = None  # jsonl and parquet: the field (column) that holds a document's text; none: the run's
     strip_markup: bool | None = None  # bundled plays as "SPEAKER:" text, no headings or stage directions; none: the run's
     json: str = ""  # also write the results to this JSON file
     # ---- scoring
-    block_size: int | None = None  # tokens per window (GPT) or pair (BERT); none: the model's block_size
-    batch_size: int = 8  # windows or pairs per forward pass
+    block_size: int | None = None  # tokens per window (GPT), pair (BERT) or ending row; none: the model's block_size
+    batch_size: int = 8  # windows, pairs or multiple-choice examples per forward pass
     mlm_probability: float | None = None  # BERT: share of tokens masked; none: the run's, else 0.15
     short_seq_prob: float | None = None  # BERT: share of pairs built shorter; none: the run's, else 0.1
     pack: bool | None = None  # BERT: several pairs per row of block_size; none: as the run trained, else false
@@ -242,8 +247,13 @@ class EvalConfig(CommandConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _choice("task", self.task, EVAL_TASKS)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}")
+        for name in TEXT_ONLY:
+            if self.task != "text" and getattr(self, name) is not None:
+                raise ConfigError(f"{name} applies to --task=text, which scores held-out text; not to "
+                                  f"--task={self.task}")
         if self.block_size is not None and self.block_size < 2:
             raise ConfigError(f"block_size must be >= 2 or none, got {self.block_size}")
         if self.mlm_probability is not None:
