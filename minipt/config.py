@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minipt.errors import MiniptError
+from minipt.metrics import CLASSIFICATION, REGRESSION
 from minipt.ops._backend import BACKENDS
 
 
@@ -160,7 +161,6 @@ class TrainConfig(CommandConfig):
 
 
 SCRATCH = "scratch"  # FinetuneConfig.init_from: random weights, for comparison with a pretrained start
-SELECT = ("macro_f1", "accuracy")  # the validation scores that can pick a fine-tune's epoch
 
 
 @dataclass
@@ -168,9 +168,14 @@ class FinetuneConfig(CommandConfig):
     # ---- model and data
     init_from: str = ""  # a BERT run, a fine-tune run or a Hugging Face BERT folder; "scratch": random weights
     arch_from: str = ""  # with --init_from=scratch: the run or folder whose architecture and tokenizer to take
-    data: str = ""  # examples: .csv (header row) or .jsonl with text, optional text_pair, label; empty: the genre task
+    data: str = ""  # examples: .csv, .tsv (GLUE's) or .jsonl, in the fields below; empty: the genre task
     val_data: str = ""  # validation examples, same format; empty: the last val_fraction of --data
     test_data: str = ""  # test examples, scored once at the end with the weights validation picked; empty: none
+    text_field: str = "text"  # the column (jsonl: field) of the text, e.g. sentence; with header=false its index
+    text_pair_field: str | None = None  # the column of a pair's second text, e.g. sentence2; none: text_pair if present
+    label_field: str = "label"  # the column of the label: a class, or a number for regression
+    header: bool = True  # .csv and .tsv: the first row names the columns; false: none does, they go by index from 0
+    num_labels: int | None = None  # 1: regression (MSE; labels are numbers); N: labels 0 to N-1; none: those of --data
     val_fraction: float = 0.1  # share of --data held out when no --val_data is given
     max_length: int | None = None  # tokens per example with [CLS] and [SEP]s (longer: cut); none: block_size
     # ---- optimization
@@ -186,7 +191,7 @@ class FinetuneConfig(CommandConfig):
     muon_learning_rate: float = 2e-5  # muon: peak learning rate of the blocks' matrices, on learning_rate's schedule
     muon_momentum: float = 0.95  # muon: Muon's Nesterov momentum
     dropout: float | None = None  # dropout in the encoder and before the classifier; none: the checkpoint's
-    select: str = "macro_f1"  # validation score that picks the epoch kept as the final weights: macro_f1 or accuracy
+    metric: str | None = None  # best epoch by accuracy, macro_f1, f1, matthews, pearson, spearman; none: macro_f1|pearson
     # ---- system
     seed: int = 1337  # seeds the classifier's initialisation, dropout and the order of the examples
     out_dir: str = "out-finetune"  # the run folder; the exported model goes to out_dir/hf
@@ -207,8 +212,18 @@ class FinetuneConfig(CommandConfig):
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         _check_optimization(self)
-        if self.select not in SELECT:
-            raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ConfigError(f"num_labels must be a positive integer (1: regression) or none, got {self.num_labels}")
+        if self.metric is not None:
+            _choice("metric", self.metric, CLASSIFICATION + REGRESSION)
+            if self.regression != (self.metric in REGRESSION):
+                raise ConfigError(
+                    f"metric={self.metric} scores " + ("regression, which --num_labels=1 asks for" if self.metric in
+                                                       REGRESSION else "classes; --num_labels=1 is regression") +
+                    f": use {' or '.join(REGRESSION if self.regression else CLASSIFICATION)}")
+            if self.metric == "f1" and (self.num_labels or 2) != 2:
+                raise ConfigError(f"metric=f1 scores the positive class of two labels; num_labels={self.num_labels}: "
+                                  "use macro_f1")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other: pick one")
         if self.arch_from and self.init_from != SCRATCH:
@@ -217,6 +232,16 @@ class FinetuneConfig(CommandConfig):
         if self.init_from == SCRATCH and not self.arch_from and not self.resume:
             raise ConfigError(f"--init_from={SCRATCH} needs --arch_from=PATH: the BERT run or Hugging Face folder "
                               "whose architecture and tokenizer the randomly initialised model takes")
+
+    @property
+    def regression(self) -> bool:
+        """Whether the model predicts a number (one output, MSE) rather than a class, as transformers' num_labels=1."""
+        return self.num_labels == 1
+
+    @property
+    def selection_metric(self) -> str:
+        """The validation score that picks the epoch: --metric, else pearson (regression) or macro_f1."""
+        return self.metric or ("pearson" if self.regression else "macro_f1")
 
     @property
     def start(self) -> tuple[str, str]:
