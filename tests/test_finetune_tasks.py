@@ -77,9 +77,9 @@ def scipy_scores(truth, predicted) -> dict:
 
 def run(bert: Path, out: Path, argv: list[str], capsys) -> tuple[dict, list[dict], str]:
     """The command as a user runs it, its default settings but a small model's: (confusion.json, the evaluations,
-    what it printed)."""
+    what it printed). Full float32 on a GPU too, so that the predictions are those transformers makes on the CPU."""
     assert FT.main([f"--init_from={bert}", f"--out_dir={out}", "--epochs=3", "--batch_size=8",
-                    "--learning_rate=3e-3", *argv]) == 0
+                    "--learning_rate=3e-3", "--dtype=float32", "--tf32=false", *argv]) == 0
     printed = capsys.readouterr().out
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in line]
     return json.loads((out / "confusion.json").read_text()), evals, printed

@@ -154,9 +154,9 @@ def test_the_command_scores_the_jsonl_and_llmc_file_alike(folders, tmp_path, cap
     results = {}
     for name in ("jsonl", "bin"):
         out = tmp_path / f"{name}.json"
-        # defaults: batch_size 8 and the model's block_size
+        # defaults: batch_size 8 and the model's block_size; full float32 on a GPU too, to compare with the CPU's
         assert E.main(["--task", "hellaswag", "--data", str(folders[name]), "--out_dir", str(folders["gpt2"]),
-                       f"--json={out}"]) == 0
+                       f"--json={out}", "--dtype=float32", "--tf32=false"]) == 0
         printed = capsys.readouterr().out
         assert re.search(r"^examples\s+9$", printed, re.M) and re.search(r"^acc_norm\s+0\.\d{4}$", printed, re.M)
         results[name] = {k: v for k, v in json.loads(out.read_text()).items() if k not in ("data", "settings")}
