@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minipt.errors import MiniptError
+from minipt.metrics import CLASSIFICATION, REGRESSION
 from minipt.ops._backend import BACKENDS
 
 
@@ -162,7 +163,6 @@ class TrainConfig(CommandConfig):
 
 
 SCRATCH = "scratch"  # FinetuneConfig.init_from: random weights, for comparison with a pretrained start
-SELECT = ("macro_f1", "accuracy")  # the validation scores that can pick a fine-tune's epoch
 
 
 @dataclass
@@ -170,9 +170,14 @@ class FinetuneConfig(CommandConfig):
     # ---- model and data
     init_from: str = ""  # a BERT run, a fine-tune run or a Hugging Face BERT folder; "scratch": random weights
     arch_from: str = ""  # with --init_from=scratch: the run or folder whose architecture and tokenizer to take
-    data: str = ""  # examples: .csv (header row) or .jsonl with text, optional text_pair, label; empty: the genre task
+    data: str = ""  # examples: .csv, .tsv (GLUE's) or .jsonl, in the fields below; empty: the genre task
     val_data: str = ""  # validation examples, same format; empty: the last val_fraction of --data
     test_data: str = ""  # test examples, scored once at the end with the weights validation picked; empty: none
+    text_field: str = "text"  # the column (jsonl: field) of the text, e.g. sentence; with header=false its index
+    text_pair_field: str | None = None  # the column of a pair's second text, e.g. sentence2; none: text_pair if present
+    label_field: str = "label"  # the column of the label: a class, or a number for regression
+    header: bool = True  # .csv and .tsv: the first row names the columns; false: none does, they go by index from 0
+    num_labels: int | None = None  # 1: regression (MSE; labels are numbers); N: labels 0 to N-1; none: those of --data
     val_fraction: float = 0.1  # share of --data held out when no --val_data is given
     max_length: int | None = None  # tokens per example with [CLS] and [SEP]s (longer: cut); none: block_size
     # ---- optimization
@@ -188,7 +193,7 @@ class FinetuneConfig(CommandConfig):
     muon_learning_rate: float = 2e-5  # muon: peak learning rate of the blocks' matrices, on learning_rate's schedule
     muon_momentum: float = 0.95  # muon: Muon's Nesterov momentum
     dropout: float | None = None  # dropout in the encoder and before the classifier; none: the checkpoint's
-    select: str = "macro_f1"  # validation score that picks the epoch kept as the final weights: macro_f1 or accuracy
+    metric: str | None = None  # best epoch by accuracy, macro_f1, f1, matthews, pearson, spearman; none: macro_f1|pearson
     # ---- system
     seed: int = 1337  # seeds the classifier's initialisation, dropout and the order of the examples
     out_dir: str = "out-finetune"  # the run folder; the exported model goes to out_dir/hf
@@ -209,8 +214,18 @@ class FinetuneConfig(CommandConfig):
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         _check_optimization(self)
-        if self.select not in SELECT:
-            raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ConfigError(f"num_labels must be a positive integer (1: regression) or none, got {self.num_labels}")
+        if self.metric is not None:
+            _choice("metric", self.metric, CLASSIFICATION + REGRESSION)
+            if self.regression != (self.metric in REGRESSION):
+                raise ConfigError(
+                    f"metric={self.metric} scores " + ("regression, which --num_labels=1 asks for" if self.metric in
+                                                       REGRESSION else "classes; --num_labels=1 is regression") +
+                    f": use {' or '.join(REGRESSION if self.regression else CLASSIFICATION)}")
+            if self.metric == "f1" and (self.num_labels or 2) != 2:
+                raise ConfigError(f"metric=f1 scores the positive class of two labels; num_labels={self.num_labels}: "
+                                  "use macro_f1")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other: pick one")
         if self.arch_from and self.init_from != SCRATCH:
@@ -221,22 +236,37 @@ class FinetuneConfig(CommandConfig):
                               "whose architecture and tokenizer the randomly initialised model takes")
 
     @property
+    def regression(self) -> bool:
+        """Whether the model predicts a number (one output, MSE) rather than a class, as transformers' num_labels=1."""
+        return self.num_labels == 1
+
+    @property
+    def selection_metric(self) -> str:
+        """The validation score that picks the epoch: --metric, else pearson (regression) or macro_f1."""
+        return self.metric or ("pearson" if self.regression else "macro_f1")
+
+    @property
     def start(self) -> tuple[str, str]:
         """(the folder the model is read from, the argument that names it): --arch_from for a scratch start."""
         return (self.arch_from, "arch_from") if self.init_from == SCRATCH else (self.init_from, "init_from")
+
+
+EVAL_TASKS = ("text", "hellaswag")  # see minipt.evaluation and minipt.multiple_choice
+TEXT_ONLY = ("text_field", "strip_markup", "mlm_probability", "short_seq_prob", "pack")  # EvalConfig: --task=text
 
 
 @dataclass
 class EvalConfig(CommandConfig):
     # ---- model and data
     out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
-    data: str = ""  # the held-out text: file, folder or glob of txt, md, jsonl[.gz|.zst] or parquet
+    task: str = "text"  # text: scores held-out text; hellaswag: GPT picks HellaSwag's endings (acc, acc_norm)
+    data: str = ""  # text: file, folder or glob of txt, md, jsonl[.gz|.zst], parquet; hellaswag: .jsonl or llm.c .bin
     text_field: str | None = None  # jsonl and parquet: the field (column) that holds a document's text; none: the run's
     strip_markup: bool | None = None  # bundled plays as "SPEAKER:" text, no headings or stage directions; none: the run's
     json: str = ""  # also write the results to this JSON file
     # ---- scoring
-    block_size: int | None = None  # tokens per window (GPT) or pair (BERT); none: the model's block_size
-    batch_size: int = 8  # windows or pairs per forward pass
+    block_size: int | None = None  # tokens per window (GPT), pair (BERT) or ending row; none: the model's block_size
+    batch_size: int = 8  # windows, pairs or multiple-choice examples per forward pass
     mlm_probability: float | None = None  # BERT: share of tokens masked; none: the run's, else 0.15
     short_seq_prob: float | None = None  # BERT: share of pairs built shorter; none: the run's, else 0.1
     pack: bool | None = None  # BERT: several pairs per row of block_size; none: as the run trained, else false
@@ -244,8 +274,13 @@ class EvalConfig(CommandConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _choice("task", self.task, EVAL_TASKS)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}")
+        for name in TEXT_ONLY:
+            if self.task != "text" and getattr(self, name) is not None:
+                raise ConfigError(f"{name} applies to --task=text, which scores held-out text; not to "
+                                  f"--task={self.task}")
         if self.block_size is not None and self.block_size < 2:
             raise ConfigError(f"block_size must be >= 2 or none, got {self.block_size}")
         if self.mlm_probability is not None:

@@ -87,9 +87,10 @@ def next_sentence_probability(model, tok: TextTokenizer, text_a: str, text_b: st
 
 
 @torch.no_grad()
-def classify(model, tok: TextTokenizer, labels: list[str], text: str, text_b: str | None = None, *,
+def classify(model, tok: TextTokenizer, labels: list[str] | None, text: str, text_b: str | None = None, *,
              dtype: torch.dtype = torch.float32) -> list[tuple[str, float]]:
-    """A fine-tuned classifier: (label, probability) for every label, the likeliest first."""
+    """A fine-tuned classifier: (label, probability) for every label, the likeliest first; a regressor
+    (``labels`` None): ``[("score", the number it predicts)]``."""
     ids, types = _encode_pair(tok, text, text_b, model.config.block_size)
     device = _device(model)
     input_ids = torch.tensor([ids], device=device)
@@ -98,6 +99,8 @@ def classify(model, tok: TextTokenizer, labels: list[str], text: str, text_b: st
     with runtime.autocast(device, dtype):
         logits = model(input_ids, torch.tensor([types], device=device), torch.ones_like(input_ids))
     model.train(was_training)
+    if model.config.problem_type == "regression":
+        return [("score", float(logits[0, 0]))]
     probs = logits[0].float().softmax(-1).tolist()
     return sorted(zip(labels, probs), key=lambda pair: -pair[1])
 

@@ -9,7 +9,8 @@ DIR is a minipt run folder or a folder saved by save_pretrained
   their probabilities; with --text_a and --text_b it prints the NSP
   probability that B follows A.
 * A fine-tune run (python -m minipt.finetune) classifies --text, or the
-  pair --text and --text_b, and prints the probability of every label.
+  pair --text and --text_b, and prints the probability of every label (a
+  regression run: the number it predicts).
 
 Examples::
 
