@@ -75,7 +75,7 @@ class TrainConfig(CommandConfig):
     text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text
     strip_markup: bool = True  # bundled plays as "SPEAKER:" text, no headings or stage directions; false keeps markdown
     tokenizer: str = "auto"  # bpe, wordpiece, char or PATH/tokenizer.json; auto: bpe for GPT, wordpiece for BERT
-    vocab_size: int = 8192  # vocabulary size of a trained bpe or wordpiece tokenizer, or of token .bin files
+    vocab_size: int | None = None  # of a trained bpe/wordpiece (none: 8192) or token files (none: meta.pkl's, else GPT-2's)
     tokenizer_sample_mb: float = 100.0  # a corpus past this many MB is large: its tokenizer trains on a sample this big
     split: str = "auto"  # doc: tail of each document; holdout: whole documents; stream: nanoGPT; auto: holdout if large
     val_fraction: float = 0.1  # share of the text held out for validation; tokenizers never see it
@@ -121,7 +121,7 @@ class TrainConfig(CommandConfig):
         # config class, which minipt.pretraining.model_config builds; the errors name the field alike.
         for name in ("vocab_size", "batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
                      "eval_iters", "log_interval"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("warmup_iters", "sample_tokens"):
             if getattr(self, name) < 0:
