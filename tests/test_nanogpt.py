@@ -1,11 +1,15 @@
-"""nanoGPT's own files, as nanoGPT writes them: data folders with meta.pkl.
+"""nanoGPT's own files, as nanoGPT writes them: data folders with meta.pkl, and Python config files.
 
 The data folder is written by the few lines of nanoGPT's ``data/shakespeare_char/prepare.py``
-(sorted characters, stoi/itos, uint16 ``.tofile``, ``pickle.dump`` of meta).
+(sorted characters, stoi/itos, uint16 ``.tofile``, ``pickle.dump`` of meta); the config files are
+nanoGPT's own, verbatim, and what they mean is worked out the way nanoGPT works it out: its
+``train.py`` globals, then ``exec`` of the file (its configurator), here in the test only.
 """
 
+import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ import pytest
 from minipt import eval as E
 from minipt import sample as S
 from minipt import train as T
+from minipt.config import ConfigError, FinetuneConfig, TrainConfig, make_config, parse_overrides
 from minipt.data import prepare as P
 from minipt.data import prepare_data
 from minipt.data.sources import DataError
@@ -195,3 +200,261 @@ def test_a_nanogpt_char_folder_trains_samples_evaluates_and_resumes(tmp_path, ca
         assert T.main([*args, "--resume", "--max_iters=6", "--eval_interval=2", "--sample_tokens=0"]) == 0
     assert [r["iter"] for r in read_metrics(out) if "val_loss" in r] == [0, 2, 4, 6]
     assert load_run(out)[1].to_str() == tok.to_str()
+
+
+# ----------------------------------------------------------------------------- config files
+# nanoGPT's train.py globals, as train.py sets them (its dtype line asks torch; a file sets it if it must)
+TRAIN_PY = """
+out_dir = 'out'
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False # if True, script exits right after the first eval
+always_save_checkpoint = True # if True, always save a checkpoint after each eval
+init_from = 'scratch' # 'scratch' or 'resume' or 'gpt2*'
+wandb_log = False # disabled by default
+wandb_project = 'owt'
+wandb_run_name = 'gpt2' # 'run' + str(time.time())
+dataset = 'openwebtext'
+gradient_accumulation_steps = 5 * 8 # used to simulate larger batch sizes
+batch_size = 12 # if gradient_accumulation_steps > 1, this is the micro-batch size
+block_size = 1024
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
+bias = False # do we use bias inside LayerNorm and Linear layers?
+learning_rate = 6e-4 # max learning rate
+max_iters = 600000 # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0 # clip gradients at this value, or disable if == 0.0
+decay_lr = True # whether to decay the learning rate
+warmup_iters = 2000 # how many steps to warm up for
+lr_decay_iters = 600000 # should be ~= max_iters per Chinchilla
+min_lr = 6e-5 # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+backend = 'nccl' # 'nccl', 'gloo', etc.
+device = 'cuda' # examples: 'cpu', 'cuda', 'cuda:0', 'cuda:1' etc., or try 'mps' on macbooks
+compile = True # use PyTorch 2.0 to compile the model to be faster
+"""
+SAME_NAME = ("out_dir", "eval_interval", "log_interval", "eval_iters", "always_save_checkpoint", "batch_size",
+             "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "learning_rate", "max_iters",
+             "weight_decay", "beta1", "beta2", "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr")
+
+NANOGPT_CONFIGS = {
+    "train_shakespeare_char.py": """# train a miniature character-level shakespeare model
+# good for debugging and playing on macbooks and such
+
+out_dir = 'out-shakespeare-char'
+eval_interval = 250 # keep frequent because we'll overfit
+eval_iters = 200
+log_interval = 10 # don't print too too often
+
+# we expect to overfit on this small dataset, so only save when val improves
+always_save_checkpoint = False
+
+wandb_log = False # override via command line if you like
+wandb_project = 'shakespeare-char'
+wandb_run_name = 'mini-gpt'
+
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 64
+block_size = 256 # context of up to 256 previous characters
+
+# baby GPT model :)
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.2
+
+learning_rate = 1e-3 # with baby networks can afford to go a bit higher
+max_iters = 5000
+lr_decay_iters = 5000 # make equal to max_iters usually
+min_lr = 1e-4 # learning_rate / 10 usually
+beta2 = 0.99 # make a bit bigger because number of tokens per iter is small
+
+warmup_iters = 100 # not super necessary potentially
+
+# on macbook also add
+# device = 'cpu'  # run on cpu only
+# compile = False # do not torch compile the model
+""",
+    "train_gpt2.py": """# config for training GPT-2 (124M) down to very nice loss of ~2.85 on 1 node of 8X A100 40GB
+# launch as the following (e.g. in a screen session) and wait ~5 days:
+# $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+wandb_log = True
+wandb_project = 'owt'
+wandb_run_name='gpt2-124M'
+
+# these make the total batch size be ~0.5M
+# 12 batch size * 1024 block size * 5 gradaccum * 8 GPUs = 491,520
+batch_size = 12
+block_size = 1024
+gradient_accumulation_steps = 5 * 8
+
+# this makes total number of tokens be 300B
+max_iters = 600000
+lr_decay_iters = 600000
+
+# eval stuff
+eval_interval = 1000
+eval_iters = 200
+log_interval = 10
+
+# weight decay
+weight_decay = 1e-1
+""",
+    "eval_gpt2.py": """# evaluate the base gpt2
+# n_layer=12, n_head=12, n_embd=768
+# 124M parameters
+batch_size = 8
+eval_iters = 500 # use more iterations to get good estimate
+eval_only = True
+wandb_log = False
+init_from = 'gpt2'
+""",
+    "finetune_shakespeare.py": """import time
+
+out_dir = 'out-shakespeare'
+eval_interval = 5
+eval_iters = 40
+wandb_log = False # feel free to turn on
+wandb_project = 'shakespeare'
+wandb_run_name = 'ft-' + str(time.time())
+
+dataset = 'shakespeare'
+init_from = 'gpt2-xl' # this is the largest GPT-2 model
+
+# only save checkpoints if the validation loss improves
+always_save_checkpoint = False
+
+# the number of examples per iter:
+# 1 batch_size * 32 grad_accum * 1024 tokens = 32,768 tokens/iter
+# shakespeare has 301,966 tokens, so 1 epoch ~= 9.2 iters
+batch_size = 1
+gradient_accumulation_steps = 32
+max_iters = 20
+
+# finetune at constant LR
+learning_rate = 3e-5
+decay_lr = False
+""",
+}
+
+
+def write_config(folder: Path, name: str, text: str | None = None) -> Path:
+    path = folder / "config" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(NANOGPT_CONFIGS[name] if text is None else text, encoding="utf-8")
+    return path
+
+
+def as_nanogpt_reads_it(text: str) -> dict:
+    settings = {}
+    exec(TRAIN_PY, settings)
+    exec(text, settings)  # nanoGPT's configurator: exec(open(config_file).read())
+    return settings
+
+
+@pytest.mark.parametrize("name, world_size", [("train_shakespeare_char.py", 1), ("train_gpt2.py", 1),
+                                              ("train_gpt2.py", 8)])
+def test_nanogpts_training_configs_give_the_train_config_nanogpt_runs(tmp_path, capsys, monkeypatch, name,
+                                                                      world_size):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", "0")
+    path = write_config(tmp_path, name)
+    cfg = make_config(TrainConfig, parse_overrides(TrainConfig, ["--config", str(path)], "", ""))
+    nanogpt = as_nanogpt_reads_it(NANOGPT_CONFIGS[name])
+    for key in SAME_NAME:
+        assert getattr(cfg, key) == nanogpt[key], key
+    assert cfg.data == os.path.join("data", nanogpt["dataset"]) and not cfg.resume and not cfg.init_from
+    # nanoGPT's count is over all ranks; minipt's is per rank, as train.py divides it
+    assert cfg.gradient_accumulation_steps * world_size == nanogpt["gradient_accumulation_steps"]
+    # the system settings nanoGPT's train.py fixes (cuda, compile) stay minipt's automatic ones
+    assert (cfg.device, cfg.dtype, cfg.compile) == ("auto", "auto", False)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"note: {path}: nanoGPT settings with nothing to do in minipt, ignored: wandb_log, wandb_project, "
+        "wandb_run_name")
+
+
+def test_the_command_line_overrides_a_nanogpt_config(tmp_path):
+    path = write_config(tmp_path, "train_shakespeare_char.py")
+    cfg = make_config(TrainConfig, parse_overrides(
+        TrainConfig, ["--config", str(path), "--n_layer=2", "--device=cpu", "--compile=False", "--max_iters=20"],
+        "", ""))
+    assert (cfg.n_layer, cfg.device, cfg.compile, cfg.max_iters, cfg.n_embd) == (2, "cpu", False, 20, 384)
+
+
+@pytest.mark.parametrize("name, line, pattern", [
+    ("eval_gpt2.py", 6, r"eval_only = True: minipt scores a run with python -m minipt\.eval"),
+    ("finetune_shakespeare.py", 1, r"'import time': a nanoGPT config file is read, not run"),
+])
+def test_nanogpts_other_configs_are_refused_with_the_line_and_what_to_do(tmp_path, name, line, pattern):
+    path = write_config(tmp_path, name)
+    with pytest.raises(ConfigError, match=rf"{path}:{line}: {pattern}"):
+        parse_overrides(TrainConfig, ["--config", str(path)], "", "")
+
+
+BAD_CONFIGS = {
+    "a call": ("n_layer = 6\nout_dir = os.getcwd()\n", 2, r"'os.getcwd\(\)' is not a literal"),
+    "a name not assigned above": ("max_iters = lr_decay_iters\n", 1, r"'lr_decay_iters' is not a literal"),
+    "a list": ("n_layer = [6]\n", 1, r"'\[6\]' is not a literal"),
+    "a tuple target": ("n_layer, n_head = 6, 6\n", 1, r"'n_layer, n_head = \(6, 6\)': a nanoGPT config file is read"),
+    "a loop": ("for i in range(3):\n    n_layer = i\n", 1, r"'for i in range\(3\):'"),
+    "a huge power": ("max_iters = 10 ** 10 ** 10\n", 1, r"'10 \*\* 10 \*\* 10' is not a literal"),
+    "a division by zero": ("max_iters = 1 // 0\n", 1, r"1 // 0: integer division or modulo by zero"),
+    "not Python": ("n_layer = = 6\n", 1, r"not valid Python"),
+    "an unknown key": ("n_layers = 6\n", 1, r"unknown setting 'n_layers' at .*:1; did you mean --n_layer"),
+    "a dataset that is not a name": ("dataset = 3\n", 1, r"dataset must be the name of a folder under data/"),
+    "gpt2 weights": ("init_from = 'gpt2-medium'\n", 1,
+                     r"init_from = 'gpt2-medium': nanoGPT downloads OpenAI's weights; minipt reads a local Hugging "
+                     r"Face folder instead"),
+    "float16": ("dtype = 'float16'\n", 1, r"dtype = 'float16': minipt trains in bfloat16 \(auto on a GPU\) or float32"),
+    "uneven accumulation": ("gradient_accumulation_steps = 3\n", 1,
+                            r"gradient_accumulation_steps = 3 is nanoGPT's count over all ranks, to be split evenly "
+                            r"over the 2 of this run"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_a_config_file_that_would_need_running_or_means_nothing_here_is_named_by_its_line(tmp_path, monkeypatch,
+                                                                                           case):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    text, line, pattern = BAD_CONFIGS[case]
+    path = write_config(tmp_path, "bad.py", text)
+    with pytest.raises(ConfigError) as error:
+        parse_overrides(TrainConfig, ["--config", str(path)], "", "")
+    assert f"{path}:{line}" in str(error.value) and re.search(pattern, str(error.value)), str(error.value)
+
+
+def test_arithmetic_names_and_minipt_settings_in_a_config_file(tmp_path, capsys):
+    text = ("max_iters = 2000\nlr_decay_iters = max_iters\nwarmup_iters = max_iters // 10\nlearning_rate = 3e-4 * 2\n"
+            "min_lr = -(-6e-5)\nout_dir = 'out-' + 'char'\ninit_from = 'resume'\neval_only = False\n"
+            "optimizer = 'muon'\nvocab_size = 65\n'''a docstring'''\n")
+    values = parse_overrides(TrainConfig, ["--config", str(write_config(tmp_path, "mine.py", text))], "", "")
+    assert values["max_iters"] == values["lr_decay_iters"] == 2000 and values["warmup_iters"] == 200
+    assert values["learning_rate"] == 3e-4 * 2 and values["min_lr"] == 6e-5 and values["out_dir"] == "out-char"
+    assert values["resume"] is True and values["optimizer"] == "muon" and values["vocab_size"] == 65
+    assert "ignored: eval_only" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"nanoGPT config files \(\.py\) set up training: python -m minipt\.train"):
+        parse_overrides(FinetuneConfig, ["--config", str(tmp_path / "config" / "mine.py")], "", "")
+
+
+def test_a_nanogpt_config_trains_end_to_end_on_a_nanogpt_data_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nanoGPT's data/<dataset> is relative to the folder it runs in
+    write_shakespeare_char(tmp_path / "data" / "shakespeare_char")
+    path = write_config(tmp_path, "train_shakespeare_char.py")
+    code = T.main([f"--config={path}", f"--cache_dir={tmp_path / 'cache'}", "--max_iters=4", "--eval_interval=2",
+                   "--lr_decay_iters=4", "--sample_tokens=10", *TINY])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "ignored: wandb_log, wandb_project, wandb_run_name" in err and "meta.pkl" in out
+    run = tmp_path / "out-shakespeare-char"
+    saved = load_run(run)[2]["train"]
+    assert saved["data"] == os.path.join("data", "shakespeare_char") and saved["beta2"] == 0.99
+    assert saved["always_save_checkpoint"] is False and saved["dropout"] == 0.2 and saved["bias"] is False
+    assert [r["iter"] for r in read_metrics(run) if "val_loss" in r] == [0, 2, 4]
