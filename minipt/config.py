@@ -111,6 +111,7 @@ class TrainConfig(CommandConfig):
     always_save_checkpoint: bool = True  # save at every evaluation; false: only when the validation loss improves
     sample_tokens: int = 200  # GPT: tokens sampled at the end of the run; 0: no sample
     progress: bool = True  # show a progress bar
+    tensorboard: bool = False  # metrics.jsonl's scalars also as TensorBoard events in out_dir/tb (minipt[tensorboard])
     # ---- system
     seed: int = 1337  # seeds the initialisation, the data order and the MLM masks
     out_dir: str = "out"  # run folder: config, tokenizer, checkpoint, metrics and loss plot
@@ -197,6 +198,7 @@ class FinetuneConfig(CommandConfig):
     out_dir: str = "out-finetune"  # the run folder; the exported model goes to out_dir/hf
     log_interval: int = 10  # steps between progress updates and train-loss rows of metrics.jsonl
     progress: bool = True  # show a progress bar (plain lines when not on a terminal)
+    tensorboard: bool = False  # metrics.jsonl's scalars also as TensorBoard events in out_dir/tb (minipt[tensorboard])
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     overwrite: bool = False  # start afresh in an out_dir that already holds a run, deleting that run's files
 
