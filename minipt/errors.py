@@ -28,6 +28,10 @@ class TrainingError(MiniptError, RuntimeError):
     exit_code = EXIT_FAILED
 
 
+class MissingDependency(MiniptError, ImportError):
+    """An optional dependency that the call needs is not installed."""
+
+
 class Interrupted(Exception):
     """A stop request (Ctrl-C, SIGTERM) was honoured: the run saved its state at step ``args[0]``."""
 

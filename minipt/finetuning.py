@@ -54,7 +54,7 @@ from minipt.metrics import (
 )
 from minipt.models import CLASSIFIER, BertClassifier, BertClassifierConfig, build_model
 from minipt.ops import cross_entropy, resolve_backends
-from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses
+from minipt.runlog import MetricsLog, Progress, StopRequest, TrainWindow, plot_losses, require_tensorboard
 from minipt.tokenizer import TextTokenizer
 
 BEST = "best"  # subfolder: the best epoch's weights while the run goes on
@@ -96,6 +96,7 @@ class Finetune:
 
     def __init__(self, cfg: FinetuneConfig, rt: runtime.Runtime, log, backends: dict[str, str]):
         self.cfg, self.rt, self.log, self.out = cfg, rt, log, Path(cfg.out_dir)
+        self.metrics = MetricsLog(self.out, tensorboard=cfg.tensorboard and rt.is_main)
         rt.on_main(lambda: self._prepare_folder())
         if cfg.resume:
             saved = ckpt.read_config(self.out)
@@ -197,7 +198,8 @@ class Finetune:
         save_on_main(self.rt, self.out, self.model, self.state_dict())  # state_dict on every rank: it gathers
 
     def flush(self, window: TrainWindow, progress: Progress) -> None:
-        flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1), out=self.out)
+        flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1),
+                     metrics=self.metrics)
 
     # ---- steps
     def _logits(self, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
@@ -265,7 +267,7 @@ class Finetune:
         result["val_loss"] = result.pop("loss")
         matrix = result.pop("confusion", None)
         if self.rt.is_main:
-            append_metrics(self.out, {"iter": self.iter, "epoch": epoch, **result})
+            self.metrics.append({"iter": self.iter, "epoch": epoch, **result})
         metric = self.cfg.selection_metric
         improved = self.best is None or rank_key(result[metric]) > rank_key(self.best[metric])
         progress.log(f"epoch {epoch}: val loss {result['val_loss']:.4f}, " + shown(result)
@@ -300,7 +302,7 @@ class Finetune:
         state = {**self.state_dict(), "finished": True}  # on every rank: the generators are gathered
         if self.rt.is_main:
             if "test" in self.results:
-                append_metrics(self.out, {"iter": self.iter, "epoch": self.best["epoch"], **{
+                self.metrics.append({"iter": self.iter, "epoch": self.best["epoch"], **{
                     f"test_{k}": v for k, v in self.results["test"].items() if k != "matrix"}})
             ckpt.save_checkpoint(self.out, self.model, state)
             layout = {} if self.regression else {"rows": "true label", "columns": "predicted label"}
@@ -320,6 +322,8 @@ def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
     """Fine-tune to the last epoch (or a stop request); the result holds the best epoch's weights.
 
     The run folder is locked for the run's life (see :func:`minipt.loop.holding_run_folder`)."""
+    if cfg.tensorboard:
+        require_tensorboard()
     with holding_run_folder(cfg.out_dir, rt):
         return _finetune(cfg, rt, log)
 
@@ -338,7 +342,7 @@ def _finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log) -> Finetune:
     run = Finetune(cfg, rt, log, backends)
     if cfg.resume:
         if rt.is_main:
-            keep_metrics_until(run.out, run.iter)
+            run.metrics.keep_until(run.iter)
         log(f"resuming {run.out} at step {run.iter} of {run.max_iters}")
     else:
         if cfg.init_from == SCRATCH:
@@ -350,21 +354,22 @@ def _finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log) -> Finetune:
             f"{rt.device} {str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es)")
     progress = Progress(run.max_iters, run.iter, cfg.progress and rt.is_main, log)
     window = TrainWindow(rt.device, run.iter)
-    with StopRequest() as stop, contextlib.closing(progress):
-        while run.iter < run.max_iters:
-            window.add(run.step(), run.tokens)
-            progress.step()
-            at_epoch_end = run.iter % run.steps_per_epoch == 0
-            if run.iter % cfg.log_interval == 0 or at_epoch_end:
-                run.flush(window, progress)
-            if at_epoch_end:
-                run.end_of_epoch(progress)
-                window.restart_clock()
-            if stop_requested(stop, rt, step=run.iter, log_interval=cfg.log_interval):
-                run.flush(window, progress)
-                run.save()
-                raise Interrupted(run.iter)
-    run.finish()
+    with contextlib.closing(run.metrics):  # the TensorBoard events of the finish too
+        with StopRequest() as stop, contextlib.closing(progress):
+            while run.iter < run.max_iters:
+                window.add(run.step(), run.tokens)
+                progress.step()
+                at_epoch_end = run.iter % run.steps_per_epoch == 0
+                if run.iter % cfg.log_interval == 0 or at_epoch_end:
+                    run.flush(window, progress)
+                if at_epoch_end:
+                    run.end_of_epoch(progress)
+                    window.restart_clock()
+                if stop_requested(stop, rt, step=run.iter, log_interval=cfg.log_interval):
+                    run.flush(window, progress)
+                    run.save()
+                    raise Interrupted(run.iter)
+        run.finish()
     log(f"\nbest epoch {run.best['epoch']} of {cfg.epochs} by {cfg.selection_metric}; its weights are the run's.")
     for split, result in run.results.items():
         if run.regression:

@@ -46,15 +46,11 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from minipt.checkpoint import CheckpointError
-from minipt.errors import MiniptError
+from minipt.errors import MiniptError, MissingDependency
 from minipt.models import BERT, GPT, BertClassifier, BertConfig, GPTConfig
 
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # two implementations of the same tanh approximation
 BERT_ERF_GELUS = ("gelu", "gelu_python")  # both the exact erf form
-
-
-class MissingDependency(MiniptError, ImportError):
-    """An optional dependency that the call needs is not installed."""
 
 
 class ExportRefused(MiniptError, ValueError):

@@ -18,13 +18,25 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def document_start(tok: TextTokenizer, prompt: str) -> list[int]:
+    """What a sample starts from before ``prompt``: <|endoftext|>, which opens every document; without one, an
+    empty prompt starts at a newline, where nanoGPT's sample.py starts a character-level model."""
+    if tok.eot_id is not None:
+        return [tok.eot_id]
+    newline = tok.tokenizer.token_to_id("\n")
+    return [newline] if newline is not None and not prompt else []
+
+
 @torch.no_grad()
 def generate_text(
     model, tok: TextTokenizer, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
     top_k: int | None = 200, seed: int = 1337, num_samples: int = 1, dtype: torch.dtype = torch.float32,
 ) -> list[str] | str:
     """GPT: ``prompt`` and its continuation; a list when ``num_samples > 1``."""
-    ids = ([tok.eot_id] if tok.eot_id is not None else []) + tok.encode(prompt)
+    unknown = tok.unknown_characters(prompt)
+    if unknown:
+        raise ConfigError(f"the prompt holds characters the model's vocabulary lacks: {''.join(unknown)!r}")
+    ids = document_start(tok, prompt) + tok.encode(prompt)
     if not ids:
         raise ConfigError("the prompt is empty and the tokenizer has no <|endoftext|> to start from; give a prompt")
     device = _device(model)
@@ -109,7 +121,7 @@ def show_trained(model, tok: TextTokenizer, kind: str, *, sample_tokens: int, se
                  log=print) -> None:
     """What a training run ends with: a GPT sample of ``sample_tokens`` (0: none), or BERT filling a [MASK]."""
     if kind == "gpt":
-        if sample_tokens and tok.eot_id is None:
+        if sample_tokens and not document_start(tok, ""):
             # token files bring ids without a tokenizer that marks where a document starts
             log("\nno sample: the tokenizer has no <|endoftext|> to start a document from; sample with a prompt: "
                 "python -m minipt.sample --prompt \"...\"")

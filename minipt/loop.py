@@ -31,7 +31,7 @@ from minipt.config import ConfigError, TrainConfig, make_config
 from minipt.errors import TrainingError
 from minipt.models.bert import BertLayer
 from minipt.models.gpt import GPTBlock
-from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics
+from minipt.runlog import MetricsLog, Progress, StopRequest, TrainWindow
 from minipt.runtime import Runtime
 
 
@@ -157,12 +157,14 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime, *, find_unused_parameters: boo
                find_unused_parameters=find_unused_parameters)
 
 
-def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: int, lr: float, out: Path) -> None:
+def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: int, lr: float,
+                 metrics: MetricsLog) -> None:
     """Log the mean train loss of the steps since the last log; stop on a non-finite one."""
     if window.steps == 0:
         return
     loss = float(rt.all_reduce_sum(window.loss.clone()).item()) / (window.steps * rt.world_size)
     if not math.isfinite(loss):
+        out = metrics.out
         kept = f"The last checkpoint in {out} is kept" if ckpt.has_run(out) else "No checkpoint was saved"
         raise TrainingError(
             f"the training loss became {loss} between steps {window.first_step} and {step}; stopping. "
@@ -170,7 +172,7 @@ def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: 
         )
     row = {"iter": step, "train_loss": loss, "lr": lr, "tokens_per_s": window.tokens * rt.world_size / window.seconds()}
     if rt.is_main:
-        append_metrics(out, row)
+        metrics.append(row)
     progress.train_row(row)
     window.reset(step)
 

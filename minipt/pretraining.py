@@ -45,7 +45,7 @@ from minipt.loop import (
 )
 from minipt.models import MODEL_KINDS, BertConfig, GPTConfig, build_model
 from minipt.ops import resolve_backends
-from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses, read_metrics
+from minipt.runlog import MetricsLog, Progress, StopRequest, TrainWindow, plot_losses, read_metrics, require_tensorboard
 from minipt.scoring import Scorer, mask_seed
 
 # The CPU-sized model when no --preset is given: trains in minutes on two cores.
@@ -135,6 +135,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, log):
         self.cfg, self.rt, self.log = cfg, rt, log
         self.out = Path(cfg.out_dir)
+        self.metrics = MetricsLog(self.out, tensorboard=cfg.tensorboard and rt.is_main)
         self.schedule = schedule(cfg)
         pretrained = None
         if cfg.init_from and not cfg.resume:
@@ -249,7 +250,7 @@ class Run:
         """Evaluate, log the metrics, and save a checkpoint unless this is the step the run started at."""
         metrics = self.scorer.evaluate()
         if self.rt.is_main:
-            append_metrics(self.out, {"iter": self.iter, **metrics})
+            self.metrics.append({"iter": self.iter, **metrics})
         progress.log(f"step {self.iter}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         improved = metrics["val_loss"] < self.best_val
         self.best_val = min(self.best_val, metrics["val_loss"])
@@ -257,7 +258,8 @@ class Run:
             self.save()
 
     def flush(self, window: TrainWindow, progress: Progress) -> None:
-        flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1), out=self.out)
+        flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1),
+                     metrics=self.metrics)
 
 
 def start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
@@ -271,7 +273,7 @@ def start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
     if cfg.resume:
         run.load_state_dict(ckpt.load_checkpoint(run.out, run.model, rt.device))
         if rt.is_main:
-            keep_metrics_until(run.out, run.iter)
+            run.metrics.keep_until(run.iter)
             # the resumed settings (a longer max_iters, say) are the run's settings now
             ckpt.write_config(run.out, {**ckpt.read_config(run.out), "train": dataclasses.asdict(cfg),
                                         "backends": backends})
@@ -291,6 +293,8 @@ def train(cfg: TrainConfig, rt: runtime.Runtime, log=print) -> Run:
 
     The run folder is locked for the run's life, so that a second process cannot mix its files in; a run
     that ``--overwrite`` set out to replace comes back if this one fails before its first checkpoint."""
+    if cfg.tensorboard:
+        require_tensorboard()
     with holding_run_folder(cfg.out_dir, rt):
         return _train(cfg, rt, log)
 
@@ -305,7 +309,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
     progress = Progress(cfg.max_iters, run.iter, cfg.progress and rt.is_main, log)
     start_iter = run.iter
     window = TrainWindow(rt.device, start_iter)
-    with StopRequest() as stop, contextlib.closing(progress):
+    with StopRequest() as stop, contextlib.closing(progress), contextlib.closing(run.metrics):
         while True:
             # A resumed run was evaluated at its first step before it stopped.
             at_eval = run.iter % cfg.eval_interval == 0 or run.iter == cfg.max_iters

@@ -13,6 +13,7 @@ Examples:
     python -m minipt.train --model bert --max_iters=2000
     python -m minipt.train --resume --out_dir out
     python -m minipt.train --init_from ~/models/gpt2 --data my_corpus/ --out_dir out-gpt2
+    python -m minipt.train --config config/train_shakespeare_char.py   # nanoGPT's config, from nanoGPT's folder
 """
 
 from __future__ import annotations

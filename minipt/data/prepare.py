@@ -60,7 +60,9 @@ from minipt.atomic import atomic_write
 from minipt.data import cache as C
 from minipt.data import sources as S
 from minipt.data import tokens as TF
-from minipt.tokenizer import KINDS, TextTokenizer, id_tokenizer, train_tokenizer
+from minipt.tokenizer import (
+    DEFAULT_VOCAB_SIZE, GPT2_VOCAB_SIZE, KINDS, TextTokenizer, char_tokenizer, id_tokenizer, train_tokenizer,
+)
 
 CACHE_VERSION = 5  # part of the cache key: a change of layout or file names never reads an old cache
 SHARD_TOKENS = 1 << 23  # training tokens per shard: 16 MB of uint16; BERT holds one shard's pairs at a time
@@ -417,15 +419,18 @@ def _tokenize(folder: Path, tok: TextTokenizer, model: str, docs_from, shard_tok
 
 # ----------------------------------------------------------------------------- prepare_data
 def prepare_data(
-    *, model: str, data: str = "", strip_markup: bool = True, tokenizer: str = "auto", vocab_size: int = 8192,
+    *, model: str, data: str = "", strip_markup: bool = True, tokenizer: str = "auto", vocab_size: int | None = None,
     split: str = "auto", val_fraction: float = 0.1, cache_dir: str | Path = "", text_field: str = "text",
     tokenizer_sample_mb: float = 100.0, shard_tokens: int = SHARD_TOKENS, log=print,
 ) -> PreparedData:
-    """Find the corpus, split it, train or load the tokenizer, tokenize into shards: or reuse the cache."""
+    """Find the corpus, split it, train or load the tokenizer, tokenize into shards: or reuse the cache.
+
+    ``vocab_size`` none: DEFAULT_VOCAB_SIZE for a trained tokenizer; for token files see :mod:`minipt.data.tokens`."""
     sources = S.find_sources(data)
     root = C.cache_root(cache_dir)
     if S.is_tokens(sources):
         return _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, root, log)
+    vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
     total = sum(s.text_bytes for s in sources)
     small = total <= tokenizer_sample_mb * MB
     mode = split if split != "auto" else "doc" if small else "holdout"
@@ -510,8 +515,11 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
     if tokenizer in KINDS:
         raise S.DataError(f"--tokenizer={tokenizer} trains on text, and token files have none: pass "
                           "--vocab_size, or --tokenizer=PATH/tokenizer.json of the tokenizer that made them")
-    tok = TextTokenizer.from_file(tokenizer, model) if tokenizer != "auto" else None
-    size = tok.vocab_size if tok else vocab_size
+    if tokenizer != "auto":
+        tok = TextTokenizer.from_file(tokenizer, model)
+        size = tok.vocab_size
+    else:
+        tok, size = _token_vocabulary(sources, vocab_size, model, log)
     # The entry records where the files are, so it is theirs alone: keyed on their resolved paths.
     base = {"version": CACHE_VERSION, "tokens": True, "vocab_size": size, "val_fraction": val_fraction,
             "paths": [str(s.path.resolve()) for s in sources]}
@@ -538,3 +546,23 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
         return root / C.cache_key(sources, {**base, "tokenizer": _digest(stand_in)}, by_content=False)
 
     return _cached(path, model, log, "checked token files recorded", build, alias if tok is None else None)
+
+
+def _token_vocabulary(sources, vocab_size, model, log) -> tuple[TextTokenizer | None, int]:
+    """The vocabulary of token files that come without a tokenizer file: (its characters, if known; its size)."""
+    path = TF.find_meta(sources)
+    if path is None:
+        if vocab_size is None:
+            log(f"data: no {TF.META} beside the token files: their ids are taken to be GPT-2's BPE (vocab_size "
+                f"{GPT2_VOCAB_SIZE}), as nanoGPT takes them; --vocab_size or --tokenizer says otherwise")
+            return None, GPT2_VOCAB_SIZE
+        return None, vocab_size
+    meta = TF.read_meta(path)
+    if vocab_size is not None and vocab_size != meta.vocab_size:
+        raise S.DataError(f"--vocab_size={vocab_size} contradicts {path}, whose vocab_size is {meta.vocab_size}: "
+                          "leave --vocab_size out")
+    if meta.stoi is None:
+        log(f"data: vocab_size {meta.vocab_size} from {path}, which has no characters: ids read as <id>")
+        return None, meta.vocab_size
+    log(f"data: the {meta.vocab_size} characters of {path}, with nanoGPT's ids")
+    return TextTokenizer.wrap(char_tokenizer(meta.stoi), model), meta.vocab_size

@@ -14,6 +14,9 @@ formats, one document each:
 
 Token formats, read as they are (see :mod:`minipt.data.tokens`): nanoGPT's raw
 uint16 ``.bin`` and llm.c's shards. Text and token files never mix in one corpus.
+A folder with ``train.bin`` in it is a nanoGPT data folder, whose ``prepare.py``
+wrote ``train.bin`` and ``val.bin`` beside the text it read: those two are the
+corpus, and the rest (``input.txt``, ``prepare.py``, ``readme.md``) is not read.
 
 Every document has a position ``(source, record)``: the index of its file in
 sorted order and its line (jsonl, from 1), row (parquet) or 0 (a whole file).
@@ -200,7 +203,9 @@ def find_sources(data: str) -> list[Source]:
         path = Path(data).expanduser()
         if not path.exists():
             raise DataError(f"data path {data!r} does not exist")
-        if path.is_dir():
+        if path.is_dir() and (path / "train.bin").is_file():  # nanoGPT's layout
+            paths, root = [p for p in (path / "train.bin", path / "val.bin") if p.is_file()], path
+        elif path.is_dir():
             paths = _walk(path, True, lambda name, state: True, lambda p, state: _suffix(p) is not None)
             if not paths:
                 known = ", ".join(sorted({**TEXT_FORMATS, **TOKEN_FORMATS}))
@@ -220,8 +225,8 @@ def find_sources(data: str) -> list[Source]:
     kinds = {s.suffix in TOKEN_FORMATS for s in sources}
     if len(kinds) > 1:
         example = Path(data) / "*.bin" if Path(data).is_dir() else "a glob of one kind"
-        raise DataError(f"data {data!r} mixes text files and .bin token files (a nanoGPT data folder holds "
-                        f"input.txt beside train.bin); name one kind, e.g. --data='{example}'")
+        raise DataError(f"data {data!r} mixes text files and .bin token files; name one kind, "
+                        f"e.g. --data='{example}'")
     return sources
 
 
