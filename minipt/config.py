@@ -108,13 +108,15 @@ class TrainConfig(CommandConfig):
     progress: bool = True  # show a progress bar
     # ---- system
     seed: int = 1337  # seeds the initialisation, the data order and the MLM masks
-    out_dir: str = "out"  # run folder: config, tokenizer, checkpoint, metrics and loss plot
+    out_dir: str = ""  # run folder: config, tokenizer, weights, metrics, loss plot; empty: out-gpt or out-bert
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     overwrite: bool = False  # start afresh in an out_dir that already holds a run, deleting that run's files
 
     def __post_init__(self):
         super().__post_init__()
         _choice("model", self.model, ("gpt", "bert"))
+        if not self.out_dir:  # each kind its own folder, so a BERT run after a GPT one needs no --out_dir
+            self.out_dir = default_run_folder(self.model)
         _choice("objective", self.objective, ("mlm+nsp", "mlm"))
         _choice("split", self.split, ("auto", "doc", "holdout", "stream"))
         # The model's own fields (n_layer, n_head, n_embd, block_size, dropout) are checked by its
@@ -157,6 +159,11 @@ class TrainConfig(CommandConfig):
             raise ConfigError(
                 f"init_from and out_dir name the same folder ({self.out_dir}): write the new run to another out_dir"
             )
+
+
+def default_run_folder(model: str) -> str:
+    """Where a training run of ``model`` goes without --out_dir, and where sample, eval and export look."""
+    return f"out-{model}"
 
 
 SCRATCH = "scratch"  # FinetuneConfig.init_from: random weights, for comparison with a pretrained start
@@ -227,7 +234,7 @@ class FinetuneConfig(CommandConfig):
 @dataclass
 class EvalConfig(CommandConfig):
     # ---- model and data
-    out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
+    out_dir: str = "out-gpt"  # a minipt run (train writes out-gpt, out-bert) or a Hugging Face GPT-2 or BERT folder
     data: str = ""  # the held-out text: file, folder or glob of txt, md, jsonl[.gz|.zst] or parquet
     text_field: str | None = None  # jsonl and parquet: the field (column) that holds a document's text; none: the run's
     strip_markup: bool | None = None  # bundled plays as "SPEAKER:" text, no headings or stage directions; none: the run's
@@ -255,7 +262,7 @@ class EvalConfig(CommandConfig):
 @dataclass
 class SampleConfig(CommandConfig):
     # ---- run
-    out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
+    out_dir: str = "out-gpt"  # a minipt run (train writes out-gpt, out-bert) or a Hugging Face GPT-2 or BERT folder
     seed: int = 1337  # seeds the sampling
     # ---- GPT
     prompt: str = ""  # text to continue; empty: start a new document
@@ -314,7 +321,7 @@ def _interval(name, value, lo, hi, *, closed=True, upper_open=False) -> None:
 
 @dataclass
 class ExportConfig:
-    out_dir: str = "out"  # the run to export: a pretraining run (GPT or BERT) or a fine-tune run
+    out_dir: str = "out-gpt"  # the run to export: a pretraining run (GPT or BERT) or a fine-tune run
     to: str = ""  # the folder to write (required), which from_pretrained loads: weights, config and tokenizer
     overwrite: bool = False  # write into a folder that already holds files
 

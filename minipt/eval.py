@@ -14,7 +14,7 @@ padding. How each is computed: minipt/evaluation.py.
 
 Examples:
 
-    python -m minipt.eval --out_dir out --data held_out/ --json scores.json
+    python -m minipt.eval --out_dir out-gpt --data held_out/ --json scores.json
     python -m minipt.eval --out_dir out-bert --data held_out.jsonl --pack=true
 """
 

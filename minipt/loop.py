@@ -193,7 +193,7 @@ def stop_requested(stop: StopRequest, rt: Runtime, *, step: int, log_interval: i
 
 def resumed_config(cls, overrides: dict):
     """The config of ``--resume``: the settings the run in ``out_dir`` saved, under those given now."""
-    out_dir = overrides.get("out_dir", cls.out_dir)
+    out_dir = make_config(cls, overrides).out_dir  # as given, or the default (train's: by --model)
     # a run saved before there was a choice of optimizer trained with AdamW, whatever the default is now
     saved = {"optimizer": "adamw", **ckpt.read_config(out_dir)["train"]}
     if overrides.get("optimizer", saved["optimizer"]) != saved["optimizer"]:
@@ -201,7 +201,8 @@ def resumed_config(cls, overrides: dict):
                           f"with {saved['optimizer']}: its saved optimizer state would not fit. Start a new run "
                           f"from its weights with --init_from={out_dir}")
     known = {f.name for f in dataclasses.fields(cls)} - {"resume", "overwrite"}
-    return make_config(cls, {**{k: v for k, v in saved.items() if k in known}, **overrides})
+    # the folder the run was read from is the one it goes on in, whatever out_dir it saved
+    return make_config(cls, {**{k: v for k, v in saved.items() if k in known}, **overrides, "out_dir": out_dir})
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ DIR is a minipt run folder or a folder saved by save_pretrained
 
 Examples::
 
-    python -m minipt.sample --out_dir out --prompt "ROMEO:" --max_new_tokens 100
+    python -m minipt.sample --out_dir out-gpt --prompt "ROMEO:" --max_new_tokens 100
     python -m minipt.sample --out_dir out-bert --text "The cat sits on the [MASK]."
     python -m minipt.sample --out_dir out-bert --text_a "I like cats." --text_b "They are cute."
     python -m minipt.sample --out_dir out-finetune --text "Now is the winter of our discontent"
