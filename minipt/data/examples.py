@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minipt.config import ConfigError
-from minipt.data.sources import DataError, not_utf8, open_source
+from minipt.data.sources import DataError, json_reason, not_utf8, open_source
 from minipt.tokenizer import TextTokenizer
 
 
@@ -49,13 +49,7 @@ def read_examples(path: str) -> list[Example]:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise not_utf8(f"{path}:{line}", exc) from None
     if file.suffix == ".csv":
-        reader = csv.DictReader(text)
-        columns = reader.fieldnames or []
-        missing = [name for name in ("text", "label") if name not in columns]
-        if columns and missing:
-            raise DataError(f"{path}:1: the header has no {' or '.join(map(repr, missing))} column "
-                            f"(it has {', '.join(map(repr, columns))})")
-        rows = [(reader.line_num, row) for row in reader]
+        rows = _csv_rows(path, text)
     else:
         rows = []
         for number, line in enumerate(text, 1):
@@ -63,7 +57,7 @@ def read_examples(path: str) -> list[Example]:
                 try:
                     rows.append((number, json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not a JSON object: {exc}") from None
+                    raise DataError(f"{path}:{number}: not a JSON object: {json_reason(exc)}") from None
     examples = []
     for number, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
@@ -80,6 +74,37 @@ def read_examples(path: str) -> list[Example]:
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples
+
+
+def _csv_rows(path: str, text: io.StringIO) -> list[tuple[int, dict]]:
+    """(line where it starts, row as a dict) of every row after the header.
+
+    Read strictly, so that a quote left open, which would swallow the rest of the file into one
+    field, and a row of another width than the header are named by the line they start on."""
+    reader = csv.reader(text, strict=True)
+    start, rows = 1, []
+    try:
+        columns = next(reader, [])
+        missing = [name for name in ("text", "label") if name not in columns]
+        if columns and missing:
+            raise DataError(f"{path}:1: the header has no {' or '.join(map(repr, missing))} column "
+                            f"(it has {', '.join(map(repr, columns))})")
+        start = reader.line_num + 1
+        for fields in reader:
+            if fields and len(fields) != len(columns):
+                raise DataError(
+                    f"{path}:{start}: {len(fields)} field(s) where the header has {len(columns)} "
+                    f"({', '.join(columns)}); a text holding a comma must be quoted: \"like, this\"")
+            if fields:
+                rows.append((start, dict(zip(columns, fields))))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        if str(exc) == "unexpected end of data":
+            raise DataError(f"{path}:{start}: a quoted field opened on line {start} is never closed (the file ends "
+                            "inside it); close the quote, and double any quote inside a quoted field (\"\")") from None
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc}); a quote inside a quoted field is "
+                        "written twice (\"\"), and a field with a quote in it is quoted whole") from None
+    return rows
 
 
 def split_examples(data: str, val_data: str = "", test_data: str = "", *, val_fraction: float = 0.1,

@@ -175,7 +175,7 @@ def _documents(sources, mode, val_fraction, text_field, strip_markup, start=(0, 
         return
     for i in range(start[0], len(sources)):
         source, first = sources[i], start[1] if i == start[0] else 0
-        if source.suffix in (".txt", ".md") and source.path.stat().st_size > S.PIECE_BYTES:
+        if source.is_text_file and S.text_size(source.path, at_most=S.PIECE_BYTES) > S.PIECE_BYTES:
             if first == 0:
                 yield from _file_in_pieces(source, mode, val_fraction, (i, 1))
             continue
@@ -201,7 +201,7 @@ def _bounded(position, parts: list[tuple[str, str]]) -> Iterator[tuple]:
 
 
 def _file_in_pieces(source, mode, val_fraction, position) -> Iterator[tuple]:
-    """A .txt or .md file larger than a piece as one document, read a piece at a time, never whole."""
+    """A whole-file document (.txt, .md, their .gz) larger than a piece, read a piece at a time, never whole."""
     held = mode == "holdout" and S.held_out(source.name, val_fraction)
     tail = S.tail_start(source.path, val_fraction) if mode == "doc" else None
     for past, piece in S.read_text(source.path, tail):
