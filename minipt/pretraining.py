@@ -337,5 +337,8 @@ def final_report(run: Run, log) -> None:
         if run.cfg.model == "bert":
             log(f"MLM accuracy {last['mlm_acc']:.3f} (chance {1 / run.tok.vocab_size:.5f}); NSP accuracy "
                 f"{last['nsp_acc']:.3f} (always guessing the commoner label: {last['nsp_majority']:.3f})")
+    # BERT fills a [MASK] in a sentence of the run's own validation text, whatever the corpus
+    segments = () if run.cfg.model != "bert" else (
+        s for shard in run.data.val.shards for document in shard.documents() for s in document)
     show_trained(run.model, run.tok, run.cfg.model, sample_tokens=run.cfg.sample_tokens, seed=run.cfg.seed,
-                 dtype=run.rt.dtype, log=log)
+                 dtype=run.rt.dtype, log=log, segments=segments)

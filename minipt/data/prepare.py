@@ -467,6 +467,10 @@ def prepare_data(
                 log(f"data: training a {kind} tokenizer{size} on {what}")
                 tok = TextTokenizer.wrap(train_tokenizer(kind, texts, vocab_size, model), model)
                 del texts
+                if kind != "char" and tok.vocab_size < vocab_size:
+                    log(f"data: note: the {kind} tokenizer has {tok.vocab_size:,} tokens, fewer than the vocab_size "
+                        f"{vocab_size:,} asked for: its training text ran out of merges (every pair of tokens in it "
+                        "is merged already); the model's vocabulary is the tokenizer's")
             if not (partial / "tokenizer.json").is_file():
                 atomic_write(partial / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
             progress = Progress(total, log)
