@@ -329,6 +329,16 @@ class ExportConfig:
         check_types(self)
 
 
+@dataclass
+class CacheConfig:
+    cache_dir: str = ""  # the cache folder; empty: $MINIPT_CACHE, else ~/.cache/minipt (the commands' default)
+    list: bool = False  # list minipt's entries there: each tokenized corpus, its size and what it was made from
+    clear: bool = False  # delete minipt's entries that no running process holds; other files there stay
+
+    def __post_init__(self):
+        check_types(self)
+
+
 # ----------------------------------------------------------------------------- field types and help
 def _field_order(cls) -> list[dataclasses.Field]:
     """The fields of ``cls``: those a command declares itself first, then the shared ones it inherits."""

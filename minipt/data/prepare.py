@@ -97,12 +97,14 @@ class PreparedData:
     train: TokenSplit
     val: TokenSplit
     cache_path: Path
+    hold: object = None  # the entry's shared lock (cache.hold), kept while the data is in use
 
 
 def read_cache(path: Path, model: str) -> PreparedData:
     """The cache entry ``path``; one whose files do not match its meta.json raises :class:`cache.Damaged`."""
     meta = C.read_meta(path)
     try:
+        hold = C.hold(path)
         tok = TextTokenizer.from_file(path / "tokenizer.json", model)
         splits = {}
         for split, info in meta["splits"].items():
@@ -119,7 +121,7 @@ def read_cache(path: Path, model: str) -> PreparedData:
                         index["segment_offsets"] = np.load(f"{stem}.segments.npy")
                 shards.append(TokenShard(tokens, **index))
             splits[split] = TokenSplit(shards)
-        return PreparedData(tok, splits["train"], splits["val"], path)
+        return PreparedData(tok, splits["train"], splits["val"], path, hold)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise C.Damaged(path, str(exc)) from None
 
@@ -155,9 +157,17 @@ def _cached(path: Path, model: str, log, reused: str, build, alias=None) -> Prep
                 prepared = read_cache(path, model)
                 if alias is not None:
                     C.link(alias(prepared.tokenizer), path)
+                log(f"data: {C.summary(path.parent)}")
                 return prepared
     log(f"data: reusing the {reused} in {path}")
+    log(f"data: {C.summary(path.parent)}")
     return prepared
+
+
+def _named(data) -> str:
+    """What an entry was made from, for ``python -m minipt.cache --list``: --data made absolute (empty: the plays)."""
+    paths = data if isinstance(data, list) else [data] if data else []
+    return ", ".join(os.path.abspath(os.path.expanduser(p)) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
 
 
 def _digest(tok: TextTokenizer) -> str:
@@ -488,7 +498,7 @@ def prepare_data(
                 )
             splits = {name: {"dtype": meta["dtype"], "shards": shards} for name, shards in meta["shards"].items()}
             entry = [p for p in partial.iterdir() if not p.name.startswith("part-")]  # the resume points go
-            C.write_meta(partial, {"settings": settings, "splits": splits}, entry)
+            C.write_meta(partial, {"settings": settings, "splits": splits, "data": _named(data)}, entry)
         except S.DataError:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -530,8 +540,8 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
         try:
             (tok or TextTokenizer.wrap(id_tokenizer(size), model)).save(partial / "tokenizer.json")
             C.write_meta(partial, {"settings": settings, "splits": {name: {"dtype": "uint16", "shards": s}
-                                                                     for name, s in shards.items()}},
-                         [partial / "tokenizer.json"])
+                                                                     for name, s in shards.items()},
+                                   "data": _named([str(s.path) for s in sources])}, [partial / "tokenizer.json"])
         except OSError as exc:
             raise C.write_failed(partial, exc, resumable=False) from None
         n = {name: sum(x["num_tokens"] for x in s) for name, s in shards.items()}
