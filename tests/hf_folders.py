@@ -52,7 +52,8 @@ def bert_folder(folder: Path, *, architecture: str = "BertForPreTraining", weigh
     return folder
 
 
-def gpt2_folder(folder: Path, *, weights: str = "safetensors", seed: int = 0) -> Path:
+def gpt2_folder(folder: Path, *, weights: str = "safetensors", seed: int = 0, positions: int = SIZES["block_size"]
+                ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(TEXTS * 4, vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
@@ -60,7 +61,7 @@ def gpt2_folder(folder: Path, *, weights: str = "safetensors", seed: int = 0) ->
     torch.manual_seed(seed)
     eot = tok.token_to_id("<|endoftext|>")
     config = transformers.GPT2Config(
-        vocab_size=tok.get_vocab_size(), bos_token_id=eot, eos_token_id=eot, n_positions=SIZES["block_size"],
+        vocab_size=tok.get_vocab_size(), bos_token_id=eot, eos_token_id=eot, n_positions=positions,
         n_embd=SIZES["n_embd"],
         n_layer=SIZES["n_layer"], n_head=SIZES["n_head"], initializer_range=0.3, architectures=["GPT2LMHeadModel"],
     )
