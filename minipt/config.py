@@ -71,7 +71,7 @@ class TrainConfig(CommandConfig):
     doc_mask: bool = False  # GPT: attention stops at each <|endoftext|>, which opens its document, inside a window
     reset_positions: bool = False  # GPT with doc_mask: positions restart at 0 at each document's <|endoftext|>
     # ---- data
-    data: str = ""  # file, folder or glob: txt, md, jsonl[.gz|.zst], parquet or token .bin; empty: the bundled plays
+    data: str = ""  # file, folder or glob: txt, md (.gz too), jsonl[.gz|.zst], parquet, token .bin; empty: the plays
     text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text
     strip_markup: bool = True  # bundled plays as "SPEAKER:" text, no headings or stage directions; false keeps markdown
     tokenizer: str = "auto"  # bpe, wordpiece, char or PATH/tokenizer.json; auto: bpe for GPT, wordpiece for BERT
@@ -235,7 +235,7 @@ class FinetuneConfig(CommandConfig):
 class EvalConfig(CommandConfig):
     # ---- model and data
     out_dir: str = "out-gpt"  # a minipt run (train writes out-gpt, out-bert) or a Hugging Face GPT-2 or BERT folder
-    data: str = ""  # the held-out text: file, folder or glob of txt, md, jsonl[.gz|.zst] or parquet
+    data: str = ""  # the held-out text: file, folder or glob of txt, md (.gz too), jsonl[.gz|.zst] or parquet
     text_field: str | None = None  # jsonl and parquet: the field (column) that holds a document's text; none: the run's
     strip_markup: bool | None = None  # bundled plays as "SPEAKER:" text, no headings or stage directions; none: the run's
     json: str = ""  # also write the results to this JSON file

@@ -2,7 +2,7 @@
 
 DIR is a minipt run (a fine-tune run is scored as the BERT it fine-tuned)
 or a Hugging Face GPT-2/BERT folder;
---data is in any format the trainer reads (txt, md, jsonl[.gz|.zst],
+--data is in any format the trainer reads (txt, md, their .gz, jsonl[.gz|.zst],
 parquet, and for GPT nanoGPT/llm.c .bin token files; a file, folder or
 glob), read whole: every document is held out. It prints a table, and --json
 PATH writes it too.
