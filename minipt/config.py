@@ -71,7 +71,7 @@ class TrainConfig(CommandConfig):
     attn_window: int | None = None  # GPT sees the attn_window tokens up to itself, BERT those attn_window // 2 around
     global_every: int | None = None  # with attn_window: every global_every-th layer from 0 sees the whole context
     # ---- data
-    data: str = ""  # file, folder or glob: txt, md, jsonl[.gz|.zst], parquet or token .bin; empty: the bundled plays
+    data: str = ""  # file, folder or glob: txt, md (.gz too), jsonl[.gz|.zst], parquet, token .bin; empty: the plays
     text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text
     strip_markup: bool = True  # bundled plays as "SPEAKER:" text, no headings or stage directions; false keeps markdown
     tokenizer: str = "auto"  # bpe, wordpiece, char or PATH/tokenizer.json; auto: bpe for GPT, wordpiece for BERT
@@ -109,13 +109,15 @@ class TrainConfig(CommandConfig):
     tensorboard: bool = False  # metrics.jsonl's scalars also as TensorBoard events in out_dir/tb (minipt[tensorboard])
     # ---- system
     seed: int = 1337  # seeds the initialisation, the data order and the MLM masks
-    out_dir: str = "out"  # run folder: config, tokenizer, checkpoint, metrics and loss plot
+    out_dir: str = ""  # run folder: config, tokenizer, weights, metrics, loss plot; empty: out-gpt or out-bert
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     overwrite: bool = False  # start afresh in an out_dir that already holds a run, deleting that run's files
 
     def __post_init__(self):
         super().__post_init__()
         _choice("model", self.model, ("gpt", "bert"))
+        if not self.out_dir:  # each kind its own folder, so a BERT run after a GPT one needs no --out_dir
+            self.out_dir = default_run_folder(self.model)
         _choice("objective", self.objective, ("mlm+nsp", "mlm"))
         _choice("split", self.split, ("auto", "doc", "holdout", "stream"))
         # The model's own fields (n_layer, n_head, n_embd, block_size, dropout) are checked by its
@@ -158,6 +160,11 @@ class TrainConfig(CommandConfig):
             raise ConfigError(
                 f"init_from and out_dir name the same folder ({self.out_dir}): write the new run to another out_dir"
             )
+
+
+def default_run_folder(model: str) -> str:
+    """Where a training run of ``model`` goes without --out_dir, and where sample, eval and export look."""
+    return f"out-{model}"
 
 
 SCRATCH = "scratch"  # FinetuneConfig.init_from: random weights, for comparison with a pretrained start
@@ -257,9 +264,9 @@ TEXT_ONLY = ("text_field", "strip_markup", "mlm_probability", "short_seq_prob", 
 @dataclass
 class EvalConfig(CommandConfig):
     # ---- model and data
-    out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
+    out_dir: str = "out-gpt"  # a minipt run (train writes out-gpt, out-bert) or a Hugging Face GPT-2 or BERT folder
     task: str = "text"  # text: scores held-out text; hellaswag: GPT picks HellaSwag's endings (acc, acc_norm)
-    data: str = ""  # text: file, folder or glob of txt, md, jsonl[.gz|.zst], parquet; hellaswag: .jsonl or llm.c .bin
+    data: str = ""  # text: file, folder or glob of txt, md (.gz too), jsonl[.gz|.zst], parquet; hellaswag: .jsonl or .bin
     text_field: str | None = None  # jsonl and parquet: the field (column) that holds a document's text; none: the run's
     strip_markup: bool | None = None  # bundled plays as "SPEAKER:" text, no headings or stage directions; none: the run's
     json: str = ""  # also write the results to this JSON file
@@ -291,7 +298,7 @@ class EvalConfig(CommandConfig):
 @dataclass
 class SampleConfig(CommandConfig):
     # ---- run
-    out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
+    out_dir: str = "out-gpt"  # a minipt run (train writes out-gpt, out-bert) or a Hugging Face GPT-2 or BERT folder
     seed: int = 1337  # seeds the sampling
     # ---- GPT
     prompt: str = ""  # text to continue; empty: start a new document
@@ -350,9 +357,19 @@ def _interval(name, value, lo, hi, *, closed=True, upper_open=False) -> None:
 
 @dataclass
 class ExportConfig:
-    out_dir: str = "out"  # the run to export: a pretraining run (GPT or BERT) or a fine-tune run
+    out_dir: str = "out-gpt"  # the run to export: a pretraining run (GPT or BERT) or a fine-tune run
     to: str = ""  # the folder to write (required), which from_pretrained loads: weights, config and tokenizer
     overwrite: bool = False  # write into a folder that already holds files
+
+    def __post_init__(self):
+        check_types(self)
+
+
+@dataclass
+class CacheConfig:
+    cache_dir: str = ""  # the cache folder; empty: $MINIPT_CACHE, else ~/.cache/minipt (the commands' default)
+    list: bool = False  # list minipt's entries there: each tokenized corpus, its size and what it was made from
+    clear: bool = False  # delete minipt's entries that no running process holds; other files there stay
 
     def __post_init__(self):
         check_types(self)

@@ -2,7 +2,7 @@
 
 DIR is a minipt run (a fine-tune run is scored as the BERT it fine-tuned)
 or a Hugging Face GPT-2/BERT folder;
---data is in any format the trainer reads (txt, md, jsonl[.gz|.zst],
+--data is in any format the trainer reads (txt, md, their .gz, jsonl[.gz|.zst],
 parquet, and for GPT nanoGPT/llm.c .bin token files; a file, folder or
 glob), read whole: every document is held out. It prints a table, and --json
 PATH writes it too.
@@ -23,7 +23,7 @@ minipt/multiple_choice.py.
 
 Examples:
 
-    python -m minipt.eval --out_dir out --data held_out/ --json scores.json
+    python -m minipt.eval --out_dir out-gpt --data held_out/ --json scores.json
     python -m minipt.eval --out_dir out-bert --data held_out.jsonl --pack=true
     python -m minipt.eval --task hellaswag --data hellaswag_val.jsonl --out_dir ~/models/gpt2
 """

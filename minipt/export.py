@@ -9,7 +9,7 @@ attention) is refused by name. Needs transformers (pip install minipt[hf]).
 
 Examples:
 
-    python -m minipt.export --out_dir out --to gpt-hf
+    python -m minipt.export --out_dir out-gpt --to gpt-hf
     python -m minipt.export --out_dir out-finetune --to classifier-hf
 """
 

@@ -47,7 +47,7 @@ from minipt.data.examples import Columns, collate, encode, epoch_order, split_ex
 from minipt.errors import Interrupted
 from minipt.load import is_hf_folder, load_run
 from minipt.loop import (
-    Schedule, flush_window, holding_run_folder, make_optimizer, save_on_main, stop_requested, wrap_ddp,
+    Schedule, flush_window, holding_run_folder, make_optimizer, save_on_main, saved_settings, stop_requested, wrap_ddp,
 )
 from minipt.metrics import (
     CLASSIFICATION, REGRESSION, classification_scores, confusion_matrix, rank_key, regression_scores,
@@ -169,7 +169,7 @@ class Finetune:
             self.load_state_dict(ckpt.load_checkpoint(self.out, self.model, rt.device))
         elif rt.is_main:
             ckpt.write_config(self.out, {
-                "model_type": CLASSIFIER, "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(self.model.config),
+                "model_type": CLASSIFIER, "train": saved_settings(cfg), "model": dataclasses.asdict(self.model.config),
                 "labels": labels, "tokenizer_vocab_size": self.tok.vocab_size, "backends": backends,
             })
             ckpt.atomic_write_text(self.out / ckpt.TOKENIZER, self.tok.to_str())

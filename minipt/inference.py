@@ -7,6 +7,11 @@ call and restores its mode after, and runs under the autocast of ``dtype``.
 
 from __future__ import annotations
 
+import itertools
+import random
+from collections.abc import Iterable
+
+import numpy as np
 import torch
 
 from minipt import runtime
@@ -117,9 +122,46 @@ def classify(model, tok: TextTokenizer, labels: list[str] | None, text: str, tex
     return sorted(zip(labels, probs), key=lambda pair: -pair[1])
 
 
+def percent(p: float) -> str:
+    """A probability as a percentage of 3 significant digits: a vocabulary's small probabilities stay apart."""
+    return f"{100 * p:.3g}%"
+
+
+DEMO_TOKENS = (8, 40)  # the length of a demo sentence, in tokens: a sentence, not a fragment or a paragraph
+DEMO_CANDIDATES = 1000  # sentences of the validation text the demo draws from (read in order, not all of them)
+
+
+def masked_sentence(tok: TextTokenizer, segments: Iterable[np.ndarray], seed: int) -> tuple[str, str] | None:
+    """(a sentence with one word as [MASK], that word) from ``segments`` (token arrays, the validation text's),
+    drawn by ``seed``; None when no segment of DEMO_TOKENS holds a word that is one token.
+
+    The word is a whole word (not a ``##`` piece, and no ``##`` piece follows it) of letters, so that
+    the answer is one token the model can name."""
+    def maskable(pieces: list[str], i: int) -> bool:
+        word, after = pieces[i], pieces[i + 1] if i + 1 < len(pieces) else ""
+        return word.isalpha() and len(word) > 1 and not after.startswith("##")
+
+    lo, hi = DEMO_TOKENS
+    found = []
+    for ids in itertools.islice((s for s in segments if lo <= len(s) <= hi), DEMO_CANDIDATES):
+        pieces = [tok.id_to_token(int(i)) for i in ids]
+        positions = [i for i in range(len(pieces)) if maskable(pieces, i)]
+        if positions:
+            found.append((ids, positions))
+    if not found:
+        return None
+    rng = random.Random(seed)
+    ids, positions = rng.choice(found)
+    at = rng.choice(positions)
+    masked = [int(i) for i in ids]
+    word, masked[at] = tok.id_to_token(masked[at]), tok.mask_id
+    return tok.decode(masked), word
+
+
 def show_trained(model, tok: TextTokenizer, kind: str, *, sample_tokens: int, seed: int, dtype: torch.dtype,
-                 log=print) -> None:
-    """What a training run ends with: a GPT sample of ``sample_tokens`` (0: none), or BERT filling a [MASK]."""
+                 log=print, segments: Iterable[np.ndarray] = ()) -> None:
+    """What a training run ends with: a GPT sample of ``sample_tokens`` (0: none), or BERT filling a [MASK]
+    in a sentence of ``segments`` (the validation text's), drawn by ``seed``."""
     if kind == "gpt":
         if sample_tokens and not document_start(tok, ""):
             # token files bring ids without a tokenizer that marks where a document starts
@@ -130,7 +172,12 @@ def show_trained(model, tok: TextTokenizer, kind: str, *, sample_tokens: int, se
                                  dtype=dtype)
             log(f"\nsample:\n{text}\n")
         return
-    text = "to be, or not to be, that is the [MASK]."
-    log(f"\nfill-mask: {text}")
+    demo = masked_sentence(tok, segments, seed)
+    if demo is None:
+        log(f"\nno fill-mask demo: no sentence of {DEMO_TOKENS[0]} to {DEMO_TOKENS[1]} tokens in the validation text "
+            "has a whole word to mask; try: python -m minipt.sample --text \"... [MASK] ...\"")
+        return
+    text, word = demo
+    log(f"\nfill-mask, a sentence of the validation text with {word!r} masked: {text}")
     for candidates in fill_mask(model, tok, text, top_k=5, dtype=dtype):
-        log("  " + ", ".join(f"{token} {p:.3f}" for token, p in candidates))
+        log("  " + ", ".join(f"{token} {percent(p)}" for token, p in candidates))

@@ -52,9 +52,10 @@ def bert_folder(folder: Path, *, architecture: str = "BertForPreTraining", weigh
     return folder
 
 
-def gpt2_folder(folder: Path, *, weights: str = "safetensors", seed: int = 0, **sizes) -> Path:
-    """``sizes`` replace those of SIZES (n_layer, n_head, n_embd, block_size)."""
-    sizes = {**SIZES, **sizes}
+def gpt2_folder(folder: Path, *, weights: str = "safetensors", seed: int = 0, positions: int | None = None,
+                **sizes) -> Path:
+    """``sizes`` replace those of SIZES (n_layer, n_head, n_embd, block_size); ``positions`` is block_size."""
+    sizes = {**SIZES, **sizes, **({"block_size": positions} if positions else {})}
     folder.mkdir(parents=True, exist_ok=True)
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(TEXTS * 4, vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)

@@ -200,7 +200,7 @@ def test_the_command_writes_the_run_and_sample_classifies_with_it(folders, tmp_p
     assert isinstance(rebuilt, BertClassifier) and rebuilt.config.num_labels == 2
     assert S.main([f"--out_dir={out}", "--text=I like cats.", "--text_b=They are cute."]) == 0
     printed = capsys.readouterr().out.splitlines()[1:]
-    probs = dict((line.split()[0], float(line.split()[1])) for line in printed)
+    probs = dict((line.split()[0], float(line.split()[1].removesuffix("%")) / 100) for line in printed)
     ids = [tok.cls_id, *tok.encode("I like cats."), tok.sep_id, *tok.encode("They are cute."), tok.sep_id]
     types = [0] * (len(tok.encode("I like cats.")) + 2) + [1] * (len(tok.encode("They are cute.")) + 1)
     expected = model(torch.tensor([ids]), torch.tensor([types]), torch.ones(1, len(ids), dtype=torch.long))

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from minipt.config import ConfigError
-from minipt.data.sources import DataError, not_utf8, open_source
+from minipt.data.sources import DataError, json_reason, not_utf8, open_source
 from minipt.tokenizer import TextTokenizer
 
 FORMATS = (".csv", ".tsv", ".jsonl")
@@ -70,20 +70,46 @@ def _rows(path: str, text: io.StringIO, suffix: str, columns: Columns) -> list[t
                 try:
                     rows.append((number, json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not a JSON object: {exc}") from None
+                    raise DataError(f"{path}:{number}: not a JSON object: {json_reason(exc)}") from None
         return rows
-    # GLUE's .tsv files quote nothing: a quote mark is part of the text
-    reader = csv.reader(text, **({"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}))
-    names = next(reader, None) if columns.header else None
-    if names is not None:
-        wanted = [columns.text, columns.label] + ([columns.text_pair] if columns.text_pair else [])
-        missing = [name for name in wanted if name not in names]
-        if missing:
-            raise DataError(f"{path}:1: the header has no {' or '.join(map(repr, missing))} column (it has "
-                            f"{', '.join(map(repr, names))}); a file without a header row: --header=false and "
-                            "the columns by index (--text_field=0 ...)")
-    return [(reader.line_num, dict(zip(names, row)) if names is not None else {str(i): v for i, v in enumerate(row)})
-            for row in reader if row]  # a blank line holds no example
+    return _table_rows(path, text, suffix, columns)
+
+
+def _table_rows(path: str, text: io.StringIO, suffix: str, columns: Columns) -> list[tuple[int, dict]]:
+    """(line where it starts, row as a dict) of every row of a .csv or .tsv file after its header, if any.
+
+    A .csv is read strictly, so that a quote left open, which would swallow the rest of the file into one
+    field, and a row of another width than the header are named by the line they start on. GLUE's .tsv
+    files quote nothing: a quote mark there is part of the text."""
+    tsv = suffix == ".tsv"
+    reader = csv.reader(text, **({"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"strict": True}))
+    start, rows, names = 1, [], None
+    try:
+        if columns.header:
+            names = next(reader, [])
+            wanted = [columns.text, columns.label] + ([columns.text_pair] if columns.text_pair else [])
+            missing = [name for name in wanted if name not in names]
+            if names and missing:
+                raise DataError(f"{path}:1: the header has no {' or '.join(map(repr, missing))} column (it has "
+                                f"{', '.join(map(repr, names))}); a file without a header row: --header=false and "
+                                "the columns by index (--text_field=0 ...)")
+            start = reader.line_num + 1
+        for fields in reader:
+            if fields and names is not None and len(fields) != len(names):
+                hint = "" if tsv else "; a text holding a comma must be quoted: \"like, this\""
+                raise DataError(f"{path}:{start}: {len(fields)} field(s) where the header has {len(names)} "
+                                f"({', '.join(names)}){hint}")
+            if fields:  # a blank line holds no example
+                rows.append((start, dict(zip(names, fields)) if names is not None
+                             else {str(i): v for i, v in enumerate(fields)}))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        if str(exc) == "unexpected end of data":
+            raise DataError(f"{path}:{start}: a quoted field opened on line {start} is never closed (the file ends "
+                            "inside it); close the quote, and double any quote inside a quoted field (\"\")") from None
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc}); a quote inside a quoted field is "
+                        "written twice (\"\"), and a field with a quote in it is quoted whole") from None
+    return rows
 
 
 def read_examples(path: str, columns: Columns = Columns()) -> list[Example]:

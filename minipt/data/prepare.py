@@ -99,12 +99,14 @@ class PreparedData:
     train: TokenSplit
     val: TokenSplit
     cache_path: Path
+    hold: object = None  # the entry's shared lock (cache.hold), kept while the data is in use
 
 
 def read_cache(path: Path, model: str) -> PreparedData:
     """The cache entry ``path``; one whose files do not match its meta.json raises :class:`cache.Damaged`."""
     meta = C.read_meta(path)
     try:
+        hold = C.hold(path)
         tok = TextTokenizer.from_file(path / "tokenizer.json", model)
         splits = {}
         for split, info in meta["splits"].items():
@@ -121,7 +123,7 @@ def read_cache(path: Path, model: str) -> PreparedData:
                         index["segment_offsets"] = np.load(f"{stem}.segments.npy")
                 shards.append(TokenShard(tokens, **index))
             splits[split] = TokenSplit(shards)
-        return PreparedData(tok, splits["train"], splits["val"], path)
+        return PreparedData(tok, splits["train"], splits["val"], path, hold)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise C.Damaged(path, str(exc)) from None
 
@@ -157,9 +159,17 @@ def _cached(path: Path, model: str, log, reused: str, build, alias=None) -> Prep
                 prepared = read_cache(path, model)
                 if alias is not None:
                     C.link(alias(prepared.tokenizer), path)
+                log(f"data: {C.summary(path.parent)}")
                 return prepared
     log(f"data: reusing the {reused} in {path}")
+    log(f"data: {C.summary(path.parent)}")
     return prepared
+
+
+def _named(data) -> str:
+    """What an entry was made from, for ``python -m minipt.cache --list``: --data made absolute (empty: the plays)."""
+    paths = data if isinstance(data, list) else [data] if data else []
+    return ", ".join(os.path.abspath(os.path.expanduser(p)) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
 
 
 def _digest(tok: TextTokenizer) -> str:
@@ -177,7 +187,7 @@ def _documents(sources, mode, val_fraction, text_field, strip_markup, start=(0, 
         return
     for i in range(start[0], len(sources)):
         source, first = sources[i], start[1] if i == start[0] else 0
-        if source.suffix in (".txt", ".md") and source.path.stat().st_size > S.PIECE_BYTES:
+        if source.is_text_file and S.text_size(source.path, at_most=S.PIECE_BYTES) > S.PIECE_BYTES:
             if first == 0:
                 yield from _file_in_pieces(source, mode, val_fraction, (i, 1))
             continue
@@ -203,7 +213,7 @@ def _bounded(position, parts: list[tuple[str, str]]) -> Iterator[tuple]:
 
 
 def _file_in_pieces(source, mode, val_fraction, position) -> Iterator[tuple]:
-    """A .txt or .md file larger than a piece as one document, read a piece at a time, never whole."""
+    """A whole-file document (.txt, .md, their .gz) larger than a piece, read a piece at a time, never whole."""
     held = mode == "holdout" and S.held_out(source.name, val_fraction)
     tail = S.tail_start(source.path, val_fraction) if mode == "doc" else None
     for past, piece in S.read_text(source.path, tail):
@@ -472,6 +482,10 @@ def prepare_data(
                 log(f"data: training a {kind} tokenizer{size} on {what}")
                 tok = TextTokenizer.wrap(train_tokenizer(kind, texts, vocab_size, model), model)
                 del texts
+                if kind != "char" and tok.vocab_size < vocab_size:
+                    log(f"data: note: the {kind} tokenizer has {tok.vocab_size:,} tokens, fewer than the vocab_size "
+                        f"{vocab_size:,} asked for: its training text ran out of merges (every pair of tokens in it "
+                        "is merged already); the model's vocabulary is the tokenizer's")
             if not (partial / "tokenizer.json").is_file():
                 atomic_write(partial / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
             progress = Progress(total, log)
@@ -489,7 +503,7 @@ def prepare_data(
                 )
             splits = {name: {"dtype": meta["dtype"], "shards": shards} for name, shards in meta["shards"].items()}
             entry = [p for p in partial.iterdir() if not p.name.startswith("part-")]  # the resume points go
-            C.write_meta(partial, {"settings": settings, "splits": splits}, entry)
+            C.write_meta(partial, {"settings": settings, "splits": splits, "data": _named(data)}, entry)
         except S.DataError:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -534,8 +548,8 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
         try:
             (tok or TextTokenizer.wrap(id_tokenizer(size), model)).save(partial / "tokenizer.json")
             C.write_meta(partial, {"settings": settings, "splits": {name: {"dtype": "uint16", "shards": s}
-                                                                     for name, s in shards.items()}},
-                         [partial / "tokenizer.json"])
+                                                                     for name, s in shards.items()},
+                                   "data": _named([str(s.path) for s in sources])}, [partial / "tokenizer.json"])
         except OSError as exc:
             raise C.write_failed(partial, exc, resumable=False) from None
         n = {name: sum(x["num_tokens"] for x in s) for name, s in shards.items()}
