@@ -9,7 +9,8 @@ A run folder (``out_dir``) holds
   stores it once and ``load_model`` restores the tie;
 * ``state.pt``: optimizer, iteration, data sampler and RNG states (``torch.save``
   of a dict of tensors and plain values, read back with ``weights_only=True``);
-* ``metrics.jsonl`` and ``loss.png``.
+* ``metrics.jsonl`` and ``loss.png``; with ``--tensorboard``, ``tb/``: the
+  same scalars as TensorBoard events.
 
 Every file is written atomically (:mod:`minipt.atomic`: a temporary name,
 fsync, rename, fsync of the folder). A checkpoint is two files, model and state: both are written completely under
@@ -38,6 +39,7 @@ CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT = (
     "config.json", "tokenizer.json", "model.safetensors", "state.pt", "metrics.jsonl", "loss.png",
 )
 RUN_FILES = (CONFIG, TOKENIZER, MODEL, STATE, METRICS, PLOT)
+TENSORBOARD = "tb"  # a folder, written only with --tensorboard
 
 
 class CheckpointError(MiniptError, RuntimeError):
@@ -199,8 +201,15 @@ def lock_run_folder(out_dir: str | Path):
 
 def _leftovers(out: Path) -> list[Path]:
     """A run's files, and the temporaries a write killed mid-way left beside them."""
-    names = set(RUN_FILES)
+    names = {*RUN_FILES, TENSORBOARD}
     return [p for p in out.iterdir() if p.name in names or (p.name.startswith(".") and ".tmp" in p.name)]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def prepare_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
@@ -231,7 +240,7 @@ def prepare_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool) ->
             path.rename(out / REPLACED / path.name)
     else:  # the files of a run stopped before its first checkpoint: nothing in them to keep
         for path in _leftovers(out):
-            path.unlink()
+            _remove(path)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -247,7 +256,7 @@ def undo_replacement(out_dir: str | Path) -> bool:
     if not old.is_dir():
         return False
     for path in _leftovers(out):
-        path.unlink()
+        _remove(path)
     for path in old.iterdir():
         path.rename(out / path.name)
     old.rmdir()

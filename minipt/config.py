@@ -3,7 +3,9 @@
 Every field of a command's config (:class:`TrainConfig`, :class:`FinetuneConfig`,
 :class:`EvalConfig`, :class:`SampleConfig`) is a command-line option
 (``--key=value`` or ``--key value``) and a key of a TOML or JSON ``--config``
-file; later sources win: defaults, then the file, then the command line. The
+file; later sources win: defaults, then the file, then the command line.
+``python -m minipt.train --config`` also reads nanoGPT's Python config files,
+without running them (:mod:`minipt.nanogpt_config`). The
 comment after each field is its ``--help`` text, so the dataclass is the one
 place a setting is described. What every command shares (device, precision,
 backend, seed, run folder, compile) is declared once, in :class:`CommandConfig`.
@@ -24,14 +26,10 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from minipt.errors import MiniptError
+from minipt.errors import ConfigError
+from minipt.metrics import CLASSIFICATION, REGRESSION
+from minipt.nanogpt_config import read_nanogpt_config
 from minipt.ops._backend import BACKENDS
-
-
-class ConfigError(MiniptError, ValueError):
-    """A setting that cannot be used: unknown key, wrong type or a value out of range."""
-
-    points_to_help = True
 
 
 @dataclass
@@ -74,11 +72,11 @@ class TrainConfig(CommandConfig):
     global_every: int | None = None  # with attn_window: every global_every-th layer from 0 sees the whole context
     logit_softcap: float | None = None  # caps the LM (GPT) or MLM (BERT) logits to s·tanh(logits/s) (Gemma 2: 30)
     # ---- data
-    data: str = ""  # file, folder or glob: txt, md, jsonl[.gz|.zst], parquet or token .bin; empty: the bundled plays
+    data: str = ""  # file, folder or glob: txt, md (.gz too), jsonl[.gz|.zst], parquet, token .bin; empty: the plays
     text_field: str = "text"  # jsonl and parquet: the field (column) that holds a document's text
     strip_markup: bool = True  # bundled plays as "SPEAKER:" text, no headings or stage directions; false keeps markdown
     tokenizer: str = "auto"  # bpe, wordpiece, char or PATH/tokenizer.json; auto: bpe for GPT, wordpiece for BERT
-    vocab_size: int = 8192  # vocabulary size of a trained bpe or wordpiece tokenizer, or of token .bin files
+    vocab_size: int | None = None  # of a trained bpe/wordpiece (none: 8192) or token files (none: meta.pkl's, else GPT-2's)
     tokenizer_sample_mb: float = 100.0  # a corpus past this many MB is large: its tokenizer trains on a sample this big
     split: str = "auto"  # doc: tail of each document; holdout: whole documents; stream: nanoGPT; auto: holdout if large
     val_fraction: float = 0.1  # share of the text held out for validation; tokenizers never see it
@@ -110,22 +108,25 @@ class TrainConfig(CommandConfig):
     always_save_checkpoint: bool = True  # save at every evaluation; false: only when the validation loss improves
     sample_tokens: int = 200  # GPT: tokens sampled at the end of the run; 0: no sample
     progress: bool = True  # show a progress bar
+    tensorboard: bool = False  # metrics.jsonl's scalars also as TensorBoard events in out_dir/tb (minipt[tensorboard])
     # ---- system
     seed: int = 1337  # seeds the initialisation, the data order and the MLM masks
-    out_dir: str = "out"  # run folder: config, tokenizer, checkpoint, metrics and loss plot
+    out_dir: str = ""  # run folder: config, tokenizer, weights, metrics, loss plot; empty: out-gpt or out-bert
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     overwrite: bool = False  # start afresh in an out_dir that already holds a run, deleting that run's files
 
     def __post_init__(self):
         super().__post_init__()
         _choice("model", self.model, ("gpt", "bert"))
+        if not self.out_dir:  # each kind its own folder, so a BERT run after a GPT one needs no --out_dir
+            self.out_dir = default_run_folder(self.model)
         _choice("objective", self.objective, ("mlm+nsp", "mlm"))
         _choice("split", self.split, ("auto", "doc", "holdout", "stream"))
         # The model's own fields (n_layer, n_head, n_embd, block_size, dropout) are checked by its
         # config class, which minipt.pretraining.model_config builds; the errors name the field alike.
         for name in ("vocab_size", "batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
                      "eval_iters", "log_interval"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("warmup_iters", "sample_tokens"):
             if getattr(self, name) < 0:
@@ -140,7 +141,7 @@ class TrainConfig(CommandConfig):
         _check_optimization(self)
         if not 0 <= self.z_loss < float("inf"):  # logit_softcap is the model config's to check
             raise ConfigError(f"z_loss must be a finite float >= 0, got {self.z_loss}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
+        if self.decay_lr and self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
             raise ConfigError(f"min_lr must be in [0, learning_rate={self.learning_rate}], got {self.min_lr}")
         if self.model == "bert" and self.bias is not None:
             raise ConfigError("bias applies to --model gpt only; BERT always has biases")
@@ -165,8 +166,12 @@ class TrainConfig(CommandConfig):
             )
 
 
+def default_run_folder(model: str) -> str:
+    """Where a training run of ``model`` goes without --out_dir, and where sample, eval and export look."""
+    return f"out-{model}"
+
+
 SCRATCH = "scratch"  # FinetuneConfig.init_from: random weights, for comparison with a pretrained start
-SELECT = ("macro_f1", "accuracy")  # the validation scores that can pick a fine-tune's epoch
 
 
 @dataclass
@@ -174,9 +179,14 @@ class FinetuneConfig(CommandConfig):
     # ---- model and data
     init_from: str = ""  # a BERT run, a fine-tune run or a Hugging Face BERT folder; "scratch": random weights
     arch_from: str = ""  # with --init_from=scratch: the run or folder whose architecture and tokenizer to take
-    data: str = ""  # examples: .csv (header row) or .jsonl with text, optional text_pair, label; empty: the genre task
+    data: str = ""  # examples: .csv, .tsv (GLUE's) or .jsonl, in the fields below; empty: the genre task
     val_data: str = ""  # validation examples, same format; empty: the last val_fraction of --data
     test_data: str = ""  # test examples, scored once at the end with the weights validation picked; empty: none
+    text_field: str = "text"  # the column (jsonl: field) of the text, e.g. sentence; with header=false its index
+    text_pair_field: str | None = None  # the column of a pair's second text, e.g. sentence2; none: text_pair if present
+    label_field: str = "label"  # the column of the label: a class, or a number for regression
+    header: bool = True  # .csv and .tsv: the first row names the columns; false: none does, they go by index from 0
+    num_labels: int | None = None  # 1: regression (MSE; labels are numbers); N: labels 0 to N-1; none: those of --data
     val_fraction: float = 0.1  # share of --data held out when no --val_data is given
     max_length: int | None = None  # tokens per example with [CLS] and [SEP]s (longer: cut); none: block_size
     # ---- optimization
@@ -192,12 +202,13 @@ class FinetuneConfig(CommandConfig):
     muon_learning_rate: float = 2e-5  # muon: peak learning rate of the blocks' matrices, on learning_rate's schedule
     muon_momentum: float = 0.95  # muon: Muon's Nesterov momentum
     dropout: float | None = None  # dropout in the encoder and before the classifier; none: the checkpoint's
-    select: str = "macro_f1"  # validation score that picks the epoch kept as the final weights: macro_f1 or accuracy
+    metric: str | None = None  # best epoch by accuracy, macro_f1, f1, matthews, pearson, spearman; none: macro_f1|pearson
     # ---- system
     seed: int = 1337  # seeds the classifier's initialisation, dropout and the order of the examples
     out_dir: str = "out-finetune"  # the run folder; the exported model goes to out_dir/hf
     log_interval: int = 10  # steps between progress updates and train-loss rows of metrics.jsonl
     progress: bool = True  # show a progress bar (plain lines when not on a terminal)
+    tensorboard: bool = False  # metrics.jsonl's scalars also as TensorBoard events in out_dir/tb (minipt[tensorboard])
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     overwrite: bool = False  # start afresh in an out_dir that already holds a run, deleting that run's files
 
@@ -213,8 +224,18 @@ class FinetuneConfig(CommandConfig):
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         _check_optimization(self)
-        if self.select not in SELECT:
-            raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ConfigError(f"num_labels must be a positive integer (1: regression) or none, got {self.num_labels}")
+        if self.metric is not None:
+            _choice("metric", self.metric, CLASSIFICATION + REGRESSION)
+            if self.regression != (self.metric in REGRESSION):
+                raise ConfigError(
+                    f"metric={self.metric} scores " + ("regression, which --num_labels=1 asks for" if self.metric in
+                                                       REGRESSION else "classes; --num_labels=1 is regression") +
+                    f": use {' or '.join(REGRESSION if self.regression else CLASSIFICATION)}")
+            if self.metric == "f1" and (self.num_labels or 2) != 2:
+                raise ConfigError(f"metric=f1 scores the positive class of two labels; num_labels={self.num_labels}: "
+                                  "use macro_f1")
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite contradict each other: pick one")
         if self.arch_from and self.init_from != SCRATCH:
@@ -225,22 +246,37 @@ class FinetuneConfig(CommandConfig):
                               "whose architecture and tokenizer the randomly initialised model takes")
 
     @property
+    def regression(self) -> bool:
+        """Whether the model predicts a number (one output, MSE) rather than a class, as transformers' num_labels=1."""
+        return self.num_labels == 1
+
+    @property
+    def selection_metric(self) -> str:
+        """The validation score that picks the epoch: --metric, else pearson (regression) or macro_f1."""
+        return self.metric or ("pearson" if self.regression else "macro_f1")
+
+    @property
     def start(self) -> tuple[str, str]:
         """(the folder the model is read from, the argument that names it): --arch_from for a scratch start."""
         return (self.arch_from, "arch_from") if self.init_from == SCRATCH else (self.init_from, "init_from")
 
 
+EVAL_TASKS = ("text", "hellaswag")  # see minipt.evaluation and minipt.multiple_choice
+TEXT_ONLY = ("text_field", "strip_markup", "mlm_probability", "short_seq_prob", "pack")  # EvalConfig: --task=text
+
+
 @dataclass
 class EvalConfig(CommandConfig):
     # ---- model and data
-    out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
-    data: str = ""  # the held-out text: file, folder or glob of txt, md, jsonl[.gz|.zst] or parquet
+    out_dir: str = "out-gpt"  # a minipt run (train writes out-gpt, out-bert) or a Hugging Face GPT-2 or BERT folder
+    task: str = "text"  # text: scores held-out text; hellaswag: GPT picks HellaSwag's endings (acc, acc_norm)
+    data: str = ""  # text: file, folder or glob of txt, md (.gz too), jsonl[.gz|.zst], parquet; hellaswag: .jsonl or .bin
     text_field: str | None = None  # jsonl and parquet: the field (column) that holds a document's text; none: the run's
     strip_markup: bool | None = None  # bundled plays as "SPEAKER:" text, no headings or stage directions; none: the run's
     json: str = ""  # also write the results to this JSON file
     # ---- scoring
-    block_size: int | None = None  # tokens per window (GPT) or pair (BERT); none: the model's block_size
-    batch_size: int = 8  # windows or pairs per forward pass
+    block_size: int | None = None  # tokens per window (GPT), pair (BERT) or ending row; none: the model's block_size
+    batch_size: int = 8  # windows, pairs or multiple-choice examples per forward pass
     mlm_probability: float | None = None  # BERT: share of tokens masked; none: the run's, else 0.15
     short_seq_prob: float | None = None  # BERT: share of pairs built shorter; none: the run's, else 0.1
     pack: bool | None = None  # BERT: several pairs per row of block_size; none: as the run trained, else false
@@ -248,8 +284,13 @@ class EvalConfig(CommandConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _choice("task", self.task, EVAL_TASKS)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}")
+        for name in TEXT_ONLY:
+            if self.task != "text" and getattr(self, name) is not None:
+                raise ConfigError(f"{name} applies to --task=text, which scores held-out text; not to "
+                                  f"--task={self.task}")
         if self.block_size is not None and self.block_size < 2:
             raise ConfigError(f"block_size must be >= 2 or none, got {self.block_size}")
         if self.mlm_probability is not None:
@@ -261,7 +302,7 @@ class EvalConfig(CommandConfig):
 @dataclass
 class SampleConfig(CommandConfig):
     # ---- run
-    out_dir: str = "out"  # a minipt run folder, or a Hugging Face GPT-2 or BERT folder with its tokenizer
+    out_dir: str = "out-gpt"  # a minipt run (train writes out-gpt, out-bert) or a Hugging Face GPT-2 or BERT folder
     seed: int = 1337  # seeds the sampling
     # ---- GPT
     prompt: str = ""  # text to continue; empty: start a new document
@@ -320,9 +361,19 @@ def _interval(name, value, lo, hi, *, closed=True, upper_open=False) -> None:
 
 @dataclass
 class ExportConfig:
-    out_dir: str = "out"  # the run to export: a pretraining run (GPT or BERT) or a fine-tune run
+    out_dir: str = "out-gpt"  # the run to export: a pretraining run (GPT or BERT) or a fine-tune run
     to: str = ""  # the folder to write (required), which from_pretrained loads: weights, config and tokenizer
     overwrite: bool = False  # write into a folder that already holds files
+
+    def __post_init__(self):
+        check_types(self)
+
+
+@dataclass
+class CacheConfig:
+    cache_dir: str = ""  # the cache folder; empty: $MINIPT_CACHE, else ~/.cache/minipt (the commands' default)
+    list: bool = False  # list minipt's entries there: each tokenized corpus, its size and what it was made from
+    clear: bool = False  # delete minipt's entries that no running process holds; other files there stay
 
     def __post_init__(self):
         check_types(self)
@@ -408,7 +459,8 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config", metavar="FILE",
-        help="a TOML or JSON file of settings, or a run's config.json to repeat it; the command line overrides it"
+        help="a TOML or JSON file of settings, or a run's config.json to repeat it"
+             + (", or a nanoGPT config .py" if cls is TrainConfig else "") + "; the command line overrides it"
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     defaults = cls()
@@ -447,8 +499,13 @@ def read_config_file(cls, path: str) -> dict:
             values = tomllib.loads(p.read_text(encoding="utf-8"))
         elif p.suffix == ".json":
             values = json.loads(p.read_text(encoding="utf-8"))
+        elif p.suffix == ".py" and cls is TrainConfig:
+            values = read_nanogpt_config(p, {f.name for f in dataclasses.fields(cls)})
+        elif p.suffix == ".py":
+            raise ConfigError(f"{path}: nanoGPT config files (.py) set up training: python -m minipt.train reads "
+                              "them; give this command a .toml or .json file")
         else:
-            raise ConfigError(f"config file must end in .toml or .json, got {path!r}")
+            raise ConfigError(f"config file must end in .toml, .json or (nanoGPT's) .py, got {path!r}")
     except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         if isinstance(exc, ConfigError):
             raise

@@ -22,10 +22,20 @@ class MiniptError(Exception):
     points_to_help = False  # a bad setting: the report points to the command's --help
 
 
+class ConfigError(MiniptError, ValueError):
+    """A setting that cannot be used: unknown key, wrong type or a value out of range."""
+
+    points_to_help = True
+
+
 class TrainingError(MiniptError, RuntimeError):
     """The run cannot go on (a non-finite loss); its last checkpoint is kept."""
 
     exit_code = EXIT_FAILED
+
+
+class MissingDependency(MiniptError, ImportError):
+    """An optional dependency that the call needs is not installed."""
 
 
 class Interrupted(Exception):

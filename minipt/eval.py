@@ -2,7 +2,7 @@
 
 DIR is a minipt run (a fine-tune run is scored as the BERT it fine-tuned)
 or a Hugging Face GPT-2/BERT folder;
---data is in any format the trainer reads (txt, md, jsonl[.gz|.zst],
+--data is in any format the trainer reads (txt, md, their .gz, jsonl[.gz|.zst],
 parquet, and for GPT nanoGPT/llm.c .bin token files; a file, folder or
 glob), read whole: every document is held out. It prints a table, and --json
 PATH writes it too.
@@ -12,10 +12,20 @@ documents, each separated by <|endoftext|> as in training. BERT: MLM loss and
 accuracy, NSP accuracy beside the share of the commoner label, and the share of
 padding. How each is computed: minipt/evaluation.py.
 
+--task=hellaswag scores a GPT on HellaSwag: --data is the dataset's jsonl
+(hellaswag_val.jsonl, tokenized with the model's tokenizer) or llm.c's
+hellaswag_val.bin (GPT-2 token ids). It reports acc (the ending of the lowest
+summed loss, llm.c's and lm-evaluation-harness's acc), acc_norm (the lowest
+loss per token, llm.c's) and acc_norm_chars (per character,
+lm-evaluation-harness's acc_norm), and the number of examples. A context
+longer than the model's block_size loses its start. Definitions:
+minipt/multiple_choice.py.
+
 Examples:
 
-    python -m minipt.eval --out_dir out --data held_out/ --json scores.json
+    python -m minipt.eval --out_dir out-gpt --data held_out/ --json scores.json
     python -m minipt.eval --out_dir out-bert --data held_out.jsonl --pack=true
+    python -m minipt.eval --task hellaswag --data hellaswag_val.jsonl --out_dir ~/models/gpt2
 """
 
 from __future__ import annotations

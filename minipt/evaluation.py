@@ -1,4 +1,5 @@
-"""Scoring a model on held-out text: what ``python -m minipt.eval`` reports.
+"""Scoring a model on held-out text: what ``python -m minipt.eval`` reports (``--task=hellaswag``: see
+:mod:`minipt.multiple_choice`).
 
 GPT: loss, perplexity and bits per byte. The documents are tokenized with the
 model's tokenizer and joined with ``<|endoftext|>`` before each, as in training;
@@ -41,6 +42,7 @@ from minipt.data.packing import check_pair_room
 from minipt.data.sources import is_tokens
 from minipt.data.tokens import token_files
 from minipt.load import load_run
+from minipt.multiple_choice import evaluate_hellaswag
 from minipt.ops import IGNORE_INDEX, mlm_mask, resolve_backends
 from minipt.scoring import VALIDATION_STEP, Scorer, mask_seed
 from minipt.tokenizer import TextTokenizer, TokenizerError
@@ -178,6 +180,14 @@ def evaluate(cfg: EvalConfig, rt: runtime.Runtime) -> dict:
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise ConfigError(f"block_size={block_size} exceeds the model's {model.config.block_size} positions")
+    if cfg.task == "hellaswag":
+        if kind != "gpt":
+            raise ConfigError(f"--task=hellaswag scores a GPT, which continues text; {cfg.out_dir} holds a {kind} model")
+        if not cfg.data:
+            raise ConfigError("--data is required: HellaSwag's .jsonl (hellaswag_val.jsonl) or llm.c's eval .bin")
+        return {"model": str(cfg.out_dir), "model_type": kind, "task": cfg.task, "data": cfg.data,
+                "block_size": block_size, **evaluate_hellaswag(model, tok, cfg.data, rt, block_size=block_size,
+                                                               batch_size=cfg.batch_size, backend=cfg.backend)}
     if kind == "gpt" and cfg.pack:
         raise ConfigError(f"--pack applies to BERT models only; {cfg.out_dir} holds a gpt model")
     if kind == "bert":

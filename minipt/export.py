@@ -9,7 +9,7 @@ attention, soft-capped LM or MLM logits) is refused by name. Needs transformers 
 
 Examples:
 
-    python -m minipt.export --out_dir out --to gpt-hf
+    python -m minipt.export --out_dir out-gpt --to gpt-hf
     python -m minipt.export --out_dir out-finetune --to classifier-hf
 """
 

@@ -2,22 +2,34 @@
 
 ``DIR`` is a BERT run, a fine-tune run, or a Hugging Face BERT folder;
 ``--init_from=scratch --arch_from=DIR`` starts from random weights in the
-architecture, and with the tokenizer, of ``DIR``. The examples are a ``.csv``
-with a header row or a ``.jsonl``, with ``text``, an optional ``text_pair`` and
-``label``. Without ``--val_data``, a seeded shuffle of ``--data`` gives up its
+architecture, and with the tokenizer, of ``DIR``. The examples are a ``.csv`` or
+``.tsv`` (GLUE's files) or a ``.jsonl``: the text is in ``--text_field`` (default
+``text``), an optional second text in ``--text_pair_field`` (default
+``text_pair`` where present) and the label in ``--label_field`` (default
+``label``); ``--header=false`` reads a file without a header row, its columns
+named by index (CoLA: ``--text_field=3 --label_field=1``). ``--num_labels=1``
+fine-tunes a regressor on numbers (STS-B), ``--num_labels=N`` takes labels 0 to
+N-1. ``--metric`` picks the epoch kept: accuracy, macro_f1 (the default), f1
+(of label 1 of two), matthews, or for regression pearson (the default) or
+spearman. Without ``--val_data``, a seeded shuffle of ``--data`` gives up its
 last ``val_fraction`` for validation; ``--test_data`` is scored once, at the
 end, with the weights that validation picked. Without ``--data`` it fine-tunes
 on the bundled genre task: comedy, history or tragedy, from passages of the
 held-out part of every play. The trainer itself is minipt/finetuning.py.
 
-The run folder gets metrics.jsonl, loss.png, confusion.json (scores and
-confusion matrices of the validation and test sets) and, where transformers is
-installed, hf/ with the model as a BertForSequenceClassification.
+The run folder gets metrics.jsonl, loss.png, confusion.json (the scores of the
+validation and test sets, and a classifier's confusion matrices) and, where
+transformers is installed, hf/ with the model as a
+BertForSequenceClassification (problem_type regression for --num_labels=1).
 
 Examples:
 
     python -m minipt.finetune --init_from out-bert
     python -m minipt.finetune --init_from out-bert --data train.csv --val_data dev.csv --learning_rate=1e-4
+    python -m minipt.finetune --init_from ~/models/bert-base-uncased --data SST-2/train.tsv --val_data SST-2/dev.tsv \\
+        --text_field=sentence
+    python -m minipt.finetune --init_from ~/models/bert-base-uncased --data STS-B/train.tsv --val_data STS-B/dev.tsv \\
+        --text_field=sentence1 --text_pair_field=sentence2 --label_field=score --num_labels=1
     python -m minipt.finetune --init_from scratch --arch_from out-bert
     python -m minipt.sample --out_dir out-finetune --text "Now is the winter of our discontent"
 """

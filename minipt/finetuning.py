@@ -1,4 +1,4 @@
-"""Fine-tuning BERT for sequence classification, from a pretrained start or from random weights.
+"""Fine-tuning BERT for sequence classification or regression, from a pretrained start or from random weights.
 
 ``python -m minipt.finetune`` is the command around :func:`finetune` and
 :func:`export`. The model is :class:`minipt.models.BertClassifier`
@@ -15,11 +15,17 @@ after every epoch; Ctrl-C or SIGTERM saves at the current step, and ``--resume``
 continues exactly (the order of the examples is drawn per epoch from the seed,
 so a step number says where the run stands).
 
-After each epoch it scores the validation set: accuracy and macro-F1 (F1
-averaged over the labels that occur in the truth or the predictions, as
-scikit-learn does). The epoch with the best ``--select`` score gives the run's
-final weights, which then score the test set, if there is one. Without
-``--data`` the examples are the bundled genre task (:mod:`minipt.data.genre`).
+A classifier learns by cross-entropy. With ``--num_labels=1`` the model is
+a regressor, as in transformers: one output, learnt by mean squared error
+against a number (GLUE's STS-B).
+
+After each epoch it scores the validation set (:mod:`minipt.metrics`). A
+classifier gets accuracy, macro-F1, the Matthews correlation and, with two
+labels, the F1 of the second; a regressor gets Pearson's and Spearman's
+correlations. The epoch with the best ``--metric`` score (by default macro-F1,
+or Pearson's r for regression) gives the run's final weights. These then score
+the test set, if there is one. Without ``--data`` the examples are the bundled
+genre task (:mod:`minipt.data.genre`).
 """
 
 from __future__ import annotations
@@ -31,20 +37,24 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from minipt import checkpoint as ckpt
 from minipt import hf, runtime
 from minipt.config import SCRATCH, ConfigError, FinetuneConfig, TrainConfig
 from minipt.data import genre
-from minipt.data.examples import collate, encode, epoch_order, split_examples
+from minipt.data.examples import Columns, collate, encode, epoch_order, split_examples
 from minipt.errors import Interrupted
 from minipt.load import is_hf_folder, load_run
 from minipt.loop import (
-    Schedule, flush_window, holding_run_folder, make_optimizer, save_on_main, stop_requested, wrap_ddp,
+    Schedule, flush_window, holding_run_folder, make_optimizer, save_on_main, saved_settings, stop_requested, wrap_ddp,
+)
+from minipt.metrics import (
+    CLASSIFICATION, REGRESSION, classification_scores, confusion_matrix, rank_key, regression_scores,
 )
 from minipt.models import CLASSIFIER, BertClassifier, BertClassifierConfig, build_model
 from minipt.ops import cross_entropy, resolve_backends
-from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses
+from minipt.runlog import MetricsLog, Progress, StopRequest, TrainWindow, plot_losses, require_tensorboard
 from minipt.tokenizer import TextTokenizer
 
 BEST = "best"  # subfolder: the best epoch's weights while the run goes on
@@ -52,18 +62,6 @@ CONFUSION = "confusion.json"
 
 
 # ----------------------------------------------------------------------------- scores
-def scores(matrix: list[list[int]]) -> dict:
-    """Accuracy and macro-F1 (over the labels in the truth or the predictions) of a confusion matrix."""
-    n = len(matrix)
-    hits, total = sum(matrix[i][i] for i in range(n)), sum(map(sum, matrix))
-    f1s = []
-    for i in range(n):
-        true_i, predicted_i = sum(matrix[i]), sum(row[i] for row in matrix)
-        if true_i or predicted_i:
-            f1s.append(2 * matrix[i][i] / (true_i + predicted_i))
-    return {"accuracy": hits / total, "macro_f1": sum(f1s) / len(f1s)}
-
-
 def format_confusion(matrix: list[list[int]], labels: list[str]) -> str:
     """The matrix as a table: a row per true label, a column per predicted label."""
     corner = "true \\ predicted"
@@ -98,6 +96,7 @@ class Finetune:
 
     def __init__(self, cfg: FinetuneConfig, rt: runtime.Runtime, log, backends: dict[str, str]):
         self.cfg, self.rt, self.log, self.out = cfg, rt, log, Path(cfg.out_dir)
+        self.metrics = MetricsLog(self.out, tensorboard=cfg.tensorboard and rt.is_main)
         rt.on_main(lambda: self._prepare_folder())
         if cfg.resume:
             saved = ckpt.read_config(self.out)
@@ -126,26 +125,32 @@ class Finetune:
         self.max_length = cfg.max_length or block_size
         if self.max_length > block_size:
             raise ConfigError(f"max_length={self.max_length} exceeds the model's {block_size} positions")
-        train, val, test, labels = split_examples(cfg.data, cfg.val_data, cfg.test_data,
-                                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
+        columns = Columns(cfg.text_field, cfg.text_pair_field, cfg.label_field, cfg.header)
+        train, val, test, labels = split_examples(cfg.data, cfg.val_data, cfg.test_data, columns=columns,
+                                                  num_labels=cfg.num_labels, val_fraction=cfg.val_fraction,
+                                                  seed=cfg.seed)
+        if cfg.selection_metric == "f1" and len(labels) != 2:
+            raise ConfigError(f"--metric=f1 scores the positive class of two labels; {cfg.data} has {len(labels)} "
+                              f"({', '.join(labels)}): use macro_f1")
+        num_labels = 1 if labels is None else len(labels)
         if cfg.resume:
             if saved["labels"] != labels:
-                raise ConfigError(f"--resume: the labels of {cfg.data} ({', '.join(labels)}) are not the run's "
-                                  f"({', '.join(saved['labels'])})")
+                number = ["a number: regression"]
+                raise ConfigError(f"--resume: the labels of {cfg.data} ({', '.join(labels or number)}) are not the "
+                                  f"run's ({', '.join(saved['labels'] or number)})")
             overrides = {"backend": cfg.backend, **({} if cfg.dropout is None else {"dropout": cfg.dropout})}
             self.model = build_model(CLASSIFIER, {**saved["model"], **overrides})
         else:
             torch.manual_seed(cfg.seed)
             if cfg.init_from == SCRATCH:
-                arch = {**dataclasses.asdict(bert.config), "num_labels": len(labels)}
+                arch = {**dataclasses.asdict(bert.config), "num_labels": num_labels}
                 self.model = BertClassifier(BertClassifierConfig(**arch))
             else:
-                self.model = BertClassifier.from_bert(bert, len(labels))
+                self.model = BertClassifier.from_bert(bert, num_labels)
         self.model.to(rt.device).train()
-        self.labels = labels
-        label_ids = {name: i for i, name in enumerate(labels)}
+        self.labels, self.regression = labels, labels is None
         self.train_rows, self.val_rows, self.test_rows = (
-            encode(x, self.tok, label_ids, self.max_length) for x in (train, val, test))
+            encode(x, self.tok, self.max_length) for x in (train, val, test))
         self.steps_per_epoch = -(-len(self.train_rows) // cfg.batch_size)
         self.max_iters = cfg.epochs * self.steps_per_epoch
         # one cosine decay over the whole run, to zero
@@ -164,7 +169,7 @@ class Finetune:
             self.load_state_dict(ckpt.load_checkpoint(self.out, self.model, rt.device))
         elif rt.is_main:
             ckpt.write_config(self.out, {
-                "model_type": CLASSIFIER, "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(self.model.config),
+                "model_type": CLASSIFIER, "train": saved_settings(cfg), "model": dataclasses.asdict(self.model.config),
                 "labels": labels, "tokenizer_vocab_size": self.tok.vocab_size, "backends": backends,
             })
             ckpt.atomic_write_text(self.out / ckpt.TOKENIZER, self.tok.to_str())
@@ -193,12 +198,19 @@ class Finetune:
         save_on_main(self.rt, self.out, self.model, self.state_dict())  # state_dict on every rank: it gathers
 
     def flush(self, window: TrainWindow, progress: Progress) -> None:
-        flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1), out=self.out)
+        flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1),
+                     metrics=self.metrics)
 
     # ---- steps
     def _logits(self, batch: dict[str, torch.Tensor], model) -> torch.Tensor:
         with self.rt.autocast():
             return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).float()
+
+    def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed over the batch: squared error of the one output (regression), else cross-entropy."""
+        if self.regression:
+            return F.mse_loss(logits[:, 0], labels, reduction="sum")
+        return cross_entropy(logits, labels, reduction="sum", backend=self.cfg.backend)
 
     def step(self) -> torch.Tensor:
         """One optimizer step on the next batch; returns this rank's share of its mean loss, on the device."""
@@ -211,8 +223,7 @@ class Finetune:
         weight = rt.world_size / len(rows) if mine else 0.0
         batch = collate(mine or rows[:1], self.tok.pad_id, rt.device)
         self.optimizer.set_lr(self.schedule.lr(self.iter))
-        loss_sum = cross_entropy(self._logits(batch, self.train_model), batch["labels"], reduction="sum",
-                                 backend=cfg.backend)
+        loss_sum = self._loss_sum(self._logits(batch, self.train_model), batch["labels"])
         # DDP averages the ranks' gradients: world_size / len(rows) makes it the batch mean.
         loss = loss_sum * weight
         loss.backward()
@@ -226,34 +237,41 @@ class Finetune:
 
     @torch.no_grad()
     def evaluate(self, rows: list[tuple]) -> dict:
-        """Loss, scores and confusion matrix on ``rows``, the examples split across ranks."""
+        """Loss and scores on ``rows`` (a classifier's with its confusion matrix), the examples split across ranks.
+
+        Each rank writes its share of the predictions into one vector of them all, zeros elsewhere: their sum
+        over the ranks is every prediction in order, which the correlations need."""
         self.model.eval()
-        n = len(self.labels)
-        counts = torch.zeros(n * n + 1, dtype=torch.float64, device=self.rt.device)  # matrix, then the loss sum
-        mine = rows[self.rt.rank::self.rt.world_size]
+        n = len(rows)
+        sums = torch.zeros(n + 1, dtype=torch.float64, device=self.rt.device)  # the predictions, then the loss sum
+        mine = range(self.rt.rank, n, self.rt.world_size)
         for i in range(0, len(mine), self.cfg.batch_size):
-            batch = collate(mine[i:i + self.cfg.batch_size], self.tok.pad_id, self.rt.device)
+            at = mine[i:i + self.cfg.batch_size]
+            batch = collate([rows[j] for j in at], self.tok.pad_id, self.rt.device)
             logits = self._logits(batch, self.model)
-            cells = batch["labels"] * n + logits.argmax(-1)
-            counts[:n * n] += torch.bincount(cells, minlength=n * n).double()
-            counts[-1] += cross_entropy(logits, batch["labels"], reduction="sum", backend=self.cfg.backend).double()
+            predicted = logits[:, 0] if self.regression else logits.argmax(-1)
+            sums[torch.tensor(at, device=self.rt.device)] = predicted.double()
+            sums[-1] += self._loss_sum(logits, batch["labels"]).double()
         self.model.train()
-        counts = self.rt.all_reduce_sum(counts).tolist()
-        matrix = [[int(c) for c in counts[i * n:(i + 1) * n]] for i in range(n)]
-        return {"loss": counts[-1] / len(rows), **scores(matrix), "confusion": matrix}
+        sums = self.rt.all_reduce_sum(sums).cpu().numpy()
+        predicted, truth, loss = sums[:n], [target for _, _, target in rows], float(sums[-1]) / n
+        if self.regression:
+            return {"loss": loss, **regression_scores(predicted, truth)}
+        matrix = confusion_matrix(truth, predicted.astype(int), len(self.labels))
+        return {"loss": loss, **classification_scores(matrix), "confusion": matrix.tolist()}
 
     def end_of_epoch(self, progress: Progress) -> None:
         """Evaluate, log, keep the weights if the epoch is the best so far, and save the checkpoint."""
         epoch = self.iter // self.steps_per_epoch
         result = self.evaluate(self.val_rows)
         result["val_loss"] = result.pop("loss")
-        matrix = result.pop("confusion")
+        matrix = result.pop("confusion", None)
         if self.rt.is_main:
-            append_metrics(self.out, {"iter": self.iter, "epoch": epoch, **result})
-        select = self.cfg.select
-        improved = self.best is None or result[select] > self.best[select]
-        progress.log(f"epoch {epoch}: val loss {result['val_loss']:.4f}, accuracy {result['accuracy']:.4f}, "
-                     f"macro-F1 {result['macro_f1']:.4f}" + ("  (best so far)" if improved else ""))
+            self.metrics.append({"iter": self.iter, "epoch": epoch, **result})
+        metric = self.cfg.selection_metric
+        improved = self.best is None or rank_key(result[metric]) > rank_key(self.best[metric])
+        progress.log(f"epoch {epoch}: val loss {result['val_loss']:.4f}, " + shown(result)
+                     + ("  (best so far)" if improved else ""))
         if improved:
             self.best = {"iter": self.iter, "epoch": epoch, **result, "confusion": matrix}
             if self.rt.is_main:
@@ -264,10 +282,11 @@ class Finetune:
     def finish(self) -> None:
         """Make the best epoch's weights the run's, score the test examples with them, and mark the run finished.
 
-        ``confusion.json`` gets the labels, the chosen epoch, and per split
-        (``validation``, and ``test`` when there are test examples) the loss,
-        accuracy, macro-F1, the share of the commonest true label
-        (``majority_rate``: what always guessing it scores) and the matrix.
+        ``confusion.json`` gets the labels (null: regression), the chosen epoch
+        and metric, and per split (``validation``, and ``test`` when there are
+        test examples) the loss and scores; a classifier's also get the share of
+        the commonest true label (``majority_rate``: what always guessing it
+        scores) and the confusion matrix.
         """
         ckpt.load_weights(self.out / BEST, self.model, self.rt.device)
         self.rt.barrier()
@@ -276,25 +295,35 @@ class Finetune:
         if self.test_rows:
             self.results["test"] = self.evaluate(self.test_rows)
         for result in self.results.values():
-            result["majority_rate"] = max(map(sum, result["confusion"])) / sum(map(sum, result["confusion"]))
-            result["matrix"] = result.pop("confusion")
+            matrix = result.pop("confusion", None)
+            if matrix is not None:
+                result["majority_rate"] = max(map(sum, matrix)) / sum(map(sum, matrix))
+                result["matrix"] = matrix
         state = {**self.state_dict(), "finished": True}  # on every rank: the generators are gathered
         if self.rt.is_main:
             if "test" in self.results:
-                append_metrics(self.out, {"iter": self.iter, "epoch": self.best["epoch"], **{
+                self.metrics.append({"iter": self.iter, "epoch": self.best["epoch"], **{
                     f"test_{k}": v for k, v in self.results["test"].items() if k != "matrix"}})
             ckpt.save_checkpoint(self.out, self.model, state)
+            layout = {} if self.regression else {"rows": "true label", "columns": "predicted label"}
             ckpt.atomic_write_text(self.out / CONFUSION, json.dumps(
-                {"labels": self.labels, "epoch": self.best["epoch"], "select": self.cfg.select,
-                 "rows": "true label", "columns": "predicted label", **self.results}, indent=2))
+                {"labels": self.labels, "epoch": self.best["epoch"], "metric": self.cfg.selection_metric, **layout,
+                 **self.results}, indent=2))
             shutil.rmtree(self.out / BEST)
             plot_losses(self.out)
+
+
+def shown(result: dict) -> str:
+    """The scores of ``result``, in the order of their definitions, for a log line."""
+    return ", ".join(f"{name} {result[name]:.4f}" for name in CLASSIFICATION + REGRESSION if name in result)
 
 
 def finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log=print) -> Finetune:
     """Fine-tune to the last epoch (or a stop request); the result holds the best epoch's weights.
 
     The run folder is locked for the run's life (see :func:`minipt.loop.holding_run_folder`)."""
+    if cfg.tensorboard:
+        require_tensorboard()
     with holding_run_folder(cfg.out_dir, rt):
         return _finetune(cfg, rt, log)
 
@@ -313,36 +342,41 @@ def _finetune(cfg: FinetuneConfig, rt: runtime.Runtime, log) -> Finetune:
     run = Finetune(cfg, rt, log, backends)
     if cfg.resume:
         if rt.is_main:
-            keep_metrics_until(run.out, run.iter)
+            run.metrics.keep_until(run.iter)
         log(f"resuming {run.out} at step {run.iter} of {run.max_iters}")
     else:
         if cfg.init_from == SCRATCH:
             start = f"a randomly initialised BERT shaped like {cfg.arch_from}"
         log(f"fine-tuning {start}: {run.model.num_params() / 1e6:.2f}M parameters, "
-            f"{len(run.train_rows)} examples, {len(run.labels)} labels, {len(run.val_rows)} for validation, "
+            f"{len(run.train_rows)} examples, " + ("regression" if run.regression else f"{len(run.labels)} labels")
+            + f", {len(run.val_rows)} for validation, "
             f"{len(run.test_rows)} for test, "
             f"{rt.device} {str(rt.dtype).replace('torch.', '')}, {rt.world_size} process(es)")
     progress = Progress(run.max_iters, run.iter, cfg.progress and rt.is_main, log)
     window = TrainWindow(rt.device, run.iter)
-    with StopRequest() as stop, contextlib.closing(progress):
-        while run.iter < run.max_iters:
-            window.add(run.step(), run.tokens)
-            progress.step()
-            at_epoch_end = run.iter % run.steps_per_epoch == 0
-            if run.iter % cfg.log_interval == 0 or at_epoch_end:
-                run.flush(window, progress)
-            if at_epoch_end:
-                run.end_of_epoch(progress)
-                window.restart_clock()
-            if stop_requested(stop, rt, step=run.iter, log_interval=cfg.log_interval):
-                run.flush(window, progress)
-                run.save()
-                raise Interrupted(run.iter)
-    run.finish()
-    log(f"\nbest epoch {run.best['epoch']} of {cfg.epochs} by {cfg.select}; its weights are the run's.")
+    with contextlib.closing(run.metrics):  # the TensorBoard events of the finish too
+        with StopRequest() as stop, contextlib.closing(progress):
+            while run.iter < run.max_iters:
+                window.add(run.step(), run.tokens)
+                progress.step()
+                at_epoch_end = run.iter % run.steps_per_epoch == 0
+                if run.iter % cfg.log_interval == 0 or at_epoch_end:
+                    run.flush(window, progress)
+                if at_epoch_end:
+                    run.end_of_epoch(progress)
+                    window.restart_clock()
+                if stop_requested(stop, rt, step=run.iter, log_interval=cfg.log_interval):
+                    run.flush(window, progress)
+                    run.save()
+                    raise Interrupted(run.iter)
+        run.finish()
+    log(f"\nbest epoch {run.best['epoch']} of {cfg.epochs} by {cfg.selection_metric}; its weights are the run's.")
     for split, result in run.results.items():
-        log(f"{split}: accuracy {result['accuracy']:.4f} (the commonest label: {result['majority_rate']:.4f}), "
-            f"macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}; confusion matrix:")
+        if run.regression:
+            log(f"{split}: {shown(result)}, loss (mean squared error) {result['loss']:.4f}")
+            continue
+        log(f"{split}: {shown(result)}, loss {result['loss']:.4f}; the commonest label alone scores accuracy "
+            f"{result['majority_rate']:.4f}; confusion matrix:")
         log(format_confusion(result["matrix"], run.labels))
     return run
 

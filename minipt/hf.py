@@ -47,15 +47,11 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from minipt.checkpoint import CheckpointError
-from minipt.errors import MiniptError
+from minipt.errors import MiniptError, MissingDependency
 from minipt.models import BERT, GPT, BertClassifier, BertConfig, GPTConfig
 
 GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # two implementations of the same tanh approximation
 BERT_ERF_GELUS = ("gelu", "gelu_python")  # both the exact erf form
-
-
-class MissingDependency(MiniptError, ImportError):
-    """An optional dependency that the call needs is not installed."""
 
 
 class ExportRefused(MiniptError, ValueError):
@@ -129,7 +125,9 @@ def to_hf(model, *, labels: list[str] | None = None):
     """The ``transformers`` model equal to minipt's ``model`` (GPT, BERT or BertClassifier), on its device and dtype.
 
     A BertClassifier becomes a BertForSequenceClassification whose ``id2label`` is
-    ``labels`` (default: ``LABEL_0``, ``LABEL_1``, ..., as transformers names them).
+    ``labels`` (default: ``LABEL_0``, ``LABEL_1``, ..., as transformers names them)
+    and whose ``problem_type`` is the classifier's (``regression`` for one output),
+    so that transformers computes the same loss from labels.
     A GPT trained with a document mask (``doc_sep_id``, ``reset_positions``) exports
     as plain GPT-2, which attends across separators and counts positions from the
     window's start: equal to minipt's model on a window that holds one document.
@@ -143,7 +141,7 @@ def to_hf(model, *, labels: list[str] | None = None):
         names = labels if labels is not None else [f"LABEL_{i}" for i in range(model.config.num_labels)]
         if len(names) != model.config.num_labels:
             raise ValueError(f"to_hf: labels has {len(names)} names for a classifier of {model.config.num_labels}")
-        return classifier_to_hf(model.bert, model.classifier, names)
+        return classifier_to_hf(model.bert, model.classifier, names, model.config.problem_type)
     if labels is not None:
         raise TypeError("to_hf: labels apply to a minipt.models.BertClassifier only")
     if isinstance(model, (GPT, BERT)):
@@ -504,10 +502,11 @@ def load_hf_folder(folder: str | Path, *, backend: str = "auto", dropout: float 
 
 
 # ----------------------------------------------------------------------------- sequence classification
-def classifier_to_hf(bert: BERT, classifier: torch.nn.Linear, labels: list[str]):
+def classifier_to_hf(bert: BERT, classifier: torch.nn.Linear, labels: list[str], problem_type: str):
     """``transformers.BertForSequenceClassification`` from minipt's encoder and pooler plus a classifier on top.
 
-    The MLM and NSP heads have no place in it and are left out.
+    The MLM and NSP heads have no place in it and are left out. ``problem_type`` (see
+    :class:`minipt.models.BertClassifierConfig`) tells transformers the loss to compute from labels.
     """
     _refuse_window(bert)
     transformers = require_transformers()
@@ -515,6 +514,7 @@ def classifier_to_hf(bert: BERT, classifier: torch.nn.Linear, labels: list[str])
     hf_config = _hf_bert_config(
         transformers, cfg, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)}, architectures=["BertForSequenceClassification"],
+        problem_type=problem_type,
     )
     hf_model = _place_like(transformers.BertForSequenceClassification(hf_config), bert)
     ours = bert.state_dict()

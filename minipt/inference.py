@@ -7,6 +7,11 @@ call and restores its mode after, and runs under the autocast of ``dtype``.
 
 from __future__ import annotations
 
+import itertools
+import random
+from collections.abc import Iterable
+
+import numpy as np
 import torch
 
 from minipt import runtime
@@ -18,13 +23,25 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def document_start(tok: TextTokenizer, prompt: str) -> list[int]:
+    """What a sample starts from before ``prompt``: <|endoftext|>, which opens every document; without one, an
+    empty prompt starts at a newline, where nanoGPT's sample.py starts a character-level model."""
+    if tok.eot_id is not None:
+        return [tok.eot_id]
+    newline = tok.tokenizer.token_to_id("\n")
+    return [newline] if newline is not None and not prompt else []
+
+
 @torch.no_grad()
 def generate_text(
     model, tok: TextTokenizer, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
     top_k: int | None = 200, seed: int = 1337, num_samples: int = 1, dtype: torch.dtype = torch.float32,
 ) -> list[str] | str:
     """GPT: ``prompt`` and its continuation; a list when ``num_samples > 1``."""
-    ids = ([tok.eot_id] if tok.eot_id is not None else []) + tok.encode(prompt)
+    unknown = tok.unknown_characters(prompt)
+    if unknown:
+        raise ConfigError(f"the prompt holds characters the model's vocabulary lacks: {''.join(unknown)!r}")
+    ids = document_start(tok, prompt) + tok.encode(prompt)
     if not ids:
         raise ConfigError("the prompt is empty and the tokenizer has no <|endoftext|> to start from; give a prompt")
     device = _device(model)
@@ -87,9 +104,10 @@ def next_sentence_probability(model, tok: TextTokenizer, text_a: str, text_b: st
 
 
 @torch.no_grad()
-def classify(model, tok: TextTokenizer, labels: list[str], text: str, text_b: str | None = None, *,
+def classify(model, tok: TextTokenizer, labels: list[str] | None, text: str, text_b: str | None = None, *,
              dtype: torch.dtype = torch.float32) -> list[tuple[str, float]]:
-    """A fine-tuned classifier: (label, probability) for every label, the likeliest first."""
+    """A fine-tuned classifier: (label, probability) for every label, the likeliest first; a regressor
+    (``labels`` None): ``[("score", the number it predicts)]``."""
     ids, types = _encode_pair(tok, text, text_b, model.config.block_size)
     device = _device(model)
     input_ids = torch.tensor([ids], device=device)
@@ -98,15 +116,54 @@ def classify(model, tok: TextTokenizer, labels: list[str], text: str, text_b: st
     with runtime.autocast(device, dtype):
         logits = model(input_ids, torch.tensor([types], device=device), torch.ones_like(input_ids))
     model.train(was_training)
+    if model.config.problem_type == "regression":
+        return [("score", float(logits[0, 0]))]
     probs = logits[0].float().softmax(-1).tolist()
     return sorted(zip(labels, probs), key=lambda pair: -pair[1])
 
 
+def percent(p: float) -> str:
+    """A probability as a percentage of 3 significant digits: a vocabulary's small probabilities stay apart."""
+    return f"{100 * p:.3g}%"
+
+
+DEMO_TOKENS = (8, 40)  # the length of a demo sentence, in tokens: a sentence, not a fragment or a paragraph
+DEMO_CANDIDATES = 1000  # sentences of the validation text the demo draws from (read in order, not all of them)
+
+
+def masked_sentence(tok: TextTokenizer, segments: Iterable[np.ndarray], seed: int) -> tuple[str, str] | None:
+    """(a sentence with one word as [MASK], that word) from ``segments`` (token arrays, the validation text's),
+    drawn by ``seed``; None when no segment of DEMO_TOKENS holds a word that is one token.
+
+    The word is a whole word (not a ``##`` piece, and no ``##`` piece follows it) of letters, so that
+    the answer is one token the model can name."""
+    def maskable(pieces: list[str], i: int) -> bool:
+        word, after = pieces[i], pieces[i + 1] if i + 1 < len(pieces) else ""
+        return word.isalpha() and len(word) > 1 and not after.startswith("##")
+
+    lo, hi = DEMO_TOKENS
+    found = []
+    for ids in itertools.islice((s for s in segments if lo <= len(s) <= hi), DEMO_CANDIDATES):
+        pieces = [tok.id_to_token(int(i)) for i in ids]
+        positions = [i for i in range(len(pieces)) if maskable(pieces, i)]
+        if positions:
+            found.append((ids, positions))
+    if not found:
+        return None
+    rng = random.Random(seed)
+    ids, positions = rng.choice(found)
+    at = rng.choice(positions)
+    masked = [int(i) for i in ids]
+    word, masked[at] = tok.id_to_token(masked[at]), tok.mask_id
+    return tok.decode(masked), word
+
+
 def show_trained(model, tok: TextTokenizer, kind: str, *, sample_tokens: int, seed: int, dtype: torch.dtype,
-                 log=print) -> None:
-    """What a training run ends with: a GPT sample of ``sample_tokens`` (0: none), or BERT filling a [MASK]."""
+                 log=print, segments: Iterable[np.ndarray] = ()) -> None:
+    """What a training run ends with: a GPT sample of ``sample_tokens`` (0: none), or BERT filling a [MASK]
+    in a sentence of ``segments`` (the validation text's), drawn by ``seed``."""
     if kind == "gpt":
-        if sample_tokens and tok.eot_id is None:
+        if sample_tokens and not document_start(tok, ""):
             # token files bring ids without a tokenizer that marks where a document starts
             log("\nno sample: the tokenizer has no <|endoftext|> to start a document from; sample with a prompt: "
                 "python -m minipt.sample --prompt \"...\"")
@@ -115,7 +172,12 @@ def show_trained(model, tok: TextTokenizer, kind: str, *, sample_tokens: int, se
                                  dtype=dtype)
             log(f"\nsample:\n{text}\n")
         return
-    text = "to be, or not to be, that is the [MASK]."
-    log(f"\nfill-mask: {text}")
+    demo = masked_sentence(tok, segments, seed)
+    if demo is None:
+        log(f"\nno fill-mask demo: no sentence of {DEMO_TOKENS[0]} to {DEMO_TOKENS[1]} tokens in the validation text "
+            "has a whole word to mask; try: python -m minipt.sample --text \"... [MASK] ...\"")
+        return
+    text, word = demo
+    log(f"\nfill-mask, a sentence of the validation text with {word!r} masked: {text}")
     for candidates in fill_mask(model, tok, text, top_k=5, dtype=dtype):
-        log("  " + ", ".join(f"{token} {p:.3f}" for token, p in candidates))
+        log("  " + ", ".join(f"{token} {percent(p)}" for token, p in candidates))

@@ -8,7 +8,10 @@
   the one place the host reads the loss, and where a non-finite one stops the run.
 * :func:`save_on_main`: rank 0 writes a checkpoint while the others wait.
 * :func:`stop_requested`: Ctrl-C or SIGTERM, agreed on by every rank.
-* :func:`resumed_config`: a ``--resume`` command line over the settings a run saved.
+* :func:`resumed_config`: a ``--resume`` command line over the settings a run saved;
+  :func:`saved_settings`: those settings as a run saves them, every path absolute.
+* :func:`resumed_accumulation` and :func:`world_size_note`: a run resumed on another number
+  of processes keeps its tokens per step, and says so.
 * :func:`holding_run_folder`: the run folder locked for the run's life, and a
   run that ``--overwrite`` set aside put back if the new one fails before its
   first checkpoint.
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -27,12 +32,13 @@ from pathlib import Path
 import torch
 
 from minipt import checkpoint as ckpt
-from minipt.config import ConfigError, TrainConfig, make_config
+from minipt.config import SCRATCH, ConfigError, TrainConfig, make_config
 from minipt.errors import TrainingError
 from minipt.models.bert import BertLayer
 from minipt.models.gpt import GPTBlock
-from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics
+from minipt.runlog import MetricsLog, Progress, StopRequest, TrainWindow
 from minipt.runtime import Runtime
+from minipt.tokenizer import KINDS
 
 
 @dataclass(frozen=True)
@@ -157,13 +163,15 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime, *, find_unused_parameters: boo
                find_unused_parameters=find_unused_parameters)
 
 
-def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: int, lr: float, out: Path) -> None:
+def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: int, lr: float,
+                 metrics: MetricsLog) -> None:
     """Log the mean train loss (and z term) of the steps since the last log; stop on a non-finite one."""
     if window.steps == 0:
         return
     sums = torch.stack([window.loss] + ([] if window.z_loss is None else [window.z_loss]))  # a copy: reduced in place
     means = [value / (window.steps * rt.world_size) for value in rt.all_reduce_sum(sums).tolist()]  # one sync
     if not all(math.isfinite(value) for value in means):
+        out = metrics.out
         kept = f"The last checkpoint in {out} is kept" if ckpt.has_run(out) else "No checkpoint was saved"
         raise TrainingError(
             f"the training loss became {sum(means)} between steps {window.first_step} and {step}; stopping. "
@@ -172,7 +180,7 @@ def flush_window(window: TrainWindow, rt: Runtime, progress: Progress, *, step: 
     row = {"iter": step, "train_loss": means[0], **({"train_z_loss": means[1]} if len(means) > 1 else {}),
            "lr": lr, "tokens_per_s": window.tokens * rt.world_size / window.seconds()}
     if rt.is_main:
-        append_metrics(out, row)
+        metrics.append(row)
     progress.train_row(row)
     window.reset(step)
 
@@ -193,17 +201,108 @@ def stop_requested(stop: StopRequest, rt: Runtime, *, step: int, log_interval: i
     return bool(rt.all_reduce_sum(torch.tensor(float(stop.requested), device=rt.device)).item() > 0)
 
 
+# The settings that name files or folders: a run saves them absolute, so that --resume finds them from any folder.
+PATH_SETTINGS = ("out_dir", "data", "val_data", "test_data", "init_from", "arch_from", "tokenizer", "cache_dir")
+INPUTS = ("data", "val_data", "test_data")  # read again by a resumed run, so each must be found
+
+
+def _is_path(name: str, value) -> bool:
+    return bool(value) and not (name == "tokenizer" and value in ("auto", *KINDS)) and not (
+        name == "init_from" and value == SCRATCH)
+
+
+def saved_settings(cfg) -> dict:
+    """``cfg`` as a run saves it in its config.json: every path setting absolute (a glob stays a glob)."""
+    settings = dataclasses.asdict(cfg)
+    for name in PATH_SETTINGS:
+        if _is_path(name, settings.get(name)):
+            settings[name] = os.path.abspath(os.path.expanduser(settings[name]))
+    return settings
+
+
+def _found(path: Path) -> bool:
+    return bool(glob.glob(str(path), recursive=True)) if glob.has_magic(str(path)) else path.exists()
+
+
+def absolute_saved_paths(settings: dict, saved_out_dir: str, out_dir: str) -> dict:
+    """``settings`` of the run in ``out_dir`` with their relative paths made absolute (a run saved before
+    paths were saved absolute): relative to the folder the run started in, which its saved ``out_dir``
+    tells where that was relative (``run`` saved, ``/home/me/run`` resumed: ``/home/me``), else to the
+    current folder. An input found in neither is a ConfigError naming it."""
+    rel, here = Path(saved_out_dir or ""), Path(os.path.abspath(out_dir))
+    n, started = len(rel.parts), []
+    if n and not rel.is_absolute() and ".." not in rel.parts and here.parts[-n:] == rel.parts:
+        started = [Path(*here.parts[:-n])]
+    bases = list(dict.fromkeys([*started, Path.cwd()]))
+    settings = dict(settings)
+    for name in PATH_SETTINGS:
+        value = settings.get(name)
+        if not _is_path(name, value) or Path(value).expanduser().is_absolute():
+            continue
+        found = [base / value for base in bases if _found(base / value)]
+        if not found and name in INPUTS:
+            where = " nor ".join(f"{base}" + (" (where the run started, going by its out_dir)" if base in started
+                                              else " (the current folder)") for base in bases)
+            raise ConfigError(f"--resume: the run in {out_dir} saved {name}={value!r}, a path relative to the folder "
+                              f"it was started from, found neither in {where}; resume from that folder, or give "
+                              f"--{name}=ABSOLUTE_PATH")
+        settings[name] = str(found[0] if found else bases[0] / value)
+    return settings
+
+
 def resumed_config(cls, overrides: dict):
     """The config of ``--resume``: the settings the run in ``out_dir`` saved, under those given now."""
-    out_dir = overrides.get("out_dir", cls.out_dir)
+    out_dir = make_config(cls, overrides).out_dir  # as given, or the default (train's: by --model)
     # a run saved before there was a choice of optimizer trained with AdamW, whatever the default is now
     saved = {"optimizer": "adamw", **ckpt.read_config(out_dir)["train"]}
     if overrides.get("optimizer", saved["optimizer"]) != saved["optimizer"]:
         raise ConfigError(f"--optimizer={overrides['optimizer']} cannot resume the run in {out_dir}, which trains "
                           f"with {saved['optimizer']}: its saved optimizer state would not fit. Start a new run "
                           f"from its weights with --init_from={out_dir}")
-    known = {f.name for f in dataclasses.fields(cls)} - {"resume", "overwrite"}
-    return make_config(cls, {**{k: v for k, v in saved.items() if k in known}, **overrides})
+    known = {f.name for f in dataclasses.fields(cls)} - {"resume", "overwrite"} - set(overrides)
+    kept = absolute_saved_paths({k: v for k, v in saved.items() if k in known}, saved.get("out_dir"), out_dir)
+    # the folder the run was read from is the one it goes on in, whatever out_dir it saved
+    return make_config(cls, {**kept, **overrides, "out_dir": out_dir})
+
+
+def saved_world_size(out_dir: str | Path) -> int:
+    """The number of processes the run in ``out_dir`` last trained on: in its config.json, or for a run saved
+    before that was recorded, the number of per-rank generator states its checkpoint holds."""
+    config = ckpt.read_config(out_dir)
+    if "world_size" in config:
+        return config["world_size"]
+    rng = ckpt.load_state(out_dir)["rng"]
+    return len(rng) if isinstance(rng, list) else 1
+
+
+def resumed_accumulation(accumulation: int, saved_world_size: int, world_size: int) -> int:
+    """The gradient_accumulation_steps that keeps a resumed run's micro-batches per step, ``accumulation`` on
+    ``saved_world_size`` processes, on ``world_size`` instead; ``accumulation`` where no whole number does.
+
+    The samplers draw each step's whole global batch and deal it to the ranks, so the same micro-batches
+    per step read the same data: the run goes on as it would have on its old number of processes."""
+    micro_batches = accumulation * saved_world_size
+    return micro_batches // world_size if micro_batches % world_size == 0 else accumulation
+
+
+def world_size_note(saved: dict, saved_world_size: int, cfg: TrainConfig, world_size: int, block_size: int
+                    ) -> str | None:
+    """The line a run resumed on another number of processes prints: both counts and the tokens per step;
+    ``saved`` is the run's saved training settings, ``cfg`` those it resumes with."""
+    if saved_world_size == world_size:
+        return None
+    before = saved["batch_size"] * saved["gradient_accumulation_steps"] * saved_world_size * block_size
+    after = cfg.batch_size * cfg.gradient_accumulation_steps * world_size * block_size
+    was, now = saved["gradient_accumulation_steps"], cfg.gradient_accumulation_steps
+    change = f"gradient_accumulation_steps {was} -> {now}" if now != was else f"gradient_accumulation_steps {now}"
+    head = f"resuming on {world_size} process(es) instead of {saved_world_size}: {change}"
+    if after == before:
+        return f"{head} keeps {before:,} tokens per step"
+    why = ""
+    if now == was and (was * saved_world_size) % world_size:
+        why = (f" ({was} x {saved_world_size} micro-batches per step do not divide among {world_size} processes; "
+               "set --gradient_accumulation_steps or --batch_size to choose)")
+    return f"{head} makes {after:,} tokens per step instead of {before:,}{why}"
 
 
 @contextlib.contextmanager

@@ -40,12 +40,12 @@ from minipt.errors import Interrupted
 from minipt.inference import show_trained
 from minipt.load import load_run, read_model_config
 from minipt.loop import (
-    Schedule, flush_window, holding_run_folder, make_optimizer, resumed_config, save_on_main, stop_requested,
-    wrap_ddp,
+    Schedule, flush_window, holding_run_folder, make_optimizer, resumed_accumulation, resumed_config, save_on_main,
+    saved_settings, saved_world_size, stop_requested, world_size_note, wrap_ddp,
 )
 from minipt.models import MODEL_KINDS, BertConfig, GPTConfig, build_model
 from minipt.ops import resolve_backends
-from minipt.runlog import Progress, StopRequest, TrainWindow, append_metrics, keep_metrics_until, plot_losses, read_metrics
+from minipt.runlog import MetricsLog, Progress, StopRequest, TrainWindow, plot_losses, read_metrics, require_tensorboard
 from minipt.scoring import Scorer, mask_seed
 
 # The CPU-sized model when no --preset is given: trains in minutes on two cores.
@@ -94,10 +94,12 @@ def schedule(cfg: TrainConfig) -> Schedule:
     )
 
 
-def resolve_config(overrides: dict) -> TrainConfig:
+def resolve_config(overrides: dict, world_size: int | None = None) -> TrainConfig:
     """The run's config from the settings given: checked before any data is read, so a typo costs no tokenization.
 
-    With ``--resume``, over the settings the run saved; with ``--init_from``, of the checkpoint's model kind."""
+    With ``--resume``, over the settings the run saved, and on ``world_size`` processes (default: as launched)
+    where the run trained on another number, with the gradient_accumulation_steps that keeps its tokens per
+    step unless one is given; with ``--init_from``, of the checkpoint's model kind."""
     if overrides.get("init_from") and not overrides.get("resume"):
         # the checkpoint's kind is the model's before any check reads it (bias, pack, doc_mask)
         kind, _ = read_model_config(overrides["init_from"], encoder=True)
@@ -106,7 +108,14 @@ def resolve_config(overrides: dict) -> TrainConfig:
     cfg = make_config(TrainConfig, overrides)
     # The tokenizer's vocabulary size and ids replace these stand-ins later.
     model_config(cfg, vocab_size=64, pad_id=0, eot_id=0)
-    return resumed_config(TrainConfig, overrides) if cfg.resume else cfg
+    if not cfg.resume:
+        return cfg
+    cfg = resumed_config(TrainConfig, overrides)
+    if "gradient_accumulation_steps" in overrides:
+        return cfg
+    world_size = runtime.launched_world_size() if world_size is None else world_size
+    accumulation = resumed_accumulation(cfg.gradient_accumulation_steps, saved_world_size(cfg.out_dir), world_size)
+    return dataclasses.replace(cfg, gradient_accumulation_steps=accumulation)
 
 
 def init_from_config(cfg: TrainConfig, given: dict) -> TrainConfig:
@@ -137,6 +146,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, rt: runtime.Runtime, log):
         self.cfg, self.rt, self.log = cfg, rt, log
         self.out = Path(cfg.out_dir)
+        self.metrics = MetricsLog(self.out, tensorboard=cfg.tensorboard and rt.is_main)
         self.schedule = schedule(cfg)
         pretrained = None
         if cfg.init_from and not cfg.resume:
@@ -257,7 +267,7 @@ class Run:
         """Evaluate, log the metrics, and save a checkpoint unless this is the step the run started at."""
         metrics = self.scorer.evaluate()
         if self.rt.is_main:
-            append_metrics(self.out, {"iter": self.iter, **metrics})
+            self.metrics.append({"iter": self.iter, **metrics})
         progress.log(f"step {self.iter}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         improved = metrics["val_loss"] < self.best_val
         self.best_val = min(self.best_val, metrics["val_loss"])
@@ -265,7 +275,8 @@ class Run:
             self.save()
 
     def flush(self, window: TrainWindow, progress: Progress) -> None:
-        flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1), out=self.out)
+        flush_window(window, self.rt, progress, step=self.iter, lr=self.schedule.lr(self.iter - 1),
+                     metrics=self.metrics)
 
 
 def start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
@@ -277,18 +288,22 @@ def start(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
     rt.on_main(lambda: ckpt.prepare_run_folder(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite))
     run = Run(cfg, rt, log)
     if cfg.resume:
+        saved, saved_world = ckpt.read_config(run.out), saved_world_size(run.out)
         run.load_state_dict(ckpt.load_checkpoint(run.out, run.model, rt.device))
         if rt.is_main:
-            keep_metrics_until(run.out, run.iter)
+            run.metrics.keep_until(run.iter)
             # the resumed settings (a longer max_iters, say) are the run's settings now
-            ckpt.write_config(run.out, {**ckpt.read_config(run.out), "train": dataclasses.asdict(cfg),
-                                        "backends": backends})
+            ckpt.write_config(run.out, {**saved, "train": saved_settings(cfg), "backends": backends,
+                                        "world_size": rt.world_size})
         log(f"resuming {run.out} at step {run.iter}")
+        note = world_size_note(saved["train"], saved_world, cfg, rt.world_size, run.block_size)
+        if note:
+            log(note)
     elif rt.is_main:
         ckpt.write_config(run.out, {
-            "model_type": cfg.model, "train": dataclasses.asdict(cfg),
+            "model_type": cfg.model, "train": saved_settings(cfg),
             "model": dataclasses.asdict(run.model_config), "tokenizer_vocab_size": run.tok.vocab_size,
-            "backends": backends,
+            "backends": backends, "world_size": rt.world_size,
         })
         ckpt.atomic_write_text(run.out / ckpt.TOKENIZER, run.tok.to_str())
     return run
@@ -299,6 +314,8 @@ def train(cfg: TrainConfig, rt: runtime.Runtime, log=print) -> Run:
 
     The run folder is locked for the run's life, so that a second process cannot mix its files in; a run
     that ``--overwrite`` set out to replace comes back if this one fails before its first checkpoint."""
+    if cfg.tensorboard:
+        require_tensorboard()
     with holding_run_folder(cfg.out_dir, rt):
         return _train(cfg, rt, log)
 
@@ -313,7 +330,7 @@ def _train(cfg: TrainConfig, rt: runtime.Runtime, log) -> Run:
     progress = Progress(cfg.max_iters, run.iter, cfg.progress and rt.is_main, log)
     start_iter = run.iter
     window = TrainWindow(rt.device, start_iter)
-    with StopRequest() as stop, contextlib.closing(progress):
+    with StopRequest() as stop, contextlib.closing(progress), contextlib.closing(run.metrics):
         while True:
             # A resumed run was evaluated at its first step before it stopped.
             at_eval = run.iter % cfg.eval_interval == 0 or run.iter == cfg.max_iters
@@ -347,5 +364,8 @@ def final_report(run: Run, log) -> None:
         if run.cfg.model == "bert":
             log(f"MLM accuracy {last['mlm_acc']:.3f} (chance {1 / run.tok.vocab_size:.5f}); NSP accuracy "
                 f"{last['nsp_acc']:.3f} (always guessing the commoner label: {last['nsp_majority']:.3f})")
+    # BERT fills a [MASK] in a sentence of the run's own validation text, whatever the corpus
+    segments = () if run.cfg.model != "bert" else (
+        s for shard in run.data.val.shards for document in shard.documents() for s in document)
     show_trained(run.model, run.tok, run.cfg.model, sample_tokens=run.cfg.sample_tokens, seed=run.cfg.seed,
-                 dtype=run.rt.dtype, log=log)
+                 dtype=run.rt.dtype, log=log, segments=segments)

@@ -3,6 +3,8 @@
 * ``metrics.jsonl`` gets one JSON row per log step (train loss, learning rate,
   throughput; with a z-loss, ``train_z_loss`` beside the cross-entropy's
   ``train_loss``) and per evaluation; ``loss.png`` is drawn from it at the end.
+  :class:`MetricsLog` writes the rows, and with ``--tensorboard`` the same
+  scalars as TensorBoard events.
 * :class:`TrainWindow` sums the train loss on the device between log steps, so
   the host reads it (one sync) every ``log_interval`` steps, not every step.
 * :class:`Progress` is a tqdm bar on a terminal. Elsewhere (a log file, CI,
@@ -23,14 +25,10 @@ import torch
 from tqdm import tqdm
 
 from minipt import checkpoint as ckpt
+from minipt.errors import MissingDependency
 
 
 # ----------------------------------------------------------------------------- metrics and plot
-def append_metrics(out: Path, row: dict) -> None:
-    with open(out / ckpt.METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def read_metrics(out: Path) -> list[dict]:
     path = out / ckpt.METRICS
     rows = []
@@ -43,10 +41,57 @@ def read_metrics(out: Path) -> list[dict]:
     return rows
 
 
-def keep_metrics_until(out: Path, step: int) -> None:
-    """Drop the rows logged after ``step``: on resume they belong to the part being redone."""
-    kept = [r for r in read_metrics(out) if r["iter"] <= step]
-    ckpt.atomic_write_text(out / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+def require_tensorboard() -> None:
+    """Refuse ``--tensorboard`` before any work when the optional dependency is missing."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (raises ImportError without the tensorboard package)
+    except ImportError as exc:
+        raise MissingDependency("--tensorboard=true needs the optional dependency tensorboard: "
+                                "pip install tensorboard, or pip install minipt[tensorboard]") from exc
+
+
+class MetricsLog:
+    """A run's metrics: rows of ``metrics.jsonl`` and, with ``tensorboard``, the same scalars as TensorBoard events.
+
+    The events go to ``out/tb`` (``tensorboard --logdir out/tb``): every number of a row but its ``iter``,
+    tagged with its key, at step ``iter``. Rank 0 alone writes. The events are flushed at each evaluation (a
+    row without ``train_loss``) and at :meth:`close`, which the trainers call at the end of a run, interrupted
+    or not. On resume, :meth:`keep_until` drops the rows logged after the checkpoint from both."""
+
+    def __init__(self, out: Path, tensorboard: bool = False):
+        self.out, self.tensorboard = out, tensorboard
+        self.writer = None
+
+    def _open(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: TensorBoard discards the events from there on that an earlier, cut-short process wrote
+        self.writer = SummaryWriter(str(self.out / ckpt.TENSORBOARD), purge_step=purge_step)
+
+    def keep_until(self, step: int) -> None:
+        """Drop the rows logged after ``step``: on resume they belong to the part being redone."""
+        kept = [r for r in read_metrics(self.out) if r["iter"] <= step]
+        ckpt.atomic_write_text(self.out / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.tensorboard:
+            self._open(purge_step=step + 1)
+
+    def append(self, row: dict) -> None:
+        with open(self.out / ckpt.METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if not self.tensorboard:
+            return
+        if self.writer is None:
+            self._open()
+        for key, value in row.items():
+            if key != "iter" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, row["iter"])
+        if "train_loss" not in row:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def plot_losses(out: Path) -> None:

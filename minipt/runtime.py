@@ -123,13 +123,18 @@ class Runtime:
         return t
 
 
+def launched_world_size() -> int:
+    """The number of processes ``torchrun`` started (1 without it), known before the process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: str = "auto", dtype: str = "auto", tf32: bool = True) -> Runtime:
     """Pick device and dtype, set TF32, and join the process group when launched by ``torchrun``.
 
     ``tf32`` is the command's setting of that name, applied here whatever the
     device, so that a run's matmul precision is what its config says.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)

@@ -9,11 +9,12 @@ DIR is a minipt run folder or a folder saved by save_pretrained
   their probabilities; with --text_a and --text_b it prints the NSP
   probability that B follows A.
 * A fine-tune run (python -m minipt.finetune) classifies --text, or the
-  pair --text and --text_b, and prints the probability of every label.
+  pair --text and --text_b, and prints the probability of every label (a
+  regression run: the number it predicts).
 
 Examples::
 
-    python -m minipt.sample --out_dir out --prompt "ROMEO:" --max_new_tokens 100
+    python -m minipt.sample --out_dir out-gpt --prompt "ROMEO:" --max_new_tokens 100
     python -m minipt.sample --out_dir out-bert --text "The cat sits on the [MASK]."
     python -m minipt.sample --out_dir out-bert --text_a "I like cats." --text_b "They are cute."
     python -m minipt.sample --out_dir out-finetune --text "Now is the winter of our discontent"
@@ -27,7 +28,7 @@ import sys
 from minipt import runtime
 from minipt.config import ConfigError, SampleConfig, make_config, parse_overrides
 from minipt.errors import MiniptError, report
-from minipt.inference import classify, fill_mask, generate_text, next_sentence_probability
+from minipt.inference import classify, fill_mask, generate_text, next_sentence_probability, percent
 from minipt.load import load_run
 from minipt.models import CLASSIFIER
 from minipt.ops import resolve_backends
@@ -53,7 +54,7 @@ def show_classifier(cfg: SampleConfig, model, tok, labels: list[str], dtype) -> 
     probabilities = classify(model, tok, labels, cfg.text, cfg.text_b or None, dtype=dtype)
     print(f"text: {cfg.text!r}" + (f"   text_b: {cfg.text_b!r}" if cfg.text_b else ""))
     for label, p in probabilities:
-        print(f"  {label} {p:.3f}")
+        print(f"  {label} {percent(p)}")
 
 
 def show_bert(cfg: SampleConfig, model, tok, dtype, untrained_heads: list[str]) -> None:
@@ -73,9 +74,9 @@ def show_bert(cfg: SampleConfig, model, tok, dtype, untrained_heads: list[str]) 
     if cfg.text:
         print(cfg.text)
         for n, candidates in enumerate(filled, 1):
-            print(f"  [MASK] {n}: " + ", ".join(f"{t} {q:.3f}" for t, q in candidates))
+            print(f"  [MASK] {n}: " + ", ".join(f"{t} {percent(q)}" for t, q in candidates))
     if p is not None:
-        print(f"P(B follows A) = {p:.3f}   A: {cfg.text_a!r}   B: {cfg.text_b!r}")
+        print(f"P(B follows A) = {percent(p)}   A: {cfg.text_a!r}   B: {cfg.text_b!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

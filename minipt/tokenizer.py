@@ -33,6 +33,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from minipt.errors import MiniptError
 
 KINDS = ("bpe", "wordpiece", "char")
+DEFAULT_VOCAB_SIZE = 8192  # of a trained bpe or wordpiece tokenizer, when no --vocab_size is given
 EOT = "<|endoftext|>"
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 BERT_SPECIALS = (PAD, UNK, CLS, SEP, MASK)
@@ -55,14 +56,8 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int, model: str) ->
     specials = special_tokens(kind, model)
     if kind == "char":
         chars = sorted(set().union(*map(set, texts)))
-        vocab = {tok: i for i, tok in enumerate(specials + chars)}
-        # BPE without merges is a character vocabulary; unk covers characters that
-        # occur only in validation text (or in a prompt).
-        unk = UNK if UNK in specials else None
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
-        tok.decoder = decoders.Fuse()
-        tok.add_special_tokens(specials)
-        return tok
+        # unk covers characters that occur only in validation text (or in a prompt)
+        return char_tokenizer({tok: i for i, tok in enumerate(specials + chars)}, specials)
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -78,6 +73,17 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int, model: str) ->
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def char_tokenizer(vocab: dict[str, int], specials: list[str] = ()) -> Tokenizer:
+    """One token per character, with the ids ``vocab`` gives: BPE without merges is a character vocabulary.
+
+    ``[UNK]``, when among ``specials``, stands for a character outside the vocabulary; without it such a
+    character has no id (see :meth:`TextTokenizer.unknown_characters`), as in nanoGPT's ``stoi``."""
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK if UNK in specials else None))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(specials))
     return tok
 
 
@@ -145,6 +151,14 @@ class TextTokenizer:
         # nothing here reads: the same ids, 1.4x faster and lighter on memory.
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def unknown_characters(self, text: str) -> list[str]:
+        """The characters of ``text`` that encode to nothing: a vocabulary without [UNK] drops them silently.
+
+        Whitespace that a pre-tokenizer splits words on is left out: no token is meant to hold it."""
+        splits = self.tokenizer.pre_tokenizer is not None
+        chars = sorted({c for c in text if not (splits and c.isspace())})
+        return [c for c, ids in zip(chars, self.encode_batch(chars)) if not ids]
 
     def decode(self, ids) -> str:
         # Ids past the tokenizer's vocabulary exist only as padding rows of the

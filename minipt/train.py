@@ -1,18 +1,19 @@
 """``python -m minipt.train``: pretrain GPT (causal LM) or BERT (MLM + NSP).
 
 With no arguments it trains a small GPT on the CPU on the bundled Shakespeare
-plays, evaluates as it goes, saves the run to ``out/`` and ends with a sample;
-``--model bert`` does the same for MLM + NSP. Every field of the training config
-is an option (--help lists them, with their defaults). Under ``torchrun
---nproc_per_node=N -m minipt.train ...`` it runs DDP. The trainer itself is
-minipt/pretraining.py, with minipt/loop.py beside it.
+plays, evaluates as it goes, saves the run to ``out-gpt/`` and ends with a
+sample; ``--model bert`` does the same for MLM + NSP, in ``out-bert/``. Every
+field of the training config is an option (--help lists them, with their
+defaults). Under ``torchrun --nproc_per_node=N -m minipt.train ...`` it runs
+DDP. The trainer itself is minipt/pretraining.py, with minipt/loop.py beside it.
 
 Examples:
 
     python -m minipt.train
     python -m minipt.train --model bert --max_iters=2000
-    python -m minipt.train --resume --out_dir out
+    python -m minipt.train --resume --out_dir out-gpt
     python -m minipt.train --init_from ~/models/gpt2 --data my_corpus/ --out_dir out-gpt2
+    python -m minipt.train --config config/train_shakespeare_char.py   # nanoGPT's config, from nanoGPT's folder
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         log = print if rt.is_main else (lambda *a, **k: None)
         run = train(cfg, rt, log)
         final_report(run, log)
+        text = ' --text "... [MASK] ..."' if cfg.model == "bert" else ""
         log(f"done: run saved in {run.out} (metrics.jsonl, loss.png); sample with: "
-            f"python -m minipt.sample --out_dir {run.out}")
+            f"python -m minipt.sample --out_dir {run.out}{text}")
         return 0
     except MiniptError as exc:
         return report("minipt.train", exc)

@@ -52,7 +52,10 @@ def bert_folder(folder: Path, *, architecture: str = "BertForPreTraining", weigh
     return folder
 
 
-def gpt2_folder(folder: Path, *, weights: str = "safetensors", seed: int = 0) -> Path:
+def gpt2_folder(folder: Path, *, weights: str = "safetensors", seed: int = 0, positions: int | None = None,
+                **sizes) -> Path:
+    """``sizes`` replace those of SIZES (n_layer, n_head, n_embd, block_size); ``positions`` is block_size."""
+    sizes = {**SIZES, **sizes, **({"block_size": positions} if positions else {})}
     folder.mkdir(parents=True, exist_ok=True)
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(TEXTS * 4, vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
@@ -60,9 +63,9 @@ def gpt2_folder(folder: Path, *, weights: str = "safetensors", seed: int = 0) ->
     torch.manual_seed(seed)
     eot = tok.token_to_id("<|endoftext|>")
     config = transformers.GPT2Config(
-        vocab_size=tok.get_vocab_size(), bos_token_id=eot, eos_token_id=eot, n_positions=SIZES["block_size"],
-        n_embd=SIZES["n_embd"],
-        n_layer=SIZES["n_layer"], n_head=SIZES["n_head"], initializer_range=0.3, architectures=["GPT2LMHeadModel"],
+        vocab_size=tok.get_vocab_size(), bos_token_id=eot, eos_token_id=eot, n_positions=sizes["block_size"],
+        n_embd=sizes["n_embd"],
+        n_layer=sizes["n_layer"], n_head=sizes["n_head"], initializer_range=0.3, architectures=["GPT2LMHeadModel"],
     )
     model = transformers.GPT2LMHeadModel(config).eval()
     save_weights(model, folder, weights)

@@ -103,7 +103,7 @@ def test_load_txt_folder_and_jsonl(tmp_path):
     "setup, pattern",
     [
         (lambda p: p / "missing.txt", "does not exist"),
-        (lambda p: (p / "x.csv").write_text("a") and p / "x.csv", r"x\.csv: data must be a \.txt, \.md"),
+        (lambda p: (p / "x.pdf").write_bytes(b"%PDF\0") and p / "x.pdf", r"x\.pdf: not a text file \(a NUL byte"),
         (lambda p: (p / "empty").mkdir() or p / "empty", r"holds no file of a known format \(\.bin, \.jsonl"),
         (lambda p: (p / "b.jsonl").write_text('{"text": "ok"}\n{broken\n') and p / "b.jsonl", "b.jsonl:2: not valid"),
     ],

@@ -255,8 +255,8 @@ BAD = {
     "empty corpus": (lambda p: jsonl(p / "e.jsonl", ['{"text": "  "}', '{"text": ""}']), "is empty"),
     "empty files": (lambda p: (p / "a.txt").write_text("") or (p / "b.md").write_text("") or p, "is empty"),
     "glob matching nothing": (lambda p: p / "*.parquet", r"data glob .*\*\.parquet' matches no file"),
-    "text beside tokens": (lambda p: (p / "input.txt").write_text("a") and (p / "train.bin").write_bytes(b"ab") and p,
-                           r"mixes text files and \.bin token files .* e\.g\. --data='.*in/\*\.bin'"),
+    "text beside tokens": (lambda p: (p / "notes.txt").write_text("a") and (p / "web.bin").write_bytes(b"ab") and p,
+                           r"mixes text files and \.bin token files; .* e\.g\. --data='.*in/\*\.bin'"),
 }
 
 

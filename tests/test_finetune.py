@@ -18,6 +18,7 @@ from minipt.models import CLASSIFIER, BertClassifier, build_model
 from minipt.data.sources import read_documents, split_tail
 from minipt.runtime import setup
 from minipt import finetuning as FTL
+from minipt import metrics as M
 from minipt.config import FinetuneConfig, parse_overrides
 from minipt.errors import Interrupted
 from minipt.load import load_run
@@ -50,10 +51,11 @@ def test_scores_follow_the_definitions():
     matrix = [[0] * 3 for _ in range(3)]
     for p, t in zip(predicted, truth):
         matrix[t][p] += 1
-    result = FTL.scores(matrix)
+    assert M.confusion_matrix(truth, predicted, 3).tolist() == matrix
+    result = M.classification_scores(matrix)
     assert result["accuracy"] == pytest.approx(4 / 7) and result["macro_f1"] == pytest.approx(sum(f1s) / 3)
     # a label absent from both the truth and the predictions does not count in the macro average
-    assert FTL.scores([[0, 0, 0], [0, 2, 0], [0, 0, 0]]) == {"accuracy": 1.0, "macro_f1": 1.0}
+    assert M.classification_scores([[0, 0, 0], [0, 2, 0], [0, 0, 0]])["macro_f1"] == 1.0
     table = FTL.format_confusion([[1, 3], [0, 12]], ["neg", "pos"]).splitlines()
     assert table[1].split() == ["neg", "1", "3"] and table[2].split() == ["pos", "0", "12"]
 
@@ -137,7 +139,8 @@ TWO = '{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n'
         ("train.jsonl", TWO, ["--init_from=GPT"],
          "fine-tuning a GPT model is not supported: --init_from=.* holds a gpt"),
         ("train.jsonl", TWO, ["--epochs=0"], "epochs must be a positive integer"),
-        ("train.jsonl", TWO, ["--select=loss"], "select must be one of macro_f1, accuracy, got 'loss'"),
+        ("train.jsonl", TWO, ["--metric=loss"],
+         "metric must be one of accuracy, macro_f1, f1, matthews, pearson, spearman; got 'loss'"),
         ("train.jsonl", TWO, ["--init_from="],
          r"--init_from \(a BERT run or Hugging Face BERT folder, or scratch\) is required"),
         ("", "", ["--val_data=VAL"], "--val_data needs --data: without --data the genre task gives all three"),
@@ -197,7 +200,7 @@ def test_the_command_writes_the_run_and_sample_classifies_with_it(folders, tmp_p
     assert isinstance(rebuilt, BertClassifier) and rebuilt.config.num_labels == 2
     assert S.main([f"--out_dir={out}", "--text=I like cats.", "--text_b=They are cute."]) == 0
     printed = capsys.readouterr().out.splitlines()[1:]
-    probs = dict((line.split()[0], float(line.split()[1])) for line in printed)
+    probs = dict((line.split()[0], float(line.split()[1].removesuffix("%")) / 100) for line in printed)
     ids = [tok.cls_id, *tok.encode("I like cats."), tok.sep_id, *tok.encode("They are cute."), tok.sep_id]
     types = [0] * (len(tok.encode("I like cats.")) + 2) + [1] * (len(tok.encode("They are cute.")) + 1)
     expected = model(torch.tensor([ids]), torch.tensor([types]), torch.ones(1, len(ids), dtype=torch.long))

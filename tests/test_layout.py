@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "minipt"
-ENTRY_POINTS = ("minipt.train", "minipt.finetune", "minipt.eval", "minipt.sample", "minipt.export")
+ENTRY_POINTS = ("minipt.train", "minipt.finetune", "minipt.eval", "minipt.sample", "minipt.export", "minipt.cache")
 
 
 def modules() -> dict[str, Path]:
@@ -37,7 +37,7 @@ def test_the_walk_sees_every_spelling_of_an_import(tmp_path):
     file = tmp_path / "m.py"
     file.write_text("import minipt.train\nfrom minipt import sample as S\n"
                     "def f():\n    from minipt.eval import main\n    from . import finetune\n"
-                    "import minipt.export as X\n")
+                    "import minipt.export as X\nimport minipt.cache\n")
     assert set(ENTRY_POINTS) <= imported("minipt.m", file)
 
 

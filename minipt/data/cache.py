@@ -14,7 +14,14 @@ told from a complete one on reading: it is set aside, with a note, and built aga
 Locks. The process that builds an entry holds ``<key>.lock`` beside it
 (``flock``) until the entry is complete, then removes it; a second process that
 wants the same entry waits, with a note, then reads the finished entry instead
-of writing the same files at once.
+of writing the same files at once. A process that reads an entry holds a shared
+lock on its ``meta.json`` for as long as it uses it (:func:`hold`).
+
+Clearing (``python -m minipt.cache``). :func:`entries` lists what minipt keeps
+in the cache folder, told by name (``<key>``, ``<key>.partial``, ...), so that
+no other file there is touched; :func:`clear` deletes each entry under both of
+its locks, taken without waiting: an entry that a process is building or
+training on is kept, and named.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from minipt.atomic import atomic_write
@@ -170,3 +179,185 @@ def write_failed(partial: Path, exc: OSError, resumable: bool) -> DataError:
     return DataError(f"cannot write the cache in {partial} ({exc.strerror or exc}): is the disk full? Its "
                      f"{done} finished shard(s) are kept: free some space and run again to resume from them, "
                      "or delete that folder")
+
+
+# ----------------------------------------------------------------------------- in use, listed, cleared
+ENTRY_NAME = re.compile(r"^([0-9a-f]{20})(\.partial|\.lock|\.damaged-\d+|\.tmp-\d+)?$")  # all that minipt writes here
+
+
+def hold(path: Path):
+    """A shared lock on the entry ``path`` for as long as the returned file stays open: a run holds the entry
+    it trains on, and :func:`clear` leaves a held entry alone."""
+    f = open(path / "meta.json", "rb")
+    fcntl.flock(f, fcntl.LOCK_SH)
+    return f
+
+
+@dataclass
+class Entry:
+    """What minipt keeps in its cache folder: a tokenized corpus, one being built or stopped (``partial``),
+    an alias (a link naming a corpus by the key of its saved tokenizer) or a leftover (a lock, a folder set aside)."""
+
+    path: Path
+    kind: str  # "corpus", "partial", "alias" or "leftover"
+    size: int  # bytes, links not followed
+    about: str = ""  # a corpus: its model, tokenizer, split and data; an alias: its target
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink():
+        return 0
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _about(path: Path) -> str:
+    """A corpus entry in a few words, from its meta.json."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        settings = meta["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "damaged: its meta.json is unreadable"
+    if settings.get("tokens"):
+        return f"token files, vocab {settings['vocab_size']}: {', '.join(settings['paths'][:2])}" + (
+            ", ..." if len(settings["paths"]) > 2 else "")
+    tokenizer = settings["tokenizer"] if settings["tokenizer"] in ("bpe", "wordpiece", "char") else "own tokenizer"
+    size = f" {settings['vocab_size']}" if settings.get("vocab_size") else ""
+    data = meta.get("data", "?") or "the bundled plays"
+    return f"{settings['model']}, {tokenizer}{size}, {settings['split']} split: {data}"
+
+
+def entries(root: Path) -> list[Entry]:
+    """minipt's entries in the cache folder ``root``, by name; its other files are none of minipt's."""
+    found = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        m = ENTRY_NAME.match(path.name)
+        if not m:
+            continue
+        if m.group(2) is None and path.is_symlink():
+            found.append(Entry(path, "alias", 0, f"the same corpus as {os.readlink(path)}"))
+        elif m.group(2) is None and path.is_dir():
+            found.append(Entry(path, "corpus", _size(path), _about(path)))
+        elif m.group(2) == ".partial":
+            found.append(Entry(path, "partial", _size(path), "a tokenization under way, or stopped"))
+        else:
+            found.append(Entry(path, "leftover", _size(path)))
+    return found
+
+
+def human(size: int) -> str:
+    """Bytes as B, KB, MB or GB (powers of 1024), to one decimal."""
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} GB"
+
+
+def summary(root: Path) -> str:
+    """The cache folder in one line: where, how many corpora, how big, and how to list or clear it."""
+    found = entries(root)
+    corpora = sum(e.kind == "corpus" for e in found)
+    return (f"the cache {os.path.abspath(root)} holds {corpora} tokenized {'corpus' if corpora == 1 else 'corpora'}, "
+            f"{human(sum(e.size for e in found))} (python -m minipt.cache --list shows them, --clear deletes them)")
+
+
+BUILDING, READING = "a process is tokenizing into it", "a running process reads it"
+
+
+def _key(entry: Entry) -> str:
+    return entry.path.name.removesuffix(".partial")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """``path`` locked exclusively without waiting: yields False (and holds nothing) where another process holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY if path.exists() else os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # gone meanwhile: nothing holds it
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def in_use(entry: Entry) -> str:
+    """Why ``entry`` cannot be deleted now (a process builds or reads it), or "" when nothing holds it."""
+    if entry.kind not in ("corpus", "partial"):
+        return ""
+    lock = entry.path.with_name(_key(entry) + ".lock")
+    if lock.exists():
+        with _locked(lock) as free:
+            if not free:
+                return BUILDING
+    if entry.kind == "corpus" and (entry.path / "meta.json").exists():
+        with _locked(entry.path / "meta.json") as free:
+            if not free:
+                return READING
+    return ""
+
+
+def clear(root: Path) -> tuple[list[Entry], list[tuple[Entry, str]]]:
+    """Delete minipt's entries in ``root`` that no process holds: (the deleted, the kept with why).
+
+    Each corpus or partial entry goes under its build lock and (a corpus) an exclusive lock on its
+    meta.json, both taken without waiting, so that a process building or reading it keeps it; an alias
+    goes with the corpus it names, a leftover lock when nothing holds it."""
+    deleted, kept = [], []
+    found = entries(root)
+    for entry in (e for e in found if e.kind in ("corpus", "partial")):
+        lock, meta = entry.path.with_name(_key(entry) + ".lock"), entry.path / "meta.json"
+        with _locked(lock) as unbuilt:
+            if not unbuilt:
+                kept.append((entry, BUILDING))
+                continue
+            with _locked(meta) if entry.kind == "corpus" and meta.exists() else contextlib.nullcontext(True) as unread:
+                if unread:
+                    discard(entry.path)
+                    deleted.append(entry)
+                else:
+                    kept.append((entry, READING))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)  # while held, as building() removes it: a process waiting on it looks again
+    alive = {_key(e) for e, _ in kept}
+    for entry in (e for e in found if e.kind in ("alias", "leftover")):
+        if entry.kind == "alias" and os.readlink(entry.path) in alive:
+            kept.append((entry, f"it names {os.readlink(entry.path)}, which is kept"))
+            continue
+        pid = entry.path.name.rpartition("-")[2]
+        if pid.isdigit() and _running(int(pid)):
+            kept.append((entry, f"process {pid} is writing it"))  # a link being made, or a folder being deleted
+            continue
+        if entry.path.name.endswith(".lock"):
+            if not entry.path.exists() or entry.path.name.removesuffix(".lock") in alive:
+                continue  # removed with its entry above, or its entry's, which is kept
+            with _locked(entry.path) as free:
+                if not free:
+                    kept.append((entry, "a process holds this lock"))
+                    continue
+                entry.path.unlink()
+        elif entry.path.is_dir() and not entry.path.is_symlink():
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.path.unlink()
+        deleted.append(entry)
+    return deleted, kept

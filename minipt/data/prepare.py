@@ -60,7 +60,9 @@ from minipt.atomic import atomic_write
 from minipt.data import cache as C
 from minipt.data import sources as S
 from minipt.data import tokens as TF
-from minipt.tokenizer import KINDS, TextTokenizer, id_tokenizer, train_tokenizer
+from minipt.tokenizer import (
+    DEFAULT_VOCAB_SIZE, GPT2_VOCAB_SIZE, KINDS, TextTokenizer, char_tokenizer, id_tokenizer, train_tokenizer,
+)
 
 CACHE_VERSION = 5  # part of the cache key: a change of layout or file names never reads an old cache
 SHARD_TOKENS = 1 << 23  # training tokens per shard: 16 MB of uint16; BERT holds one shard's pairs at a time
@@ -97,12 +99,14 @@ class PreparedData:
     train: TokenSplit
     val: TokenSplit
     cache_path: Path
+    hold: object = None  # the entry's shared lock (cache.hold), kept while the data is in use
 
 
 def read_cache(path: Path, model: str) -> PreparedData:
     """The cache entry ``path``; one whose files do not match its meta.json raises :class:`cache.Damaged`."""
     meta = C.read_meta(path)
     try:
+        hold = C.hold(path)
         tok = TextTokenizer.from_file(path / "tokenizer.json", model)
         splits = {}
         for split, info in meta["splits"].items():
@@ -119,7 +123,7 @@ def read_cache(path: Path, model: str) -> PreparedData:
                         index["segment_offsets"] = np.load(f"{stem}.segments.npy")
                 shards.append(TokenShard(tokens, **index))
             splits[split] = TokenSplit(shards)
-        return PreparedData(tok, splits["train"], splits["val"], path)
+        return PreparedData(tok, splits["train"], splits["val"], path, hold)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise C.Damaged(path, str(exc)) from None
 
@@ -155,9 +159,17 @@ def _cached(path: Path, model: str, log, reused: str, build, alias=None) -> Prep
                 prepared = read_cache(path, model)
                 if alias is not None:
                     C.link(alias(prepared.tokenizer), path)
+                log(f"data: {C.summary(path.parent)}")
                 return prepared
     log(f"data: reusing the {reused} in {path}")
+    log(f"data: {C.summary(path.parent)}")
     return prepared
+
+
+def _named(data) -> str:
+    """What an entry was made from, for ``python -m minipt.cache --list``: --data made absolute (empty: the plays)."""
+    paths = data if isinstance(data, list) else [data] if data else []
+    return ", ".join(os.path.abspath(os.path.expanduser(p)) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
 
 
 def _digest(tok: TextTokenizer) -> str:
@@ -175,7 +187,7 @@ def _documents(sources, mode, val_fraction, text_field, strip_markup, start=(0, 
         return
     for i in range(start[0], len(sources)):
         source, first = sources[i], start[1] if i == start[0] else 0
-        if source.suffix in (".txt", ".md") and source.path.stat().st_size > S.PIECE_BYTES:
+        if source.is_text_file and S.text_size(source.path, at_most=S.PIECE_BYTES) > S.PIECE_BYTES:
             if first == 0:
                 yield from _file_in_pieces(source, mode, val_fraction, (i, 1))
             continue
@@ -201,7 +213,7 @@ def _bounded(position, parts: list[tuple[str, str]]) -> Iterator[tuple]:
 
 
 def _file_in_pieces(source, mode, val_fraction, position) -> Iterator[tuple]:
-    """A .txt or .md file larger than a piece as one document, read a piece at a time, never whole."""
+    """A whole-file document (.txt, .md, their .gz) larger than a piece, read a piece at a time, never whole."""
     held = mode == "holdout" and S.held_out(source.name, val_fraction)
     tail = S.tail_start(source.path, val_fraction) if mode == "doc" else None
     for past, piece in S.read_text(source.path, tail):
@@ -417,15 +429,18 @@ def _tokenize(folder: Path, tok: TextTokenizer, model: str, docs_from, shard_tok
 
 # ----------------------------------------------------------------------------- prepare_data
 def prepare_data(
-    *, model: str, data: str = "", strip_markup: bool = True, tokenizer: str = "auto", vocab_size: int = 8192,
+    *, model: str, data: str = "", strip_markup: bool = True, tokenizer: str = "auto", vocab_size: int | None = None,
     split: str = "auto", val_fraction: float = 0.1, cache_dir: str | Path = "", text_field: str = "text",
     tokenizer_sample_mb: float = 100.0, shard_tokens: int = SHARD_TOKENS, log=print,
 ) -> PreparedData:
-    """Find the corpus, split it, train or load the tokenizer, tokenize into shards: or reuse the cache."""
+    """Find the corpus, split it, train or load the tokenizer, tokenize into shards: or reuse the cache.
+
+    ``vocab_size`` none: DEFAULT_VOCAB_SIZE for a trained tokenizer; for token files see :mod:`minipt.data.tokens`."""
     sources = S.find_sources(data)
     root = C.cache_root(cache_dir)
     if S.is_tokens(sources):
         return _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, root, log)
+    vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
     total = sum(s.text_bytes for s in sources)
     small = total <= tokenizer_sample_mb * MB
     mode = split if split != "auto" else "doc" if small else "holdout"
@@ -467,6 +482,10 @@ def prepare_data(
                 log(f"data: training a {kind} tokenizer{size} on {what}")
                 tok = TextTokenizer.wrap(train_tokenizer(kind, texts, vocab_size, model), model)
                 del texts
+                if kind != "char" and tok.vocab_size < vocab_size:
+                    log(f"data: note: the {kind} tokenizer has {tok.vocab_size:,} tokens, fewer than the vocab_size "
+                        f"{vocab_size:,} asked for: its training text ran out of merges (every pair of tokens in it "
+                        "is merged already); the model's vocabulary is the tokenizer's")
             if not (partial / "tokenizer.json").is_file():
                 atomic_write(partial / "tokenizer.json", lambda f: f.write(tok.to_str().encode()))
             progress = Progress(total, log)
@@ -484,7 +503,7 @@ def prepare_data(
                 )
             splits = {name: {"dtype": meta["dtype"], "shards": shards} for name, shards in meta["shards"].items()}
             entry = [p for p in partial.iterdir() if not p.name.startswith("part-")]  # the resume points go
-            C.write_meta(partial, {"settings": settings, "splits": splits}, entry)
+            C.write_meta(partial, {"settings": settings, "splits": splits, "data": _named(data)}, entry)
         except S.DataError:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -510,8 +529,11 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
     if tokenizer in KINDS:
         raise S.DataError(f"--tokenizer={tokenizer} trains on text, and token files have none: pass "
                           "--vocab_size, or --tokenizer=PATH/tokenizer.json of the tokenizer that made them")
-    tok = TextTokenizer.from_file(tokenizer, model) if tokenizer != "auto" else None
-    size = tok.vocab_size if tok else vocab_size
+    if tokenizer != "auto":
+        tok = TextTokenizer.from_file(tokenizer, model)
+        size = tok.vocab_size
+    else:
+        tok, size = _token_vocabulary(sources, vocab_size, model, log)
     # The entry records where the files are, so it is theirs alone: keyed on their resolved paths.
     base = {"version": CACHE_VERSION, "tokens": True, "vocab_size": size, "val_fraction": val_fraction,
             "paths": [str(s.path.resolve()) for s in sources]}
@@ -526,8 +548,8 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
         try:
             (tok or TextTokenizer.wrap(id_tokenizer(size), model)).save(partial / "tokenizer.json")
             C.write_meta(partial, {"settings": settings, "splits": {name: {"dtype": "uint16", "shards": s}
-                                                                     for name, s in shards.items()}},
-                         [partial / "tokenizer.json"])
+                                                                     for name, s in shards.items()},
+                                   "data": _named([str(s.path) for s in sources])}, [partial / "tokenizer.json"])
         except OSError as exc:
             raise C.write_failed(partial, exc, resumable=False) from None
         n = {name: sum(x["num_tokens"] for x in s) for name, s in shards.items()}
@@ -538,3 +560,23 @@ def _prepare_token_files(sources, model, tokenizer, vocab_size, val_fraction, ro
         return root / C.cache_key(sources, {**base, "tokenizer": _digest(stand_in)}, by_content=False)
 
     return _cached(path, model, log, "checked token files recorded", build, alias if tok is None else None)
+
+
+def _token_vocabulary(sources, vocab_size, model, log) -> tuple[TextTokenizer | None, int]:
+    """The vocabulary of token files that come without a tokenizer file: (its characters, if known; its size)."""
+    path = TF.find_meta(sources)
+    if path is None:
+        if vocab_size is None:
+            log(f"data: no {TF.META} beside the token files: their ids are taken to be GPT-2's BPE (vocab_size "
+                f"{GPT2_VOCAB_SIZE}), as nanoGPT takes them; --vocab_size or --tokenizer says otherwise")
+            return None, GPT2_VOCAB_SIZE
+        return None, vocab_size
+    meta = TF.read_meta(path)
+    if vocab_size is not None and vocab_size != meta.vocab_size:
+        raise S.DataError(f"--vocab_size={vocab_size} contradicts {path}, whose vocab_size is {meta.vocab_size}: "
+                          "leave --vocab_size out")
+    if meta.stoi is None:
+        log(f"data: vocab_size {meta.vocab_size} from {path}, which has no characters: ids read as <id>")
+        return None, meta.vocab_size
+    log(f"data: the {meta.vocab_size} characters of {path}, with nanoGPT's ids")
+    return TextTokenizer.wrap(char_tokenizer(meta.stoi), model), meta.vocab_size

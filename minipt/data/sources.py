@@ -4,16 +4,22 @@
 bundled plays. A search follows links to folders but enters no folder twice, so
 a link back up the tree (``data/loop -> ..``) adds nothing, and a file reached by
 two paths is read once; a folder that cannot be listed, or a file that cannot be
-opened, is an error that names it, never a silent gap in the corpus. Text
-formats, one document each:
+opened, is an error that names it, never a silent gap in the corpus; files of
+no format below are skipped in a folder, and listed in one line. Text formats,
+one document each:
 
-* ``.txt`` and ``.md``: a whole file, read in pieces of about ``PIECE_BYTES``
-  (see :func:`read_text`), so that one huge line never sits in memory whole;
+* ``.txt`` and ``.md``, and gzipped ``.txt.gz`` and ``.md.gz``: a whole file,
+  read in pieces of about ``PIECE_BYTES`` (see :func:`read_text`), so that one
+  huge line never sits in memory whole; so is a file named in ``--data`` (by
+  its path or a glob) whose name ends in none of these suffixes;
 * ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``: a record's ``text_field``;
 * ``.parquet``: a row's ``text_field`` column (strings, dictionary-encoded or not).
 
 Token formats, read as they are (see :mod:`minipt.data.tokens`): nanoGPT's raw
 uint16 ``.bin`` and llm.c's shards. Text and token files never mix in one corpus.
+A folder with ``train.bin`` in it is a nanoGPT data folder, whose ``prepare.py``
+wrote ``train.bin`` and ``val.bin`` beside the text it read: those two are the
+corpus, and the rest (``input.txt``, ``prepare.py``, ``readme.md``) is not read.
 
 Every document has a position ``(source, record)``: the index of its file in
 sorted order and its line (jsonl, from 1), row (parquet) or 0 (a whole file).
@@ -46,23 +52,29 @@ class DataError(MiniptError, ValueError):
     """The corpus cannot be used: missing, unreadable, malformed, empty or too small."""
 
 
-TEXT_FORMATS = {".txt": "txt", ".md": "txt", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".jsonl.zst": "jsonl",
-                ".parquet": "parquet"}
+TEXT_FORMATS = {".txt": "txt", ".md": "txt", ".txt.gz": "txt", ".md.gz": "txt", ".jsonl": "jsonl",
+                ".jsonl.gz": "jsonl", ".jsonl.zst": "jsonl", ".parquet": "parquet"}
+PLAIN = "plain"  # Source.suffix of a file named in --data by a name of no known format: read as UTF-8 text
 TOKEN_FORMATS = {".bin": "tokens"}
 # Text bytes per stored byte, to size a corpus from its files before reading them:
 # typical ratios for web text, close enough to pick a sampling stride.
-EXPANSION = {".jsonl.gz": 4.0, ".jsonl.zst": 4.0, ".parquet": 2.0}
+EXPANSION = {".txt.gz": 3.0, ".md.gz": 3.0, ".jsonl.gz": 4.0, ".jsonl.zst": 4.0, ".parquet": 2.0}
 
 
 @dataclass(frozen=True)
 class Source:
     path: Path
     name: str  # the path relative to --data (the play's genre/file for the bundled corpus)
-    suffix: str  # the key of TEXT_FORMATS or TOKEN_FORMATS, or "play"
+    suffix: str  # the key of TEXT_FORMATS or TOKEN_FORMATS, PLAIN, or "play"
 
     @property
     def text_bytes(self) -> float:
         return self.path.stat().st_size * EXPANSION.get(self.suffix, 1.0)
+
+    @property
+    def is_text_file(self) -> bool:
+        """Whether the whole file is one document (txt, md, their .gz, or plain text named in --data)."""
+        return self.suffix == PLAIN or TEXT_FORMATS.get(self.suffix) == "txt"
 
 
 def _suffix(path: Path) -> str | None:
@@ -188,8 +200,11 @@ def _glob(pattern: str) -> tuple[list[Path], Path]:
     return _walk(root, {0}, descend, lambda path, states: len(rest) in reach(step(path.name, states))), root
 
 
-def find_sources(data: str) -> list[Source]:
-    """The files ``data`` names, sorted; a folder is searched recursively for known formats."""
+def find_sources(data: str, log=print) -> list[Source]:
+    """The files ``data`` names, sorted; a folder is searched recursively for known formats.
+
+    A folder's files of no known format are skipped, and ``log`` gets one line listing them;
+    a file named by its path or a glob is read as text whatever its name."""
     if not data:
         return bundled_sources()
     if glob.has_magic(data):
@@ -200,11 +215,19 @@ def find_sources(data: str) -> list[Source]:
         path = Path(data).expanduser()
         if not path.exists():
             raise DataError(f"data path {data!r} does not exist")
-        if path.is_dir():
-            paths = _walk(path, True, lambda name, state: True, lambda p, state: _suffix(p) is not None)
+        if path.is_dir() and (path / "train.bin").is_file():  # nanoGPT's layout
+            paths, root = [p for p in (path / "train.bin", path / "val.bin") if p.is_file()], path
+        elif path.is_dir():
+            found = _walk(path, True, lambda name, state: True, lambda p, state: True)
+            paths = [p for p in found if _suffix(p) is not None]
+            skipped = [str(p.relative_to(path)) for p in found if _suffix(p) is None]
             if not paths:
-                known = ", ".join(sorted({**TEXT_FORMATS, **TOKEN_FORMATS}))
-                raise DataError(f"data folder {data!r} holds no file of a known format ({known})")
+                others = f": it holds only {_listed(skipped)}" if skipped else " (it is empty)"
+                raise DataError(f"data folder {data!r} holds no file of a known format ({KNOWN}){others}; "
+                                "name a file in --data to read it as text")
+            if skipped:
+                log(f"data: skipped {_listed(skipped)} in {data}, of no format minipt reads ({KNOWN}); "
+                    "name a file in --data to read it as text")
             root = path
         else:
             paths, root = [path], path.parent
@@ -212,17 +235,43 @@ def find_sources(data: str) -> list[Source]:
     for p in paths:
         suffix = _suffix(p)
         if suffix is None:
-            raise DataError(
-                f"{p}: data must be a .txt, .md, .jsonl[.gz|.zst] or .parquet text file, a nanoGPT or llm.c "
-                f".bin token file, a folder or a glob of them"
-            )
-        sources.append(Source(p, str(p.relative_to(root)) if p.is_relative_to(root) else str(p), suffix))
+            check_plain_text(p)
+        sources.append(Source(p, str(p.relative_to(root)) if p.is_relative_to(root) else str(p), suffix or PLAIN))
     kinds = {s.suffix in TOKEN_FORMATS for s in sources}
     if len(kinds) > 1:
         example = Path(data) / "*.bin" if Path(data).is_dir() else "a glob of one kind"
-        raise DataError(f"data {data!r} mixes text files and .bin token files (a nanoGPT data folder holds "
-                        f"input.txt beside train.bin); name one kind, e.g. --data='{example}'")
+        raise DataError(f"data {data!r} mixes text files and .bin token files; name one kind, "
+                        f"e.g. --data='{example}'")
     return sources
+
+
+KNOWN = ", ".join(sorted({**TEXT_FORMATS, **TOKEN_FORMATS}))
+SNIFF_BYTES = 1 << 16  # the head of a file of no known format that must read as text
+
+
+def _listed(names: list[str], first: int = 5) -> str:
+    """``3 files (a, b, c)``, the first few names of a long list followed by ``...``."""
+    more = ", ..." if len(names) > first else ""
+    return f"{len(names)} file{'s' if len(names) != 1 else ''} ({', '.join(names[:first])}{more})"
+
+
+def check_plain_text(path: Path) -> None:
+    """A file named in --data by a name of no known format must be UTF-8 text: its head is checked here,
+    the rest as it is read. A compressed or binary file is named, with what to do."""
+    with open_source(path) as f:
+        head = f.read(SNIFF_BYTES)
+    kinds = {b"\x1f\x8b": ("gzip", ".txt.gz, .md.gz or .jsonl.gz"), b"\x28\xb5\x2f\xfd": ("zstd", ".jsonl.zst")}
+    for magic, (kind, names) in kinds.items():
+        if head.startswith(magic):
+            raise DataError(f"{path}: a {kind} file whose name does not say what it holds: name it {names}")
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{path}: not a text file (a NUL byte at offset {nul}); data must be text or a file of a "
+                        f"known format ({KNOWN})")
+    try:  # a character the sniff cut short is not an error: final only when the head is the whole file
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < SNIFF_BYTES)
+    except UnicodeDecodeError as exc:
+        raise not_utf8(str(path), exc) from None
 
 
 def is_tokens(sources: list[Source]) -> bool:
@@ -239,10 +288,44 @@ def open_source(path: Path):
                         "of --data") from None
 
 
+def open_text(path: Path):
+    """A whole-file text document opened for binary reading: gzip-decompressed for .txt.gz and .md.gz,
+    so offsets (``tell``, ``seek``) count bytes of the text itself."""
+    raw = open_source(path)
+    return gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw
+
+
+def text_size(path: Path, at_most: int | None = None) -> int:
+    """The bytes of text in a whole-file document: its size, or for a .gz its decompressed size, counted
+    (up to ``at_most``, where a bound is all the caller needs)."""
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size
+    size = 0
+    with open_text(path) as f:
+        try:
+            while (at_most is None or size <= at_most) and (chunk := f.read(PIECE_BYTES)):
+                size += len(chunk)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{path}: corrupt or truncated gzip stream after {size:,} bytes of text ({exc})") from None
+    return size
+
+
 def not_utf8(where: str, exc: UnicodeDecodeError, base: int = 0) -> DataError:
     """The error for a decoding failure ``exc`` in bytes that start at file offset ``base``."""
     return DataError(f"{where} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {base + exc.start}); "
                      "convert it first, e.g. iconv -f latin1 -t utf-8")
+
+
+def json_reason(exc: json.JSONDecodeError) -> str:
+    """The parser's whole reason for a line that is not JSON: what, at which column, and the text there.
+
+    ``exc.msg`` alone ends mid-phrase for some reasons ("Invalid control character at"): the column completes it."""
+    snippet = exc.doc[max(exc.pos - 20, 0):exc.pos + 20].rstrip("\r\n")
+    reason, char = exc.msg.removesuffix(" at"), exc.doc[exc.pos:exc.pos + 1]
+    if reason == "Invalid control character":
+        reason = ("the line ends inside a string (a quote left open?)" if char in ("\r", "\n") else
+                  f"Invalid control character {char!r} inside a string (escape it, as \\t, \\n or \\u00XX)")
+    return f"{reason} at column {exc.colno}, near {snippet!r}"
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -290,15 +373,15 @@ def read_text(path: Path, stop: int | None = None) -> Iterator[tuple[bool, str]]
     """A text file as ``(past stop, piece)``: pieces of at most PIECE_BYTES characters cut as :func:`_cut`
     cuts, and one cut at byte ``stop`` (a character boundary). A byte that is not UTF-8 is named by its offset."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    with open_source(path) as f:
+    with open_text(path) as f:
         for past, end in ((False, stop), (True, None)) if stop is not None else ((False, None),):
             carry = ""
             while True:
                 want = PIECE_BYTES - len(carry) if end is None else min(PIECE_BYTES - len(carry), end - f.tell())
                 try:
                     offset, raw = f.tell(), f.read(want)
-                except OSError as exc:
-                    raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+                except (OSError, EOFError, zlib.error) as exc:  # a .gz cut short or corrupt: EOFError, zlib.error
+                    raise DataError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
                 final = len(raw) < want or f.tell() == end
                 pending = len(decoder.getstate()[0])  # bytes of a character the last read cut short
                 try:
@@ -316,9 +399,9 @@ def tail_start(path: Path, val_fraction: float) -> int:
     """The byte where the doc split's tail of a file read in pieces starts: the start of the line holding
     its last val_fraction of bytes, as :func:`split_tail` does with characters; without a line break
     before it, that byte itself, moved back to the start of its character."""
-    size = path.stat().st_size
+    size = text_size(path)
     cut = int(size * (1.0 - val_fraction))
-    with open_source(path) as f:
+    with open_text(path) as f:
         end = cut
         while end > 0:
             start = max(0, end - PIECE_BYTES)
@@ -389,7 +472,7 @@ def _jsonl(source: Source, text_field: str, start: int) -> Iterator[tuple[int, s
                     _decode(line, where)
                     raise
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+                    raise DataError(f"{where}: not valid JSON: {json_reason(exc)}") from None
                 text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     got = "no such field" if not isinstance(record, dict) or text_field not in record else (
@@ -446,7 +529,7 @@ def read_documents(
             with open_source(source.path) as f:
                 text = _decode(f.read(), str(source.path))
             yield 0, source.name, strip_play_markup(text) if strip_markup else text
-    elif source.suffix in (".txt", ".md"):
+    elif source.is_text_file:
         if start == 0:
             yield 0, source.name, "".join(piece for _, piece in read_text(source.path))
     elif source.suffix == ".parquet":

@@ -8,17 +8,25 @@ Files named ``*_train_*``/``*_val_*`` must carry the llm.c header; ``train.bin``
 and ``val.bin`` are raw; any other ``.bin`` is llm.c when it starts with the
 magic, raw otherwise. ``val.bin`` and ``*_val_*`` files are the validation split;
 when there is none, the last ``val_fraction`` of the tokens is. A token file has
-no tokenizer: the vocabulary is ``--vocab_size``, or the size of a
-``--tokenizer`` file, and every id is checked against it once, when the corpus
-is first seen (then the cache remembers). BERT cannot train on token files: its
+no tokenizer: the vocabulary is that of a ``--tokenizer`` file, else nanoGPT's
+``meta.pkl`` beside the files, else ``--vocab_size``, else GPT-2's (nanoGPT's
+assumption too), and every id is checked against it once, when the corpus is
+first seen (then the cache remembers). BERT cannot train on token files: its
 inputs need [CLS]/[SEP]/[MASK] ids and sentence bounds that only a tokenizer
 and text give.
+
+``meta.pkl`` is what nanoGPT's character-level ``prepare.py`` pickles:
+``{'vocab_size': int, 'itos': {int: str}, 'stoi': {str: int}}``. A pickle can
+run any code while it loads, so it is read by an unpickler that builds plain
+values only and refuses every class or function a file names.
 """
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -106,3 +114,65 @@ def split_token_files(files: list[TokenFile], val_fraction: float) -> dict[str, 
     if not shards["train"] or not shards["val"]:
         raise DataError(f"the token files are too small to split at val_fraction={val_fraction}")
     return shards
+
+
+# ----------------------------------------------------------------------------- nanoGPT's meta.pkl
+META = "meta.pkl"
+
+
+@dataclass
+class Meta:
+    path: Path
+    vocab_size: int
+    stoi: dict[str, int] | None  # a character vocabulary, with nanoGPT's ids; none: the ids come without one
+
+
+class _PlainValues(pickle.Unpickler):
+    """Builds dicts, lists, numbers and strings, which need no class: a pickle that names one is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain values are read")
+
+
+def find_meta(sources: list[Source]) -> Path | None:
+    """The ``meta.pkl`` in the folder of the token files, where nanoGPT's train.py looks for it."""
+    found = sorted({s.path.parent / META for s in sources if (s.path.parent / META).is_file()})
+    if len(found) > 1:
+        raise DataError(f"the token files lie in folders with a {META} each ({found[0]}, {found[1]}): "
+                        "name the files of one folder")
+    return found[0] if found else None
+
+
+def read_meta(path: Path) -> Meta:
+    """A nanoGPT ``meta.pkl``, loaded without running code and checked to be the vocabulary nanoGPT reads."""
+    with open_source(path) as f:
+        try:
+            meta = _PlainValues(f).load()
+        except Exception as exc:  # a damaged pickle raises any of a dozen types, none of them ours
+            raise DataError(f"{path}: not a nanoGPT {META} ({type(exc).__name__}: {exc})") from None
+
+    def bad(what: str) -> DataError:
+        return DataError(f"{path}: {what}; nanoGPT's {META} is {{'vocab_size': int, 'itos': {{int: str}}, "
+                         "'stoi': {str: int}}")
+
+    if not isinstance(meta, dict) or not _is_int(meta.get("vocab_size")) or meta["vocab_size"] < 1:
+        raise bad("no positive integer 'vocab_size'" if isinstance(meta, dict) else f"a {type(meta).__name__}")
+    size, stoi, itos = meta["vocab_size"], meta.get("stoi"), meta.get("itos")
+    if stoi is None and itos is None:
+        return Meta(path, size, None)
+    if not (isinstance(stoi, dict) and all(isinstance(k, str) and k and _is_int(v) for k, v in stoi.items())):
+        raise bad("'stoi' is not a dict of strings to integer ids")
+    if not (isinstance(itos, dict) and all(_is_int(k) and isinstance(v, str) for k, v in itos.items())):
+        raise bad("'itos' is not a dict of integer ids to strings")
+    if sorted(stoi.values()) != list(range(len(stoi))) or len(stoi) != size:
+        raise bad(f"'stoi' does not give the ids 0 to vocab_size - 1 = {size - 1} one string each")
+    inverse = {i: s for s, i in stoi.items()}
+    if itos != inverse:
+        wrong = next(i for i in sorted(set(itos) | set(inverse)) if itos.get(i) != inverse.get(i))
+        raise bad(f"'itos' is not the inverse of 'stoi': id {wrong} is {itos.get(wrong)!r} in one, "
+                  f"{inverse.get(wrong)!r} in the other")
+    return Meta(path, size, stoi)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

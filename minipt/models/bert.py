@@ -334,11 +334,16 @@ class BERT(nn.Module):
 # ----------------------------------------------------------------------------- sequence classification
 @dataclass
 class BertClassifierConfig(BertConfig):
-    num_labels: int = 2  # classes of the sequence classifier
+    num_labels: int = 2  # classes of the sequence classifier; 1: a regressor, one number
 
     def __post_init__(self):
         super().__post_init__()
         check_positive_int("BertClassifierConfig", "num_labels", self.num_labels)
+
+    @property
+    def problem_type(self) -> str:
+        """transformers' name for what the head predicts; num_labels=1 is regression, as there."""
+        return "regression" if self.num_labels == 1 else "single_label_classification"
 
 
 class BertClassifier(nn.Module):
