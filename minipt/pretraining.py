@@ -111,11 +111,29 @@ def resolve_config(overrides: dict, world_size: int | None = None) -> TrainConfi
     if not cfg.resume:
         return cfg
     cfg = resumed_config(TrainConfig, overrides)
+    check_resumed_architecture(cfg, overrides)
     if "gradient_accumulation_steps" in overrides:
         return cfg
     world_size = runtime.launched_world_size() if world_size is None else world_size
     accumulation = resumed_accumulation(cfg.gradient_accumulation_steps, saved_world_size(cfg.out_dir), world_size)
     return dataclasses.replace(cfg, gradient_accumulation_steps=accumulation)
+
+
+# The settings that shape a model's weights (or, for the cap, its outputs): a resumed run keeps its saved ones.
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "attn_window", "global_every", "logit_softcap")
+
+
+def check_resumed_architecture(cfg: TrainConfig, given: dict) -> None:
+    """A setting given with --resume that contradicts the saved model is an error, never silently dropped."""
+    saved = ckpt.read_config(cfg.out_dir)
+    arch = {"attn_window": None, "global_every": None, "logit_softcap": None, **saved["model"]}  # older runs
+    if given.get("model") not in (None, saved["model_type"]):
+        raise ConfigError(f"--model={given['model']} cannot resume the run in {cfg.out_dir}, a {saved['model_type']} run")
+    for name in ARCHITECTURE:
+        value = given.get(name)
+        if value is not None and name in arch and value != arch[name]:
+            raise ConfigError(f"--{name}={value} cannot resume the run in {cfg.out_dir}, whose model has "
+                              f"{name}={arch[name]}; start a new run from its weights with --init_from={cfg.out_dir}")
 
 
 def init_from_config(cfg: TrainConfig, given: dict) -> TrainConfig:

@@ -411,3 +411,18 @@ def test_tf32_is_the_runs_setting_recorded_with_it(tmp_path, tf32):
     assert T.main(tiny_args(tmp_path, max_iters=1, eval_interval=1, tf32=str(tf32).lower())) == 0
     assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
     assert ckpt.read_config(tmp_path / "run")["train"]["tf32"] is tf32
+
+
+def test_resume_refuses_a_setting_that_contradicts_the_saved_model(tmp_path, capsys):
+    """--resume keeps the saved model; a shape, window or cap given that differs is named, not dropped."""
+    assert T.main(tiny_args(tmp_path, max_iters=2, eval_interval=2, logit_softcap=30.0)) == 0
+    run = f"--out_dir={tmp_path / 'run'}"
+    for given, saved in (("--logit_softcap=15.0", "logit_softcap=30.0"), ("--n_layer=2", "n_layer=1"),
+                         ("--attn_window=4", "attn_window=None"), ("--model=bert", "a gpt run")):
+        capsys.readouterr()
+        assert T.main([run, "--resume", "--max_iters=4", given]) == 2, given
+        err = capsys.readouterr().err
+        assert given.lstrip("-") in err and saved in err and "Traceback" not in err, err
+    # the same values, or none, resume
+    assert T.main([run, "--resume", "--max_iters=4", "--logit_softcap=30.0", "--n_layer=1"]) == 0
+    assert ckpt.load_state(tmp_path / "run")["iter"] == 4
