@@ -27,8 +27,10 @@ import torch
 from bench.common import RESULTS_DIR, default_device, device_slug, machine, print_table, table_columns, write_json
 from bench.plots import plot_rows
 
-# In run order: the ops, then training: nanoGPT's CPU recipe, and the training step on the device.
-MODULES = ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy", "native_cpu", "data_prep", "train_cpu", "e2e")
+# In run order: the ops, then training: nanoGPT's CPU recipe, the README's first commands, and the training
+# step on the device.
+MODULES = ("attention", "mlm_mask", "cross_entropy", "linear_cross_entropy", "native_cpu", "data_prep", "train_cpu",
+           "quickstart", "e2e")
 
 
 def _names(parser: argparse.ArgumentParser, option: str, value: str | None) -> list[str]:

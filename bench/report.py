@@ -72,6 +72,12 @@ ABOUT = {
         "Test accuracy is scored once with the epoch validation picked; `majority_rate` is what always "
         "guessing the commonest genre scores; `margin_points` is the difference of the mean test accuracies"
     ),
+    "quickstart": (
+        "The README's first commands as a user runs them (`bench/quickstart.py`): `python -m minipt.train` with "
+        "its defaults (`gpt`) and with `--model=bert`, each in a fresh process from an empty cache, timed from "
+        "launch to exit (tokenizer training, tokenization, training, evaluations, checkpoints, final sample); "
+        "`val_loss` is the run's last validation loss"
+    ),
     "train": (
         "nanoGPT's CPU recipe on the plays at character level (`bench/train_cpu.py`): minipt's trainer on its "
         "native and torch backends against a transcription of nanoGPT's loop, one run after the other. "
@@ -232,7 +238,8 @@ def render(root: Path = RESULTS_DIR) -> str:
         "`python -m bench` (or `python -m bench.<name>`). Times are medians; `ratio` is the PyTorch",
         "baseline's time over the row's time, both measured in the same run (above 1 = faster than the",
         "baseline); `ratio_vs_hf`, `ratio_vs_chunked` and `ratio_vs_flex` do the same against Hugging",
-        "Face, PyTorch's chunked `F.linear_cross_entropy` and FlexAttention. `peak_mem_mb` is a step's",
+        "Face, PyTorch's chunked `F.linear_cross_entropy` and FlexAttention, and `ratio_vs_plain` against",
+        "the same backend without the option the row adds (a softcap and z-loss). `peak_mem_mb` is a step's",
         "peak above what was allocated before it: `torch.cuda.max_memory_allocated` on a GPU; on the",
         "CPU, where a benchmark reports it, the peak RSS of its first step, each provider in a process",
         "of its own. GPU and CPU figures are kept apart: a CPU figure says nothing about a GPU.",
