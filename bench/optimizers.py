@@ -1,26 +1,35 @@
-"""AdamW against Muon on the default GPT: validation loss at equal steps and at equal training time.
+"""The training recipes on the CPU: AdamW, Muon, a softcapped LM head and z-loss, at equal steps and equal time.
 
-Each run is ``python -m minipt.train`` with its defaults (the bundled plays, a
-byte-level BPE of 8192, a GPT of 4 layers, 4 heads, 128 wide, block 128, batch
-16, AdamW at 1e-3 warmed up over 50 steps, cosine decay to 1e-4, weight decay
-0.1, clipping at 1) but fewer steps, ``STEPS``, the cosine ending there; the
-Muon run adds ``--optimizer=muon`` and keeps everything else, AdamW's
-learning rate for the embeddings, head, norms and biases included. Every seed
-runs both, one after the other, so that the load of a shared CPU falls on the
-pair alike; the seed draws the initialisation and the data order.
+Two recipes, each run as ``python -m minipt.train``:
+
+* ``gpt default, 200 steps``: the trainer's defaults (the bundled plays, a
+  byte-level BPE of 8192, a GPT of 4 layers, 4 heads, 128 wide, block 128, batch
+  16, AdamW at 1e-3 warmed up over 50 steps, cosine decay to 1e-4, weight decay
+  0.1, clipping at 1) but fewer steps, ``STEPS``, the cosine ending there;
+* ``shakespeare_char``: nanoGPT's CPU recipe at character level, as
+  ``bench.train_cpu`` runs it (2000 steps of a 4-layer, 128-wide GPT on blocks
+  of 64).
+
+Each recipe runs four ways, one flag apart: ``adamw`` (the default, the baseline
+of the ``*_vs_adamw`` deltas), ``muon`` (``--optimizer=muon``: Muon for the
+blocks' matrices, AdamW at its own rate for the rest), ``softcap``
+(``--logit_softcap=30``) and ``z_loss`` (``--z_loss=1e-4``). Every seed runs all
+four, one after the other, so that the load of a shared CPU falls on them alike;
+the seed draws the initialisation and the data order.
 
 * ``val_loss``: the last validation loss (``eval_iters`` batches): equal steps.
 * ``train_s``: training time, summed from the run's log rows (steps over steps
   per second): forward, backward and optimizer step, without the evaluations
   and checkpoints. ``median_ms`` is the median step over the log windows.
 * ``val_loss_at_time``: equal wall time. The budget of a seed
-  (``time_budget_s``) is the training time of its faster run; the slower run's
-  validation loss at that time is interpolated linearly between its
-  evaluations (its schedule was set for ``STEPS``, not cut short to fit).
+  (``time_budget_s``) is the training time of its fastest run; the other runs'
+  validation loss at that time is interpolated linearly between their
+  evaluations (their schedule was set for the full run, not cut short to fit).
 * ``load_1min``: the load average before the run; above the core count, other
   work shared the CPU, and ``note`` says so.
 
-Rows ``mean`` average the seeds. On a CPU that other jobs share, run it as
+Rows ``mean`` average the seeds, and ``val_loss_vs_adamw`` and
+``val_loss_at_time_vs_adamw`` subtract AdamW's mean (below 0: the variant helps). On a CPU that other jobs share, run it as
 ``OMP_NUM_THREADS=1 python -m bench.optimizers``: two threads then wait on the
 busier core at every op, and a step took twice as long (the machine line says
 how many threads the recorded run had).
@@ -37,16 +46,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import train_cpu
 from bench.common import cli
 from minipt import checkpoint as ckpt
 from minipt import train as minipt_train
 from minipt.runlog import read_metrics
 
-STEPS = 200  # of the default 800: 3 seeds x 2 optimizers take about 20 minutes of a shared 2-core CPU
-SETTINGS = dict(max_iters=STEPS, eval_interval=25, eval_iters=10, log_interval=5)
-QUICK = dict(max_iters=40, eval_interval=20, eval_iters=5, log_interval=10, warmup_iters=10)
+STEPS = 200  # of the default 800: 3 seeds x 4 variants take about 40 minutes of a shared 2-core CPU
+# The recipes: the default GPT cut to STEPS, and nanoGPT's CPU recipe at character level (bench.train_cpu).
+RECIPES = {
+    f"gpt default, {STEPS} steps": dict(max_iters=STEPS, eval_interval=25, eval_iters=10, log_interval=5),
+    "shakespeare_char": dict(train_cpu.RECIPE, tokenizer="char", split="stream", bias=False, log_interval=25),
+}
+QUICK = dict(max_iters=40, eval_interval=20, eval_iters=5, log_interval=10, warmup_iters=10, lr_decay_iters=40)
 SEEDS = (1337, 1338, 1339)
-OPTIMIZERS = ("adamw", "muon")
+# What each variant adds to its recipe's command; adamw, the default, is the baseline of every delta.
+VARIANTS = {
+    "adamw": [],
+    "muon": ["--optimizer=muon"],
+    "softcap": ["--logit_softcap=30"],  # modded-nanogpt's cap of the LM head's logits
+    "z_loss": ["--z_loss=1e-4"],  # PaLM's coefficient
+}
 
 
 def train_curve(rows: list[dict], tokens_per_step: int) -> list[tuple[float, float]]:
@@ -67,15 +87,15 @@ def loss_at(curve: list[tuple[float, float]], seconds: float) -> float:
     return float(np.interp(seconds, times, losses))
 
 
-def one_run(optimizer: str, seed: int, settings: dict, cache_dir: Path, out_dir: Path) -> dict:
-    argv = [f"--{k}={v}" for k, v in settings.items()] + [
-        f"--optimizer={optimizer}", f"--seed={seed}", f"--cache_dir={cache_dir}", f"--out_dir={out_dir}",
+def one_run(variant: str, seed: int, settings: dict, cache_dir: Path, out_dir: Path) -> dict:
+    argv = [f"--{k}={v}" for k, v in settings.items()] + VARIANTS[variant] + [
+        f"--seed={seed}", f"--cache_dir={cache_dir}", f"--out_dir={out_dir}",
         "--device=cpu", "--progress=false", "--sample_tokens=0",
     ]
     load = os.getloadavg()[0]
     start = time.perf_counter()
     if minipt_train.main(argv) != 0:
-        raise RuntimeError(f"the {optimizer} run failed; see its output above")
+        raise RuntimeError(f"the {variant} run failed; see its output above")
     run_s = time.perf_counter() - start
     config = ckpt.read_config(out_dir)
     cfg = config["train"]
@@ -83,36 +103,44 @@ def one_run(optimizer: str, seed: int, settings: dict, cache_dir: Path, out_dir:
     rows = read_metrics(out_dir)
     curve = train_curve(rows, tokens_per_step)
     step_s = [tokens_per_step / r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    lrs = f"adamw {cfg['learning_rate']:g}" + (f", muon {cfg['muon_learning_rate']:g}" if optimizer == "muon" else "")
-    return {"provider": optimizer, "seed": seed, "max_iters": cfg["max_iters"], "learning_rates": lrs,
+    lrs = f"adamw {cfg['learning_rate']:g}" + (f", muon {cfg['muon_learning_rate']:g}" if variant == "muon" else "")
+    return {"provider": variant, "seed": seed, "max_iters": cfg["max_iters"], "learning_rates": lrs,
             "val_loss": curve[-1][1], "train_s": curve[-1][0], "run_s": run_s,
             "median_ms": 1e3 * statistics.median(step_s), "load_1min": load, "curve": curve}
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    settings = {**SETTINGS, **(QUICK if quick else {})}
+def run(device: str, quick: bool, recipes: tuple[str, ...] | None = None) -> list[dict]:
     seeds = SEEDS[:1] if quick else SEEDS
-    name = f"gpt default, {settings['max_iters']} steps"
     if torch.device(device).type != "cpu":
-        return [{"name": name, "provider": "adamw", "skipped": "measured on the CPU, where the default GPT trains"}]
+        return [{"name": name, "provider": "adamw", "skipped": "measured on the CPU, where these recipes train"}
+                for name in RECIPES]
     cores = os.cpu_count() or 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for seed in seeds:
-            pair = [one_run(opt, seed, settings, tmp / "cache", tmp / f"{opt}-{seed}") for opt in OPTIMIZERS]
-            budget = min(r["train_s"] for r in pair)
-            for r in pair:
-                r["time_budget_s"] = budget
-                r["val_loss_at_time"] = loss_at(r.pop("curve"), budget)
-                if r["load_1min"] > cores:
-                    r["note"] = f"under load ({r['load_1min']:.1f} > {cores} cores)"
-            rows += [{"name": name, **r} for r in pair]
-    for opt in OPTIMIZERS:
-        mine = [r for r in rows if r["provider"] == opt]
-        mean = {k: statistics.mean(r[k] for r in mine) for k in mine[0] if isinstance(mine[0][k], float)}
-        rows.append({"name": name, "provider": opt, "seed": "mean", "max_iters": mine[0]["max_iters"],
-                     "learning_rates": mine[0]["learning_rates"], **mean})
+        for name in recipes or RECIPES:
+            settings = {**RECIPES[name], **(QUICK if quick else {})}
+            mine = []
+            for seed in seeds:
+                # every variant of a seed runs in turn, so that the load of a shared CPU falls on them alike
+                group = [one_run(v, seed, settings, tmp / f"cache-{name}", tmp / f"{name}-{v}-{seed}") for v in VARIANTS]
+                budget = min(r["train_s"] for r in group)
+                for r in group:
+                    r["time_budget_s"] = budget
+                    r["val_loss_at_time"] = loss_at(r.pop("curve"), budget)
+                    if r["load_1min"] > cores:
+                        r["note"] = f"under load ({r['load_1min']:.1f} > {cores} cores)"
+                mine += [{"name": name, **r} for r in group]
+            rows += mine
+            means = {}
+            for v in VARIANTS:
+                runs = [r for r in mine if r["provider"] == v]
+                means[v] = {k: statistics.mean(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
+            for v in VARIANTS:
+                delta = {f"{k}_vs_adamw": means[v][k] - means["adamw"][k] for k in ("val_loss", "val_loss_at_time")}
+                rows.append({"name": name, "provider": v, "seed": "mean", "max_iters": settings["max_iters"],
+                             "learning_rates": next(r for r in mine if r["provider"] == v)["learning_rates"],
+                             **means[v], **delta})
     return rows
 
 

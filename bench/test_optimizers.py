@@ -25,24 +25,32 @@ def test_training_time_sums_the_log_windows_and_skips_evaluations():
     assert optimizers.loss_at(curve, 5.0) == 5.0 and optimizers.loss_at(curve, 9.0) == 5.0
 
 
-def test_the_quick_run_compares_both_optimizers_at_equal_steps_and_time(bench_device, monkeypatch):
+def test_the_quick_run_compares_every_variant_at_equal_steps_and_time(bench_device, monkeypatch):
     if bench_device != "cpu":
-        pytest.skip("the optimizers are compared on the CPU")
+        pytest.skip("the recipes are compared on the CPU")
     # the bundled plays at character level and a tiny model: all the table needs to be built
+    tiny = {"tokenizer": "char", "n_layer": 1, "n_embd": 32, "block_size": 32, "batch_size": 4}
+    monkeypatch.setattr(optimizers, "RECIPES", {"tiny": tiny})
     monkeypatch.setattr(optimizers, "QUICK", {
-        "max_iters": 6, "eval_interval": 3, "eval_iters": 2, "log_interval": 3, "warmup_iters": 2,
-        "tokenizer": "char", "n_layer": 1, "n_embd": 32, "block_size": 32, "batch_size": 4,
-    })
+        "max_iters": 6, "eval_interval": 3, "eval_iters": 2, "log_interval": 3, "warmup_iters": 2})
     rows = optimizers.run("cpu", quick=True)
-    assert [(r["provider"], r["seed"]) for r in rows] == [("adamw", 1337), ("muon", 1337), ("adamw", "mean"),
-                                                          ("muon", "mean")]
-    adamw, muon = rows[:2]
-    assert adamw["learning_rates"] == "adamw 0.001" and muon["learning_rates"].startswith("adamw 0.001, muon ")
-    for r in (adamw, muon):
-        assert r["max_iters"] == 6 and 0 < r["val_loss"] < math.log(128)  # below a uniform guess over the 128 logits
-        assert 0 < r["train_s"] < r["run_s"] and r["median_ms"] > 0
-        assert r["time_budget_s"] == min(adamw["train_s"], muon["train_s"])
-    faster = min((adamw, muon), key=lambda r: r["train_s"])
-    assert faster["val_loss_at_time"] == faster["val_loss"]
-    assert rows[2]["val_loss"] == adamw["val_loss"] and rows[3]["train_s"] == muon["train_s"]
+    variants = list(optimizers.VARIANTS)
+    assert variants[0] == "adamw" and {"muon", "softcap", "z_loss"} <= set(variants)
+    assert [(r["provider"], r["seed"]) for r in rows] == [(v, 1337) for v in variants] + [(v, "mean") for v in variants]
+    runs = {r["provider"]: r for r in rows[:len(variants)]}
+    assert runs["adamw"]["learning_rates"] == "adamw 0.001" and runs["muon"]["learning_rates"].startswith("adamw 0.001, muon ")
+    budget = min(r["train_s"] for r in runs.values())
+    for r in runs.values():
+        assert r["name"] == "tiny" and r["max_iters"] == 6
+        assert 0 < r["val_loss"] < math.log(128)  # below a uniform guess over the 128 logits
+        assert 0 < r["train_s"] < r["run_s"] and r["median_ms"] > 0 and r["time_budget_s"] == budget
+    fastest = min(runs.values(), key=lambda r: r["train_s"])
+    assert fastest["val_loss_at_time"] == fastest["val_loss"]
+    # the variants differ by their flag only: the same seed draws the same start, so the losses differ by training
+    assert len({r["val_loss"] for r in runs.values()}) == len(variants)
+    means = {r["provider"]: r for r in rows[len(variants):]}
+    for v in variants:
+        assert means[v]["val_loss"] == runs[v]["val_loss"]
+        assert means[v]["val_loss_vs_adamw"] == pytest.approx(runs[v]["val_loss"] - runs["adamw"]["val_loss"])
+    assert means["adamw"]["val_loss_vs_adamw"] == 0.0
     assert optimizers.run("cuda", quick=True)[0]["skipped"].startswith("measured on the CPU")
