@@ -212,6 +212,16 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def check_resumable(out_dir: str | Path) -> None:
+    """A run folder ``--resume`` can continue: its tokenizer and checkpoint are there, or the error says why."""
+    out = Path(out_dir)
+    for name in (TOKENIZER, MODEL, STATE):
+        if not (out / name).is_file():
+            raise CheckpointError(f"cannot resume: {out / name} is missing"
+                                  + ("" if has_run(out) else "; the run stopped before its first checkpoint: "
+                                     "start it again without --resume"))
+
+
 def prepare_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
     """Make ``out_dir`` ready: complete for a resumed run, free for a new one.
 
@@ -224,11 +234,7 @@ def prepare_run_folder(out_dir: str | Path, *, resume: bool, overwrite: bool) ->
     out = Path(out_dir)
     undo_replacement(out)
     if resume:
-        for name in (TOKENIZER, MODEL, STATE):
-            if not (out / name).is_file():
-                raise CheckpointError(f"cannot resume: {out / name} is missing"
-                                      + ("" if has_run(out) else "; the run stopped before its first checkpoint: "
-                                         "start it again without --resume"))
+        check_resumable(out)
         return
     if has_run(out):
         if not overwrite:

@@ -111,6 +111,7 @@ def resolve_config(overrides: dict, world_size: int | None = None) -> TrainConfi
     if not cfg.resume:
         return cfg
     cfg = resumed_config(TrainConfig, overrides)
+    ckpt.check_resumable(cfg.out_dir)  # before anything reads the checkpoint
     check_resumed_architecture(cfg, overrides)
     if "gradient_accumulation_steps" in overrides:
         return cfg

@@ -54,7 +54,8 @@ def show_classifier(cfg: SampleConfig, model, tok, labels: list[str], dtype) -> 
     probabilities = classify(model, tok, labels, cfg.text, cfg.text_b or None, dtype=dtype)
     print(f"text: {cfg.text!r}" + (f"   text_b: {cfg.text_b!r}" if cfg.text_b else ""))
     for label, p in probabilities:
-        print(f"  {label} {percent(p)}")
+        # a regressor predicts a number (its one "score"), a classifier each label's probability
+        print(f"  {label} {p:.4f}" if labels is None else f"  {label} {percent(p)}")
 
 
 def show_bert(cfg: SampleConfig, model, tok, dtype, untrained_heads: list[str]) -> None:

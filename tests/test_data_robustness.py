@@ -262,13 +262,15 @@ def test_a_text_that_is_not_utf8_is_named_by_offset_past_the_first_piece(tmp_pat
 
 
 # ----------------------------------------------------------------------------- fine-tune labels
-@pytest.mark.parametrize("label, kind", [("0.5", "float"), ("1.0", "float"), ("true", "bool"), ('["a"]', "list")])
-def test_fine_tune_labels_are_strings_or_integers(tmp_path, capsys, bert, label, kind):
+@pytest.mark.parametrize("label, kind, rule", [
+    ("0.5", "float", "a class is a string or an integer"), ("1.0", "float", "a class is a string or an integer"),
+    ("true", "bool", "a label is a string or a number"), ('["a"]', "list", "a label is a string or a number")])
+def test_fine_tune_labels_are_strings_or_integers(tmp_path, capsys, bert, label, kind, rule):
     lines = ['{"text": "a cat", "label": 1}', '{"text": "a dog", "label": "1"}', '{"text": "the sea", "label": 0}',
              f'{{"text": "the sky", "label": {label}}}']
     (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
     refused(capsys, FT.main([f"--init_from={bert}", f"--data={tmp_path / 't.jsonl'}", f"--out_dir={tmp_path / 'o'}"]),
-            rf"t\.jsonl:4: the label {re.escape(label)} is a {kind}; a label is a string or an integer")
+            rf"t\.jsonl:4: the label {re.escape(label)} is a {kind}; {rule}")
 
 
 # ----------------------------------------------------------------------------- the cache
