@@ -28,6 +28,10 @@ FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTAL
 # the default 800 steps (minutes on 2 cores); every other setting stays the README's.
 SHORT_TRAIN = ["--max_iters=4", "--eval_interval=2", "--eval_iters=1"]
 SHORT_FINETUNE = ["--epochs=1"]
+# Also appended to a training command that reads a nanoGPT config file (.py), for each size the command does not
+# set itself: shakespeare_char's baby GPT (6 layers, 384 wide, block 256, batch 64) takes 10-20 s per step on 2
+# cores, so the shortened run trains a smaller model; every other setting stays the file's and the README's.
+SMALL_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 8}
 
 
 @dataclass
@@ -68,16 +72,32 @@ def plan(words: list[str]) -> Command:
         procs = next((w.split("=")[1] for w in words if w.startswith("--nproc_per_node=")), "?")
         return Command(words, text, skip=f"needs {procs} CUDA GPUs (--device cuda); DDP on 2 CPU processes is "
                                          "tested by tests/test_ddp.py")
+    if len(words) == 2 and words[0] == "python" and re.fullmatch(r"data/\w+/prepare\.py", words[1]):
+        return Command(words, text, skip="nanoGPT's own script, not in this repository: what it writes (train.bin, "
+                                         "val.bin, meta.pkl) is the stand-in tests/test_readme.py writes")
     if words[:2] != ["python", "-m"] or not words[2].startswith("minipt."):
         raise ValueError(f"no rule runs the README command {text!r}: add one to tests/readme_commands.py")
     if words[2] == "minipt.train" and "--help" not in words:
         extra = SHORT_TRAIN
+        if setting(words, "config").endswith(".py"):  # a nanoGPT config file
+            given = {w[2:].split("=")[0] for w in words[3:] if w.startswith("--")}
+            extra = SHORT_TRAIN + [f"--{k}={v}" for k, v in SMALL_MODEL.items() if k not in given]
         if "--resume" in words:  # continue past the shortened run, whatever step count the README gives
             extra = [f"--max_iters={2 * int(SHORT_TRAIN[0].split('=')[1])}"]
         return Command(words, text, extra=extra)
     if words[2] == "minipt.finetune":
         return Command(words, text, extra=SHORT_FINETUNE)
     return Command(words, text)
+
+
+def setting(words: list[str], name: str) -> str:
+    """The value a command gives ``--name`` (``--name=value`` or ``--name value``); "" if it gives none."""
+    for i, word in enumerate(words):
+        if word.startswith(f"--{name}="):
+            return word.split("=", 1)[1]
+        if word == f"--{name}" and i + 1 < len(words):
+            return words[i + 1]
+    return ""
 
 
 def run_in_process(command: Command) -> int:
