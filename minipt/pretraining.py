@@ -121,7 +121,8 @@ def resolve_config(overrides: dict, world_size: int | None = None) -> TrainConfi
 
 
 # The settings that shape a model's weights (or, for the cap, its outputs): a resumed run keeps its saved ones.
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "attn_window", "global_every", "logit_softcap")
+# (block_size is the windows' length, which may be shorter than the model's positions: only those bound it)
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "bias", "attn_window", "global_every", "logit_softcap")
 
 
 def check_resumed_architecture(cfg: TrainConfig, given: dict) -> None:
@@ -135,6 +136,9 @@ def check_resumed_architecture(cfg: TrainConfig, given: dict) -> None:
         if value is not None and name in arch and value != arch[name]:
             raise ConfigError(f"--{name}={value} cannot resume the run in {cfg.out_dir}, whose model has "
                               f"{name}={arch[name]}; start a new run from its weights with --init_from={cfg.out_dir}")
+    if given.get("block_size") is not None and given["block_size"] > arch["block_size"]:
+        raise ConfigError(f"--block_size={given['block_size']} exceeds the {arch['block_size']} positions of the "
+                          f"model in {cfg.out_dir}")
 
 
 def init_from_config(cfg: TrainConfig, given: dict) -> TrainConfig:

@@ -420,11 +420,12 @@ def test_resume_refuses_a_setting_that_contradicts_the_saved_model(tmp_path, cap
     assert T.main(tiny_args(tmp_path, max_iters=2, eval_interval=2, logit_softcap=30.0)) == 0
     run = f"--out_dir={tmp_path / 'run'}"
     for given, saved in (("--logit_softcap=15.0", "logit_softcap=30.0"), ("--n_layer=2", "n_layer=1"),
-                         ("--attn_window=4", "attn_window=None"), ("--model=bert", "a gpt run")):
+                         ("--attn_window=4", "attn_window=None"), ("--model=bert", "a gpt run"),
+                         ("--block_size=32", "16 positions")):
         capsys.readouterr()
         assert T.main([run, "--resume", "--max_iters=4", given]) == 2, given
         err = capsys.readouterr().err
         assert given.lstrip("-") in err and saved in err and "Traceback" not in err, err
-    # the same values, or none, resume
-    assert T.main([run, "--resume", "--max_iters=4", "--logit_softcap=30.0", "--n_layer=1"]) == 0
+    # the same values, or none, resume; so do shorter windows than the model's positions
+    assert T.main([run, "--resume", "--max_iters=4", "--logit_softcap=30.0", "--n_layer=1", "--block_size=8"]) == 0
     assert ckpt.load_state(tmp_path / "run")["iter"] == 4
