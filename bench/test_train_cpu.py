@@ -36,8 +36,8 @@ def test_minipt_trainer_step(benchmark, measure, cpu_only, tmp_path):
     cfg = TrainConfig(data=str(corpus), tokenizer="char", split="stream", cache_dir=str(tmp_path / "cache"),
                       out_dir=str(tmp_path / "run"), backend="torch", bias=False, eval_iters=1, **TINY)
     run = P.Run(cfg, runtime.setup("cpu", "float32"), log=lambda *a: None)
-    loss = measure(run.step)
-    assert math.isfinite(loss.item())
+    loss, z_term = measure(run.step)  # the step's cross-entropy, and its z term (None without --z_loss)
+    assert math.isfinite(loss.item()) and z_term is None
 
 
 def test_recipe_baseline_step(benchmark, measure, cpu_only):
