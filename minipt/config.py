@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import inspect
 import json
 import re
@@ -26,7 +25,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from minipt.errors import ConfigError
+from minipt.errors import ConfigError, unknown_setting
 from minipt.metrics import CLASSIFICATION, REGRESSION
 from minipt.nanogpt_config import read_nanogpt_config
 from minipt.ops._backend import BACKENDS
@@ -479,10 +478,7 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _unknown_key(cls, key: str, where: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(cls)]
-    near = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join('--' + n for n in near)}?" if near else "; see --help for the list"
-    return ConfigError(f"unknown setting {key!r}{where}{hint}")
+    return unknown_setting(key, [f.name for f in dataclasses.fields(cls)], where)
 
 
 def read_config_file(cls, path: str) -> dict:

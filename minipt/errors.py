@@ -10,6 +10,7 @@ This module imports nothing from minipt, so every layer may import it.
 
 from __future__ import annotations
 
+import difflib
 import sys
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -26,6 +27,13 @@ class ConfigError(MiniptError, ValueError):
     """A setting that cannot be used: unknown key, wrong type or a value out of range."""
 
     points_to_help = True
+
+
+def unknown_setting(key: str, names, where: str = "") -> ConfigError:
+    """The error for a setting that is none of ``names``, with the nearest of them as a hint."""
+    near = difflib.get_close_matches(key, list(names), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join('--' + n for n in near)}?" if near else "; see --help for the list"
+    return ConfigError(f"unknown setting {key!r}{where}{hint}")
 
 
 class TrainingError(MiniptError, RuntimeError):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ast
-import difflib
 import operator
 import os
 import sys
 from pathlib import Path
 
-from minipt.errors import ConfigError
+from minipt.errors import ConfigError, unknown_setting
 
 # nanoGPT's train.py globals that its config files override, at train.py's values: a config sets some and inherits
 # the rest (config/train_gpt2.py sets no n_layer; GPT-2 124M's 12 is train.py's). Each is the TrainConfig field of
@@ -111,9 +110,7 @@ def read_nanogpt_config(path: Path, fields: set[str]) -> dict:
         elif name in fields:
             values[name] = value
         else:
-            near = difflib.get_close_matches(name, sorted(fields | set(NANOGPT_IGNORED) | {"dataset"}), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join('--' + n for n in near)}?" if near else "; see --help for the list"
-            raise ConfigError(f"unknown setting {name!r} at {where}{hint}")
+            raise unknown_setting(name, sorted(fields | set(NANOGPT_IGNORED) | {"dataset"}), f" at {where}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     steps = values["gradient_accumulation_steps"]
     if not _is_number(steps) or steps % world_size:
