@@ -40,12 +40,17 @@
 // start where those ranges start, not on multiples of the tile size, so a
 // document's tiles begin at the document and a window's at the window.
 //
+// Layout. Q, K and V are read through their strides along B, H and T (D
+// contiguous), so the heads a model splits from one (B, T, 3·H·D) projection
+// need no copy; O, dO, dQ, dK and dV are dense (B, T, H, D) memory, so that
+// heads merge as a view and their gradients reach the projection untransposed.
+//
 // Memory traffic of the forward: Q, O and lse once, K and V once per query
 // block: (2·T/BLOCK_Q + 2)·BHTD elements; with BLOCK_Q = 64 and T = 1024 K and
 // V come 16 times, from L2/L3 (one head's K and V is 2·T·D·4 bytes, 512 KiB).
-// The backward reads Q, K, V, O and dO once into per-thread float32 copies
-// (Q and dO transposed as well), writes dQ, dK and dV once, and re-reads one
-// head's copies from cache per key block. Compute: 4·BHT²D flops forward and
+// The backward reads Q, K, V (in place when dense float32 rows), O and dO once
+// into per-thread float32 copies (Q and dO transposed as well), writes dQ, dK
+// and dV once, and re-reads one head's copies from cache per key block. Compute: 4·BHT²D flops forward and
 // 10·BHT²D backward before masking, halved when causal.
 //
 // Precision. All maths is float32 whatever the input dtype: float16/bfloat16
@@ -210,13 +215,17 @@ char* element(uintptr_t base, FloatType t, int64_t offset) {
   return reinterpret_cast<char*>(base) + offset * (t == FloatType::f32 ? 4 : 2);
 }
 
-// n rows of a (., D) matrix as float32 rows D apart: in place for float32 input,
-// else widened into buf.
-const float* rows_as_float(uintptr_t base, FloatType t, int64_t offset, int64_t n, int64_t D, float* buf) {
-  if (t == FloatType::f32) return reinterpret_cast<const float*>(base) + offset;
-  rows_to_float(element(base, t, offset), t, D, n, D, 1.0f, buf);
+// n rows, stride apart, of a tensor as float32 rows D apart: in place for dense
+// float32 rows, else copied (and widened) into buf.
+const float* rows_as_float(uintptr_t base, FloatType t, int64_t offset, int64_t stride, int64_t n, int64_t D,
+                           float* buf) {
+  if (t == FloatType::f32 && stride == D) return reinterpret_cast<const float*>(base) + offset;
+  rows_to_float(element(base, t, offset), t, stride, n, D, 1.0f, buf);
   return buf;
 }
+
+// The offset of row 0 of head (b, h) in q, k and v.
+int64_t head_offset(const AttentionArgs& a, int64_t b, int64_t h) { return b * a.stride_b + h * a.stride_h; }
 
 // ----------------------------------------------------------------------------- masks
 // The view of one batch row: its key mask and document spans, either may be null,
@@ -356,11 +365,11 @@ void forward_block(const AttentionArgs& a, int64_t task, ForwardScratch& w) {
   const int64_t n_blocks = (T + BLOCK_Q - 1) / BLOCK_Q;
   const int64_t bh = task / n_blocks, b = bh / H, h = bh % H;
   const int64_t i0 = (task % n_blocks) * BLOCK_Q, nq = std::min(BLOCK_Q, T - i0);
-  const int64_t base = bh * T * D;  // int64: B·H·T·D passes 2^31 at real sizes
+  const int64_t base = head_offset(a, b, h), st = a.stride_t;  // int64: offsets pass 2^31 at real sizes
   const Visibility vis = visibility(a, b);
 
   // Q_t = scale·log2(e)·Q_blkᵀ, (D, BLOCK_Q); the o buffer holds Q_blk meanwhile.
-  rows_to_float(element(a.q, a.dtype, base + i0 * D), a.dtype, D, nq, D, a.scale * LOG2E, w.o);
+  rows_to_float(element(a.q, a.dtype, base + i0 * st), a.dtype, st, nq, D, a.scale * LOG2E, w.o);
   transpose(w.o, nq, BLOCK_Q, D, w.q_t, BLOCK_Q);
   std::fill(w.o, w.o + BLOCK_Q * D, 0.0f);
   std::fill(w.m, w.m + BLOCK_Q, NEG_INF);
@@ -371,8 +380,8 @@ void forward_block(const AttentionArgs& a, int64_t task, ForwardScratch& w) {
   for (int64_t j0 = lo; j0 < hi; j0 += BLOCK_K) {
     const int64_t nk = std::min(BLOCK_K, hi - j0);
     if (!vis.any_real(j0, j0 + nk)) continue;
-    const float* k = rows_as_float(a.k, a.dtype, base + j0 * D, nk, D, w.k);
-    const float* v = rows_as_float(a.v, a.dtype, base + j0 * D, nk, D, w.v);
+    const float* k = rows_as_float(a.k, a.dtype, base + j0 * st, st, nk, D, w.k);
+    const float* v = rows_as_float(a.v, a.dtype, base + j0 * st, st, nk, D, w.v);
     gemm(nk, BLOCK_Q, D, k, D, 1, w.q_t, BLOCK_Q, w.s, BLOCK_Q, false);  // S_t = K_blk·Q_t
     vis.tile_columns(j0, nk, i0, nq, w.lo, w.hi);
     softmax_tile(w.s, nk, w.lo, w.hi, w.m, w.l, w.alpha);
@@ -429,7 +438,7 @@ MINIPT_CPU_CLONES void row_dots(const void* x, const void* y, FloatType t, int64
 
 // One head's operands in float32, its dQ, one key tile's dK and dV, and the tiles.
 struct BackwardScratch {
-  float *q, *k, *v, *dout;  // (T, D) each; q, k and v only for 16-bit inputs
+  float *q, *k, *v, *dout;  // (T, D) each; q, k and v only for 16-bit or strided inputs
   float *q_t, *dout_t;      // (D, T + BLOCK_Q), zero past T
   float *dq, *dk, *dv;      // (T, D), (BLOCK_K, D), (BLOCK_K, D)
   float *s, *dp;            // (BLOCK_K, BLOCK_Q)
@@ -444,14 +453,14 @@ struct BackwardScratch {
 
 void backward_head(const AttentionArgs& a, const AttentionGrads& g, int64_t bh, BackwardScratch& w) {
   const int64_t T = a.seq_len, D = a.head_dim, H = a.heads, b = bh / H, h = bh % H;
-  const int64_t base = bh * T * D, out_base = (b * T * H + h) * D, ld_t = T + BLOCK_Q;
+  const int64_t base = head_offset(a, b, h), st = a.stride_t, out_base = (b * T * H + h) * D, ld_t = T + BLOCK_Q;
   const Visibility vis = visibility(a, b);
   const float* lse_head = reinterpret_cast<const float*>(a.lse) + bh * T;
   float* delta_head = reinterpret_cast<float*>(g.delta) + bh * T;
 
-  const float* q = rows_as_float(a.q, a.dtype, base, T, D, w.q);
-  const float* k = rows_as_float(a.k, a.dtype, base, T, D, w.k);
-  const float* v = rows_as_float(a.v, a.dtype, base, T, D, w.v);
+  const float* q = rows_as_float(a.q, a.dtype, base, st, T, D, w.q);
+  const float* k = rows_as_float(a.k, a.dtype, base, st, T, D, w.k);
+  const float* v = rows_as_float(a.v, a.dtype, base, st, T, D, w.v);
   const char* dout_head = element(g.grad_out, a.dtype, out_base);
   rows_to_float(dout_head, a.dtype, H * D, T, D, 1.0f, w.dout);
   row_dots(element(a.out, a.dtype, out_base), dout_head, a.dtype, T, H * D, D, delta_head);
@@ -482,10 +491,11 @@ void backward_head(const AttentionArgs& a, const AttentionGrads& g, int64_t bh, 
       gemm(nk, D, nq, w.dp, BLOCK_Q, 1, q + i0 * D, D, w.dk, D, true);      // dK += dS_t·Q
       gemm(nq, D, nk, w.dp, 1, BLOCK_Q, k + j0 * D, D, w.dq + i0 * D, D, true);  // dQ += dS·K_blk
     }
-    store_rows(w.dk, nk, D, a.scale, a.dtype, element(g.grad_k, a.dtype, base + j0 * D), D);
-    store_rows(w.dv, nk, D, 1.0f, a.dtype, element(g.grad_v, a.dtype, base + j0 * D), D);
+    // dK, dV and dQ go to dense (B, T, H, D) memory, as out does.
+    store_rows(w.dk, nk, D, a.scale, a.dtype, element(g.grad_k, a.dtype, out_base + j0 * H * D), H * D);
+    store_rows(w.dv, nk, D, 1.0f, a.dtype, element(g.grad_v, a.dtype, out_base + j0 * H * D), H * D);
   }
-  store_rows(w.dq, T, D, a.scale, a.dtype, element(g.grad_q, a.dtype, base), D);
+  store_rows(w.dq, T, D, a.scale, a.dtype, element(g.grad_q, a.dtype, out_base), H * D);
 }
 
 // body(task, scratch) for every task, over OpenMP threads when the work is worth
@@ -519,7 +529,7 @@ void attention_backward_cpu(const AttentionArgs& a, const AttentionGrads& g, int
   const int64_t tasks = a.seq_len == 0 ? 0 : a.batch * a.heads;
   for_each_task<BackwardScratch>(
       a, tasks, num_threads, [&](int64_t bh, BackwardScratch& w) { backward_head(a, g, bh, w); }, a.seq_len,
-      a.head_dim, a.dtype != FloatType::f32);
+      a.head_dim, a.dtype != FloatType::f32 || a.stride_t != a.head_dim);
 }
 
 }  // namespace minipt

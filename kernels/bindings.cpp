@@ -68,6 +68,7 @@ struct Cpu {
   static void check_head_dim(int64_t head_dim, const char* op) {
     minipt::check(head_dim >= 1, op, "head_dim must be >= 1, got " + std::to_string(head_dim));
   }
+  static constexpr bool any_qkv_strides = true;
   static void attention_forward(const AttentionArgs& a, int num_threads) { attention_forward_cpu(a, num_threads); }
   static void attention_backward(const AttentionArgs& a, const AttentionGrads& g, int num_threads) {
     attention_backward_cpu(a, g, num_threads);
@@ -94,6 +95,7 @@ struct Cuda {
     minipt::check(head_dim == 64 || head_dim == 128, op,
                   "head_dim must be 64 or 128, got " + std::to_string(head_dim));
   }
+  static constexpr bool any_qkv_strides = false;  // dense (B, H, T, D) q, k and v
   static void attention_forward(const AttentionArgs& a, uintptr_t stream) { attention_forward_cuda(a, stream); }
   static void attention_backward(const AttentionArgs& a, const AttentionGrads& g, uintptr_t stream) {
     attention_backward_cuda(a, g, stream);
@@ -197,7 +199,7 @@ template <class Device>
 AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t key_mask,
                              uintptr_t doc_span, int64_t batch, int64_t heads, int64_t seq_len, int64_t head_dim,
                              int dtype, bool is_causal, double scale, int64_t window_left, int64_t window_right,
-                             typename Device::Handle handle) {
+                             int64_t stride_b, int64_t stride_h, int64_t stride_t, typename Device::Handle handle) {
   const char* op = "attention";
   check(batch >= 0 && heads >= 0 && seq_len >= 0, op,
         "batch, heads and seq_len must be >= 0, got " + std::to_string(batch) + ", " + std::to_string(heads) + ", " +
@@ -214,23 +216,38 @@ AttentionArgs attention_args(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t ou
   check(seq_len <= std::numeric_limits<int32_t>::max(), op, "seq_len must fit int32, got " + std::to_string(seq_len));
   const FloatType t = float_type(dtype, op, "q, k, v");
   const int64_t n = batch * heads * seq_len * head_dim;
-  for (const auto& [ptr, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{out, "out"}}) {
-    check_tensor(ptr, n, float_size(t), op, name);
+  const bool dense = stride_b == heads * seq_len * head_dim && stride_h == seq_len * head_dim && stride_t == head_dim;
+  check(Device::any_qkv_strides || dense, op,
+        "q, k and v must be dense (B, H, T, D) here, got strides (" + std::to_string(stride_b) + ", " +
+            std::to_string(stride_h) + ", " + std::to_string(stride_t) + ", 1)");
+  check(stride_b >= 0 && stride_h >= 0 && stride_t >= 0, op, "the strides of q, k and v must be >= 0");
+  // The elements q, k and v span: the last one's offset plus one, as rows of head_dim.
+  int64_t span = n == 0 ? 0 : head_dim;
+  for (const auto& [extent, stride] : {std::pair{batch, stride_b}, std::pair{heads, stride_h},
+                                       std::pair{seq_len, stride_t}}) {
+    check_product(extent > 0 ? extent - 1 : 0, stride, op, "the strides of q, k and v");
+    if (n != 0) span += (extent - 1) * stride;
   }
+  for (const auto& [ptr, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}}) {
+    check_tensor(ptr, span, float_size(t), op, name);
+  }
+  check_tensor(out, n, float_size(t), op, "out");
   check_tensor(lse, batch * heads * seq_len, 4, op, "lse");
   if (doc_span != 0) check_tensor(doc_span, batch * 2 * seq_len, 4, op, "doc_span");
   Device::check(handle, op);
   return AttentionArgs{q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len, head_dim, t, is_causal,
-                       static_cast<float>(scale), window_left, window_right};
+                       static_cast<float>(scale), window_left, window_right, stride_b, stride_h, stride_t};
 }
 
 template <class Device>
 void attention_forward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                                uintptr_t key_mask, uintptr_t doc_span, int64_t batch, int64_t heads, int64_t seq_len,
                                int64_t head_dim, int dtype, bool is_causal, double scale, int64_t window_left,
-                               int64_t window_right, typename Device::Handle handle) {
+                               int64_t window_right, int64_t stride_b, int64_t stride_h, int64_t stride_t,
+                               typename Device::Handle handle) {
   const AttentionArgs a = attention_args<Device>(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len,
-                                                 head_dim, dtype, is_causal, scale, window_left, window_right, handle);
+                                                 head_dim, dtype, is_causal, scale, window_left, window_right,
+                                                 stride_b, stride_h, stride_t, handle);
   py::gil_scoped_release release;
   Device::attention_forward(a, handle);
 }
@@ -240,9 +257,11 @@ void attention_backward_binding(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t
                                 uintptr_t key_mask, uintptr_t doc_span, uintptr_t grad_out, uintptr_t delta,
                                 uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, int64_t batch, int64_t heads,
                                 int64_t seq_len, int64_t head_dim, int dtype, bool is_causal, double scale,
-                                int64_t window_left, int64_t window_right, typename Device::Handle handle) {
+                                int64_t window_left, int64_t window_right, int64_t stride_b, int64_t stride_h,
+                                int64_t stride_t, typename Device::Handle handle) {
   const AttentionArgs a = attention_args<Device>(q, k, v, out, lse, key_mask, doc_span, batch, heads, seq_len,
-                                                 head_dim, dtype, is_causal, scale, window_left, window_right, handle);
+                                                 head_dim, dtype, is_causal, scale, window_left, window_right,
+                                                 stride_b, stride_h, stride_t, handle);
   const int64_t n = batch * heads * seq_len * head_dim;
   for (const auto& [ptr, name] : {std::pair{grad_out, "grad_out"}, std::pair{grad_q, "grad_q"},
                                   std::pair{grad_k, "grad_k"}, std::pair{grad_v, "grad_v"}}) {
@@ -277,14 +296,15 @@ void def_kernels(py::module_& m) {
                  "Flash-style attention forward: out in (B, T, H, D) memory and base-2 lse (B, H, T)", py::arg("q"),
                  py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"), py::arg("doc_span"),
                  py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"), py::arg("dtype"),
-                 py::arg("is_causal"), py::arg("scale"), py::arg("window_left"), py::arg("window_right"));
+                 py::arg("is_causal"), py::arg("scale"), py::arg("window_left"), py::arg("window_right"),
+                 py::arg("stride_b"), py::arg("stride_h"), py::arg("stride_t"));
   def_on<Device>(m, "attention_backward", &attention_backward_binding<Device>,
                  "Attention backward: dq, dk, dv from dout, with delta (B, H, T) as float32 scratch", py::arg("q"),
                  py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_mask"),
                  py::arg("doc_span"), py::arg("grad_out"), py::arg("delta"), py::arg("grad_q"), py::arg("grad_k"),
                  py::arg("grad_v"), py::arg("batch"), py::arg("heads"), py::arg("seq_len"), py::arg("head_dim"),
                  py::arg("dtype"), py::arg("is_causal"), py::arg("scale"), py::arg("window_left"),
-                 py::arg("window_right"));
+                 py::arg("window_right"), py::arg("stride_b"), py::arg("stride_h"), py::arg("stride_t"));
 }
 
 }  // namespace

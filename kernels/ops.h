@@ -66,7 +66,7 @@ void mlm_mask_cuda(const MlmMaskArgs& a, uintptr_t stream);
 
 // ---------------------------------------------------------------- attention
 struct AttentionArgs {
-  uintptr_t q, k, v;   // (B, H, T, D), FloatType, contiguous
+  uintptr_t q, k, v;   // (B, H, T, D), FloatType, laid out by the strides below
   uintptr_t out;       // dense (B, T, H, D) memory, FloatType: heads merge for free
   uintptr_t lse;       // (B, H, T) float32, base-2 log-sum-exp of the scaled scores; +inf for a row with no key
   uintptr_t key_mask;  // (B, T) uint8, nonzero = real token, or 0 for no padding
@@ -77,12 +77,18 @@ struct AttentionArgs {
   float scale;
   // Sliding window: query i sees keys i - window_left <= j <= i + window_right; -1 leaves a side unbounded.
   int64_t window_left, window_right;
+  // Element strides of q, k and v (one set for all three) along B, H and T; D is contiguous. The C++
+  // kernels take any, so a model's heads split from one (B, T, 3·H·D) projection need no copy; the
+  // CUDA kernels take dense (B, H, T, D) only: H·T·D, T·D and D.
+  int64_t stride_b, stride_h, stride_t;
 };
 
 struct AttentionGrads {
   uintptr_t grad_out;          // dense (B, T, H, D) memory (the gradient of the out view), FloatType
   uintptr_t delta;             // (B, H, T) float32 scratch: rowsum(dO · O)
-  uintptr_t grad_q, grad_k, grad_v;  // (B, H, T, D), FloatType
+  // FloatType; dense (B, T, H, D) memory like out from the C++ kernels (so that the heads of a
+  // model's projection merge their gradients without a transpose), dense (B, H, T, D) from CUDA's.
+  uintptr_t grad_q, grad_k, grad_v;
 };
 
 // The C++ kernels' tiles (queries, keys), bound as _C.attention_cpu_tile for tests

@@ -118,6 +118,45 @@ def test_matches_reference(backend, device, T, D, is_causal, dtype, poisoned_emp
     check_against_reference(q, k, v, backend=backend, is_causal=is_causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["packed", "bthd", "mixed", "d_strided"])
+def test_native_cpu_reads_split_heads_in_place(layout, dtype, poisoned_empty):
+    """The C++ kernels read q, k and v through their strides when the three share them (a model's heads
+    split from one projection: "packed"), copy them when not ("mixed", "d_strided"), and write dq, dk
+    and dv as (B, T, H, D) memory, so the heads' gradients merge back into the projection's without a
+    transpose. Checked against float64 at a length across the 64-row tiles, with padding."""
+    B, H, T, D = 2, 3, 70, 24
+    if layout == "mixed":  # q transposed from (B, T, H, D), k and v dense: no shared strides
+        q = make_qkv(B, H, T, D, dtype, layout="bthd", device="cpu")[0]
+        k, v = make_qkv(B, H, T, D, dtype, device="cpu")[1:]
+    else:
+        q, k, v = make_qkv(B, H, T, D, dtype, layout=layout, device="cpu")
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    reads = []
+
+    class Copies(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Copies():
+        out = attention(*leaves, is_causal=True, attention_mask=make_mask("right", B, T, "cpu"), backend="native")
+    assert (len(reads) == 0) == (layout in ("packed", "bthd")), f"{layout}: {len(reads)} copies of q, k and v"
+    grad_out = torch.randn(B, T, H, D).to(dtype).transpose(1, 2)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    for g in grads:
+        assert g.stride() == bthd_strides(B, H, T, D), "dq, dk and dv are (B, T, H, D) memory"
+    want_out, want_grads = reference(q, k, v, grad_out, is_causal=True, attention_mask=make_mask("right", B, T, "cpu"))
+    lowp_out, lowp_grads = (None, (None,) * 3)
+    if dtype in LOW_PRECISION:
+        lowp_out, lowp_grads = forward_backward(attention_ref, q, k, v, grad_out, upcast=False, is_causal=True,
+                                                attention_mask=make_mask("right", B, T, "cpu"))
+    assert_matches(out.detach(), want_out, lowp_out, dtype, "out")
+    for name, g, want, lowp in zip(("dq", "dk", "dv"), grads, want_grads, lowp_grads):
+        assert_matches(g, want, lowp, dtype, name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [16, 40, 64, 80])
 @pytest.mark.parametrize("T", [1, 7, 65, 130])

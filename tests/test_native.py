@@ -501,14 +501,14 @@ class TestAttentionCpuBindings:
         self.lse = poisoned(self.B, self.H, self.T)
         self.grad_out = torch.randn(self.B, self.T, self.H, self.D)
         self.delta = poisoned(self.B, self.H, self.T)
-        self.grads = [poisoned(self.B, self.H, self.T, self.D) for _ in range(3)]
+        self.grads = [poisoned(self.B, self.T, self.H, self.D) for _ in range(3)]  # (B, T, H, D) memory, as out
 
     def call(self, kernel, **overrides):
         args = dict(
             q=self.q.data_ptr(), k=self.k.data_ptr(), v=self.v.data_ptr(), out=self.out.data_ptr(),
             lse=self.lse.data_ptr(), key_mask=self.key_mask.data_ptr(), doc_span=0, batch=self.B, heads=self.H,
             seq_len=self.T, head_dim=self.D, dtype=0, is_causal=True, scale=0.2, window_left=-1, window_right=-1,
-            num_threads=2,
+            stride_b=self.H * self.T * self.D, stride_h=self.T * self.D, stride_t=self.D, num_threads=2,
         )
         if kernel == "backward":
             args.update(grad_out=self.grad_out.data_ptr(), delta=self.delta.data_ptr(),
@@ -548,7 +548,7 @@ class TestAttentionCpuBindings:
         torch.testing.assert_close(self.lse.double(), want_lse, rtol=1e-5, atol=1e-5)
         assert (self.lse[1] == math.inf).all()
         for got, ref in zip(self.grads, want_grads):
-            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.transpose(1, 2).double(), ref, rtol=1e-5, atol=1e-5)
         assert not self.delta.isnan().any()
 
     @pytest.mark.parametrize("kernel", ["forward", "backward"])
@@ -562,6 +562,8 @@ class TestAttentionCpuBindings:
             (dict(seq_len=2**31), "seq_len must fit int32"),
             (dict(scale=math.inf), "scale must be finite"),
             (dict(window_left=-2), "window_left and window_right must be >= 0, or -1"),
+            (dict(stride_t=-1), "the strides of q, k and v must be >= 0"),
+            (dict(stride_b=2**62), "the strides of q, k and v overflows int64"),
             (dict(q=0), "q is a null pointer"),
             (dict(out=0), "out is a null pointer"),
             (dict(lse=0), "lse is a null pointer"),
@@ -592,9 +594,12 @@ class TestAttentionCpuBindings:
 
     def test_custom_op_refuses_bad_tensors(self):
         q, k, v = self.q, self.k, self.v
-        with pytest.raises(ValueError, match="q must be contiguous"):
+        with pytest.raises(ValueError, match="q, k and v must share strides with a contiguous last dimension"):
             ops.native_attention_fwd(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, None, None, False, 0.2,
                                      -1, -1)
+        with pytest.raises(ValueError, match="q, k and v must share strides with a contiguous last dimension"):
+            d_strided = [x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v)]
+            ops.native_attention_fwd(*d_strided, None, None, False, 0.2, -1, -1)
         with pytest.raises(ValueError, match="key_mask must be uint8 of shape"):
             ops.native_attention_fwd(q, k, v, self.key_mask.bool(), None, False, 0.2, -1, -1)
         with pytest.raises(ValueError, match="doc_span must be int32 of shape"):
@@ -669,14 +674,19 @@ class TestCudaBindings:
             assert_lowp_close(grad, run(cross_entropy_ref, logits.float())[1],
                               run(cross_entropy_ref, logits, upcast=False)[1], "grad")
 
-    def test_attention_head_dim_is_checked(self):
-        q = torch.randn(1, 1, 4, 64, device="cuda")
+    @pytest.mark.parametrize("head_dim, stride_t, message", [
+        (96, 96, "head_dim must be 64 or 128"),
+        (64, 128, r"q, k and v must be dense \(B, H, T, D\) here, got strides \(512, 512, 128, 1\)"),
+    ])
+    def test_attention_head_dim_and_layout_are_checked(self, head_dim, stride_t, message):
+        q = torch.randn(1, 1, 8, 128, device="cuda")
         lse = torch.empty(1, 1, 4, device="cuda")
-        with pytest.raises(ValueError, match="head_dim must be 64 or 128"):
+        with pytest.raises(ValueError, match=message):
             _C.attention_forward_cuda(
                 q=q.data_ptr(), k=q.data_ptr(), v=q.data_ptr(), out=q.data_ptr(), lse=lse.data_ptr(), key_mask=0,
-                doc_span=0, batch=1, heads=1, seq_len=4, head_dim=96, dtype=0, is_causal=False, scale=0.1,
-                window_left=-1, window_right=-1, stream=torch.cuda.current_stream().cuda_stream,
+                doc_span=0, batch=1, heads=1, seq_len=4, head_dim=head_dim, dtype=0, is_causal=False, scale=0.1,
+                window_left=-1, window_right=-1, stride_b=4 * stride_t, stride_h=4 * stride_t, stride_t=stride_t,
+                stream=torch.cuda.current_stream().cuda_stream,
             )
 
     def test_mlm_mask_binding_checks_like_the_cpu_one(self):

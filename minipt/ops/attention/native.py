@@ -5,11 +5,15 @@ Both take the same arguments, so this wrapper dispatches on the device alone. Th
 CUDA kernels are SIMT code for head dims 64 and 128; the C++ kernels take any head
 dim, with OpenMP over (batch, head, query block) in the forward and over (batch,
 head) in the backward. Both compute in float32 for float32, float16 and bfloat16
-inputs; float64 raises BackendUnavailableError. They read q, k and v as dense
-(B, H, T, D) and write the output as dense (B, T, H, D), returned as the same
-(B, H, T, D) view as the Triton output's; the backward reads the incoming
-gradient in that layout too. Each kernel is a ``torch.library`` custom op with a
-fake implementation, so ``torch.compile`` keeps it whole.
+inputs; float64 raises BackendUnavailableError. They write the output as dense
+(B, T, H, D), returned as the same (B, H, T, D) view as the Triton output's; the
+backward reads the incoming gradient in that layout too. The C++ kernels read q,
+k and v with any strides along B, H and T (one set for the three), so the heads a
+model splits from one (B, T, 3·H·D) projection are read in place, and write dq,
+dk and dv as (B, T, H, D) too, so that their heads merge back without a
+transpose; the CUDA kernels read and write dense (B, H, T, D). Each kernel is a
+``torch.library`` custom op with a fake implementation, so ``torch.compile``
+keeps it whole.
 """
 
 from __future__ import annotations
@@ -44,7 +48,12 @@ def _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, sca
         raise BackendUnavailableError(
             f"{OP}: backend='native' supports head dims {CUDA_HEAD_DIMS} on CUDA (any on the CPU), got {D}"
         )
-    check_contiguous(OP, *[(name, x) for name, x in named if name != "out"])
+    if q.device.type == "cuda":
+        check_contiguous(OP, ("q", q), ("k", k), ("v", v))
+    elif not _shared_row_strides(q, k, v):
+        raise ValueError(f"{OP}: q, k and v must share strides with a contiguous last dimension, got "
+                         f"{q.stride()}, {k.stride()}, {v.stride()}")
+    check_contiguous(OP, *[(name, x) for name, x in named if name not in ("q", "k", "v", "out")])
     check_contiguous(OP, ("out.transpose(1, 2)", out.transpose(1, 2)))
     if not (k.dtype == v.dtype == out.dtype == q.dtype):
         raise TypeError(f"{OP}: q, k, v and out must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {out.dtype}")
@@ -60,13 +69,36 @@ def _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, sca
         key_mask=0 if key_mask is None else key_mask.data_ptr(),
         doc_span=0 if doc_span is None else doc_span.data_ptr(), batch=B, heads=H, seq_len=T,
         head_dim=D, dtype=float_code(OP, "q, k and v", q), is_causal=is_causal, scale=scale,
-        window_left=window_left, window_right=window_right,
+        window_left=window_left, window_right=window_right, stride_b=q.stride(0), stride_h=q.stride(1),
+        stride_t=q.stride(2),
     )
+
+
+def _shared_row_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the C++ kernels can read q, k and v in place: one set of strides, D contiguous.
+    A size-1 dimension's stride is never used, so it need not agree."""
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        return False
+    return all(k.shape[i] == 1 or k.stride(i) == v.stride(i) == q.stride(i) for i in range(3))
+
+
+def _bthd_empty(q: torch.Tensor) -> torch.Tensor:
+    """A (B, H, T, D) view of new dense (B, T, H, D) memory."""
+    B, H, T, D = q.shape
+    return q.new_empty((B, T, H, D)).transpose(1, 2)
 
 
 def _native_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape
-    return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B, H, T), dtype=torch.float32)
+    return _bthd_empty(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+def _native_grads(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk and dv in the layout the device's kernels write: (B, T, H, D) memory on the CPU."""
+    if q.device.type == "cuda":
+        return torch.empty_like(q, memory_format=torch.contiguous_format), *(
+            torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(2))
+    return _bthd_empty(q), _bthd_empty(q), _bthd_empty(q)
 
 
 @torch.library.custom_op("minipt::native_attention_fwd", mutates_args=())
@@ -101,7 +133,7 @@ def native_attention_backward(
     if grad_out.shape != q.shape or grad_out.dtype != q.dtype:
         raise ValueError(f"{OP}: grad_out must match q's shape and dtype, got {grad_out.dtype} {tuple(grad_out.shape)}")
     check_contiguous(OP, ("grad_out.transpose(1, 2)", grad_out.transpose(1, 2)))
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad_q, grad_k, grad_v = _native_grads(q)
     delta = torch.empty_like(lse)
     run_kernel("attention_backward", q.device, grad_out=grad_out.data_ptr(), delta=delta.data_ptr(),
                grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(), grad_v=grad_v.data_ptr(), **args)
@@ -110,7 +142,7 @@ def native_attention_backward(
 
 @native_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, key_mask, doc_span, is_causal, scale, window_left, window_right):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _native_grads(q)
 
 
 def _native_setup_context(ctx, inputs, output):
@@ -137,6 +169,7 @@ def attention_native(q, k, v, attention_mask, doc_span, is_causal: bool, scale: 
     window is ``window_bounds``' (-1 for an unbounded side)."""
     # Device, head dim and dtype are checked once, by the custom op; the window by the bindings.
     key_mask = None if attention_mask is None else attention_mask.ne(0).to(torch.uint8).contiguous()
-    out, _ = native_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), key_mask, doc_span, is_causal,
-                                      scale, window_left, window_right)
+    if q.device.type == "cuda" or not _shared_row_strides(q, k, v):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out, _ = native_attention_forward(q, k, v, key_mask, doc_span, is_causal, scale, window_left, window_right)
     return out
