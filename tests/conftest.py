@@ -22,6 +22,17 @@ DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# The Triton backend of an exhaustive sweep. In the interpreter each case takes a second or more,
+# so there the sweep is "slow" and the quick subset (-m "not slow") keeps the interpreter to the
+# base cases: each option alone, at one or two shapes, in the tests that do not use this.
+TRITON_SWEEP = pytest.param("triton", TRITON_DEVICE, id="triton", marks=() if HAS_CUDA else pytest.mark.slow)
+
+
+def sampled_sweep(cases: list, ids=None) -> list:
+    """Parametrize values whose first case is quick and whose others are marked slow: the quick
+    subset samples an exhaustive sweep of the Triton interpreter, the whole suite runs all of it."""
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=() if i == 0 or HAS_CUDA else pytest.mark.slow,
+                         id=None if ids is None else ids(c)) for i, c in enumerate(cases)]
 
 
 @pytest.fixture(autouse=True)

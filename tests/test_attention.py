@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import HAS_CUDA, TRITON_DEVICE, requires_cuda
+from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_SWEEP, requires_cuda
 from minipt.ops._backend import BackendUnavailableError, native_module
 from minipt.ops import attention, attention_ref
 from minipt.ops.attention import triton as attention_triton
@@ -24,6 +24,8 @@ DEVICE = TRITON_DEVICE
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # (backend, the device its op tests run on)
 BACKENDS = [pytest.param("triton", TRITON_DEVICE, id="triton"), pytest.param("native", "cpu", id="native-cpu")]
+# The same for the exhaustive sweeps, whose interpreted Triton cases only the whole suite runs.
+SWEEP_BACKENDS = [TRITON_SWEEP, pytest.param("native", "cpu", id="native-cpu")]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -168,7 +170,7 @@ def test_native_cpu_any_head_dim_and_length(T, D, is_causal, dtype, poisoned_emp
                             attention_mask=make_mask("right", 2, T, "cpu"))
 
 
-@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("backend, device", SWEEP_BACKENDS)
 @pytest.mark.parametrize("pattern", ["right", "left", "holes"])
 @pytest.mark.parametrize("T", [17, 129])
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -341,7 +343,7 @@ def make_document_ids(pattern, B, T, seed=0, device=DEVICE):
     return torch.stack(rows).to(device)
 
 
-@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("backend, device", SWEEP_BACKENDS)
 @pytest.mark.parametrize("pattern", ["random", "aligned", "singles", "one"])
 @pytest.mark.parametrize("T", [17, 100])
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -13,7 +13,7 @@ included. The helpers are test_attention.py's.
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, requires_cuda
+from conftest import TRITON_DEVICE, TRITON_SWEEP, requires_cuda
 from minipt.ops import attention
 from minipt.ops._backend import native_module
 from minipt.ops.attention import visible_keys
@@ -23,6 +23,7 @@ from test_attention import check_against_reference, forward_backward, make_docum
 # (backend, the device its op tests run on); "torch" is the reference in the input dtype.
 BACKENDS = [pytest.param("torch", "cpu", id="torch"), pytest.param("triton", TRITON_DEVICE, id="triton"),
             pytest.param("native", "cpu", id="native-cpu")]
+SWEEP_BACKENDS = [BACKENDS[0], TRITON_SWEEP, BACKENDS[2]]  # interpreted Triton: the whole suite only
 # Windows for T in 1..100: a query alone, one key either side, a few keys, one side unbounded, wider than T.
 WINDOWS = [(0, 0), (1, 0), (0, 1), (5, 3), (-1, 4), (9, -1), (150, 1), (200, 200)]
 
@@ -44,7 +45,7 @@ def test_window_fp16(backend, device, window_size, is_causal, poisoned_empty):
                             attention_mask=make_mask("right", 2, 150, device))
 
 
-@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("backend, device", SWEEP_BACKENDS)
 @pytest.mark.parametrize("mask", [None, "right", "left", "holes"])
 @pytest.mark.parametrize("pattern", [None, "random", "aligned"])
 @pytest.mark.parametrize("window_size, is_causal", [((4, 2), False), ((0, 0), True), ((20, -1), False),
@@ -60,6 +61,11 @@ def test_window_with_padding_and_documents(backend, device, mask, pattern, windo
     if key_mask is not None:
         hidden = ~key_mask.bool()[:, None, :, None].expand_as(dk)
         assert (dk[hidden] == 0).all() and (dv[hidden] == 0).all(), "padded keys must get exactly zero gradient"
+
+
+def test_window_with_padding_and_documents_on_triton(poisoned_empty):
+    """The quick subset's case of the sweep above on the Triton backend: a causal window over holes and documents."""
+    test_window_with_padding_and_documents("triton", TRITON_DEVICE, "holes", "random", (33, 0), True, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -383,6 +383,7 @@ def test_in_place_gradient_option_writes_the_scaled_gradient_over_the_logits(sof
     torch.testing.assert_close(buffer.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [{}, dict(softcap=3.0, z_loss=1e-2)], ids=["plain", "capped"])
 def test_torch_compile_fullgraph_matches_eager(kw):
     def fn(x, t):
@@ -434,6 +435,7 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter does not type-check as the compiler does; compile every variant for an H100 (no GPU needed)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}

@@ -274,6 +274,7 @@ def test_fine_tune_labels_are_strings_or_integers(tmp_path, capsys, bert, label,
 
 
 # ----------------------------------------------------------------------------- the cache
+@pytest.mark.slow
 def test_a_full_disk_is_named_and_the_finished_work_resumes(tmp_path):
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps({"text": prose(i, 2000)}) + "\n" for i in range(40)))
@@ -323,6 +324,7 @@ def test_a_damaged_cache_entry_is_built_again_with_a_note(tmp_path, capsys, dama
     assert len(P.read_cache(entry, "gpt").train.shards[0].tokens) > 100
 
 
+@pytest.mark.slow
 def test_two_processes_tokenizing_one_corpus_build_it_once(tmp_path):
     data = tmp_path / "c.jsonl"
     data.write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(40)))

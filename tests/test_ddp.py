@@ -101,6 +101,7 @@ def _wait_for_slow_main(rank: int, port: int, queue) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_wait_for_rank_0_past_the_default_timeout():
     """The other ranks wait for rank 0's solo work (tokenizing a corpus) on a group of their own,
     so it may outlast the default group's timeout."""

@@ -387,6 +387,7 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kernel_compiles_for_sm90():
     """The interpreter does not type-check as the compiler does; compile each variant for an H100 (no GPU needed)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}

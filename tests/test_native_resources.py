@@ -127,6 +127,7 @@ def compiled(tmp_path_factory):
         return dict(zip(jobs, pool.map(lambda job: compile_one(*job), jobs)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("source", SOURCES)
 def test_kernels_do_not_spill(source, arch, built, compiled):

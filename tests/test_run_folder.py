@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from minipt import checkpoint as ckpt
 from minipt import eval as E
 from minipt import train as T
@@ -20,6 +22,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_busy_run_folder_stops_and_the_first_run_stays_whole(tmp_path, capsys):
     first = tiny_args(tmp_path, max_iters=300, eval_interval=100, sample_tokens=0)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

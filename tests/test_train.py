@@ -379,6 +379,7 @@ def test_the_backend_of_every_op_is_printed_and_recorded_with_the_run(tmp_path, 
         capsys.readouterr().out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["--backend=triton", "MINIPT_BACKEND=triton"])
 def test_a_backend_that_cannot_serve_the_run_is_refused_before_any_work(tmp_path, how):
     # Outside the interpreter, Triton serves CUDA tensors only: on this CPU it is refused at once.
