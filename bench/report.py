@@ -87,7 +87,8 @@ ABOUT = {
     ),
     "train": (
         "nanoGPT's CPU recipe on the plays at character level (`bench/train_cpu.py`): minipt's trainer on its "
-        "native and torch backends against a transcription of nanoGPT's loop, one run after the other. "
+        "native and torch backends (the kernels alone changed) and on native with `--optimizer=muon` (the "
+        "optimizer changed too), against a transcription of nanoGPT's loop, one run after the other. "
         "`to_loss_s` is each run's wall time until its validation loss first reaches `target_val_loss`, the "
         "highest last loss of the runs, interpolated between evaluations; `to_loss_ratio` is the recipe's over "
         "the row's; `load_1min` is the load average as each run started"

@@ -88,22 +88,23 @@ def test_the_quick_run_compares_both_loops_on_the_same_tokens(cpu_only, monkeypa
     monkeypatch.setattr(train_cpu, "QUICK", {**train_cpu.QUICK, "max_iters": 20, "lr_decay_iters": 20,
                                              "eval_interval": 10, "eval_iters": 2})
     rows = train_cpu.run("cpu", quick=True)
-    recipe, native, torch_ops, published = rows
+    recipe, native, torch_ops, muon, published = rows
     assert [r["provider"] for r in rows] == [
-        "nanogpt-recipe", "minipt-native", "minipt-torch", "nanogpt (published, not rerun)"]
+        "nanogpt-recipe", "minipt-native", "minipt-torch", "minipt-native-muon", "nanogpt (published, not rerun)"]
     assert recipe["ratio"] == recipe["run_ratio"] == recipe["to_loss_ratio"] == 1.0
-    target = max(r["val_loss"] for r in rows[:3])
-    for ours in (native, torch_ops):
+    target = max(r["val_loss"] for r in rows[:4])
+    for ours in (native, torch_ops, muon):
         assert ours["ratio"] == pytest.approx(recipe["median_ms"] / ours["median_ms"])
         assert ours["run_ratio"] == pytest.approx(recipe["run_s"] / ours["run_s"])
         assert ours["to_loss_ratio"] == pytest.approx(recipe["to_loss_s"] / ours["to_loss_s"])
         assert ours["prep_s"] > 0
-    for r in (recipe, native, torch_ops):
+    for r in (recipe, native, torch_ops, muon):
         assert r["max_iters"] == 20 and r["n_layer"] == train_cpu.RECIPE["n_layer"]
         # the plays have 78 characters: after 20 steps every loop is below ln 65, nanoGPT's uniform guess
         assert 0 < r["val_loss"] < math.log(65)
         assert r["median_ms"] > 0 and r["run_s"] > 0
         # every run reaches the highest last loss, within its own run
         assert r["target_val_loss"] == target and 0 < r["to_loss_s"] <= r["run_s"]
+    assert [r["optimizer"] for r in rows[:4]] == ["adamw", "adamw", "adamw", "muon"]
     assert published == {**published, **train_cpu.ANCHOR}
     assert train_cpu.run("cuda", quick=True)[0]["skipped"].startswith("nanoGPT's CPU recipe runs on the CPU")

@@ -25,10 +25,15 @@ Three runs, one after the other, on the same tokens:
   ``--backend=torch`` (PyTorch's ops), run in-process and timed from call to
   return: config, cached data, model, 2000 steps, evaluations on 20 fixed
   validation batches, checkpoints and the final loss plot. Tokenizing the corpus
-  is timed apart (``prep_s``), as nanoGPT's ``prepare.py`` is.
+  is timed apart (``prep_s``), as nanoGPT's ``prepare.py`` is. These two change
+  the kernels alone: same model, same optimizer, same schedule.
+* ``minipt-native-muon``: ``minipt-native`` with ``--optimizer=muon`` (Muon for the
+  blocks' matrices at its default rate, AdamW as before for the rest): the same
+  model and steps, another optimizer, so its ``to_loss_ratio`` is the recipe's
+  gain, not the kernels'.
 
 ``val_loss`` is each run's last validation loss. ``target_val_loss`` is the
-highest of the three, a loss every run reaches; ``to_loss_s`` is the wall time
+highest of them, a loss every run reaches; ``to_loss_s`` is the wall time
 from a run's start until its validation loss first reaches it, interpolated
 linearly between the two evaluations around the crossing (each evaluation's
 time is taken when it ends; evaluations come every 250 steps), and
@@ -60,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.common import cli
+from minipt import checkpoint as ckpt
 from minipt import train as minipt_train
 from minipt.runlog import read_metrics
 from minipt.data import prepare_data
@@ -71,7 +77,10 @@ RECIPE = dict(
 QUICK = dict(max_iters=100, lr_decay_iters=100, warmup_iters=10, eval_interval=50, eval_iters=5)
 ANCHOR = dict(val_loss=1.80, median_ms=33.0, run_s=74.0)  # nanoGPT, measured on this kind of machine
 WEIGHT_DECAY, BETA1, GRAD_CLIP = 0.1, 0.9, 1.0
-PROVIDERS = ("nanogpt-recipe", "minipt-native", "minipt-torch")  # the baseline first
+# minipt's runs: (backend, extra flags); the recipe's own loop is the baseline, first.
+MINIPT = {"minipt-native": ("native", []), "minipt-torch": ("torch", []),
+          "minipt-native-muon": ("native", ["--optimizer=muon"])}
+PROVIDERS = ("nanogpt-recipe", *MINIPT)
 
 
 # ----------------------------------------------------------------------------- the nanoGPT-recipe baseline
@@ -194,8 +203,8 @@ def nanogpt_recipe_run(paths: dict[str, Path], dtype: str, vocab_size: int, s: d
         it += 1
         if it > s["max_iters"]:
             break
-    return {"val_loss": losses["val"], "median_ms": statistics.median(step_ms), "run_s": time.perf_counter() - start,
-            "evals": evals}
+    return {"optimizer": "adamw", "val_loss": losses["val"], "median_ms": statistics.median(step_ms),
+            "run_s": time.perf_counter() - start, "evals": evals}
 
 
 # ----------------------------------------------------------------------------- minipt
@@ -219,10 +228,10 @@ class _TimedLines(io.TextIOBase):
         self.stream.flush()
 
 
-def minipt_run(cache_dir: Path, s: dict, out_dir: Path, backend: str) -> dict:
+def minipt_run(cache_dir: Path, s: dict, out_dir: Path, backend: str, extra: list[str]) -> dict:
     argv = [f"--{k}={v}" for k, v in s.items()] + [
         "--tokenizer=char", "--split=stream", "--bias=false", f"--cache_dir={cache_dir}", f"--out_dir={out_dir}",
-        "--device=cpu", "--progress=false", "--sample_tokens=0", "--log_interval=10", f"--backend={backend}",
+        "--device=cpu", "--progress=false", "--sample_tokens=0", "--log_interval=10", f"--backend={backend}", *extra,
     ]
     start = time.perf_counter()
     lines = _TimedLines(sys.stdout, start)
@@ -235,7 +244,9 @@ def minipt_run(cache_dir: Path, s: dict, out_dir: Path, backend: str) -> dict:
     tokens_per_step = s["batch_size"] * s["block_size"]
     step_ms = [1e3 * tokens_per_step / r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     evals = [(lines.eval_s[r["iter"]], r["val_loss"]) for r in rows if "val_loss" in r]
-    return {"val_loss": evals[-1][1], "median_ms": statistics.median(step_ms), "run_s": run_s, "evals": evals}
+    optimizer = ckpt.read_config(out_dir)["train"]["optimizer"]
+    return {"optimizer": optimizer, "val_loss": evals[-1][1], "median_ms": statistics.median(step_ms), "run_s": run_s,
+            "evals": evals}
 
 
 def seconds_to_loss(evals: list[tuple[float, float]], target: float) -> float:
@@ -271,8 +282,8 @@ def run(device: str, quick: bool) -> list[dict]:
             load = os.getloadavg()[0]
             out = tmp / provider
             out.mkdir()
-            if provider.startswith("minipt"):
-                result = minipt_run(tmp / "cache", settings, out, provider.removeprefix("minipt-"))
+            if provider in MINIPT:
+                result = minipt_run(tmp / "cache", settings, out, *MINIPT[provider])
             else:
                 result = nanogpt_recipe_run(paths, prep.train.shards[0].tokens.dtype, prep.tokenizer.vocab_size, settings, out)
             evals[provider] = result.pop("evals")
