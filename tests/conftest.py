@@ -35,6 +35,20 @@ def sampled_sweep(cases: list, ids=None) -> list:
                          id=None if ids is None else ids(c)) for i, c in enumerate(cases)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_inductor_cache(tmp_path_factory):
+    """torch.compile's caches of this test session only. Inductor keys a cached graph on the graph, not
+    on a custom op's fake implementation, so a cache left by an older build of the kernels would replay
+    that build's output strides."""
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    yield
+    if old is None:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
