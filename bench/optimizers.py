@@ -1,19 +1,25 @@
 """The training recipes on the CPU: AdamW, Muon, a softcapped LM head and z-loss, at equal steps and equal time.
 
-Two recipes, each run as ``python -m minipt.train``:
+Three recipes, each run as ``python -m minipt.train``:
 
 * ``gpt default, 200 steps``: the trainer's defaults (the bundled plays, a
   byte-level BPE of 8192, a GPT of 4 layers, 4 heads, 128 wide, block 128, batch
-  16, AdamW at 1e-3 warmed up over 50 steps, cosine decay to 1e-4, weight decay
-  0.1, clipping at 1) but fewer steps, ``STEPS``, the cosine ending there;
+  16, a learning rate of 1e-3 warmed up over 50 steps and decayed along a cosine
+  to 1e-4, weight decay 0.1, clipping at 1) but fewer steps, ``STEPS``, the
+  cosine ending there;
 * ``shakespeare_char``: nanoGPT's CPU recipe at character level, as
   ``bench.train_cpu`` runs it (2000 steps of a 4-layer, 128-wide GPT on blocks
-  of 64).
+  of 64);
+* ``bert default, 200 steps``: the same for ``--model=bert``: the trainer's BERT
+  defaults (MLM and NSP on the plays, a WordPiece of 8192, 4 layers, 4 heads,
+  128 wide, block 128) cut to ``STEPS``. Its validation loss is the MLM loss
+  plus the NSP loss.
 
-Each recipe runs four ways, one flag apart: ``adamw`` (the default, the baseline
-of the ``*_vs_adamw`` deltas), ``muon`` (``--optimizer=muon``: Muon for the
-blocks' matrices, AdamW at its own rate for the rest), ``softcap``
-(``--logit_softcap=30``) and ``z_loss`` (``--z_loss=1e-4``). Every seed runs all
+Each recipe runs four ways, one flag apart: ``adamw`` (``--optimizer=adamw``, the
+baseline of the ``*_vs_adamw`` deltas), ``muon`` (``--optimizer=muon``: Muon for
+the blocks' matrices, AdamW at its own rate for the rest), and AdamW with
+``--logit_softcap=30`` (``softcap``) or ``--z_loss=1e-4`` (``z_loss``). Every
+variant names its optimizer, whatever the trainer's default. Every seed runs all
 four, one after the other, so that the load of a shared CPU falls on them alike;
 the seed draws the initialisation and the data order.
 
@@ -57,15 +63,17 @@ STEPS = 200  # of the default 800: 3 seeds x 4 variants take about 40 minutes of
 RECIPES = {
     f"gpt default, {STEPS} steps": dict(max_iters=STEPS, eval_interval=25, eval_iters=10, log_interval=5),
     "shakespeare_char": dict(train_cpu.RECIPE, tokenizer="char", split="stream", bias=False, log_interval=25),
+    f"bert default, {STEPS} steps": dict(model="bert", max_iters=STEPS, eval_interval=25, eval_iters=10,
+                                         log_interval=5),
 }
 QUICK = dict(max_iters=40, eval_interval=20, eval_iters=5, log_interval=10, warmup_iters=10, lr_decay_iters=40)
 SEEDS = (1337, 1338, 1339)
 # What each variant adds to its recipe's command; adamw, the default, is the baseline of every delta.
 VARIANTS = {
-    "adamw": [],
+    "adamw": ["--optimizer=adamw"],
     "muon": ["--optimizer=muon"],
-    "softcap": ["--logit_softcap=30"],  # modded-nanogpt's cap of the LM head's logits
-    "z_loss": ["--z_loss=1e-4"],  # PaLM's coefficient
+    "softcap": ["--optimizer=adamw", "--logit_softcap=30"],  # modded-nanogpt's cap of the LM head's logits
+    "z_loss": ["--optimizer=adamw", "--z_loss=1e-4"],  # PaLM's coefficient
 }
 
 

@@ -26,11 +26,12 @@ Three runs, one after the other, on the same tokens:
   return: config, cached data, model, 2000 steps, evaluations on 20 fixed
   validation batches, checkpoints and the final loss plot. Tokenizing the corpus
   is timed apart (``prep_s``), as nanoGPT's ``prepare.py`` is. These two change
-  the kernels alone: same model, same optimizer, same schedule.
+  the kernels alone: same model, same optimizer (``--optimizer=adamw``), same
+  schedule.
 * ``minipt-native-muon``: ``minipt-native`` with ``--optimizer=muon`` (Muon for the
-  blocks' matrices at its default rate, AdamW as before for the rest): the same
-  model and steps, another optimizer, so its ``to_loss_ratio`` is the recipe's
-  gain, not the kernels'.
+  blocks' matrices at its default rate, AdamW as before for the rest), as minipt
+  trains a GPT by default: the same model and steps, another optimizer, so its
+  ``to_loss_ratio`` is the recipe's gain, not the kernels'.
 
 ``val_loss`` is each run's last validation loss. ``target_val_loss`` is the
 highest of them, a loss every run reaches; ``to_loss_s`` is the wall time
@@ -78,7 +79,7 @@ QUICK = dict(max_iters=100, lr_decay_iters=100, warmup_iters=10, eval_interval=5
 ANCHOR = dict(val_loss=1.80, median_ms=33.0, run_s=74.0)  # nanoGPT, measured on this kind of machine
 WEIGHT_DECAY, BETA1, GRAD_CLIP = 0.1, 0.9, 1.0
 # minipt's runs: (backend, extra flags); the recipe's own loop is the baseline, first.
-MINIPT = {"minipt-native": ("native", []), "minipt-torch": ("torch", []),
+MINIPT = {"minipt-native": ("native", ["--optimizer=adamw"]), "minipt-torch": ("torch", ["--optimizer=adamw"]),
           "minipt-native-muon": ("native", ["--optimizer=muon"])}
 PROVIDERS = ("nanogpt-recipe", *MINIPT)
 

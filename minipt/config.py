@@ -97,7 +97,7 @@ class TrainConfig(CommandConfig):
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     z_loss: float = 0.0  # adds z_loss x lse² per predicted token to the training loss (PaLM: 1e-4), logged apart
-    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' weight matrices, AdamW for the rest
+    optimizer: str = "muon"  # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw for all
     muon_learning_rate: float = 0.01  # muon: peak learning rate of the blocks' matrices, on learning_rate's schedule
     muon_momentum: float = 0.95  # muon: Muon's Nesterov momentum
     # ---- evaluation and logging

@@ -162,4 +162,5 @@ def test_a_ddp_run_resumed_on_one_process_keeps_its_global_batch(tmp_path, capsy
         in capsys.readouterr().out
     a, b = losses(single, "train_loss"), losses(ddp, "train_loss")
     assert [i for i, _ in a] == [i for i, _ in b] == list(range(1, 9))
-    assert b == pytest.approx(a, rel=1e-5)  # DDP sums the gradients in another order
+    # DDP sums the gradients in another order, which Muon's orthogonalisation (the default) amplifies: as test_ddp
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-4, abs=1e-6)

@@ -207,11 +207,11 @@ def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
         # short pairs in long rows: most rows hold several
         ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=128", "--short_seq_prob=1",
                   "--pack=true"]),
-        ("gpt", ["--dropout=0.1", "--optimizer=muon"]),
-        ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32", "--optimizer=muon"]),
+        ("gpt", ["--dropout=0.1", "--optimizer=adamw"]),
+        ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32", "--optimizer=adamw"]),
         ("gpt", ["--logit_softcap=5", "--z_loss=1e-2"]),
     ],
-    ids=["gpt", "gpt-doc_mask", "bert", "bert-pack", "gpt-muon", "bert-muon", "gpt-softcap-z_loss"],
+    ids=["gpt", "gpt-doc_mask", "bert", "bert-pack", "gpt-adamw", "bert-adamw", "gpt-softcap-z_loss"],
 )
 def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, extra):
     common = [f"--model={model}", "--lr_decay_iters=8", *extra]
@@ -224,7 +224,7 @@ def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, ex
     assert len(rows(tmp_path / "straight", "train_loss")) == 8
     a = ckpt.load_state(tmp_path / "straight")["optimizer"]
     b = ckpt.load_state(tmp_path / "halves")["optimizer"]
-    assert a.keys() == b.keys() == ({"adamw", "muon"} if "--optimizer=muon" in extra else {"adamw"})
+    assert a.keys() == b.keys() == ({"adamw"} if "--optimizer=adamw" in extra else {"adamw", "muon"})
     for name in a:  # AdamW's moments, Muon's momentum buffers
         for pa, pb in zip(a[name]["state"].values(), b[name]["state"].values()):
             assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
@@ -235,22 +235,26 @@ def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, ex
     ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32", "--max_iters=30", "--eval_interval=15",
               "--objective=mlm"]),
 ])
-def test_a_muon_run_learns_and_records_its_optimizer(tmp_path, model, extra):
-    assert T.main(tiny_args(tmp_path, model=model, optimizer="muon", learning_rate=1e-2) + extra) == 0
+def test_the_default_optimizer_is_muon_and_a_run_records_it(tmp_path, model, extra):
+    assert T.main(tiny_args(tmp_path, model=model, learning_rate=1e-2) + extra) == 0
     val = [loss for _, loss in rows(tmp_path / "run", "val_loss")]
     assert len(val) == 3 and val[-1] < val[0] - (1.0 if model == "gpt" else 0.5)
     train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (train["optimizer"], train["muon_learning_rate"]) == ("muon", TrainConfig.muon_learning_rate)
 
 
-def test_resuming_with_another_optimizer_is_refused(tmp_path, capsys):
-    assert T.main(tiny_args(tmp_path, max_iters=3)) == 0
+@pytest.mark.parametrize("trained, other", [("adamw", "muon"), ("muon", "adamw")])
+def test_resuming_with_another_optimizer_is_refused(tmp_path, capsys, trained, other):
+    assert T.main(tiny_args(tmp_path, max_iters=3, optimizer=trained)) == 0
     out = tmp_path / "run"
-    assert T.main([f"--out_dir={out}", "--resume", "--max_iters=6", "--optimizer=muon"]) == EXIT_USAGE
+    assert T.main([f"--out_dir={out}", "--resume", "--max_iters=6", f"--optimizer={other}"]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert f"--optimizer=muon cannot resume the run in {out}, which trains with adamw" in err
+    assert f"--optimizer={other} cannot resume the run in {out}, which trains with {trained}" in err
     assert f"--init_from={out}" in err and ckpt.load_state(out)["iter"] == 3
-    assert T.main([f"--out_dir={out}", "--resume", "--max_iters=6", "--optimizer=adamw"]) == 0
+    # resumed without --optimizer, the run keeps its own, whatever the default
+    assert T.main([f"--out_dir={out}", "--resume", "--max_iters=6"]) == 0
+    assert ckpt.read_config(out)["train"]["optimizer"] == trained
+    assert set(ckpt.load_state(out)["optimizer"]) == ({"adamw"} if trained == "adamw" else {"adamw", "muon"})
 
 
 # torch.save reports a full disk from its zip writer as a RuntimeError; a plain write as an OSError
