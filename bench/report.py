@@ -73,11 +73,12 @@ ABOUT = {
         "guessing the commonest genre scores; `margin_points` is the difference of the mean test accuracies"
     ),
     "optimizers": (
-        "Training recipes one flag apart on the CPU (`bench/optimizers.py`): `adamw` (the default), `muon` "
-        "(`--optimizer=muon`), `softcap` (`--logit_softcap=30`) and `z_loss` (`--z_loss=1e-4`), each seed running "
-        "every variant in turn. `val_loss` is at equal steps; `val_loss_at_time` at the training time of the "
-        "seed's fastest run; the `mean` rows average the seeds, and `*_vs_adamw` subtract AdamW's mean (below 0: "
-        "the variant helps). `optimizers.json` is an earlier run of AdamW against Muon alone on the default GPT"
+        "Training recipes one flag apart on the CPU (`bench/optimizers.py`): `adamw` (`--optimizer=adamw`), "
+        "`muon` (`--optimizer=muon`, the default since these runs), and AdamW with `--logit_softcap=30` "
+        "(`softcap`) or `--z_loss=1e-4` (`z_loss`), each seed running every variant in turn. `val_loss` is at "
+        "equal steps; `val_loss_at_time` at the training time of the seed's fastest run; the `mean` rows average "
+        "the seeds, and `*_vs_adamw` subtract AdamW's mean (below 0: the variant helps). One table per recipe: "
+        "the default GPT and the default BERT cut to 200 steps, and nanoGPT's char recipe"
     ),
     "quickstart": (
         "The README's first commands as a user runs them (`bench/quickstart.py`): `python -m minipt.train` with "
