@@ -54,3 +54,22 @@ def test_the_quick_run_compares_every_variant_at_equal_steps_and_time(bench_devi
         assert means[v]["val_loss_vs_adamw"] == pytest.approx(runs[v]["val_loss"] - runs["adamw"]["val_loss"])
     assert means["adamw"]["val_loss_vs_adamw"] == 0.0
     assert optimizers.run("cuda", quick=True)[0]["skipped"].startswith("measured on the CPU")
+
+
+def test_the_report_sums_each_option_up_and_judges_it_by_every_seed():
+    from bench.report import recipes_summary
+
+    def run(provider, seed, at_time, steps=None):
+        return {"name": "r", "provider": provider, "seed": seed, "val_loss": at_time if steps is None else steps,
+                "val_loss_at_time": at_time}
+
+    rows = [run("adamw", 1, 5.0), run("muon", 1, 4.8), run("softcap", 1, 5.1), run("z_loss", 1, 4.9),
+            run("adamw", 2, 5.2), run("muon", 2, 5.0), run("softcap", 2, 5.3), run("z_loss", 2, 5.3)]
+    for v, d_steps, d_time in (("muon", -0.2, -0.2), ("softcap", 0.1, 0.1), ("z_loss", 0.0, 0.0)):
+        rows.append({"name": "r", "provider": v, "seed": "mean", "val_loss_vs_adamw": d_steps,
+                     "val_loss_at_time_vs_adamw": d_time})
+    lines = recipes_summary([("optimizers_r", {}, rows), ("attention", {}, [{"provider": "x", "seed": "mean"}])])
+    table = [line for line in lines if line.startswith("| r |")]
+    assert table == ["| r | muon | -0.200 | -0.200 | 2 | helps |", "| r | softcap | +0.100 | +0.100 | 2 | hurts |",
+                     "| r | z_loss | +0.000 | +0.000 | 2 | no consistent effect |"]
+    assert recipes_summary([("attention", {}, rows)]) == []
