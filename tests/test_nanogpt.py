@@ -375,6 +375,8 @@ def test_nanogpts_training_configs_give_the_train_config_nanogpt_runs(tmp_path, 
     assert cfg.gradient_accumulation_steps * world_size == nanogpt["gradient_accumulation_steps"]
     # the system settings nanoGPT's train.py fixes (cuda, compile) stay minipt's automatic ones
     assert (cfg.device, cfg.dtype, cfg.compile) == ("auto", "auto", False)
+    # nanoGPT trains with AdamW, whose settings the file holds; minipt's own default is Muon
+    assert cfg.optimizer == "adamw" and TrainConfig().optimizer == "muon"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(
         f"note: {path}: nanoGPT settings with nothing to do in minipt, ignored: wandb_log, wandb_project, "
@@ -387,6 +389,8 @@ def test_the_command_line_overrides_a_nanogpt_config(tmp_path):
         TrainConfig, ["--config", str(path), "--n_layer=2", "--device=cpu", "--compile=False", "--max_iters=20"],
         "", ""))
     assert (cfg.n_layer, cfg.device, cfg.compile, cfg.max_iters, cfg.n_embd) == (2, "cpu", False, 20, 384)
+    assert make_config(TrainConfig, parse_overrides(
+        TrainConfig, ["--config", str(path), "--optimizer=muon"], "", "")).optimizer == "muon"
 
 
 @pytest.mark.parametrize("name, line, pattern", [
