@@ -97,7 +97,7 @@ class TrainConfig(CommandConfig):
     beta2: float = 0.99  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
     z_loss: float = 0.0  # adds z_loss x lse² per predicted token to the training loss (PaLM: 1e-4), logged apart
-    optimizer: str = "muon"  # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw for all
+    optimizer: str = ""  # muon (the blocks' matrices; AdamW the rest) or adamw; empty: muon for GPT, adamw for BERT
     muon_learning_rate: float = 0.01  # muon: peak learning rate of the blocks' matrices, on learning_rate's schedule
     muon_momentum: float = 0.95  # muon: Muon's Nesterov momentum
     # ---- evaluation and logging
@@ -119,6 +119,8 @@ class TrainConfig(CommandConfig):
         _choice("model", self.model, ("gpt", "bert"))
         if not self.out_dir:  # each kind its own folder, so a BERT run after a GPT one needs no --out_dir
             self.out_dir = default_run_folder(self.model)
+        if not self.optimizer:
+            self.optimizer = DEFAULT_OPTIMIZER[self.model]
         _choice("objective", self.objective, ("mlm+nsp", "mlm"))
         _choice("split", self.split, ("auto", "doc", "holdout", "stream"))
         # The model's own fields (n_layer, n_head, n_embd, block_size, dropout) are checked by its
@@ -331,6 +333,9 @@ class SampleConfig(CommandConfig):
 
 
 OPTIMIZERS = ("adamw", "muon")  # see minipt.loop.make_optimizer
+# Pretraining's optimizer without --optimizer: the one whose default run reached the lower validation loss
+# on the bundled plays (bench/optimizers.py; BENCHMARKS.md, "Training recipes against AdamW").
+DEFAULT_OPTIMIZER = {"gpt": "muon", "bert": "adamw"}
 
 
 def _check_optimization(cfg: TrainConfig | FinetuneConfig) -> None:

@@ -19,7 +19,7 @@ NANOGPT_DEFAULTS = dict(
     gradient_accumulation_steps=5 * 8, batch_size=12, block_size=1024, n_layer=12, n_head=12, n_embd=768,
     dropout=0.0, bias=False, learning_rate=6e-4, max_iters=600000, weight_decay=1e-1, beta1=0.9, beta2=0.95,
     grad_clip=1.0, decay_lr=True, warmup_iters=2000, lr_decay_iters=600000, min_lr=6e-5,
-    optimizer="adamw",  # nanoGPT's, whose settings above are AdamW's; minipt's own default is Muon
+    optimizer="adamw",  # nanoGPT's, whose settings above are AdamW's; minipt's own GPT default is Muon
 )
 NANOGPT_DATASET = "openwebtext"  # train.py's; the data folder is data/<dataset>, from the current folder
 # train.py globals with nothing to do here (backend is DDP's, which minipt picks: NCCL on CUDA, else gloo)

@@ -208,10 +208,10 @@ def test_bert_run_reports_mlm_and_nsp_metrics(tmp_path):
         ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=128", "--short_seq_prob=1",
                   "--pack=true"]),
         ("gpt", ["--dropout=0.1", "--optimizer=adamw"]),
-        ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32", "--optimizer=adamw"]),
+        ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32", "--optimizer=muon"]),
         ("gpt", ["--logit_softcap=5", "--z_loss=1e-2"]),
     ],
-    ids=["gpt", "gpt-doc_mask", "bert", "bert-pack", "gpt-adamw", "bert-adamw", "gpt-softcap-z_loss"],
+    ids=["gpt", "gpt-doc_mask", "bert", "bert-pack", "gpt-adamw", "bert-muon", "gpt-softcap-z_loss"],
 )
 def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, extra):
     common = [f"--model={model}", "--lr_decay_iters=8", *extra]
@@ -224,10 +224,19 @@ def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, ex
     assert len(rows(tmp_path / "straight", "train_loss")) == 8
     a = ckpt.load_state(tmp_path / "straight")["optimizer"]
     b = ckpt.load_state(tmp_path / "halves")["optimizer"]
-    assert a.keys() == b.keys() == ({"adamw"} if "--optimizer=adamw" in extra else {"adamw", "muon"})
+    muon = "--optimizer=muon" in extra or (model == "gpt" and "--optimizer=adamw" not in extra)  # the defaults
+    assert ckpt.read_config(tmp_path / "halves")["train"]["optimizer"] == ("muon" if muon else "adamw")
+    assert a.keys() == b.keys() == ({"adamw", "muon"} if muon else {"adamw"})
     for name in a:  # AdamW's moments, Muon's momentum buffers
         for pa, pb in zip(a[name]["state"].values(), b[name]["state"].values()):
             assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_pretraining_defaults_to_muon_for_gpt_and_adamw_for_bert():
+    """What won each model's default run on the bundled plays (bench/optimizers.py); either is a flag away."""
+    assert (TrainConfig().optimizer, TrainConfig(model="bert").optimizer) == ("muon", "adamw")
+    assert (TrainConfig(optimizer="adamw").optimizer, TrainConfig(model="bert", optimizer="muon").optimizer) == (
+        "adamw", "muon")
 
 
 @pytest.mark.parametrize("model, extra", [
@@ -235,8 +244,8 @@ def test_resume_follows_the_uninterrupted_trajectory_exactly(tmp_path, model, ex
     ("bert", ["--tokenizer=wordpiece", "--vocab_size=200", "--block_size=32", "--max_iters=30", "--eval_interval=15",
               "--objective=mlm"]),
 ])
-def test_the_default_optimizer_is_muon_and_a_run_records_it(tmp_path, model, extra):
-    assert T.main(tiny_args(tmp_path, model=model, learning_rate=1e-2) + extra) == 0
+def test_a_muon_run_learns_and_records_its_optimizer(tmp_path, model, extra):
+    assert T.main(tiny_args(tmp_path, model=model, optimizer="muon", learning_rate=1e-2) + extra) == 0
     val = [loss for _, loss in rows(tmp_path / "run", "val_loss")]
     assert len(val) == 3 and val[-1] < val[0] - (1.0 if model == "gpt" else 0.5)
     train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
