@@ -156,9 +156,9 @@ def run(device: str, quick: bool, recipes: tuple[str, ...] | None = None,
                 means[v] = {k: statistics.mean(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], float)}
             for v in variants:
                 delta = {f"{k}_vs_adamw": means[v][k] - means["adamw"][k] for k in ("val_loss", "val_loss_at_time")}
-                rows.append({"name": name, "provider": v, "seed": "mean", "max_iters": settings["max_iters"],
-                             "learning_rates": next(r for r in mine if r["provider"] == v)["learning_rates"],
-                             **means[v], **delta})
+                first = next(r for r in mine if r["provider"] == v)  # as every seed's run: the trainer's own count
+                rows.append({"name": name, "provider": v, "seed": "mean", "max_iters": first["max_iters"],
+                             "learning_rates": first["learning_rates"], **means[v], **delta})
     return rows
 
 

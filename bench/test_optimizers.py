@@ -50,7 +50,7 @@ def test_the_quick_run_compares_every_variant_at_equal_steps_and_time(bench_devi
     assert len({r["val_loss"] for r in runs.values()}) == len(variants)
     means = {r["provider"]: r for r in rows[len(variants):]}
     for v in variants:
-        assert means[v]["val_loss"] == runs[v]["val_loss"]
+        assert means[v]["val_loss"] == runs[v]["val_loss"] and means[v]["max_iters"] == 6
         assert means[v]["val_loss_vs_adamw"] == pytest.approx(runs[v]["val_loss"] - runs["adamw"]["val_loss"])
     assert means["adamw"]["val_loss_vs_adamw"] == 0.0
     assert optimizers.run("cuda", quick=True)[0]["skipped"].startswith("measured on the CPU")
