@@ -159,6 +159,15 @@ def test_native_cpu_reads_split_heads_in_place(layout, dtype, poisoned_empty):
         assert_matches(g, want, lowp, dtype, name)
 
 
+def test_native_cpu_copies_a_key_whose_last_dimension_is_strided(poisoned_empty):
+    """k shares q's strides along B, H and T but steps 2 along D: the kernels cannot read it in place."""
+    B, H, T, D = 2, 3, 40, 16
+    wide = [torch.randn(B, H, T, 2 * D) for _ in range(3)]
+    q, k, v = wide[0][..., :D], wide[1][..., ::2], wide[2][..., :D]
+    assert q.stride()[:3] == k.stride()[:3] == v.stride()[:3] and k.stride(-1) == 2
+    check_against_reference(q, k, v, backend="native", is_causal=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [16, 40, 64, 80])
 @pytest.mark.parametrize("T", [1, 7, 65, 130])

@@ -77,9 +77,9 @@ def _native_attention_args(q, k, v, key_mask, doc_span, out, lse, is_causal, sca
 def _shared_row_strides(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the C++ kernels can read q, k and v in place: one set of strides, D contiguous.
     A size-1 dimension's stride is never used, so it need not agree."""
-    if q.shape[-1] > 1 and q.stride(-1) != 1:
+    if q.shape[-1] > 1 and any(x.stride(-1) != 1 for x in (q, k, v)):
         return False
-    return all(k.shape[i] == 1 or k.stride(i) == v.stride(i) == q.stride(i) for i in range(3))
+    return all(q.shape[i] == 1 or k.stride(i) == v.stride(i) == q.stride(i) for i in range(3))
 
 
 def _bthd_empty(q: torch.Tensor) -> torch.Tensor:
