@@ -96,9 +96,8 @@ def _native_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _native_grads(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk and dv in the layout the device's kernels write: (B, T, H, D) memory on the CPU."""
     if q.device.type == "cuda":
-        return torch.empty_like(q, memory_format=torch.contiguous_format), *(
-            torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(2))
-    return _bthd_empty(q), _bthd_empty(q), _bthd_empty(q)
+        return tuple(torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+    return tuple(_bthd_empty(q) for _ in range(3))
 
 
 @torch.library.custom_op("minipt::native_attention_fwd", mutates_args=())
