@@ -1,6 +1,6 @@
 """The training recipes on the CPU: AdamW, Muon, a softcapped LM head and z-loss, at equal steps and equal time.
 
-Three recipes, each run as ``python -m minipt.train``:
+Four recipes, each run as ``python -m minipt.train``:
 
 * ``gpt default, 200 steps``: the trainer's defaults (the bundled plays, a
   byte-level BPE of 8192, a GPT of 4 layers, 4 heads, 128 wide, block 128, batch

@@ -74,7 +74,7 @@ ABOUT = {
     ),
     "optimizers": (
         "Training recipes one flag apart on the CPU (`bench/optimizers.py`): `adamw` (`--optimizer=adamw`), "
-        "`muon` (`--optimizer=muon`, the default since these runs), and AdamW with `--logit_softcap=30` "
+        "`muon` (`--optimizer=muon`, GPT's default since these runs), and AdamW with `--logit_softcap=30` "
         "(`softcap`) or `--z_loss=1e-4` (`z_loss`), each seed running every variant in turn. `val_loss` is at "
         "equal steps; `val_loss_at_time` at the training time of the seed's fastest run; the `mean` rows average "
         "the seeds, and `*_vs_adamw` subtract AdamW's mean (below 0: the variant helps). One table per recipe: "

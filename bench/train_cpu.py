@@ -8,7 +8,7 @@ steps and decayed to 1e-4, dropout 0, no bias, evaluation every 250 steps on
 tokenizer, split 90/10 along the character stream as nanoGPT's ``prepare.py``
 splits ``input.txt``.
 
-Three runs, one after the other, on the same tokens:
+Four runs, one after the other, on the same tokens:
 
 * ``nanogpt-recipe``: nanoGPT's source is not available offline, so this is a
   plain-PyTorch GPT-2 written after nanoGPT's ``model.py`` (SDPA attention,

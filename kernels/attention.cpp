@@ -50,8 +50,9 @@
 // V come 16 times, from L2/L3 (one head's K and V is 2·T·D·4 bytes, 512 KiB).
 // The backward reads Q, K, V (in place when dense float32 rows), O and dO once
 // into per-thread float32 copies (Q and dO transposed as well), writes dQ, dK
-// and dV once, and re-reads one head's copies from cache per key block. Compute: 4·BHT²D flops forward and
-// 10·BHT²D backward before masking, halved when causal.
+// and dV once, and re-reads one head's copies from cache per key block.
+// Compute: 4·BHT²D flops forward and 10·BHT²D backward before masking, halved
+// when causal.
 //
 // Precision. All maths is float32 whatever the input dtype: float16/bfloat16
 // elements are widened once as they are copied into tiles, so the GEMMs, the

@@ -333,8 +333,8 @@ class SampleConfig(CommandConfig):
 
 
 OPTIMIZERS = ("adamw", "muon")  # see minipt.loop.make_optimizer
-# Pretraining's optimizer without --optimizer: the one whose default run reached the lower validation loss
-# on the bundled plays (bench/optimizers.py; BENCHMARKS.md, "Training recipes against AdamW").
+# Pretraining's optimizer without --optimizer: the one whose whole default run reached the lower validation
+# loss on the bundled plays (the README's quick start; bench/optimizers.py compares them seed by seed).
 DEFAULT_OPTIMIZER = {"gpt": "muon", "bert": "adamw"}
 
 
